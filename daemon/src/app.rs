@@ -1,0 +1,266 @@
+//! Builds every stage from a [`Config`], starts them, and stops them in pipeline order.
+//!
+//! Start order: internal broker → pipeline → listeners. Stop order is the flow of a reading:
+//! listeners stop accepting and close their connections (no new readings enter), then the
+//! pipeline drains what is already in its channel, all under `gateway.shutdown_timeout`.
+//!
+//! [`run_daemon`] adds the service around it: systemd notifications (READY=1 once listeners are
+//! up, RELOADING=1/READY=1 around SIGHUP, STOPPING=1, WATCHDOG=1 when `WATCHDOG_USEC` is set) and
+//! signal handling (SIGTERM/SIGINT stop, SIGHUP reloads the device registry and log level).
+
+use crate::broker::{self, BrokerHandle};
+use crate::config::{self, Config, LoadOptions};
+use crate::gatekeeper::{Gatekeeper, ListenerLimits};
+use crate::pipeline::{Pipeline, PipelineStats};
+use crate::registry::{Registry, SharedRegistry};
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    shutdown: CancellationToken,
+    listeners: Vec<(&'static str, SocketAddr)>,
+    listener_tasks: Vec<JoinHandle<()>>,
+    pipeline: JoinHandle<u64>,
+    stats: PipelineStats,
+    registry: SharedRegistry,
+    broker: BrokerHandle,
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopReport {
+    /// Everything accepted was drained before the deadline.
+    pub drained: bool,
+    /// Readings the pipeline handled over the gateway's life.
+    pub readings: u64,
+    /// Time the stop took.
+    pub took: Duration,
+}
+
+impl Gateway {
+    /// Start every stage. Listeners are accepting when this returns.
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let broker = broker::start(&config.broker)
+            .await
+            .context("starting the internal broker")?;
+        let registry = SharedRegistry::new(Registry::from_config(&config.devices));
+        let (pipeline, ingest) = Pipeline::new();
+        let stats = pipeline.stats();
+        let shutdown = CancellationToken::new();
+
+        let limits = ListenerLimits {
+            connect_timeout: config.listeners.connect_timeout,
+            max_connections: config.listeners.max_connections,
+        };
+        let mut listeners = Vec::new();
+        let mut listener_tasks = Vec::new();
+        if config.listeners.plain.enabled {
+            let addr = config.listeners.plain.address;
+            let gk = Gatekeeper::bind(
+                "plain",
+                addr,
+                limits.clone(),
+                registry.clone(),
+                broker.clone(),
+                ingest.clone(),
+            )
+            .await
+            .with_context(|| {
+                format!("binding the plain listener on {addr} (listeners.plain.address)")
+            })?;
+            listeners.push(("plain", gk.local_addr()?));
+            listener_tasks.push(tokio::spawn(gk.run(shutdown.clone())));
+        }
+        if listeners.is_empty() {
+            log::warn!("no device listener is enabled: devices cannot connect");
+        }
+        // Only the listeners hold senders now: the pipeline ends when they are gone.
+        drop(ingest);
+        let pipeline = tokio::spawn(pipeline.run());
+        Ok(Self {
+            shutdown,
+            listeners,
+            listener_tasks,
+            pipeline,
+            stats,
+            registry,
+            broker,
+        })
+    }
+
+    /// Address of the listener called `name` (`"plain"`).
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// Every listener with its bound address.
+    pub fn listeners(&self) -> &[(&'static str, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The internal broker's address (loopback).
+    pub fn broker_addr(&self) -> SocketAddr {
+        self.broker.addr()
+    }
+
+    /// Pipeline counters.
+    pub fn stats(&self) -> PipelineStats {
+        self.stats.clone()
+    }
+
+    /// The live device registry.
+    pub fn registry(&self) -> &SharedRegistry {
+        &self.registry
+    }
+
+    /// Stop accepting, close device connections, drain the pipeline; give up after `deadline`.
+    pub async fn stop(self, deadline: Duration) -> StopReport {
+        let started = Instant::now();
+        self.shutdown.cancel();
+        let stats = self.stats.clone();
+        let drain = async {
+            for t in self.listener_tasks {
+                let _ = t.await;
+            }
+            self.pipeline.await.unwrap_or(0)
+        };
+        match tokio::time::timeout(deadline, drain).await {
+            Ok(readings) => StopReport {
+                drained: true,
+                readings,
+                took: started.elapsed(),
+            },
+            Err(_) => StopReport {
+                drained: false,
+                readings: stats.total_messages(),
+                took: started.elapsed(),
+            },
+        }
+    }
+}
+
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        log::warn!(error:% = e; "cannot notify the service manager");
+    }
+}
+
+/// Run as the service: start, notify, serve until SIGTERM/SIGINT, stop.
+pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
+    log::info!(
+        gateway_id:% = config.gateway.id, devices = config.devices.len(),
+        version = env!("CARGO_PKG_VERSION");
+        "wardgate starting"
+    );
+    let gw = Gateway::start(&config).await?;
+    let listening = gw
+        .listeners()
+        .iter()
+        .map(|(n, a)| format!("{n}={a}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let status = format!(
+        "listening {listening}; {} devices registered",
+        config.devices.len()
+    );
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+    log::info!(listeners:% = listening; "wardgate ready");
+
+    let watchdog = start_watchdog();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { log::info!(signal = "SIGTERM"; "stopping"); break; }
+            _ = sigint.recv() => { log::info!(signal = "SIGINT"; "stopping"); break; }
+            _ = sighup.recv() => reload(&opts, &config, &gw),
+        }
+    }
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: draining readings"),
+    ]);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let deadline = config.gateway.shutdown_timeout;
+    let report = gw.stop(deadline).await;
+    if report.drained {
+        log::info!(
+            readings = report.readings, took_ms = report.took.as_millis() as u64;
+            "wardgate stopped"
+        );
+        Ok(())
+    } else {
+        log::error!(
+            readings = report.readings, deadline_ms = deadline.as_millis() as u64;
+            "shutdown deadline (gateway.shutdown_timeout) reached before the pipeline drained; \
+             readings still in flight were not handled"
+        );
+        anyhow::bail!("shutdown deadline of {deadline:?} reached")
+    }
+}
+
+/// SIGHUP: re-read the configuration; apply the device registry and log level, keep the rest.
+fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
+    let monotonic = sd_notify::NotifyState::monotonic_usec_now().ok();
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    states.extend(monotonic);
+    notify(&states);
+    match config::load(opts) {
+        Ok(loaded) => {
+            let new = loaded.config;
+            gw.registry().replace(Registry::from_config(&new.devices));
+            crate::telemetry::set_level(new.log.level.into());
+            log::info!(devices = new.devices.len(); "configuration reloaded: device registry and log level applied");
+            for (section, changed) in [
+                ("gateway", new.gateway != running.gateway),
+                ("listeners", new.listeners != running.listeners),
+                ("broker", new.broker != running.broker),
+                ("upstream", new.upstream != running.upstream),
+            ] {
+                if changed {
+                    log::warn!(section = section; "changes to [{section}] take effect after a restart");
+                }
+            }
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                log::error!(problem:% = e; "configuration reload rejected: {e}");
+            }
+            log::error!("configuration reload rejected; the running configuration stays in force");
+        }
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Ping the systemd watchdog at half its interval, if one is configured.
+fn start_watchdog() -> Option<JoinHandle<()>> {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let period = Duration::from_micros(usec / 2);
+    log::info!(period_ms = period.as_millis() as u64; "systemd watchdog enabled");
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }))
+}

@@ -1,0 +1,188 @@
+//! The embedded MQTT broker (rumqttd) behind the gatekeeper.
+//!
+//! rumqttd has no per-client topic ACLs, never sees certificates or peer addresses, and cannot
+//! be stopped. So devices never talk to it: it listens on a loopback port only, accepts exactly
+//! one login (an internal user with a secret generated at every start), and the gatekeeper
+//! relays authenticated device connections to it. The rest of wardgate sees only
+//! [`BrokerHandle`]; no rumqttd type leaves this module.
+//!
+//! Memory bound: rumqttd keeps published messages in per-filter logs of at most
+//! `max_segment_bytes × max_segment_count` (4 MiB with the defaults), and at most
+//! `max_outgoing_packets` queued towards any one subscriber.
+//!
+//! What must stay true: the internal port is loopback-only (checked by config validation) and
+//! refuses any CONNECT without the secret; the secret never leaves the process.
+
+use crate::config::BrokerConfig;
+use crate::mqtt;
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// User name the gatekeeper presents to the internal broker.
+pub const INTERNAL_USER: &str = "wardgate-gatekeeper";
+/// Extra room above the payload limit for topic, packet id and header bytes in one frame.
+pub const FRAME_OVERHEAD_BYTES: usize = 4096;
+/// How long the broker has to accept its first internal login after start.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors starting the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No free port could be found for port 0.
+    #[error("cannot pick a free loopback port for the internal broker: {0}")]
+    PickPort(#[source] std::io::Error),
+    /// The broker thread could not be started.
+    #[error("cannot start the internal broker thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The broker did not accept the internal login in time.
+    #[error("internal broker on {addr} did not come up within {READY_TIMEOUT:?}: {last}")]
+    NotReady {
+        /// Its address.
+        addr: SocketAddr,
+        /// The last error seen while probing.
+        last: String,
+    },
+}
+
+/// How to reach the running internal broker.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    addr: SocketAddr,
+    secret: String,
+    max_frame_bytes: usize,
+}
+
+impl std::fmt::Debug for BrokerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerHandle")
+            .field("addr", &self.addr)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl BrokerHandle {
+    /// The internal listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Largest MQTT frame (remaining length) either side may send.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
+    /// The login the gatekeeper puts into every relayed CONNECT.
+    pub fn internal_login(&self) -> Login {
+        Login::new(INTERNAL_USER, self.secret.clone())
+    }
+}
+
+/// Start rumqttd on its own threads and wait until it accepts the internal login.
+pub async fn start(cfg: &BrokerConfig) -> Result<BrokerHandle, BrokerError> {
+    let addr = if cfg.address.port() == 0 {
+        // rumqttd binds by itself and cannot report the port: find a free one and release it.
+        let l = StdTcpListener::bind(cfg.address).map_err(BrokerError::PickPort)?;
+        l.local_addr().map_err(BrokerError::PickPort)?
+    } else {
+        cfg.address
+    };
+    let secret = {
+        use rand::RngCore;
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let max_frame_bytes = cfg.max_payload_bytes + FRAME_OVERHEAD_BYTES;
+
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 5_000,
+        max_payload_size: max_frame_bytes,
+        max_inflight_count: cfg.max_inflight,
+        auth: Some(HashMap::from([(INTERNAL_USER.to_owned(), secret.clone())])),
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "wardgate-internal".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let rconfig = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: cfg.max_connections,
+            max_outgoing_packet_count: cfg.max_outgoing_packets,
+            max_segment_size: cfg.max_segment_bytes,
+            max_segment_count: cfg.max_segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("internal".to_owned(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("wardgate-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(rconfig);
+            // start() blocks for the life of the process (rumqttd has no shutdown).
+            if let Err(e) = broker.start() {
+                log::error!(error:% = e; "internal broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+
+    let handle = BrokerHandle {
+        addr,
+        secret,
+        max_frame_bytes,
+    };
+    let started = Instant::now();
+    loop {
+        match probe(&handle).await {
+            Ok(()) => break,
+            Err(e) if started.elapsed() > READY_TIMEOUT => {
+                return Err(BrokerError::NotReady {
+                    addr,
+                    last: e.to_string(),
+                })
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    log::debug!(address:% = addr; "internal broker ready");
+    Ok(handle)
+}
+
+/// Log in with the internal secret and log out again.
+async fn probe(h: &BrokerHandle) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(h.addr).await?;
+    let mut connect = Connect::new("wardgate-ready-probe");
+    connect.keep_alive = 10;
+    connect.login = Some(h.internal_login());
+    mqtt::write_packet(&mut s, &Packet::Connect(connect), h.max_frame_bytes).await?;
+    let mut rbuf = BytesMut::with_capacity(16);
+    let ack = tokio::time::timeout(
+        Duration::from_secs(2),
+        mqtt::read_packet(&mut s, &mut rbuf, 64),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    .map_err(std::io::Error::other)?;
+    match ack {
+        Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success => {
+            let _ = mqtt::write_packet(&mut s, &Packet::Disconnect, 16).await;
+            Ok(())
+        }
+        other => Err(std::io::Error::other(format!(
+            "unexpected answer to the internal login: {other:?}"
+        ))),
+    }
+}

@@ -1,0 +1,318 @@
+//! The command line: `run`, `check-config`, `print-default-config`, `hash-password`,
+//! `simulate` and `demo`. Thin: each command loads what it needs and calls into the library.
+//!
+//! Exit codes: 0 success; 1 runtime failure; 2 invalid configuration or usage.
+
+use crate::app::{self, Gateway};
+use crate::config::{self, Config, LoadOptions, LogFormat};
+use crate::sim;
+use clap::{Parser, Subcommand};
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for an invalid configuration or usage.
+pub const EXIT_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wardgate",
+    version,
+    about = "Edge gateway for hospital ward devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (as the systemd service does).
+    Run {
+        /// Main configuration file [default: /etc/wardgate/wardgate.toml].
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check the configuration: exit 0 when valid, 2 with every problem listed when not.
+    CheckConfig {
+        /// Main configuration file [default: /etc/wardgate/wardgate.toml].
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Print the shipped default configuration, every key commented.
+    PrintDefaultConfig,
+    /// Read a password on stdin and print its argon2id hash for `password_hash`.
+    HashPassword,
+    /// Play a simulated ward against a running gateway.
+    Simulate {
+        /// The gateway's plain device listener.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        gateway: SocketAddr,
+        /// Divide every device's interval by this factor.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Number of copies of the ward's devices.
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
+        /// Stop after this long (e.g. `5m`); default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Print the `[[devices]]` entries these simulated devices need, then exit.
+        #[arg(long)]
+        print_devices: bool,
+    },
+    /// Run the gateway on a built-in configuration with a simulated ward.
+    Demo {
+        /// Divide every device's interval by this factor.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Number of copies of the ward's devices.
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
+        /// Stop after this long (e.g. `2m`); default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+}
+
+/// Parse the command line and run it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { config } => check_config(config),
+        Command::PrintDefaultConfig => {
+            print!("{}", config::DEFAULT_CONFIG_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::HashPassword => hash_password(),
+        Command::Simulate {
+            gateway,
+            speed,
+            devices,
+            duration,
+            print_devices,
+        } => {
+            let ward = sim::ward(devices);
+            if print_devices {
+                print!("{}", sim::registry_toml(&ward));
+                return ExitCode::SUCCESS;
+            }
+            init_text_logging();
+            runtime_block_on(simulate(gateway, ward, speed, duration))
+        }
+        Command::Demo {
+            speed,
+            devices,
+            duration,
+        } => {
+            init_text_logging();
+            runtime_block_on(demo(speed, devices, duration))
+        }
+    }
+}
+
+fn load_or_report(file: Option<PathBuf>) -> Result<(LoadOptions, config::Loaded), ExitCode> {
+    let opts = LoadOptions {
+        file,
+        ignore_env: false,
+    };
+    match config::load(&opts) {
+        Ok(l) => Ok((opts, l)),
+        Err(errors) => {
+            eprint!("wardgate: {errors}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+fn check_config(file: Option<PathBuf>) -> ExitCode {
+    match load_or_report(file) {
+        Ok((_, loaded)) => {
+            let files: Vec<String> = loaded
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            println!(
+                "configuration is valid: gateway `{}`, {} devices, files: {}",
+                loaded.config.gateway.id,
+                loaded.config.devices.len(),
+                if files.is_empty() {
+                    "(built-in defaults only)".to_owned()
+                } else {
+                    files.join(", ")
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn run(file: Option<PathBuf>) -> ExitCode {
+    let (opts, loaded) = match load_or_report(file) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if let Err(e) = crate::telemetry::init(&loaded.config.log) {
+        eprintln!("wardgate: cannot set up logging: {e}");
+        return ExitCode::FAILURE;
+    }
+    for f in &loaded.files {
+        log::info!(file:% = f.display(); "configuration file loaded");
+    }
+    runtime_block_on(app::run_daemon(opts, loaded.config))
+}
+
+fn runtime_block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wardgate")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wardgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(fut);
+    // The embedded broker's threads never end; do not wait for them.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!(error:% = format!("{e:#}"); "wardgate failed: {e:#}");
+            eprintln!("wardgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_text_logging() {
+    let mut cfg = config::LogConfig {
+        format: LogFormat::Text,
+        ..Default::default()
+    };
+    if let Ok(level) = std::env::var("WARDGATE_LOG__LEVEL") {
+        if let Ok(l) = serde_json::from_value(serde_json::Value::String(level)) {
+            cfg.level = l;
+        }
+    }
+    let _ = crate::telemetry::init(&cfg);
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        eprintln!("wardgate: cannot read the password from stdin");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!(
+            "wardgate: empty password; type it on stdin, e.g. `wardgate hash-password < file`"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let hash = crate::registry::hash_password(password);
+    let _ = writeln!(std::io::stdout(), "{hash}");
+    ExitCode::SUCCESS
+}
+
+async fn until_stopped(duration: Option<Duration>) {
+    match duration {
+        Some(d) => tokio::select! {
+            _ = tokio::time::sleep(d) => {},
+            _ = tokio::signal::ctrl_c() => {},
+        },
+        None => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn simulate(
+    gateway: SocketAddr,
+    ward: Vec<sim::SimDevice>,
+    speed: f64,
+    duration: Option<Duration>,
+) -> anyhow::Result<()> {
+    let stats = Arc::new(sim::SimStats::default());
+    let stop = CancellationToken::new();
+    log::info!(devices = ward.len(), gateway:% = gateway, speed = speed; "simulated ward starting");
+    let task = tokio::spawn(sim::run(gateway, ward, speed, stats.clone(), stop.clone()));
+    until_stopped(duration).await;
+    stop.cancel();
+    let _ = task.await;
+    log::info!(
+        published = stats.published.load(Ordering::Relaxed),
+        acked = stats.acked.load(Ordering::Relaxed),
+        connection_errors = stats.connection_errors.load(Ordering::Relaxed);
+        "simulated ward stopped"
+    );
+    Ok(())
+}
+
+/// The built-in demo configuration: loopback only, free ports, the simulated ward registered.
+pub fn demo_config(ward: &[sim::SimDevice]) -> Config {
+    let mut c = Config::default();
+    c.gateway.id = "ward-demo".into();
+    c.gateway.state_dir = std::env::temp_dir().join("wardgate-demo");
+    c.listeners.plain.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.broker.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.devices = sim::registry_entries(ward);
+    c
+}
+
+async fn demo(speed: f64, copies: usize, duration: Option<Duration>) -> anyhow::Result<()> {
+    let ward = sim::ward(copies);
+    let config = demo_config(&ward);
+    let gw = Gateway::start(&config).await?;
+    let addr = gw
+        .listener_addr("plain")
+        .ok_or_else(|| anyhow::anyhow!("the demo's plain listener did not start"))?;
+    log::info!(
+        gateway:% = addr, devices = ward.len(), speed = speed;
+        "demo: gateway up on {addr}; simulated ward connecting (Ctrl-C to stop)"
+    );
+    let stats = Arc::new(sim::SimStats::default());
+    let stop = CancellationToken::new();
+    let sim_task = tokio::spawn(sim::run(addr, ward, speed, stats.clone(), stop.clone()));
+    let pipeline = gw.stats();
+    let report = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let per_device = pipeline.snapshot();
+            let summary: Vec<String> = per_device
+                .iter()
+                .map(|(id, c)| format!("{id}:{}", c.messages))
+                .collect();
+            log::info!(
+                readings = pipeline.total_messages();
+                "demo: readings per device {}", summary.join(" ")
+            );
+        }
+    });
+    until_stopped(duration).await;
+    report.abort();
+    stop.cancel();
+    let _ = sim_task.await;
+    let stop_report = gw.stop(config.gateway.shutdown_timeout).await;
+    log::info!(
+        published = stats.published.load(Ordering::Relaxed),
+        acked = stats.acked.load(Ordering::Relaxed),
+        readings = stop_report.readings,
+        drained = stop_report.drained;
+        "demo finished"
+    );
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Semantic checks on a configuration that parsed: ranges, formats, cross-references.
+//! Every check runs; every failure is reported with its key and source.
+
+use super::load::{ConfigError, Source};
+use super::Config;
+use std::collections::HashMap;
+
+/// AWS IoT Core's largest MQTT payload.
+pub const IOT_CORE_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// Thing names and device ids: 1–128 of `[a-zA-Z0-9:_-]` (AWS IoT thing-name rules, which also
+/// keep ids safe inside MQTT topics and journal fields).
+pub fn valid_thing_name(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+}
+
+/// Kind and plugin names: 1–64 of `[a-z0-9_-]`, starting with a letter.
+pub fn valid_kind_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.as_bytes()[0].is_ascii_lowercase()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+}
+
+/// `positions[i]` is the index that `c.devices[i]` had in the combined `[[devices]]` list
+/// (entries that failed to parse are left out of `c.devices` but keep their numbers in messages).
+pub(super) fn validate(
+    c: &Config,
+    positions: &[usize],
+    source_of: &dyn Fn(&str) -> Option<Source>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let mut err = |key: &str, message: String| {
+        errors.push(ConfigError::new(
+            source_of(key),
+            Some(key.to_owned()),
+            message,
+        ));
+    };
+
+    if !valid_thing_name(&c.gateway.id) {
+        err(
+            "gateway.id",
+            format!(
+                "`{}` is not a valid thing name: use 1–128 letters, digits, `:`, `_` or `-`",
+                c.gateway.id
+            ),
+        );
+    }
+    if !c.gateway.state_dir.is_absolute() {
+        err(
+            "gateway.state_dir",
+            format!(
+                "`{}` must be an absolute path",
+                c.gateway.state_dir.display()
+            ),
+        );
+    }
+    if c.gateway.shutdown_timeout.is_zero() {
+        err(
+            "gateway.shutdown_timeout",
+            "must be longer than 0s, e.g. \"10s\"".into(),
+        );
+    }
+    if c.listeners.connect_timeout.is_zero() {
+        err(
+            "listeners.connect_timeout",
+            "must be longer than 0s, e.g. \"10s\"".into(),
+        );
+    }
+    if c.listeners.max_connections == 0 {
+        err("listeners.max_connections", "must be at least 1".into());
+    }
+    if !c.broker.address.ip().is_loopback() {
+        err(
+            "broker.address",
+            format!(
+                "`{}` is not a loopback address: the internal broker must only listen on \
+                 127.0.0.1 or ::1 (devices connect through the gatekeeper)",
+                c.broker.address
+            ),
+        );
+    }
+    if c.listeners.plain.enabled
+        && c.broker.address.port() != 0
+        && c.listeners.plain.address.port() == c.broker.address.port()
+    {
+        err(
+            "listeners.plain.address",
+            format!(
+                "port {} is also the internal broker's port (broker.address)",
+                c.broker.address.port()
+            ),
+        );
+    }
+    if c.broker.max_payload_bytes == 0 || c.broker.max_payload_bytes > IOT_CORE_MAX_PAYLOAD_BYTES {
+        err(
+            "broker.max_payload_bytes",
+            format!(
+                "{} is out of range: use 1 to {IOT_CORE_MAX_PAYLOAD_BYTES} (AWS IoT Core's limit)",
+                c.broker.max_payload_bytes
+            ),
+        );
+    }
+    if c.broker.max_segment_bytes < c.broker.max_payload_bytes {
+        err(
+            "broker.max_segment_bytes",
+            format!(
+                "{} is smaller than broker.max_payload_bytes ({}): one segment must hold the largest message",
+                c.broker.max_segment_bytes, c.broker.max_payload_bytes
+            ),
+        );
+    }
+    if c.broker.max_segment_count == 0 {
+        err("broker.max_segment_count", "must be at least 1".into());
+    }
+    if !(1..=u16::MAX as usize).contains(&c.broker.max_inflight) {
+        err("broker.max_inflight", "must be between 1 and 65535".into());
+    }
+    if c.broker.max_connections == 0 {
+        err("broker.max_connections", "must be at least 1".into());
+    }
+    if c.broker.max_outgoing_packets == 0 {
+        err("broker.max_outgoing_packets", "must be at least 1".into());
+    }
+
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, d) in c.devices.iter().enumerate() {
+        let pos = |i: usize| positions.get(i).copied().unwrap_or(i);
+        let at = |field: &str| format!("devices[{}].{field}", pos(i));
+        if !valid_thing_name(&d.id) {
+            err(
+                &at("id"),
+                format!(
+                    "`{}` is not a valid device id: use 1–128 letters, digits, `:`, `_` or `-`",
+                    d.id
+                ),
+            );
+        } else if let Some(first) = seen.insert(&d.id, i) {
+            err(
+                &at("id"),
+                format!(
+                    "device `{}` is already defined as devices[{}]",
+                    d.id,
+                    pos(first)
+                ),
+            );
+        }
+        if !valid_kind_name(&d.kind) {
+            err(
+                &at("kind"),
+                format!(
+                    "`{}` is not a valid kind: use 1–64 lowercase letters, digits, `_` or `-`",
+                    d.kind
+                ),
+            );
+        }
+        if let Some(p) = &d.plugin {
+            if !valid_kind_name(p) {
+                err(
+                    &at("plugin"),
+                    format!(
+                        "`{p}` is not a valid plugin name: use 1–64 lowercase letters, digits, `_` or `-`"
+                    ),
+                );
+            }
+        }
+        match &d.password_hash {
+            None => err(
+                &at("password_hash"),
+                format!(
+                    "device `{}` has no credential: set `password_hash` (make one with \
+                     `wardgate hash-password`)",
+                    d.id
+                ),
+            ),
+            Some(h) => {
+                if let Err(e) = crate::registry::check_password_hash(h) {
+                    err(&at("password_hash"), e);
+                }
+            }
+        }
+    }
+
+    if c.upstream.enabled {
+        err(
+            "upstream.enabled",
+            "forwarding to AWS IoT Core is not available in this version of wardgate; \
+             set `upstream.enabled = false`"
+                .into(),
+        );
+    }
+    if c.upstream.port == 0 {
+        err(
+            "upstream.port",
+            "must be 8883 or 443 (or another non-zero port)".into(),
+        );
+    }
+}

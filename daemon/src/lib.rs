@@ -1,0 +1,33 @@
+//! # wardgate
+//!
+//! An edge gateway for hospital wards. Ward devices connect over MQTT; wardgate authenticates
+//! them, normalises what they send, keeps state and rules at the edge, and forwards readings to
+//! AWS IoT Core without losing any that it acknowledged.
+//!
+//! ## Layout
+//! - [`config`]: configuration types, figment layering, validation that reports every problem.
+//! - [`telemetry`]: journald / stderr logging with structured fields.
+//! - [`registry`]: registered devices and their credentials (argon2 hashes).
+//! - [`broker`]: the embedded rumqttd, on an internal loopback port behind a secret.
+//! - [`gatekeeper`]: device listeners; authentication and the packet relay to the broker.
+//! - [`mqtt`]: MQTT 3.1.1 framing shared by the gatekeeper and the broker probe.
+//! - [`pipeline`]: the ingest point every accepted reading flows through.
+//! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
+//! - [`sim`]: the ward simulator (devices with their vendors' raw formats).
+//! - [`cli`]: the `wardgate` command line.
+//!
+//! ## The life of one reading
+//! device → gatekeeper (authenticated identity) → pipeline channel (bounded; a full channel
+//! stops reading from the device) → broker (relayed PUBLISH; its PUBACK reaches the device, so a
+//! QoS 1 PUBACK never precedes the pipeline's acceptance) → local subscribers.
+
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod gatekeeper;
+pub mod mqtt;
+pub mod pipeline;
+pub mod registry;
+pub mod sim;
+pub mod telemetry;
