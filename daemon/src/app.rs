@@ -248,13 +248,23 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
     notify(&[sd_notify::NotifyState::Ready]);
 }
 
+/// The watchdog interval systemd asks for, as `sd_watchdog_enabled(3)` reads it: `WATCHDOG_USEC`
+/// set and non-zero, and `WATCHDOG_PID` either unset or this process.
+fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    let usec: u64 = usec?.parse().ok().filter(|u| *u > 0)?;
+    match pid {
+        Some(p) if p.parse::<u32>().ok() != Some(me) => None,
+        _ => Some(Duration::from_micros(usec)),
+    }
+}
+
 /// Ping the systemd watchdog at half its interval, if one is configured.
 fn start_watchdog() -> Option<JoinHandle<()>> {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return None;
-    }
-    let period = Duration::from_micros(usec / 2);
+    let period = watchdog_interval(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )? / 2;
     log::info!(period_ms = period.as_millis() as u64; "systemd watchdog enabled");
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
@@ -263,4 +273,26 @@ fn start_watchdog() -> Option<JoinHandle<()>> {
             notify(&[sd_notify::NotifyState::Watchdog]);
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::watchdog_interval;
+    use std::time::Duration;
+
+    #[test]
+    fn watchdog_follows_sd_watchdog_enabled() {
+        assert_eq!(
+            watchdog_interval(Some("200000"), None, 7),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(
+            watchdog_interval(Some("200000"), Some("7"), 7),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(watchdog_interval(Some("200000"), Some("8"), 7), None);
+        assert_eq!(watchdog_interval(Some("0"), None, 7), None);
+        assert_eq!(watchdog_interval(Some("x"), None, 7), None);
+        assert_eq!(watchdog_interval(None, None, 7), None);
+    }
 }

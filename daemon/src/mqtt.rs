@@ -28,7 +28,14 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     max_frame_bytes: usize,
 ) -> Result<Option<Packet>, FrameError> {
     loop {
-        if !buf.is_empty() {
+        if let Some(&first) = buf.first() {
+            // Packet types 0 and 15 are reserved: refuse at the first byte instead of waiting
+            // for a frame whose length came from garbage.
+            if matches!(first >> 4, 0 | 15) {
+                return Err(FrameError::Malformed(mqttbytes::Error::InvalidPacketType(
+                    first >> 4,
+                )));
+            }
             match Packet::read(buf, max_frame_bytes) {
                 Ok(p) => return Ok(Some(p)),
                 Err(mqttbytes::Error::InsufficientBytes(n)) => buf.reserve(n),

@@ -1,1 +1,236 @@
+//! Helpers for wardgate's integration tests: configs on `127.0.0.1:0`, real MQTT clients
+//! (rumqttc), a systemd notify socket, and subprocess control.
+//!
+//! Nothing here mocks a component: tests start the real gateway (in process or as the
+//! `wardgate-under-test` binary, which is `wardgate::cli::main`), the real embedded rumqttd,
+//! and talk real MQTT over loopback sockets.
 
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use wardgate::config::{Config, DeviceConfig};
+
+/// A registered test device.
+pub fn device(id: &str, kind: &str, password: &str) -> DeviceConfig {
+    DeviceConfig {
+        id: id.into(),
+        kind: kind.into(),
+        plugin: None,
+        password_hash: Some(wardgate::registry::hash_password_demo(password)),
+        description: None,
+    }
+}
+
+/// A configuration that binds only `127.0.0.1:0` and keeps state in `state_dir`.
+pub fn config(state_dir: &Path, devices: Vec<DeviceConfig>) -> Config {
+    let mut c = Config::default();
+    c.gateway.id = "test-gateway".into();
+    c.gateway.state_dir = state_dir.to_path_buf();
+    c.listeners.plain.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.listeners.connect_timeout = Duration::from_secs(2);
+    c.broker.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.devices = devices;
+    c
+}
+
+/// The same configuration as TOML text, for the binary.
+pub fn config_toml(c: &Config) -> String {
+    toml::to_string(c).expect("a Config serialises to TOML")
+}
+
+/// MQTT options for a device at `addr`.
+pub fn options(addr: SocketAddr, id: &str, password: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_credentials(id, password);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+/// How a CONNECT attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// CONNACK with success.
+    Accepted,
+    /// CONNACK with this refusal code.
+    Refused(ConnectReturnCode),
+    /// The connection closed or failed without a CONNACK.
+    Closed(String),
+}
+
+/// Try to connect; report the outcome within `timeout`.
+pub async fn try_connect(opts: MqttOptions, timeout: Duration) -> ConnectOutcome {
+    let (_client, mut el) = AsyncClient::new(opts, 10);
+    let r = tokio::time::timeout(timeout, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                    return if a.code == ConnectReturnCode::Success {
+                        ConnectOutcome::Accepted
+                    } else {
+                        ConnectOutcome::Refused(a.code)
+                    }
+                }
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                    return ConnectOutcome::Refused(code)
+                }
+                Err(e) => return ConnectOutcome::Closed(e.to_string()),
+            }
+        }
+    })
+    .await;
+    r.unwrap_or_else(|_| ConnectOutcome::Closed("timed out".into()))
+}
+
+#[allow(missing_debug_implementations)]
+/// A connected client whose event loop runs in the background; incoming publishes are
+/// forwarded on a channel.
+pub struct Device {
+    /// The client.
+    pub client: AsyncClient,
+    /// Incoming PUBLISHes (topic, payload).
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    /// PUBACKs received so far.
+    pub acks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Connect and wait for the CONNACK; panics if refused.
+pub async fn connect(opts: MqttOptions) -> Device {
+    let (client, mut el) = AsyncClient::new(opts, 100);
+    let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let a = acks.clone();
+    let task = tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Ok(ack.code));
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Err(e.to_string()));
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let code = tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        .await
+        .expect("CONNACK within 10 s")
+        .expect("event loop alive");
+    assert_eq!(code, Ok(ConnectReturnCode::Success), "connect refused");
+    Device {
+        client,
+        incoming,
+        acks,
+        task,
+    }
+}
+
+impl Device {
+    /// Subscribe and wait until the SUBACK has had time to land (the subscription is active in
+    /// rumqttd once a publish round-trips, so callers publish after this).
+    pub async fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    /// Wait for the next incoming publish.
+    pub async fn next(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        tokio::time::timeout(timeout, self.incoming.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// A systemd notify socket the test owns (`NOTIFY_SOCKET`).
+#[derive(Debug)]
+pub struct NotifySocket {
+    sock: UnixDatagram,
+    /// Its path.
+    pub path: std::path::PathBuf,
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    /// Bind a datagram socket under `dir`.
+    pub fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Self {
+            sock,
+            path,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait until a message containing `line` (e.g. `READY=1`) arrives; returns that message.
+    pub fn wait_for(&mut self, line: &str, timeout: Duration) -> Option<String> {
+        if let Some(m) = self.seen.iter().find(|m| m.lines().any(|l| l == line)) {
+            return Some(m.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.seen.push(msg.clone());
+                if msg.lines().any(|l| l == line) {
+                    return Some(msg);
+                }
+            }
+        }
+        None
+    }
+
+    /// Every message received so far (reads only what is already queued).
+    pub fn drain(&mut self) -> &[String] {
+        let mut buf = vec![0u8; 4096];
+        self.sock.set_nonblocking(true).unwrap();
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            self.seen
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.sock.set_nonblocking(false).unwrap();
+        &self.seen
+    }
+}
+
+/// The `plain=ADDR` address out of a READY notification's `STATUS=` line.
+pub fn plain_addr_from_status(msg: &str) -> Option<SocketAddr> {
+    msg.lines()
+        .find_map(|l| l.strip_prefix("STATUS="))?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("plain="))?
+        .trim_end_matches(';')
+        .parse()
+        .ok()
+}

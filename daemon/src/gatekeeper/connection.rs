@@ -9,7 +9,7 @@ use crate::pipeline::{Ingest, Qos};
 use crate::registry::Device;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
-use rumqttc::mqttbytes::{self, QoS};
+use rumqttc::mqttbytes::{self, Protocol, QoS};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -63,7 +63,15 @@ pub(super) async fn serve(
             return;
         }
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(Packet::Connect(c)))) if c.protocol == Protocol::V4 => c,
+        Ok(Ok(Some(Packet::Connect(_)))) => {
+            log::warn!(
+                listener = listener, peer:% = peer, protocol_level = 5;
+                "connection refused: only MQTT 3.1.1 (protocol level 4) is supported"
+            );
+            let _ = refuse(&mut device, ConnectReturnCode::RefusedProtocolVersion, max).await;
+            return;
+        }
         Ok(Ok(Some(other))) => {
             log::warn!(
                 listener = listener, peer:% = peer, packet = packet_name(&other);
