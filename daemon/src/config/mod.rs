@@ -261,3 +261,24 @@ pub enum LogFormat {
     /// Always readable lines on stderr.
     Text,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped file documents the real defaults: it must parse to exactly them.
+    #[test]
+    fn shipped_file_equals_built_in_defaults() {
+        let dir = std::env::temp_dir().join(format!("wardgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("wardgate.toml");
+        std::fs::write(&f, DEFAULT_CONFIG_TOML).unwrap();
+        let loaded = load(&LoadOptions {
+            file: Some(f),
+            ignore_env: true,
+        })
+        .expect("shipped config is valid");
+        assert_eq!(loaded.config, Config::default());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
