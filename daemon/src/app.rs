@@ -10,11 +10,14 @@
 
 use crate::broker::{self, BrokerHandle};
 use crate::config::{self, Config, LoadOptions};
-use crate::gatekeeper::{Gatekeeper, ListenerLimits};
+use crate::gatekeeper::{Gatekeeper, ListenerLimits, Shared, TlsState, Transport};
+use crate::metering::Metering;
 use crate::pipeline::{Pipeline, PipelineStats};
 use crate::registry::{Registry, SharedRegistry};
+use crate::status::{self, ListenerStatus, Status};
 use anyhow::Context as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +32,45 @@ pub struct Gateway {
     stats: PipelineStats,
     registry: SharedRegistry,
     broker: BrokerHandle,
+    metering: Metering,
+    tls: Option<Arc<TlsState>>,
+    status: Option<JoinHandle<()>>,
+    view: Arc<StatusView>,
+}
+
+/// What the status writer needs, detached from the [`Gateway`].
+#[derive(Debug)]
+struct StatusView {
+    gateway_id: String,
+    started_at: std::time::SystemTime,
+    listeners: Vec<(&'static str, SocketAddr)>,
+    stats: PipelineStats,
+    metering: Metering,
+    state_dir: std::path::PathBuf,
+}
+
+impl StatusView {
+    fn snapshot(&self, running: bool) -> Status {
+        Status {
+            gateway_id: self.gateway_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
+            updated_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            running,
+            listeners: self
+                .listeners
+                .iter()
+                .map(|(n, a)| ListenerStatus {
+                    name: (*n).into(),
+                    address: a.to_string(),
+                })
+                .collect(),
+            readings: self.stats.total_messages(),
+            gateway: self.metering.gateway().snapshot(),
+            devices: self.metering.snapshot(),
+        }
+    }
 }
 
 /// How a stop went.
@@ -45,44 +87,83 @@ pub struct StopReport {
 impl Gateway {
     /// Start every stage. Listeners are accepting when this returns.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
-        let broker = broker::start(&config.broker)
+        // One crypto provider for every TLS use in the process, installed explicitly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let state_dir = config.gateway.state_dir.clone();
+        std::fs::create_dir_all(&state_dir).with_context(|| {
+            format!(
+                "creating the state directory {} (gateway.state_dir)",
+                state_dir.display()
+            )
+        })?;
+        let tls = if config.listeners.tls.enabled {
+            Some(Arc::new(
+                TlsState::new(&config.listeners.tls).context("loading the TLS listener's files")?,
+            ))
+        } else {
+            None
+        };
+        let broker = broker::start(&config.broker, &config.limits)
             .await
             .context("starting the internal broker")?;
-        let registry = SharedRegistry::new(Registry::from_config(&config.devices));
+        let registry = SharedRegistry::new(Registry::from_config(&config.devices, &config.policy));
+        let metering = Metering::new(config.metering.window, config.metering.windows_kept);
         let (pipeline, ingest) = Pipeline::new();
         let stats = pipeline.stats();
         let shutdown = CancellationToken::new();
-
-        let limits = ListenerLimits {
+        let shared = Shared {
+            registry: registry.clone(),
+            broker: broker.clone(),
+            ingest,
+            metering: metering.clone(),
+            limits: config.limits.clone(),
+        };
+        let accept_limits = ListenerLimits {
             connect_timeout: config.listeners.connect_timeout,
             max_connections: config.listeners.max_connections,
+            max_connections_per_address: config.listeners.max_connections_per_address,
         };
+        let mut wanted = Vec::new();
+        if config.listeners.plain.enabled {
+            wanted.push((
+                "plain",
+                config.listeners.plain.address,
+                Transport::Plain,
+                "listeners.plain.address",
+            ));
+        }
+        if let Some(tls) = &tls {
+            wanted.push((
+                "tls",
+                config.listeners.tls.address,
+                Transport::Tls(tls.clone()),
+                "listeners.tls.address",
+            ));
+        }
         let mut listeners = Vec::new();
         let mut listener_tasks = Vec::new();
-        if config.listeners.plain.enabled {
-            let addr = config.listeners.plain.address;
-            let gk = Gatekeeper::bind(
-                "plain",
-                addr,
-                limits.clone(),
-                registry.clone(),
-                broker.clone(),
-                ingest.clone(),
-            )
-            .await
-            .with_context(|| {
-                format!("binding the plain listener on {addr} (listeners.plain.address)")
-            })?;
-            listeners.push(("plain", gk.local_addr()?));
+        for (name, addr, transport, key) in wanted {
+            let gk = Gatekeeper::bind(name, addr, transport, accept_limits.clone(), shared.clone())
+                .await
+                .with_context(|| format!("binding the {name} listener on {addr} ({key})"))?;
+            listeners.push((name, gk.local_addr()?));
             listener_tasks.push(tokio::spawn(gk.run(shutdown.clone())));
         }
         if listeners.is_empty() {
             log::warn!("no device listener is enabled: devices cannot connect");
         }
         // Only the listeners hold senders now: the pipeline ends when they are gone.
-        drop(ingest);
+        drop(shared);
         let pipeline = tokio::spawn(pipeline.run());
-        Ok(Self {
+        let view = Arc::new(StatusView {
+            gateway_id: config.gateway.id.clone(),
+            started_at: std::time::SystemTime::now(),
+            listeners: listeners.clone(),
+            stats: stats.clone(),
+            metering: metering.clone(),
+            state_dir,
+        });
+        let mut gw = Self {
             shutdown,
             listeners,
             listener_tasks,
@@ -90,7 +171,52 @@ impl Gateway {
             stats,
             registry,
             broker,
+            metering,
+            tls,
+            status: None,
+            view,
+        };
+        gw.status = Some(gw.spawn_status_writer(config.metering.status_interval));
+        Ok(gw)
+    }
+
+    fn spawn_status_writer(&self, every: Duration) -> JoinHandle<()> {
+        let view = self.view.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let mut warned = false;
+            loop {
+                tick.tick().await;
+                let snapshot = view.snapshot(true);
+                let dir = view.state_dir.clone();
+                let r = tokio::task::spawn_blocking(move || status::write(&dir, &snapshot)).await;
+                match r {
+                    Ok(Err(e)) if !warned => {
+                        warned = true;
+                        log::warn!(error:% = e, state_dir:% = view.state_dir.display(); "cannot write the status file");
+                    }
+                    Ok(Ok(())) => warned = false,
+                    _ => {}
+                }
+            }
         })
+    }
+
+    /// Per-device meters.
+    pub fn metering(&self) -> &Metering {
+        &self.metering
+    }
+
+    /// Re-read the TLS listener's certificate, key, CA bundle and CRL. Connected devices keep
+    /// their sessions; new handshakes use the new material. On error the old material stays.
+    pub fn reload_tls(
+        &self,
+        cfg: &config::TlsListenerConfig,
+    ) -> Result<bool, crate::gatekeeper::tls::TlsError> {
+        match &self.tls {
+            Some(t) => t.reload(cfg).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Address of the listener called `name` (`"plain"`).
@@ -122,17 +248,27 @@ impl Gateway {
     }
 
     /// Stop accepting, close device connections, drain the pipeline; give up after `deadline`.
-    pub async fn stop(self, deadline: Duration) -> StopReport {
+    pub async fn stop(mut self, deadline: Duration) -> StopReport {
         let started = Instant::now();
         self.shutdown.cancel();
+        if let Some(s) = self.status.take() {
+            s.abort();
+        }
         let stats = self.stats.clone();
+        let tasks = std::mem::take(&mut self.listener_tasks);
+        let pipeline = &mut self.pipeline;
         let drain = async {
-            for t in self.listener_tasks {
+            for t in tasks {
                 let _ = t.await;
             }
-            self.pipeline.await.unwrap_or(0)
+            pipeline.await.unwrap_or(0)
         };
-        match tokio::time::timeout(deadline, drain).await {
+        let result = tokio::time::timeout(deadline, drain).await;
+        // The last word in the status file: final counters, not running.
+        if let Err(e) = status::write(&self.view.state_dir, &self.view.snapshot(false)) {
+            log::warn!(error:% = e; "cannot write the final status file");
+        }
+        match result {
             Ok(readings) => StopReport {
                 drained: true,
                 readings,
@@ -166,6 +302,10 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
         "wardgate starting"
     );
     let gw = Gateway::start(&config).await?;
+    let pid_file = config.gateway.state_dir.join(status::PID_FILE);
+    if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
+        log::warn!(error:% = e, path:% = pid_file.display(); "cannot write the PID file; `wardgate reload` will not find this process");
+    }
     let listening = gw
         .listeners()
         .iter()
@@ -199,6 +339,7 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     }
     let deadline = config.gateway.shutdown_timeout;
     let report = gw.stop(deadline).await;
+    let _ = std::fs::remove_file(&pid_file);
     if report.drained {
         log::info!(
             readings = report.readings, took_ms = report.took.as_millis() as u64;
@@ -224,12 +365,26 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
     match config::load(opts) {
         Ok(loaded) => {
             let new = loaded.config;
-            gw.registry().replace(Registry::from_config(&new.devices));
+            gw.registry()
+                .replace(Registry::from_config(&new.devices, &new.policy));
+            match gw.reload_tls(&new.listeners.tls) {
+                Ok(true) => log::info!(
+                    "TLS material reloaded: new handshakes use it, connected devices stay"
+                ),
+                Ok(false) => {}
+                Err(e) => log::error!(
+                    error:% = e;
+                    "TLS reload rejected, the previous certificate, CA bundle and CRL stay in use: {e}"
+                ),
+            }
             crate::telemetry::set_level(new.log.level.into());
             log::info!(devices = new.devices.len(); "configuration reloaded: device registry and log level applied");
             for (section, changed) in [
                 ("gateway", new.gateway != running.gateway),
-                ("listeners", new.listeners != running.listeners),
+                (
+                    "listeners",
+                    strip_tls_files(&new.listeners) != strip_tls_files(&running.listeners),
+                ),
                 ("broker", new.broker != running.broker),
                 ("upstream", new.upstream != running.upstream),
             ] {
@@ -256,6 +411,17 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
         Some(p) if p.parse::<u32>().ok() != Some(me) => None,
         _ => Some(Duration::from_micros(usec)),
     }
+}
+
+/// Listener settings without the TLS file paths (those reload live).
+fn strip_tls_files(l: &config::ListenersConfig) -> config::ListenersConfig {
+    let mut l = l.clone();
+    let d = config::TlsListenerConfig::default();
+    l.tls.cert_file = d.cert_file;
+    l.tls.key_file = d.key_file;
+    l.tls.ca_file = d.ca_file;
+    l.tls.crl_file = d.crl_file;
+    l
 }
 
 /// Ping the systemd watchdog at half its interval, if one is configured.

@@ -46,6 +46,21 @@ enum Command {
     },
     /// Print the shipped default configuration, every key commented.
     PrintDefaultConfig,
+    /// Show the running gateway's listeners and per-device traffic (from its status file).
+    Status {
+        /// Main configuration file (to find gateway.state_dir).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the raw status file (JSON), with totals and past windows.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running gateway to re-read its configuration and TLS files (SIGHUP).
+    Reload {
+        /// Main configuration file (to find gateway.state_dir).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Read a password on stdin and print its argon2id hash for `password_hash`.
     HashPassword,
     /// Play a simulated ward against a running gateway.
@@ -91,6 +106,8 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::HashPassword => hash_password(),
+        Command::Status { config, json } => status(config, json),
+        Command::Reload { config } => reload(config),
         Command::Simulate {
             gateway,
             speed,
@@ -206,6 +223,66 @@ fn init_text_logging() {
         }
     }
     let _ = crate::telemetry::init(&cfg);
+}
+
+fn status(file: Option<PathBuf>, json: bool) -> ExitCode {
+    let (_, loaded) = match load_or_report(file) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match crate::status::read(&loaded.config.gateway.state_dir) {
+        Ok(s) if json => {
+            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(s) => {
+            print!("{}", crate::status::render(&s));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wardgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn reload(file: Option<PathBuf>) -> ExitCode {
+    let (_, loaded) = match load_or_report(file) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let pid_file = loaded
+        .config
+        .gateway
+        .state_dir
+        .join(crate::status::PID_FILE);
+    let pid = match std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        Some(p) => p,
+        None => {
+            eprintln!(
+                "wardgate: no running gateway found ({} missing or unreadable); \
+                 under systemd use `systemctl reload wardgate`",
+                pid_file.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    ) {
+        Ok(()) => {
+            println!("sent SIGHUP to wardgate (pid {pid}); see the journal for the result");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wardgate: cannot signal pid {pid}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn hash_password() -> ExitCode {

@@ -9,7 +9,11 @@
 //! - [`telemetry`]: journald / stderr logging with structured fields.
 //! - [`registry`]: registered devices and their credentials (argon2 hashes).
 //! - [`broker`]: the embedded rumqttd, on an internal loopback port behind a secret.
-//! - [`gatekeeper`]: device listeners; authentication and the packet relay to the broker.
+//! - [`gatekeeper`]: device listeners (plain, TLS); authentication, topic policy, limits and the
+//!   packet relay to the broker.
+//! - [`metering`]: per-device traffic counters in time windows (read by the status view and,
+//!   later, the defender).
+//! - [`status`]: the status file behind `wardgate status`.
 //! - [`mqtt`]: MQTT 3.1.1 framing shared by the gatekeeper and the broker probe.
 //! - [`pipeline`]: the ingest point every accepted reading flows through.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
@@ -17,17 +21,19 @@
 //! - [`cli`]: the `wardgate` command line.
 //!
 //! ## The life of one reading
-//! device → gatekeeper (authenticated identity) → pipeline channel (bounded; a full channel
-//! stops reading from the device) → broker (relayed PUBLISH; its PUBACK reaches the device, so a
-//! QoS 1 PUBACK never precedes the pipeline's acceptance) → local subscribers.
+//! device → gatekeeper (authenticated identity, topic policy, limits, meters) → pipeline channel
+//! (bounded; a full channel stops reading from the device) → pipeline confirms → PUBACK to the
+//! device (and a copy relayed through the broker to local subscribers).
 
 pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod gatekeeper;
+pub mod metering;
 pub mod mqtt;
 pub mod pipeline;
 pub mod registry;
 pub mod sim;
+pub mod status;
 pub mod telemetry;

@@ -7,7 +7,8 @@
 //! What must stay true: an unknown device and a wrong password cost the same time (an unknown
 //! id is checked against a dummy hash), so timing does not reveal which device ids exist.
 
-use crate::config::DeviceConfig;
+use crate::config::{AuthMode, DeviceConfig, PolicyConfig};
+use crate::gatekeeper::policy::TopicPolicy;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use std::collections::HashMap;
@@ -22,6 +23,10 @@ pub struct Device {
     pub kind: Arc<str>,
     /// Plugin that normalises its payloads.
     pub plugin: Arc<str>,
+    /// How it must authenticate.
+    pub auth: AuthMode,
+    /// What it may publish and subscribe to.
+    pub policy: TopicPolicy,
     password_hash: Option<String>,
 }
 
@@ -36,6 +41,10 @@ pub enum AuthFailure {
     WrongPassword,
     /// The device has no password credential.
     NoPasswordCredential,
+    /// The device must present a client certificate and did not.
+    CertificateRequired,
+    /// The client certificate names a different device.
+    CertificateMismatch,
 }
 
 impl AuthFailure {
@@ -46,6 +55,8 @@ impl AuthFailure {
             AuthFailure::MissingPassword => "no password given",
             AuthFailure::WrongPassword => "wrong password",
             AuthFailure::NoPasswordCredential => "device has no password credential",
+            AuthFailure::CertificateRequired => "client certificate required",
+            AuthFailure::CertificateMismatch => "client certificate names another device",
         }
     }
 }
@@ -57,8 +68,8 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Build from validated configuration entries.
-    pub fn from_config(devices: &[DeviceConfig]) -> Self {
+    /// Build from validated configuration entries and the default policy.
+    pub fn from_config(devices: &[DeviceConfig], policy: &PolicyConfig) -> Self {
         let devices = devices
             .iter()
             .map(|d| {
@@ -66,6 +77,13 @@ impl Registry {
                     id: d.id.as_str().into(),
                     kind: d.kind.as_str().into(),
                     plugin: d.plugin().into(),
+                    auth: d.auth_mode(),
+                    policy: TopicPolicy::new(
+                        d.publish.as_ref().unwrap_or(&policy.publish),
+                        d.subscribe.as_ref().unwrap_or(&policy.subscribe),
+                        &d.id,
+                        &d.kind,
+                    ),
                     password_hash: d.password_hash.clone(),
                 });
                 (dev.id.clone(), dev)
@@ -89,26 +107,45 @@ impl Registry {
         self.devices.get(id).cloned()
     }
 
-    /// Check a password login. Blocking (argon2): call from `spawn_blocking`.
-    pub fn authenticate_password(
+    /// Authenticate a CONNECT. `cert_names` are the names of a verified client certificate
+    /// (`None` without one); `password` is the CONNECT's password. Blocking when a password is
+    /// checked (argon2): call from `spawn_blocking`.
+    pub fn authenticate(
         &self,
         client_id: &str,
+        cert_names: Option<&[String]>,
         password: Option<&[u8]>,
     ) -> Result<Arc<Device>, AuthFailure> {
-        let device = self.devices.get(client_id);
-        let hash = device.and_then(|d| d.password_hash.as_deref());
-        let Some(password) = password else {
-            return Err(match device {
-                None => AuthFailure::UnknownDevice,
-                Some(_) => AuthFailure::MissingPassword,
-            });
+        let Some(device) = self.devices.get(client_id) else {
+            if let Some(p) = password {
+                // Same cost as a real check, so timing does not reveal registered ids.
+                verify(dummy_hash(), p);
+            }
+            return Err(AuthFailure::UnknownDevice);
         };
-        let ok = verify(hash.unwrap_or_else(|| dummy_hash()), password);
-        match (device, hash) {
-            (None, _) => Err(AuthFailure::UnknownDevice),
-            (Some(_), None) => Err(AuthFailure::NoPasswordCredential),
-            (Some(d), Some(_)) if ok => Ok(d.clone()),
-            (Some(_), Some(_)) => Err(AuthFailure::WrongPassword),
+        let cert_ok = match cert_names {
+            Some(names) if names.iter().any(|n| n == client_id) => true,
+            Some(_) => return Err(AuthFailure::CertificateMismatch),
+            None => false,
+        };
+        let check_password = || -> Result<(), AuthFailure> {
+            let hash = device
+                .password_hash
+                .as_deref()
+                .ok_or(AuthFailure::NoPasswordCredential)?;
+            let password = password.ok_or(AuthFailure::MissingPassword)?;
+            if verify(hash, password) {
+                Ok(())
+            } else {
+                Err(AuthFailure::WrongPassword)
+            }
+        };
+        match device.auth {
+            AuthMode::Certificate if cert_ok => Ok(device.clone()),
+            AuthMode::Certificate | AuthMode::Both if !cert_ok => {
+                Err(AuthFailure::CertificateRequired)
+            }
+            _ => check_password().map(|()| device.clone()),
         }
     }
 }
@@ -193,34 +230,69 @@ mod tests {
     use super::*;
 
     fn registry() -> Registry {
-        Registry::from_config(&[DeviceConfig {
-            id: "pm-1".into(),
-            kind: "pacemaker".into(),
-            plugin: None,
-            password_hash: Some(hash_password_demo("secret")),
-            description: None,
-        }])
+        let mut cert = DeviceConfig::with_password("cert-1", "pacemaker", String::new());
+        cert.password_hash = None;
+        let mut both = DeviceConfig::with_password("both-1", "glucose", hash_password_demo("pw"));
+        both.auth = Some(AuthMode::Both);
+        Registry::from_config(
+            &[
+                DeviceConfig::with_password("pm-1", "pacemaker", hash_password_demo("secret")),
+                cert,
+                both,
+            ],
+            &PolicyConfig::default(),
+        )
     }
 
     #[test]
-    fn accepts_right_password_and_refuses_others() {
+    fn password_devices() {
         let r = registry();
         assert_eq!(
-            &*r.authenticate_password("pm-1", Some(b"secret")).unwrap().id,
+            &*r.authenticate("pm-1", None, Some(b"secret")).unwrap().id,
             "pm-1"
         );
         assert_eq!(
-            r.authenticate_password("pm-1", Some(b"wrong")).unwrap_err(),
+            r.authenticate("pm-1", None, Some(b"wrong")).unwrap_err(),
             AuthFailure::WrongPassword
         );
         assert_eq!(
-            r.authenticate_password("pm-2", Some(b"secret"))
-                .unwrap_err(),
+            r.authenticate("pm-2", None, Some(b"secret")).unwrap_err(),
             AuthFailure::UnknownDevice
         );
         assert_eq!(
-            r.authenticate_password("pm-1", None).unwrap_err(),
+            r.authenticate("pm-1", None, None).unwrap_err(),
             AuthFailure::MissingPassword
+        );
+    }
+
+    #[test]
+    fn certificate_devices() {
+        let r = registry();
+        let names = |n: &str| vec![n.to_owned()];
+        assert!(r
+            .authenticate("cert-1", Some(&names("cert-1")), None)
+            .is_ok());
+        assert_eq!(
+            r.authenticate("cert-1", None, Some(b"x")).unwrap_err(),
+            AuthFailure::CertificateRequired
+        );
+        assert_eq!(
+            r.authenticate("cert-1", Some(&names("pm-1")), None)
+                .unwrap_err(),
+            AuthFailure::CertificateMismatch
+        );
+        // `both` needs the certificate and the password.
+        assert!(r
+            .authenticate("both-1", Some(&names("both-1")), Some(b"pw"))
+            .is_ok());
+        assert_eq!(
+            r.authenticate("both-1", Some(&names("both-1")), Some(b"no"))
+                .unwrap_err(),
+            AuthFailure::WrongPassword
+        );
+        assert_eq!(
+            r.authenticate("both-1", None, Some(b"pw")).unwrap_err(),
+            AuthFailure::CertificateRequired
         );
     }
 

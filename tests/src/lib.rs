@@ -14,13 +14,7 @@ use wardgate::config::{Config, DeviceConfig};
 
 /// A registered test device.
 pub fn device(id: &str, kind: &str, password: &str) -> DeviceConfig {
-    DeviceConfig {
-        id: id.into(),
-        kind: kind.into(),
-        plugin: None,
-        password_hash: Some(wardgate::registry::hash_password_demo(password)),
-        description: None,
-    }
+    DeviceConfig::with_password(id, kind, wardgate::registry::hash_password_demo(password))
 }
 
 /// A configuration that binds only `127.0.0.1:0` and keeps state in `state_dir`.
@@ -233,4 +227,151 @@ pub fn plain_addr_from_status(msg: &str) -> Option<SocketAddr> {
         .trim_end_matches(';')
         .parse()
         .ok()
+}
+
+/// A broker plus one gatekeeper listener, built from the library's parts, whose pipeline end
+/// the test holds.
+pub struct Rig {
+    /// The device listener.
+    pub addr: SocketAddr,
+    /// The internal broker.
+    pub broker_addr: SocketAddr,
+    /// Readings, already confirmed (auto-confirm mode).
+    pub ingest: Option<tokio::sync::mpsc::UnboundedReceiver<wardgate::pipeline::Ingest>>,
+    /// The raw ingest channel: nothing is confirmed until the test does it (manual mode).
+    pub raw: Option<tokio::sync::mpsc::Receiver<wardgate::pipeline::Ingest>>,
+    /// The meters.
+    pub metering: wardgate::metering::Metering,
+    /// TLS state, to reload.
+    pub tls: Option<std::sync::Arc<wardgate::gatekeeper::TlsState>>,
+    task: tokio::task::JoinHandle<()>,
+    pump: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Rig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rig").field("addr", &self.addr).finish()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(p) = &self.pump {
+            p.abort();
+        }
+    }
+}
+
+/// How to build a [`Rig`].
+#[derive(Debug, Clone)]
+pub struct RigOptions {
+    /// Registered devices.
+    pub devices: Vec<DeviceConfig>,
+    /// TLS listener files; `None` for a plain listener.
+    pub tls: Option<wardgate::config::TlsListenerConfig>,
+    /// Connection limits.
+    pub limits: wardgate::config::LimitsConfig,
+    /// Accept limits.
+    pub accept: wardgate::gatekeeper::ListenerLimits,
+    /// Ingest channel capacity.
+    pub capacity: usize,
+    /// Confirm every reading as it arrives (false: the test holds `raw`).
+    pub auto_confirm: bool,
+}
+
+impl RigOptions {
+    /// Plain listener, default limits, auto-confirm.
+    pub fn new(devices: Vec<DeviceConfig>) -> Self {
+        Self {
+            devices,
+            tls: None,
+            limits: Default::default(),
+            accept: wardgate::gatekeeper::ListenerLimits {
+                connect_timeout: Duration::from_secs(2),
+                max_connections: 1024,
+                max_connections_per_address: 1024,
+            },
+            capacity: 64,
+            auto_confirm: true,
+        }
+    }
+}
+
+impl Rig {
+    /// Start the broker and the listener on `127.0.0.1:0`.
+    pub async fn start(o: RigOptions) -> Rig {
+        use wardgate::gatekeeper::{Gatekeeper, Shared, TlsState, Transport};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), o.devices.clone());
+        let broker = wardgate::broker::start(&cfg.broker, &o.limits)
+            .await
+            .expect("broker starts");
+        let (tx, rx) = tokio::sync::mpsc::channel(o.capacity);
+        let metering = wardgate::metering::Metering::new(Duration::from_secs(300), 4);
+        let tls = o
+            .tls
+            .as_ref()
+            .map(|t| std::sync::Arc::new(TlsState::new(t).expect("TLS material loads")));
+        let transport = match &tls {
+            Some(t) => Transport::Tls(t.clone()),
+            None => Transport::Plain,
+        };
+        let gk = Gatekeeper::bind(
+            if tls.is_some() { "tls" } else { "plain" },
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            transport,
+            o.accept.clone(),
+            Shared {
+                registry: wardgate::registry::SharedRegistry::new(
+                    wardgate::registry::Registry::from_config(&cfg.devices, &cfg.policy),
+                ),
+                broker: broker.clone(),
+                ingest: tx,
+                metering: metering.clone(),
+                limits: o.limits.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let addr = gk.local_addr().unwrap();
+        let task = tokio::spawn(gk.run(tokio_util::sync::CancellationToken::new()));
+        let (ingest, raw, pump) = if o.auto_confirm {
+            let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut rx = rx;
+            let pump = tokio::spawn(async move {
+                while let Some(mut m) = rx.recv().await {
+                    if let Some(a) = m.ack.take() {
+                        a.confirm();
+                    }
+                    let _ = seen_tx.send(m);
+                }
+            });
+            (Some(seen_rx), None, Some(pump))
+        } else {
+            (None, Some(rx), None)
+        };
+        Rig {
+            addr,
+            broker_addr: broker.addr(),
+            ingest,
+            raw,
+            metering,
+            tls,
+            task,
+            pump,
+            _dir: dir,
+        }
+    }
+
+    /// Next confirmed reading (auto-confirm mode).
+    pub async fn next_reading(&mut self, timeout: Duration) -> Option<wardgate::pipeline::Ingest> {
+        let rx = self.ingest.as_mut().expect("auto-confirm rig");
+        tokio::time::timeout(timeout, rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
 }

@@ -6,63 +6,23 @@ use rumqttc::{ConnectReturnCode, QoS};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-use wardgate::broker;
-use wardgate::config::Config;
-use wardgate::gatekeeper::{Gatekeeper, ListenerLimits};
-use wardgate::pipeline::{Ingest, Qos};
-use wardgate::registry::{Registry, SharedRegistry};
-use wardgate_tests::{connect, device, options, try_connect, ConnectOutcome};
+use wardgate::pipeline::Qos;
+use wardgate_tests::{connect, device, options, try_connect, ConnectOutcome, Rig, RigOptions};
 
-struct Rig {
-    addr: std::net::SocketAddr,
-    broker_addr: std::net::SocketAddr,
-    ingest: tokio::sync::mpsc::Receiver<Ingest>,
-    gatekeeper: tokio::task::JoinHandle<()>,
-    _state: tempfile::TempDir,
+/// A nurse-station style monitor may read every device's telemetry.
+fn monitor() -> wardgate::config::DeviceConfig {
+    let mut m = device("monitor-01", "monitor", "monitor-secret");
+    m.subscribe = Some(vec!["ward/+/telemetry".into(), "ward/+/alarm".into()]);
+    m
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.gatekeeper.abort();
-    }
-}
-
-/// Broker + one plain gatekeeper whose ingest channel the test reads directly.
 async fn rig() -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg: Config = wardgate_tests::config(
-        dir.path(),
-        vec![
-            device("pm-01", "pacemaker", "pm-secret"),
-            device("monitor-01", "monitor", "monitor-secret"),
-            device("raw-01", "generic", "raw-secret"),
-        ],
-    );
-    let b = broker::start(&cfg.broker).await.expect("broker starts");
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let gk = Gatekeeper::bind(
-        "plain",
-        cfg.listeners.plain.address,
-        ListenerLimits {
-            connect_timeout: Duration::from_secs(2),
-            max_connections: 64,
-        },
-        SharedRegistry::new(Registry::from_config(&cfg.devices)),
-        b.clone(),
-        tx,
-    )
+    Rig::start(RigOptions::new(vec![
+        device("pm-01", "pacemaker", "pm-secret"),
+        monitor(),
+        device("raw-01", "generic", "raw-secret"),
+    ]))
     .await
-    .unwrap();
-    let addr = gk.local_addr().unwrap();
-    let gatekeeper = tokio::spawn(gk.run(CancellationToken::new()));
-    Rig {
-        addr,
-        broker_addr: b.addr(),
-        ingest: rx,
-        gatekeeper,
-        _state: dir,
-    }
 }
 
 #[tokio::test]
@@ -82,7 +42,7 @@ async fn registered_device_publish_reaches_ingest_and_subscriber() {
         .await
         .unwrap();
 
-    let got = tokio::time::timeout(Duration::from_secs(5), rig.ingest.recv())
+    let got = tokio::time::timeout(Duration::from_secs(5), rig.ingest.as_mut().unwrap().recv())
         .await
         .expect("reading reaches the ingest point")
         .expect("channel open");
@@ -174,7 +134,7 @@ async fn closes_within(s: &mut TcpStream, timeout: Duration) -> bool {
 async fn random_bytes_close_only_that_connection() {
     let mut rig = rig().await;
     let mut monitor = connect(options(rig.addr, "monitor-01", "monitor-secret")).await;
-    monitor.subscribe("ward/pm-01/#").await;
+    monitor.subscribe("ward/+/telemetry").await;
     let pm = connect(options(rig.addr, "pm-01", "pm-secret")).await;
 
     let mut noise = vec![0u8; 1024];
@@ -220,7 +180,7 @@ async fn random_bytes_close_only_that_connection() {
         )
         .await
         .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), rig.ingest.recv())
+    let got = tokio::time::timeout(Duration::from_secs(5), rig.ingest.as_mut().unwrap().recv())
         .await
         .unwrap()
         .unwrap();

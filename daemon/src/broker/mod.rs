@@ -13,7 +13,7 @@
 //! What must stay true: the internal port is loopback-only (checked by config validation) and
 //! refuses any CONNECT without the secret; the secret never leaves the process.
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, LimitsConfig};
 use crate::mqtt;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet};
@@ -83,7 +83,7 @@ impl BrokerHandle {
 }
 
 /// Start rumqttd on its own threads and wait until it accepts the internal login.
-pub async fn start(cfg: &BrokerConfig) -> Result<BrokerHandle, BrokerError> {
+pub async fn start(cfg: &BrokerConfig, limits: &LimitsConfig) -> Result<BrokerHandle, BrokerError> {
     let addr = if cfg.address.port() == 0 {
         // rumqttd binds by itself and cannot report the port: find a free one and release it.
         let l = StdTcpListener::bind(cfg.address).map_err(BrokerError::PickPort)?;
@@ -97,12 +97,12 @@ pub async fn start(cfg: &BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
     };
-    let max_frame_bytes = cfg.max_payload_bytes + FRAME_OVERHEAD_BYTES;
+    let max_frame_bytes = limits.max_payload_bytes + FRAME_OVERHEAD_BYTES;
 
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 5_000,
         max_payload_size: max_frame_bytes,
-        max_inflight_count: cfg.max_inflight,
+        max_inflight_count: limits.max_inflight,
         auth: Some(HashMap::from([(INTERNAL_USER.to_owned(), secret.clone())])),
         external_auth: None,
         dynamic_filters: true,

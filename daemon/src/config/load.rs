@@ -23,6 +23,9 @@ const ENV_PREFIX: &str = "WARDGATE_";
 const SECTIONS: &[&str] = &[
     "gateway",
     "listeners",
+    "limits",
+    "policy",
+    "metering",
     "broker",
     "devices",
     "upstream",
@@ -121,7 +124,13 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigErrors> {
     let mut errors = Vec::new();
     let files = collect_files(opts, &mut errors);
 
-    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    // Arrays are concatenated across layers (so drop-ins can add devices), which would append
+    // a user's policy lists to the built-in ones: the defaults layer carries empty policy lists
+    // and the built-in lists are filled in after extraction when no file or variable set them.
+    let mut defaults = Config::default();
+    defaults.policy.publish.clear();
+    defaults.policy.subscribe.clear();
+    let mut fig = Figment::from(Serialized::defaults(defaults));
     let mut used = Vec::new();
     for file in files {
         // Parse each file on its own first so one broken file is reported precisely and
@@ -152,7 +161,22 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigErrors> {
     // Sections that failed to extract keep their defaults, so validating the rest is safe and
     // reports its problems in the same run.
     let mut devices = Vec::new();
-    let config = extract(&fig, &mut devices, &mut errors);
+    let mut config = extract(&fig, &mut devices, &mut errors);
+    if let Some(c) = &mut config {
+        let built_in = super::PolicyConfig::default();
+        if matches!(
+            source_of_key(&fig, "policy.publish"),
+            None | Some(Source::Default)
+        ) {
+            c.policy.publish = built_in.publish;
+        }
+        if matches!(
+            source_of_key(&fig, "policy.subscribe"),
+            None | Some(Source::Default)
+        ) {
+            c.policy.subscribe = built_in.subscribe;
+        }
+    }
     if let Some(config) = &config {
         let positions: Vec<usize> = devices.iter().map(|(pos, _)| *pos).collect();
         let source_of = |key: &str| match device_index(key) {
@@ -273,6 +297,9 @@ fn extract(
     let mut config = Config::default();
     section(fig, "gateway", &mut config.gateway, errors);
     section(fig, "listeners", &mut config.listeners, errors);
+    section(fig, "limits", &mut config.limits, errors);
+    section(fig, "policy", &mut config.policy, errors);
+    section(fig, "metering", &mut config.metering, errors);
     section(fig, "broker", &mut config.broker, errors);
     section(fig, "upstream", &mut config.upstream, errors);
     section(fig, "log", &mut config.log, errors);

@@ -42,6 +42,12 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Device-facing listeners (the gatekeeper).
     pub listeners: ListenersConfig,
+    /// Per-connection limits the gatekeeper enforces.
+    pub limits: LimitsConfig,
+    /// Default topic policy (per-device entries may replace it).
+    pub policy: PolicyConfig,
+    /// Per-device traffic metering.
+    pub metering: MeteringConfig,
     /// The embedded MQTT broker behind the gatekeeper.
     pub broker: BrokerConfig,
     /// The device registry: who may connect, and what kind of device it is.
@@ -80,21 +86,156 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenersConfig {
-    /// Plain-TCP MQTT listener for devices that authenticate with a password.
+    /// Plain-TCP MQTT listener for legacy devices that authenticate with a password.
     pub plain: PlainListenerConfig,
-    /// Time a new connection has to send its MQTT CONNECT before it is closed.
+    /// TLS listener: mutual TLS for devices with certificates, or TLS + password.
+    pub tls: TlsListenerConfig,
+    /// Time a new connection has to finish its TLS handshake and send its MQTT CONNECT.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Most device connections open at once on one listener; more are closed on accept.
     pub max_connections: usize,
+    /// Most connections open at once from one source address, per listener.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for ListenersConfig {
     fn default() -> Self {
         Self {
             plain: PlainListenerConfig::default(),
+            tls: TlsListenerConfig::default(),
             connect_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_connections_per_address: 64,
+        }
+    }
+}
+
+/// `[listeners.tls]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsListenerConfig {
+    /// Whether the TLS listener runs.
+    pub enabled: bool,
+    /// Address and port to listen on.
+    pub address: SocketAddr,
+    /// The gateway's server certificate chain (PEM, leaf first).
+    pub cert_file: PathBuf,
+    /// The server certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// The ward CA bundle (PEM): every CA in it may sign device certificates.
+    pub ca_file: PathBuf,
+    /// Certificate revocation lists (PEM, one or more) of the ward CAs; optional.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crl_file: Option<PathBuf>,
+    /// Lowest TLS version accepted: "1.2" or "1.3".
+    pub min_version: TlsVersion,
+}
+
+impl Default for TlsListenerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            address: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            cert_file: PathBuf::from("/etc/wardgate/tls/server.crt"),
+            key_file: PathBuf::from("/etc/wardgate/tls/server.key"),
+            ca_file: PathBuf::from("/etc/wardgate/tls/ward-ca.crt"),
+            crl_file: None,
+            min_version: TlsVersion::V1_2,
+        }
+    }
+}
+
+/// Lowest accepted TLS protocol version.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// `[limits]`: what one device connection may do; each breach closes that connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest PUBLISH payload, in bytes (AWS IoT Core: 128 KiB).
+    pub max_payload_bytes: usize,
+    /// Longest topic, in bytes of UTF-8 (AWS IoT Core: 256).
+    pub max_topic_bytes: usize,
+    /// Most topic levels (AWS IoT Core: 8, i.e. 7 slashes).
+    pub max_topic_levels: usize,
+    /// Unacknowledged QoS 1 publishes a device may have outstanding (AWS IoT Core: 100).
+    pub max_inflight: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 128 * 1024,
+            max_topic_bytes: 256,
+            max_topic_levels: 8,
+            max_inflight: 100,
+        }
+    }
+}
+
+/// `[policy]`: topics a device may publish to and filters it may subscribe to, unless its own
+/// `[[devices]]` entry says otherwise. `${device}` and `${kind}` are replaced by the device's id
+/// and kind. Deny by default: anything not matched is refused. `$SYS/...` is never reachable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Topic filters (with `+`/`#`) a device may PUBLISH to.
+    pub publish: Vec<String>,
+    /// Topic filters a device's SUBSCRIBE filters must fall within.
+    pub subscribe: Vec<String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            publish: vec![
+                "ward/${device}/telemetry".into(),
+                "ward/${device}/alarm".into(),
+                "$aws/things/${device}/shadow/update".into(),
+                "$aws/things/${device}/shadow/get".into(),
+                "$aws/things/${device}/shadow/delete".into(),
+                "$aws/things/${device}/shadow/name/+/update".into(),
+                "$aws/things/${device}/shadow/name/+/get".into(),
+                "$aws/things/${device}/shadow/name/+/delete".into(),
+            ],
+            subscribe: vec![
+                "ward/${device}/#".into(),
+                "$aws/things/${device}/shadow/#".into(),
+            ],
+        }
+    }
+}
+
+/// `[metering]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    /// Length of one metering window (AWS Device Defender evaluates 5-minute windows).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Completed windows kept per device.
+    pub windows_kept: usize,
+    /// How often the status file (`<state_dir>/status.json`) is rewritten.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(300),
+            windows_kept: 12,
+            status_interval: Duration::from_secs(5),
         }
     }
 }
@@ -127,10 +268,6 @@ pub struct BrokerConfig {
     pub address: SocketAddr,
     /// Most connections the broker accepts (the gatekeeper opens one per device).
     pub max_connections: usize,
-    /// Largest MQTT payload accepted, in bytes (AWS IoT Core: 128 KB).
-    pub max_payload_bytes: usize,
-    /// Unacknowledged QoS 1 messages per connection.
-    pub max_inflight: usize,
     /// Size of one in-memory log segment per filter, in bytes.
     pub max_segment_bytes: usize,
     /// Segments kept per filter before the oldest is dropped.
@@ -144,8 +281,6 @@ impl Default for BrokerConfig {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 18830)),
             max_connections: 512,
-            max_payload_bytes: 128 * 1024,
-            max_inflight: 100,
             max_segment_bytes: 1024 * 1024,
             max_segment_count: 4,
             max_outgoing_packets: 200,
@@ -164,20 +299,66 @@ pub struct DeviceConfig {
     /// Plugin that normalises this device's payloads; defaults to the kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin: Option<String>,
+    /// How the device proves who it is. Default: `password` when `password_hash` is set,
+    /// `certificate` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthMode>,
     /// Argon2 hash (PHC string) of the device's MQTT password; make one with
     /// `wardgate hash-password`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<String>,
+    /// Topics this device may publish to, replacing `[policy] publish`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+    /// Filters this device may subscribe within, replacing `[policy] subscribe`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<Vec<String>>,
     /// Free text for operators (room, bed, serial number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
 
 impl DeviceConfig {
+    /// A device entry with just an id, a kind and a password hash.
+    pub fn with_password(id: &str, kind: &str, password_hash: String) -> Self {
+        Self {
+            id: id.into(),
+            kind: kind.into(),
+            plugin: None,
+            auth: None,
+            password_hash: Some(password_hash),
+            publish: None,
+            subscribe: None,
+            description: None,
+        }
+    }
+
     /// The plugin this device's payloads go through.
     pub fn plugin(&self) -> &str {
         self.plugin.as_deref().unwrap_or(&self.kind)
     }
+
+    /// How the device authenticates (explicit, or derived from its credentials).
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth.unwrap_or(if self.password_hash.is_some() {
+            AuthMode::Password
+        } else {
+            AuthMode::Certificate
+        })
+    }
+}
+
+/// How a device proves its identity.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A client certificate from the ward CA whose CN (or a SAN) is the device id; TLS listener
+    /// only.
+    Certificate,
+    /// Client id + password (plain listener, or TLS without a client certificate).
+    Password,
+    /// Both a certificate and the password.
+    Both,
 }
 
 /// `[upstream]`: AWS IoT Core over mutual TLS.

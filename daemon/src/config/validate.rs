@@ -2,7 +2,8 @@
 //! Every check runs; every failure is reported with its key and source.
 
 use super::load::{ConfigError, Source};
-use super::Config;
+use super::{AuthMode, Config};
+use crate::gatekeeper::policy::{filter_syntax, unknown_variable};
 use std::collections::HashMap;
 
 /// AWS IoT Core's largest MQTT payload.
@@ -26,6 +27,23 @@ pub fn valid_kind_name(s: &str) -> bool {
 
 /// `positions[i]` is the index that `c.devices[i]` had in the combined `[[devices]]` list
 /// (entries that failed to parse are left out of `c.devices` but keep their numbers in messages).
+fn check_patterns(key: &str, patterns: &[String], err: &mut impl FnMut(&str, String)) {
+    for (i, p) in patterns.iter().enumerate() {
+        let at = format!("{key}[{i}]");
+        if let Some(v) = unknown_variable(p) {
+            err(
+                &at,
+                format!("`{p}` uses `${{{v}}}`; only `${{device}}` and `${{kind}}` are known"),
+            );
+        } else if p.is_empty() || filter_syntax(p).is_err() {
+            err(
+                &at,
+                format!("`{p}` is not a valid MQTT topic filter (`#` only last and alone, `+` alone in its level)"),
+            );
+        }
+    }
+}
+
 pub(super) fn validate(
     c: &Config,
     positions: &[usize],
@@ -95,29 +113,94 @@ pub(super) fn validate(
             ),
         );
     }
-    if c.broker.max_payload_bytes == 0 || c.broker.max_payload_bytes > IOT_CORE_MAX_PAYLOAD_BYTES {
+    let l = &c.limits;
+    if l.max_payload_bytes == 0 || l.max_payload_bytes > IOT_CORE_MAX_PAYLOAD_BYTES {
         err(
-            "broker.max_payload_bytes",
+            "limits.max_payload_bytes",
             format!(
                 "{} is out of range: use 1 to {IOT_CORE_MAX_PAYLOAD_BYTES} (AWS IoT Core's limit)",
-                c.broker.max_payload_bytes
+                l.max_payload_bytes
             ),
         );
     }
-    if c.broker.max_segment_bytes < c.broker.max_payload_bytes {
+    if !(1..=65_535).contains(&l.max_topic_bytes) {
+        err(
+            "limits.max_topic_bytes",
+            "must be between 1 and 65535".into(),
+        );
+    }
+    if l.max_topic_levels == 0 {
+        err("limits.max_topic_levels", "must be at least 1".into());
+    }
+    if !(1..=u16::MAX as usize).contains(&l.max_inflight) {
+        err("limits.max_inflight", "must be between 1 and 65535".into());
+    }
+    if c.broker.max_segment_bytes < l.max_payload_bytes {
         err(
             "broker.max_segment_bytes",
             format!(
-                "{} is smaller than broker.max_payload_bytes ({}): one segment must hold the largest message",
-                c.broker.max_segment_bytes, c.broker.max_payload_bytes
+                "{} is smaller than limits.max_payload_bytes ({}): one segment must hold the largest message",
+                c.broker.max_segment_bytes, l.max_payload_bytes
             ),
         );
     }
+    if c.listeners.max_connections_per_address == 0 {
+        err(
+            "listeners.max_connections_per_address",
+            "must be at least 1".into(),
+        );
+    }
+    if c.metering.window.as_secs() == 0 {
+        err("metering.window", "must be at least 1s, e.g. \"5m\"".into());
+    }
+    if c.metering.status_interval.is_zero() {
+        err(
+            "metering.status_interval",
+            "must be longer than 0s, e.g. \"5s\"".into(),
+        );
+    }
+    let tls = &c.listeners.tls;
+    if tls.enabled {
+        let files = [
+            ("listeners.tls.cert_file", Some(&tls.cert_file)),
+            ("listeners.tls.key_file", Some(&tls.key_file)),
+            ("listeners.tls.ca_file", Some(&tls.ca_file)),
+            ("listeners.tls.crl_file", tls.crl_file.as_ref()),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    err(
+                        key,
+                        format!(
+                            "{} does not exist or is not a file (see README, \"Certificates for a ward\")",
+                            path.display()
+                        ),
+                    );
+                }
+            }
+        }
+        if c.listeners.plain.enabled
+            && tls.address.port() == c.listeners.plain.address.port()
+            && tls.address.port() != 0
+        {
+            err(
+                "listeners.tls.address",
+                format!(
+                    "port {} is also the plain listener's port",
+                    tls.address.port()
+                ),
+            );
+        }
+    }
+    for (key, patterns) in [
+        ("policy.publish", &c.policy.publish),
+        ("policy.subscribe", &c.policy.subscribe),
+    ] {
+        check_patterns(key, patterns, &mut err);
+    }
     if c.broker.max_segment_count == 0 {
         err("broker.max_segment_count", "must be at least 1".into());
-    }
-    if !(1..=u16::MAX as usize).contains(&c.broker.max_inflight) {
-        err("broker.max_inflight", "must be between 1 and 65535".into());
     }
     if c.broker.max_connections == 0 {
         err("broker.max_connections", "must be at least 1".into());
@@ -167,20 +250,38 @@ pub(super) fn validate(
                 );
             }
         }
+        let mode = d.auth_mode();
         match &d.password_hash {
-            None => err(
+            None if mode != AuthMode::Certificate => err(
                 &at("password_hash"),
                 format!(
-                    "device `{}` has no credential: set `password_hash` (make one with \
-                     `wardgate hash-password`)",
+                    "device `{}` authenticates with a password but has no `password_hash` \
+                     (make one with `wardgate hash-password`)",
                     d.id
                 ),
             ),
+            None => {}
             Some(h) => {
                 if let Err(e) = crate::registry::check_password_hash(h) {
                     err(&at("password_hash"), e);
                 }
             }
+        }
+        if mode != AuthMode::Password && !c.listeners.tls.enabled {
+            err(
+                &at("auth"),
+                format!(
+                    "device `{}` needs a client certificate, but the TLS listener is disabled \
+                     (listeners.tls.enabled)",
+                    d.id
+                ),
+            );
+        }
+        if let Some(p) = &d.publish {
+            check_patterns(&at("publish"), p, &mut err);
+        }
+        if let Some(p) = &d.subscribe {
+            check_patterns(&at("subscribe"), p, &mut err);
         }
     }
 

@@ -1,20 +1,36 @@
-//! One device connection: CONNECT, authentication, then the two-way relay to the broker.
+//! One device connection: TLS handshake, CONNECT, authentication, then the two-way relay.
 //!
-//! A single task owns both sockets and `select!`s between them, so the order of packets in each
-//! direction is kept and there is one place that decides when the connection ends.
+//! A single task owns both sockets and `select!`s between the device, the broker, the
+//! pipeline's confirmations and the keep-alive timer, so there is one place that decides when
+//! the connection ends and why.
+//!
+//! PUBACK rule: a device's QoS 1 PUBLISH is answered only when (a) the pipeline confirmed the
+//! reading and (b) the broker acknowledged the relayed copy (so local subscribers have it too
+//! and the packet id is free again on the broker link). The broker's own PUBACKs for relayed
+//! publishes are therefore consumed here, never forwarded.
 
-use super::Context;
+use super::policy::{check_filter, check_topic};
+use super::tls::certificate_names;
+use super::{Context, Transport};
+use crate::metering::{DeviceMeter, GatewayCounters};
 use crate::mqtt::{self, FrameError};
-use crate::pipeline::{Ingest, Qos};
+use crate::pipeline::{Ack, Ingest, Qos};
 use crate::registry::Device;
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, SubAck, Subscribe, SubscribeReasonCode,
+};
 use rumqttc::mqttbytes::{self, Protocol, QoS};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How long the internal broker has to answer the relayed CONNECT.
@@ -28,66 +44,114 @@ enum End {
     DeviceClosed,
     DeviceError(FrameError),
     DeviceWrite(std::io::Error),
-    Violation(&'static str),
+    /// A limit or protocol rule was broken; `.1` says how.
+    Violation(&'static str, String),
+    /// The device published where its policy forbids.
+    Forbidden(String),
     BrokerClosed,
     BrokerError(FrameError),
     BrokerWrite(std::io::Error),
     PipelineClosed,
 }
 
-/// Serve one accepted TCP connection to its end. Never panics, never affects other connections.
-pub(super) async fn serve(
-    mut device: TcpStream,
+/// Take over an accepted TCP connection: TLS handshake if the listener has TLS, then serve.
+pub(super) async fn accept(
+    stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<Context>,
     stop: CancellationToken,
 ) {
-    let _ = device.set_nodelay(true);
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + ctx.accept_limits.connect_timeout;
+    match &ctx.transport {
+        Transport::Plain => serve(stream, peer, None, &ctx, &stop, deadline).await,
+        Transport::Tls(state) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(state.current());
+            let handshake = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
+            };
+            let counters = ctx.shared.metering.gateway();
+            match handshake {
+                Ok(Ok(tls)) => {
+                    let names = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(certificate_names);
+                    serve(tls, peer, names, &ctx, &stop, deadline).await
+                }
+                Ok(Err(e)) => {
+                    GatewayCounters::bump(&counters.tls_handshake_failures);
+                    log::warn!(
+                        listener = ctx.listener, peer:% = peer, error:% = e;
+                        "TLS handshake failed: {e}"
+                    );
+                }
+                Err(_) => {
+                    GatewayCounters::bump(&counters.tls_handshake_failures);
+                    log::warn!(
+                        listener = ctx.listener, peer:% = peer, rule = "connect_timeout";
+                        "TLS handshake not finished within {:?}", ctx.accept_limits.connect_timeout
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Serve one connection to its end. Never panics, never affects other connections.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    mut device: S,
+    peer: SocketAddr,
+    cert_names: Option<Vec<String>>,
+    ctx: &Context,
+    stop: &CancellationToken,
+    deadline: Instant,
+) {
     let listener = ctx.listener;
-    let max = ctx.broker.max_frame_bytes();
+    let max = ctx.shared.broker.max_frame_bytes();
+    let counters = ctx.shared.metering.gateway();
     let mut dbuf = BytesMut::with_capacity(1024);
 
     let first = tokio::select! {
         _ = stop.cancelled() => return,
-        r = tokio::time::timeout(
-            ctx.limits.connect_timeout,
-            mqtt::read_packet(&mut device, &mut dbuf, max),
-        ) => r,
+        r = tokio::time::timeout_at(deadline, mqtt::read_packet(&mut device, &mut dbuf, max)) => r,
     };
     let connect = match first {
-        Err(_) => {
-            log::warn!(
-                listener = listener, peer:% = peer, rule = "connect_timeout";
-                "closing connection: no MQTT CONNECT within {:?}", ctx.limits.connect_timeout
-            );
-            return;
-        }
-        Ok(Ok(None)) => return,
         Ok(Ok(Some(Packet::Connect(c)))) if c.protocol == Protocol::V4 => c,
-        Ok(Ok(Some(Packet::Connect(_)))) => {
+        Ok(Ok(Some(Packet::Connect(_))))
+        | Ok(Err(FrameError::Malformed(mqttbytes::Error::InvalidProtocolLevel(_)))) => {
             log::warn!(
-                listener = listener, peer:% = peer, protocol_level = 5;
+                listener = listener, peer:% = peer, rule = "protocol_version";
                 "connection refused: only MQTT 3.1.1 (protocol level 4) is supported"
             );
             let _ = refuse(&mut device, ConnectReturnCode::RefusedProtocolVersion, max).await;
             return;
         }
+        Err(_) => {
+            GatewayCounters::bump(&counters.connections_closed_before_connect);
+            log::warn!(
+                listener = listener, peer:% = peer, rule = "connect_timeout";
+                "closing connection: no MQTT CONNECT within {:?}", ctx.accept_limits.connect_timeout
+            );
+            return;
+        }
+        Ok(Ok(None)) => {
+            GatewayCounters::bump(&counters.connections_closed_before_connect);
+            return;
+        }
         Ok(Ok(Some(other))) => {
+            GatewayCounters::bump(&counters.connections_closed_before_connect);
             log::warn!(
                 listener = listener, peer:% = peer, packet = packet_name(&other);
                 "closing connection: first packet was not CONNECT"
             );
             return;
         }
-        Ok(Err(FrameError::Malformed(mqttbytes::Error::InvalidProtocolLevel(level)))) => {
-            log::warn!(
-                listener = listener, peer:% = peer, protocol_level = level;
-                "connection refused: only MQTT 3.1.1 (protocol level 4) is supported"
-            );
-            let _ = refuse(&mut device, ConnectReturnCode::RefusedProtocolVersion, max).await;
-            return;
-        }
         Ok(Err(e)) => {
+            GatewayCounters::bump(&counters.connections_closed_before_connect);
             log::warn!(
                 listener = listener, peer:% = peer, error:% = e;
                 "closing connection: malformed data instead of CONNECT"
@@ -96,19 +160,34 @@ pub(super) async fn serve(
         }
     };
 
-    let registry = ctx.registry.snapshot();
+    let registry = ctx.shared.registry.snapshot();
+    let meter = registry
+        .get(&connect.client_id)
+        .map(|d| ctx.shared.metering.device(&d.id));
+    match &meter {
+        Some(m) => m.connection_attempt(peer),
+        None => GatewayCounters::bump(&counters.unknown_device_attempts),
+    }
     let client_id = connect.client_id.clone();
     let password = connect.login.as_ref().map(|l| l.password.clone());
+    let names = cert_names.clone();
     let auth = tokio::task::spawn_blocking(move || {
-        registry.authenticate_password(&client_id, password.as_deref().map(str::as_bytes))
+        registry.authenticate(
+            &client_id,
+            names.as_deref(),
+            password.as_deref().map(str::as_bytes),
+        )
     })
     .await;
     let dev = match auth {
         Ok(Ok(d)) => d,
         Ok(Err(why)) => {
+            if let Some(m) = &meter {
+                m.connection_failed();
+            }
             log::warn!(
                 listener = listener, device_id:% = connect.client_id, peer:% = peer,
-                reason = why.reason();
+                reason = why.reason(), certificate:? = cert_names;
                 "connection refused: {}", why.reason()
             );
             let _ = refuse(&mut device, ConnectReturnCode::NotAuthorized, max).await;
@@ -120,10 +199,13 @@ pub(super) async fn serve(
             return;
         }
     };
+    // Registered devices always have a meter.
+    let meter = meter.unwrap_or_else(|| ctx.shared.metering.device(&dev.id));
 
-    let (broker, ack) = match open_broker_link(&ctx, &connect).await {
+    let (broker, ack) = match open_broker_link(ctx, &connect).await {
         Ok(x) => x,
         Err(e) => {
+            meter.connection_failed();
             log::error!(
                 listener = listener, device_id:% = dev.id, peer:% = peer, error:% = e;
                 "internal broker refused the relayed connection; device turned away"
@@ -132,163 +214,395 @@ pub(super) async fn serve(
             return;
         }
     };
-    if let Err(e) = mqtt::write_packet(&mut device, &Packet::ConnAck(ack), max).await {
+    if let Err(e) = write(&mut device, &Packet::ConnAck(ack), max, &meter).await {
+        meter.connection_failed();
         log::debug!(device_id:% = dev.id, peer:% = peer, error:% = e; "device left before CONNACK");
         return;
     }
+    meter.connected(peer, listener);
     log::info!(
         listener = listener, device_id:% = dev.id, kind:% = dev.kind, peer:% = peer,
+        auth = if cert_names.is_some() { "certificate" } else { "password" },
         clean_session = connect.clean_session, keep_alive_s = connect.keep_alive;
         "device connected"
     );
 
-    let mut stats = RelayStats::default();
-    let end = relay(&ctx, &dev, device, dbuf, broker, &stop, &mut stats).await;
-    let fields = (listener, dev.id.clone(), peer);
-    match &end {
+    let relay = Relay {
+        ctx,
+        dev: &dev,
+        meter: &meter,
+        max,
+        keep_alive: Duration::from_secs(u64::from(broker_keep_alive(connect.keep_alive))) * 3 / 2,
+    };
+    let end = relay.run(device, dbuf, broker, stop).await;
+    meter.disconnected();
+    log_end(listener, &dev, peer, &end);
+}
+
+fn log_end(listener: &'static str, dev: &Device, peer: SocketAddr, end: &End) {
+    let id = &dev.id;
+    match end {
         End::Shutdown => log::info!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2;
+            listener = listener, device_id:% = id, peer:% = peer;
             "device connection closed: gateway stopping"
         ),
         End::DeviceDisconnected | End::DeviceClosed => log::info!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2,
-            messages_in = stats.publishes_in, bytes_in = stats.bytes_in,
+            listener = listener, device_id:% = id, peer:% = peer,
             clean = matches!(end, End::DeviceDisconnected);
             "device disconnected"
         ),
-        End::Violation(rule) => log::warn!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2, rule = *rule;
-            "device disconnected: protocol violation ({rule})"
+        End::Violation(rule, detail) => log::warn!(
+            listener = listener, device_id:% = id, peer:% = peer, rule = *rule;
+            "device disconnected: limit broken ({rule}): {detail}"
+        ),
+        End::Forbidden(topic) => log::warn!(
+            listener = listener, device_id:% = id, peer:% = peer, rule = "policy_publish",
+            topic:% = topic;
+            "device disconnected: publish to `{topic}` is not allowed by its policy"
         ),
         End::DeviceError(e) => log::warn!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2, error:% = e;
+            listener = listener, device_id:% = id, peer:% = peer, error:% = e;
             "device disconnected: {e}"
         ),
         End::DeviceWrite(e) => log::info!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2, error:% = e;
+            listener = listener, device_id:% = id, peer:% = peer, error:% = e;
             "device disconnected: write failed"
         ),
         End::BrokerClosed => log::warn!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2;
-            "device disconnected: internal broker closed the relay (keep-alive expired or \
-             the same device id connected again)"
+            listener = listener, device_id:% = id, peer:% = peer;
+            "device disconnected: internal broker closed the relay (the same device id \
+             connected again, or the broker dropped a slow subscriber)"
         ),
         End::BrokerError(e) => log::warn!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2, error:% = e;
+            listener = listener, device_id:% = id, peer:% = peer, error:% = e;
             "device disconnected: unreadable data from the internal broker"
         ),
         End::BrokerWrite(e) => log::warn!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2, error:% = e;
+            listener = listener, device_id:% = id, peer:% = peer, error:% = e;
             "device disconnected: relay to the internal broker failed"
         ),
         End::PipelineClosed => log::warn!(
-            listener = fields.0, device_id:% = fields.1, peer:% = fields.2;
+            listener = listener, device_id:% = id, peer:% = peer;
             "device disconnected: pipeline is stopping"
         ),
     }
 }
 
-#[derive(Debug, Default)]
-struct RelayStats {
-    publishes_in: u64,
-    bytes_in: u64,
+type Confirmation = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
+
+struct Relay<'a> {
+    ctx: &'a Context,
+    dev: &'a Arc<Device>,
+    meter: &'a DeviceMeter,
+    max: usize,
+    keep_alive: Duration,
 }
 
-/// Relay packets both ways until one side ends.
-async fn relay(
-    ctx: &Context,
-    dev: &Arc<Device>,
-    device: TcpStream,
-    mut dbuf: BytesMut,
-    broker: TcpStream,
-    stop: &CancellationToken,
-    stats: &mut RelayStats,
-) -> End {
-    let max = ctx.broker.max_frame_bytes();
-    let (mut dr, mut dw) = device.into_split();
-    let (mut br, mut bw) = broker.into_split();
-    let mut bbuf = BytesMut::with_capacity(4096);
-    let mut out = BytesMut::with_capacity(4096);
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return End::Shutdown,
-            r = mqtt::read_packet(&mut dr, &mut dbuf, max) => {
-                let packet = match r {
-                    Ok(Some(p)) => p,
-                    Ok(None) => return End::DeviceClosed,
-                    Err(e) => return End::DeviceError(e),
-                };
-                let packet = match packet {
-                    Packet::Publish(p) => {
-                        let qos = match p.qos {
-                            QoS::AtMostOnce => Qos::AtMostOnce,
-                            QoS::AtLeastOnce => Qos::AtLeastOnce,
-                            QoS::ExactlyOnce => return End::Violation("qos2_not_supported"),
-                        };
-                        stats.publishes_in += 1;
-                        stats.bytes_in += p.payload.len() as u64;
-                        let ingest = Ingest {
-                            device: dev.clone(),
-                            topic: p.topic.clone(),
-                            payload: p.payload.clone(),
-                            received_at: SystemTime::now(),
-                            qos,
-                            pkid: p.pkid,
-                        };
-                        // Full channel: wait, and stop reading from this device meanwhile.
-                        tokio::select! {
-                            r = ctx.ingest.send(ingest) => if r.is_err() { return End::PipelineClosed },
-                            _ = stop.cancelled() => return End::Shutdown,
-                        }
-                        Packet::Publish(p)
+/// QoS 1 publishes of this connection whose PUBACK is not yet sent.
+#[derive(Default)]
+struct Inflight {
+    /// Pipeline confirmations, in arrival order.
+    confirmations: FuturesOrdered<Confirmation>,
+    /// Packet ids the pipeline confirmed, waiting for the broker's PUBACK.
+    confirmed: HashSet<u16>,
+    /// Packet ids the broker acknowledged, waiting for the pipeline.
+    broker_acked: HashSet<u16>,
+    /// Every packet id not yet acknowledged to the device.
+    open: HashSet<u16>,
+}
+
+impl Relay<'_> {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        device: S,
+        mut dbuf: BytesMut,
+        broker: TcpStream,
+        stop: &CancellationToken,
+    ) -> End {
+        let max = self.max;
+        let (mut dr, mut dw) = tokio::io::split(device);
+        let (mut br, mut bw) = broker.into_split();
+        let mut bbuf = BytesMut::with_capacity(4096);
+        let mut inflight = Inflight::default();
+        // Filters refused per SUBSCRIBE packet id, to merge into the broker's SUBACK.
+        let mut sub_masks: HashMap<u16, Vec<bool>> = HashMap::new();
+        let keep_alive = tokio::time::sleep(self.keep_alive);
+        tokio::pin!(keep_alive);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return End::Shutdown,
+                Some((pkid, ok)) = inflight.confirmations.next(), if !inflight.confirmations.is_empty() => {
+                    if !ok {
+                        return End::PipelineClosed;
                     }
-                    Packet::Subscribe(mut s) => {
-                        // IoT Core semantics: QoS 2 is granted as QoS 1.
-                        for f in &mut s.filters {
-                            if f.qos == QoS::ExactlyOnce {
-                                f.qos = QoS::AtLeastOnce;
+                    if inflight.broker_acked.remove(&pkid) {
+                        inflight.open.remove(&pkid);
+                        if let Err(e) = write(&mut dw, &Packet::PubAck(PubAck::new(pkid)), max, self.meter).await {
+                            return End::DeviceWrite(e);
+                        }
+                    } else {
+                        inflight.confirmed.insert(pkid);
+                    }
+                }
+                _ = &mut keep_alive => {
+                    return End::Violation(
+                        "keep_alive",
+                        format!("nothing received for {:?} (1.5 × keep-alive)", self.keep_alive),
+                    );
+                }
+                r = mqtt::read_packet(&mut dr, &mut dbuf, max) => {
+                    let packet = match r {
+                        Ok(Some(p)) => p,
+                        Ok(None) => return End::DeviceClosed,
+                        Err(FrameError::Malformed(mqttbytes::Error::PayloadSizeLimitExceeded(n))) => {
+                            return End::Violation(
+                                "max_payload_bytes",
+                                format!("packet of {n} bytes; the limit is {} bytes of payload", self.ctx.shared.limits.max_payload_bytes),
+                            );
+                        }
+                        Err(e) => return End::DeviceError(e),
+                    };
+                    keep_alive.as_mut().reset(Instant::now() + self.keep_alive);
+                    self.meter.bytes_in(packet.size());
+                    let forward = match self.on_device_packet(packet, &mut inflight, &mut sub_masks, &mut dw).await {
+                        Ok(Some(p)) => p,
+                        Ok(None) => continue,
+                        Err(end) => {
+                            if matches!(end, End::DeviceDisconnected) {
+                                let _ = mqtt::write_packet(&mut bw, &Packet::Disconnect, max).await;
+                            }
+                            return end;
+                        }
+                    };
+                    if let Err(e) = mqtt::write_packet(&mut bw, &forward, max).await {
+                        return End::BrokerWrite(e);
+                    }
+                }
+                r = mqtt::read_packet(&mut br, &mut bbuf, max) => {
+                    let packet = match r {
+                        Ok(Some(p)) => p,
+                        Ok(None) => return End::BrokerClosed,
+                        Err(e) => return End::BrokerError(e),
+                    };
+                    let packet = match packet {
+                        Packet::PubAck(a) => {
+                            // The broker has the relayed copy; PUBACK the device if the
+                            // pipeline confirmed too.
+                            if inflight.confirmed.remove(&a.pkid) {
+                                inflight.open.remove(&a.pkid);
+                                Packet::PubAck(a)
+                            } else {
+                                if inflight.open.contains(&a.pkid) {
+                                    inflight.broker_acked.insert(a.pkid);
+                                }
+                                continue;
                             }
                         }
-                        Packet::Subscribe(s)
+                        Packet::SubAck(ack) => Packet::SubAck(merge_suback(ack, &mut sub_masks)),
+                        Packet::Publish(p) => {
+                            self.meter.message_received();
+                            Packet::Publish(p)
+                        }
+                        other => other,
+                    };
+                    if let Err(e) = write(&mut dw, &packet, max, self.meter).await {
+                        return End::DeviceWrite(e);
                     }
-                    p @ (Packet::PubAck(_) | Packet::Unsubscribe(_) | Packet::PingReq) => p,
-                    Packet::Disconnect => {
-                        let _ = mqtt::write_packet(&mut bw, &Packet::Disconnect, max).await;
-                        return End::DeviceDisconnected;
-                    }
-                    Packet::Connect(_) => return End::Violation("second_connect"),
-                    Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
-                        return End::Violation("qos2_not_supported")
-                    }
-                    Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                        return End::Violation("server_packet_from_client")
-                    }
-                };
-                out.clear();
-                if let Err(e) = mqtt::encode(&packet, &mut out, max) {
-                    return End::BrokerWrite(e);
-                }
-                if let Err(e) = bw.write_all(&out).await {
-                    return End::BrokerWrite(e);
-                }
-            }
-            r = mqtt::read_packet(&mut br, &mut bbuf, max) => {
-                let packet = match r {
-                    Ok(Some(p)) => p,
-                    Ok(None) => return End::BrokerClosed,
-                    Err(e) => return End::BrokerError(e),
-                };
-                out.clear();
-                if let Err(e) = mqtt::encode(&packet, &mut out, max) {
-                    return End::DeviceWrite(e);
-                }
-                if let Err(e) = dw.write_all(&out).await {
-                    return End::DeviceWrite(e);
                 }
             }
         }
     }
+
+    /// Decide what to do with one packet from the device: `Ok(Some(p))` relays `p` to the
+    /// broker, `Ok(None)` relays nothing, `Err` ends the connection.
+    async fn on_device_packet<W: AsyncWrite + Unpin>(
+        &self,
+        packet: Packet,
+        inflight: &mut Inflight,
+        sub_masks: &mut HashMap<u16, Vec<bool>>,
+        dw: &mut W,
+    ) -> Result<Option<Packet>, End> {
+        let limits = &self.ctx.shared.limits;
+        match packet {
+            Packet::Publish(p) => {
+                if let Err(e) = check_topic(&p.topic, limits) {
+                    return Err(End::Violation(
+                        e.rule(),
+                        format!("topic `{}`: {e}", p.topic),
+                    ));
+                }
+                if p.payload.len() > limits.max_payload_bytes {
+                    return Err(End::Violation(
+                        "max_payload_bytes",
+                        format!(
+                            "payload of {} bytes; the limit is {}",
+                            p.payload.len(),
+                            limits.max_payload_bytes
+                        ),
+                    ));
+                }
+                let qos = match p.qos {
+                    QoS::AtMostOnce => Qos::AtMostOnce,
+                    QoS::AtLeastOnce => Qos::AtLeastOnce,
+                    QoS::ExactlyOnce => {
+                        return Err(End::Violation(
+                            "qos2_not_supported",
+                            "QoS 2 publish; use QoS 0 or 1".into(),
+                        ))
+                    }
+                };
+                if !self.dev.policy.may_publish(&p.topic) {
+                    self.meter.authorization_failure();
+                    return Err(End::Forbidden(p.topic.clone()));
+                }
+                self.meter.message_sent(p.payload.len());
+                let (ack, confirmation) = if qos == Qos::AtLeastOnce {
+                    if inflight.open.contains(&p.pkid) {
+                        // A resend (DUP) of a publish still in flight: already accepted once.
+                        return Ok(None);
+                    }
+                    if inflight.open.len() >= limits.max_inflight {
+                        return Err(End::Violation(
+                            "max_inflight",
+                            format!(
+                                "more than {} unacknowledged QoS 1 publishes",
+                                limits.max_inflight
+                            ),
+                        ));
+                    }
+                    let (ack, rx) = Ack::new();
+                    (Some(ack), Some(rx))
+                } else {
+                    (None, None)
+                };
+                let ingest = Ingest {
+                    device: self.dev.clone(),
+                    topic: p.topic.clone(),
+                    payload: p.payload.clone(),
+                    received_at: SystemTime::now(),
+                    qos,
+                    pkid: p.pkid,
+                    ack,
+                };
+                // A full channel waits here: this device is not read meanwhile.
+                if self.ctx.shared.ingest.send(ingest).await.is_err() {
+                    return Err(End::PipelineClosed);
+                }
+                if let Some(rx) = confirmation {
+                    let pkid = p.pkid;
+                    inflight.open.insert(pkid);
+                    inflight
+                        .confirmations
+                        .push_back(Box::pin(async move { (pkid, rx.await.is_ok()) }));
+                }
+                Ok(Some(Packet::Publish(p)))
+            }
+            Packet::Subscribe(s) => self.subscribe(s, sub_masks, dw).await,
+            p @ (Packet::PubAck(_) | Packet::Unsubscribe(_) | Packet::PingReq) => Ok(Some(p)),
+            Packet::Disconnect => Err(End::DeviceDisconnected),
+            Packet::Connect(_) => Err(End::Violation(
+                "protocol",
+                "second CONNECT on one connection".into(),
+            )),
+            Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => Err(End::Violation(
+                "qos2_not_supported",
+                "QoS 2 flow packet".into(),
+            )),
+            other => Err(End::Violation(
+                "protocol",
+                format!("{} is a server packet", packet_name(&other)),
+            )),
+        }
+    }
+
+    /// Filter a SUBSCRIBE through the policy. Refused filters get return code 0x80 in the
+    /// SUBACK; the rest go to the broker.
+    async fn subscribe<W: AsyncWrite + Unpin>(
+        &self,
+        mut s: Subscribe,
+        sub_masks: &mut HashMap<u16, Vec<bool>>,
+        dw: &mut W,
+    ) -> Result<Option<Packet>, End> {
+        let limits = &self.ctx.shared.limits;
+        let allowed: Vec<bool> = s
+            .filters
+            .iter()
+            .map(|f| {
+                check_filter(&f.path, limits).is_ok() && self.dev.policy.may_subscribe(&f.path)
+            })
+            .collect();
+        for (f, ok) in s.filters.iter().zip(&allowed) {
+            if !ok {
+                self.meter.authorization_failure();
+                log::warn!(
+                    listener = self.ctx.listener, device_id:% = self.dev.id,
+                    rule = "policy_subscribe", filter:% = f.path;
+                    "subscription to `{}` refused by the device's policy", f.path
+                );
+            }
+        }
+        if allowed.iter().all(|a| *a) {
+            for f in &mut s.filters {
+                // IoT Core semantics: QoS 2 is granted as QoS 1.
+                if f.qos == QoS::ExactlyOnce {
+                    f.qos = QoS::AtLeastOnce;
+                }
+            }
+            return Ok(Some(Packet::Subscribe(s)));
+        }
+        if !allowed.iter().any(|a| *a) {
+            let codes = vec![SubscribeReasonCode::Failure; allowed.len()];
+            let ack = Packet::SubAck(SubAck::new(s.pkid, codes));
+            if let Err(e) = write(dw, &ack, self.max, self.meter).await {
+                return Err(End::DeviceWrite(e));
+            }
+            return Ok(None);
+        }
+        let mut kept = Vec::new();
+        for (mut f, ok) in s.filters.into_iter().zip(&allowed) {
+            if *ok {
+                if f.qos == QoS::ExactlyOnce {
+                    f.qos = QoS::AtLeastOnce;
+                }
+                kept.push(f);
+            }
+        }
+        sub_masks.insert(s.pkid, allowed);
+        s.filters = kept;
+        Ok(Some(Packet::Subscribe(s)))
+    }
+}
+
+/// Put refused filters' failure codes back in the broker's SUBACK.
+fn merge_suback(ack: SubAck, masks: &mut HashMap<u16, Vec<bool>>) -> SubAck {
+    let Some(mask) = masks.remove(&ack.pkid) else {
+        return ack;
+    };
+    let mut granted = ack.return_codes.into_iter();
+    let codes = mask
+        .into_iter()
+        .map(|ok| {
+            if ok {
+                granted.next().unwrap_or(SubscribeReasonCode::Failure)
+            } else {
+                SubscribeReasonCode::Failure
+            }
+        })
+        .collect();
+    SubAck::new(ack.pkid, codes)
+}
+
+/// Write one packet to the device and meter its bytes.
+async fn write<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    packet: &Packet,
+    max: usize,
+    meter: &DeviceMeter,
+) -> std::io::Result<()> {
+    mqtt::write_packet(w, packet, max).await?;
+    meter.bytes_out(packet.size());
+    Ok(())
 }
 
 /// Connect to the internal broker as this device, with the internal login.
@@ -296,23 +610,24 @@ async fn open_broker_link(
     ctx: &Context,
     connect: &Connect,
 ) -> std::io::Result<(TcpStream, ConnAck)> {
-    let max = ctx.broker.max_frame_bytes();
-    let mut broker = TcpStream::connect(ctx.broker.addr()).await?;
-    let _ = broker.set_nodelay(true);
+    let broker = &ctx.shared.broker;
+    let max = broker.max_frame_bytes();
+    let mut stream = TcpStream::connect(broker.addr()).await?;
+    let _ = stream.set_nodelay(true);
     let mut relayed = connect.clone();
-    relayed.login = Some(ctx.broker.internal_login());
+    relayed.login = Some(broker.internal_login());
     relayed.keep_alive = broker_keep_alive(connect.keep_alive);
-    mqtt::write_packet(&mut broker, &Packet::Connect(relayed), max).await?;
+    mqtt::write_packet(&mut stream, &Packet::Connect(relayed), max).await?;
     let mut buf = BytesMut::with_capacity(16);
     let answer = tokio::time::timeout(
         BROKER_CONNACK_TIMEOUT,
-        mqtt::read_packet(&mut broker, &mut buf, max),
+        mqtt::read_packet(&mut stream, &mut buf, max),
     )
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNACK from broker"))?
     .map_err(std::io::Error::other)?;
     match answer {
-        Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok((broker, ack)),
+        Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok((stream, ack)),
         other => Err(std::io::Error::other(format!(
             "expected a successful CONNACK, got {other:?}"
         ))),
@@ -320,7 +635,7 @@ async fn open_broker_link(
 }
 
 /// Keep-alive as AWS IoT Core applies it: 0 or more than 1200 s → 1200 s; 1–29 s → 30 s.
-/// (rumqttd itself refuses 0.)
+/// (rumqttd itself refuses 0.) The gatekeeper closes a device silent for 1.5 × this.
 fn broker_keep_alive(requested: u16) -> u16 {
     match requested {
         0 => 1200,
@@ -330,8 +645,8 @@ fn broker_keep_alive(requested: u16) -> u16 {
     }
 }
 
-async fn refuse(
-    device: &mut TcpStream,
+async fn refuse<S: AsyncWrite + Unpin>(
+    device: &mut S,
     code: ConnectReturnCode,
     max: usize,
 ) -> std::io::Result<()> {
@@ -360,7 +675,7 @@ fn packet_name(p: &Packet) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::broker_keep_alive;
+    use super::*;
 
     #[test]
     fn keep_alive_follows_iot_core() {
@@ -368,5 +683,28 @@ mod tests {
         assert_eq!(broker_keep_alive(5), 30);
         assert_eq!(broker_keep_alive(60), 60);
         assert_eq!(broker_keep_alive(5000), 1200);
+    }
+
+    #[test]
+    fn refused_filters_keep_their_place_in_the_suback() {
+        let mut masks = HashMap::from([(7u16, vec![false, true, false, true])]);
+        let broker = SubAck::new(
+            7,
+            vec![
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+            ],
+        );
+        let merged = merge_suback(broker, &mut masks);
+        assert_eq!(
+            merged.return_codes,
+            vec![
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+            ]
+        );
+        assert!(masks.is_empty());
     }
 }

@@ -1,53 +1,87 @@
 //! The gatekeeper: the only door devices have into wardgate.
 //!
-//! It accepts device connections, reads their MQTT CONNECT, authenticates it against the
-//! [`SharedRegistry`] (client id = device id, password checked against its argon2 hash), and only
-//! then opens a relay to the internal broker, replacing the device's login with the internal
-//! secret. From then on it relays MQTT 3.1.1 packets both ways, parsing every one, and hands every
-//! device PUBLISH to the pipeline before the broker sees it.
+//! It accepts device connections (plain TCP, or TLS with optional client certificates), reads
+//! their MQTT CONNECT, authenticates it against the [`SharedRegistry`] (client id = device id;
+//! certificate CN/SAN and/or argon2 password, as the device's entry demands), and only then
+//! opens a relay to the internal broker, replacing the device's login with the internal secret.
+//! From then on it relays MQTT 3.1.1 packets both ways, parsing every one: it enforces the
+//! device's topic policy and the connection limits, meters the traffic, hands every PUBLISH to
+//! the pipeline, and sends a QoS 1 PUBACK only when the pipeline has confirmed the reading.
 //!
 //! Why a relay and not rumqttd's own listener: rumqttd has no topic ACLs, no view of the peer
 //! address or certificate at auth time, and awaits TLS handshakes inside its accept loop. Here
-//! every connection is its own task, so one slow or hostile client only ever costs its own task.
+//! every connection is its own task from the first byte — the TLS handshake included, under
+//! `listeners.connect_timeout` — so one slow or hostile client only ever costs its own task.
 //!
 //! What must stay true:
 //! - nothing reaches the broker before authentication succeeds;
 //! - the device id attached to a reading is the authenticated one;
-//! - malformed bytes close that one connection and nothing else;
+//! - malformed bytes or a broken limit close that one connection and nothing else;
 //! - on shutdown the listener stops accepting first, then every connection closes, and
-//!   [`Gatekeeper::run`] returns only after all connection tasks ended (so every reading they
-//!   accepted is already in the pipeline channel).
+//!   [`Gatekeeper::run`] returns only after all connection tasks ended.
 
 mod connection;
+pub mod policy;
+pub mod tls;
 
 use crate::broker::BrokerHandle;
+use crate::config::LimitsConfig;
+use crate::metering::{GatewayCounters, Metering};
 use crate::pipeline::IngestSender;
 use crate::registry::SharedRegistry;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Limits one listener enforces.
+pub use tls::TlsState;
+
+/// Limits one listener enforces on accepting.
 #[derive(Debug, Clone)]
 pub struct ListenerLimits {
-    /// Time from accept to a complete CONNECT.
+    /// Time from accept to a complete CONNECT (TLS handshake included).
     pub connect_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_connections_per_address: usize,
+}
+
+/// How bytes arrive on a listener.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Plain TCP: password login only.
+    Plain,
+    /// TLS; the state can be reloaded while connections stay up.
+    Tls(Arc<TlsState>),
+}
+
+/// What every listener of a gateway shares.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Registered devices.
+    pub registry: SharedRegistry,
+    /// The internal broker.
+    pub broker: BrokerHandle,
+    /// The pipeline's ingest channel.
+    pub ingest: IngestSender,
+    /// Per-device meters.
+    pub metering: Metering,
+    /// Per-connection limits.
+    pub limits: LimitsConfig,
 }
 
 /// Shared by every connection of one listener.
 #[derive(Debug)]
 struct Context {
     listener: &'static str,
-    registry: SharedRegistry,
-    broker: BrokerHandle,
-    ingest: IngestSender,
-    limits: ListenerLimits,
+    transport: Transport,
+    accept_limits: ListenerLimits,
+    shared: Shared,
 }
 
 /// One device-facing listener.
@@ -57,25 +91,59 @@ pub struct Gatekeeper {
     ctx: Arc<Context>,
 }
 
+/// Counts connections per source address; a slot is released when dropped.
+#[derive(Debug, Default, Clone)]
+struct PerAddress(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+struct AddressSlot {
+    map: PerAddress,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    fn try_take(&self, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            map: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 impl Gatekeeper {
-    /// Bind `addr`. `name` labels the listener in logs (`LISTENER=plain`).
+    /// Bind `addr`. `name` labels the listener in logs (`LISTENER=plain`, `LISTENER=tls`).
     pub async fn bind(
         name: &'static str,
         addr: SocketAddr,
-        limits: ListenerLimits,
-        registry: SharedRegistry,
-        broker: BrokerHandle,
-        ingest: IngestSender,
+        transport: Transport,
+        accept_limits: ListenerLimits,
+        shared: Shared,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         Ok(Self {
             listener,
             ctx: Arc::new(Context {
                 listener: name,
-                registry,
-                broker,
-                ingest,
-                limits,
+                transport,
+                accept_limits,
+                shared,
             }),
         })
     }
@@ -89,7 +157,8 @@ impl Gatekeeper {
     pub async fn run(self, shutdown: CancellationToken) {
         let name = self.ctx.listener;
         let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(self.ctx.limits.max_connections));
+        let slots = Arc::new(Semaphore::new(self.ctx.accept_limits.max_connections));
+        let per_address = PerAddress::default();
         log::info!(
             listener = name,
             address:% = self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -108,21 +177,31 @@ impl Gatekeeper {
                     }
                 },
             };
+            let counters = self.ctx.shared.metering.gateway();
             let Ok(permit) = slots.clone().try_acquire_owned() else {
+                GatewayCounters::bump(&counters.connections_over_limit);
                 log::warn!(
-                    listener = name,
-                    peer:% = peer,
-                    limit = self.ctx.limits.max_connections,
-                    rule = "max_connections";
+                    listener = name, peer:% = peer, rule = "max_connections",
+                    limit = self.ctx.accept_limits.max_connections;
                     "connection refused: listener is at its connection limit"
                 );
-                drop(stream);
+                continue;
+            };
+            let max_per = self.ctx.accept_limits.max_connections_per_address;
+            let Some(address_slot) = per_address.try_take(peer.ip(), max_per) else {
+                GatewayCounters::bump(&counters.connections_over_limit);
+                log::warn!(
+                    listener = name, peer:% = peer, rule = "max_connections_per_address",
+                    limit = max_per;
+                    "connection refused: too many connections from this address"
+                );
                 continue;
             };
             let ctx = self.ctx.clone();
             let stop = shutdown.child_token();
             tracker.spawn(async move {
-                connection::serve(stream, peer, ctx, stop).await;
+                connection::accept(stream, peer, ctx, stop).await;
+                drop(address_slot);
                 drop(permit);
             });
         }

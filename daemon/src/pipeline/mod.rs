@@ -1,9 +1,11 @@
 //! The pipeline: where every accepted device PUBLISH goes, in arrival order.
 //!
 //! The gatekeeper hands each PUBLISH over as an [`Ingest`] through a bounded channel
-//! ([`INGEST_CHANNEL_CAPACITY`]) *before* relaying it to the broker, so the broker's PUBACK to a
-//! QoS 1 device never precedes the pipeline's acceptance. When the channel is full the
-//! gatekeeper stops reading from that device: backpressure, never loss.
+//! ([`INGEST_CHANNEL_CAPACITY`]). A QoS 1 reading carries an [`Ack`]: the device gets its PUBACK
+//! only after the pipeline has confirmed the reading is safe (today: handled by the pipeline;
+//! with the durable queue: written to disk). An `Ack` dropped without confirming means "not
+//! safe": no PUBACK, and the device resends. When the channel is full the gatekeeper stops
+//! reading from that device: backpressure, never loss.
 //!
 //! Stages to come hang off [`Pipeline::handle`]: plugin normalisation → shadow and rules →
 //! durable queue → uplink. For now it counts per device and logs.
@@ -35,7 +37,7 @@ pub enum Qos {
 }
 
 /// One accepted device PUBLISH.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Ingest {
     /// The authenticated device that sent it (never the client's claim alone).
     pub device: Arc<Device>,
@@ -49,6 +51,26 @@ pub struct Ingest {
     pub qos: Qos,
     /// MQTT packet id (0 for QoS 0).
     pub pkid: u16,
+    /// Confirmation owed to the device (QoS 1 only).
+    pub ack: Option<Ack>,
+}
+
+/// The pipeline's promise to tell the gatekeeper when a QoS 1 reading is safe.
+#[derive(Debug)]
+pub struct Ack(tokio::sync::oneshot::Sender<()>);
+
+impl Ack {
+    /// A new promise and the receiver the gatekeeper waits on.
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(tx), rx)
+    }
+
+    /// The reading is safe: the device may get its PUBACK.
+    pub fn confirm(self) {
+        // The connection may be gone; then the device resends and nothing is lost.
+        let _ = self.0.send(());
+    }
 }
 
 /// Sending half, held by the gatekeeper's connections.
@@ -144,7 +166,7 @@ impl Pipeline {
         handled
     }
 
-    fn handle(&self, msg: Ingest) {
+    fn handle(&self, mut msg: Ingest) {
         {
             let mut stats = self.stats.lock();
             let c = stats.entry(msg.device.id.clone()).or_default();
@@ -160,5 +182,8 @@ impl Pipeline {
             pkid = msg.pkid;
             "reading received"
         );
+        if let Some(ack) = msg.ack.take() {
+            ack.confirm();
+        }
     }
 }

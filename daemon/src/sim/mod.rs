@@ -155,12 +155,14 @@ pub fn ward(copies: usize) -> Vec<SimDevice> {
 pub fn registry_entries(devices: &[SimDevice]) -> Vec<DeviceConfig> {
     devices
         .iter()
-        .map(|d| DeviceConfig {
-            id: d.id.clone(),
-            kind: d.kind.to_owned(),
-            plugin: None,
-            password_hash: Some(crate::registry::hash_password_demo(&d.password())),
-            description: Some(format!("simulated {:?}", d.model)),
+        .map(|d| {
+            let mut c = DeviceConfig::with_password(
+                &d.id,
+                d.kind,
+                crate::registry::hash_password_demo(&d.password()),
+            );
+            c.description = Some(format!("simulated {:?}", d.model));
+            c
         })
         .collect()
 }

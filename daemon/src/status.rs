@@ -1,0 +1,142 @@
+//! The status file: `<state_dir>/status.json`, rewritten every `metering.status_interval` and
+//! at stop, read by `wardgate status`.
+//!
+//! A file (not a socket) because it needs no extra listener, survives the daemon for post-mortem
+//! reading, and is easy to collect by monitoring tools. It is written to a temporary file and
+//! renamed, so a reader never sees half of it.
+
+use crate::metering::{DeviceSnapshot, GatewayCountersSnapshot};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// File name inside the state directory.
+pub const STATUS_FILE: &str = "status.json";
+/// PID file name inside the state directory (used by `wardgate reload`).
+pub const PID_FILE: &str = "wardgate.pid";
+
+/// One listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// `plain` or `tls`.
+    pub name: String,
+    /// Bound address.
+    pub address: String,
+}
+
+/// Everything `wardgate status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Thing name.
+    pub gateway_id: String,
+    /// wardgate version.
+    pub version: String,
+    /// Process id.
+    pub pid: u32,
+    /// Start time, RFC 3339.
+    pub started_at: String,
+    /// Time of this snapshot, RFC 3339.
+    pub updated_at: String,
+    /// Whether the daemon was running when it wrote this (false in the file left at stop).
+    pub running: bool,
+    /// Device listeners.
+    pub listeners: Vec<ListenerStatus>,
+    /// Readings the pipeline handled since start.
+    pub readings: u64,
+    /// Gateway-wide counters.
+    pub gateway: GatewayCountersSnapshot,
+    /// Per-device meters.
+    pub devices: Vec<DeviceSnapshot>,
+}
+
+/// Path of the status file.
+pub fn status_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(STATUS_FILE)
+}
+
+/// Write `status` atomically.
+pub fn write(state_dir: &Path, status: &Status) -> std::io::Result<()> {
+    let path = status_path(state_dir);
+    let tmp = state_dir.join(format!(".{STATUS_FILE}.tmp"));
+    let text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Read the status file.
+pub fn read(state_dir: &Path) -> Result<Status, String> {
+    let path = status_path(state_dir);
+    let text = std::fs::read(&path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; is wardgate running with this gateway.state_dir?",
+            path.display()
+        )
+    })?;
+    serde_json::from_slice(&text)
+        .map_err(|e| format!("{} is not a status file: {e}", path.display()))
+}
+
+/// A human-readable view.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "gateway {} (wardgate {}, pid {}) {} since {}; snapshot {}",
+        s.gateway_id,
+        s.version,
+        s.pid,
+        if s.running { "running" } else { "stopped" },
+        s.started_at,
+        s.updated_at
+    );
+    for l in &s.listeners {
+        let _ = writeln!(out, "listener {:<6} {}", l.name, l.address);
+    }
+    let _ = writeln!(
+        out,
+        "readings {}; unknown-device attempts {}; TLS handshake failures {}; closed before CONNECT {}; over connection limits {}",
+        s.readings,
+        s.gateway.unknown_device_attempts,
+        s.gateway.tls_handshake_failures,
+        s.gateway.connections_closed_before_connect,
+        s.gateway.connections_over_limit
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:<5} {:>9} {:>9} {:>11} {:>11} {:>9} {:>7} {:>9} {:>7}  peer",
+        "device",
+        "conn",
+        "msgs in",
+        "msgs out",
+        "bytes in",
+        "bytes out",
+        "largest",
+        "authz!",
+        "attempts",
+        "discon"
+    );
+    for d in &s.devices {
+        let c = &d.current.counters;
+        let _ = writeln!(
+            out,
+            "{:<24} {:<5} {:>9} {:>9} {:>11} {:>11} {:>9} {:>7} {:>9} {:>7}  {}",
+            d.device_id,
+            if d.connected { "yes" } else { "no" },
+            c.messages_sent,
+            c.messages_received,
+            c.bytes_in,
+            c.bytes_out,
+            c.largest_message_bytes,
+            c.authorization_failures,
+            c.connection_attempts,
+            c.disconnects,
+            d.peer.map(|p| p.to_string()).unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n(counters are for the current {}-second window; `--json` shows totals and past windows)",
+        s.devices.first().map(|d| d.current.length_s).unwrap_or(300)
+    );
+    out
+}
