@@ -220,10 +220,16 @@ impl NotifySocket {
 
 /// The `plain=ADDR` address out of a READY notification's `STATUS=` line.
 pub fn plain_addr_from_status(msg: &str) -> Option<SocketAddr> {
+    listener_addr_from_status(msg, "plain")
+}
+
+/// The `NAME=ADDR` address out of a READY notification's `STATUS=` line.
+pub fn listener_addr_from_status(msg: &str, name: &str) -> Option<SocketAddr> {
+    let prefix = format!("{name}=");
     msg.lines()
         .find_map(|l| l.strip_prefix("STATUS="))?
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("plain="))?
+        .find_map(|w| w.strip_prefix(prefix.as_str()))?
         .trim_end_matches(';')
         .parse()
         .ok()
@@ -373,5 +379,95 @@ impl Rig {
             .await
             .ok()
             .flatten()
+    }
+}
+
+pub mod pki;
+
+/// A hand-driven MQTT client over any stream: exact control of every byte sent.
+#[derive(Debug)]
+pub struct Raw<S> {
+    /// The stream.
+    pub stream: S,
+    buf: bytes::BytesMut,
+    /// Bytes written so far.
+    pub sent_bytes: usize,
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
+    /// Wrap a connected stream.
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: bytes::BytesMut::new(),
+            sent_bytes: 0,
+        }
+    }
+
+    /// Send one packet.
+    pub async fn send(&mut self, p: &rumqttc::mqttbytes::v4::Packet) -> std::io::Result<()> {
+        wardgate::mqtt::write_packet(&mut self.stream, p, 1 << 20).await?;
+        self.sent_bytes += p.size();
+        Ok(())
+    }
+
+    /// Next packet; `Ok(None)` when the peer closed, `Err` on timeout or garbage.
+    pub async fn recv(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<rumqttc::mqttbytes::v4::Packet>, String> {
+        match tokio::time::timeout(
+            timeout,
+            wardgate::mqtt::read_packet(&mut self.stream, &mut self.buf, 1 << 20),
+        )
+        .await
+        {
+            Err(_) => Err("timed out".into()),
+            Ok(Ok(p)) => Ok(p),
+            // A reset or TLS alert is the peer closing on us.
+            Ok(Err(wardgate::mqtt::FrameError::Io(_))) => Ok(None),
+            Ok(Err(e)) => Err(e.to_string()),
+        }
+    }
+
+    /// CONNECT as `id` and return the CONNACK code (`None` if the connection closed instead).
+    pub async fn connect(
+        &mut self,
+        id: &str,
+        password: Option<&str>,
+    ) -> Option<rumqttc::mqttbytes::v4::ConnectReturnCode> {
+        let mut c = rumqttc::mqttbytes::v4::Connect::new(id);
+        c.keep_alive = 60;
+        if let Some(p) = password {
+            c.login = Some(rumqttc::mqttbytes::v4::Login::new(id, p));
+        }
+        if self
+            .send(&rumqttc::mqttbytes::v4::Packet::Connect(c))
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        match self.recv(Duration::from_secs(10)).await {
+            Ok(Some(rumqttc::mqttbytes::v4::Packet::ConnAck(a))) => Some(a.code),
+            _ => None,
+        }
+    }
+
+    /// Whether the peer closes the connection within `timeout`.
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.recv(left).await {
+                Ok(None) => return true,
+                Ok(Some(_)) => {}
+                Err(e) if e == "timed out" => return false,
+                Err(_) => return true,
+            }
+        }
     }
 }

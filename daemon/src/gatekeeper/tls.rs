@@ -8,8 +8,8 @@
 //! Client certificates are optional at the TLS layer (`allow_unauthenticated`): a device whose
 //! registry entry allows password login may connect over TLS without one. A presented
 //! certificate must chain to one of the CAs in `ca_file` (every CA in the file is trusted), be
-//! within its validity period and not be revoked by any CRL in `crl_file`; otherwise the
-//! handshake fails. The device identity is then the certificate's subject CN or one of its
+//! within its validity period and not be revoked by any CRL in `crl_file` (certificates of a
+//! CA with no CRL in the file are not revocation-checked); otherwise the handshake fails. The device identity is then the certificate's subject CN or one of its
 //! SAN names; the registry decides whether it matches the CONNECT's client id.
 //!
 //! One crypto provider (ring) is used everywhere, passed explicitly.
@@ -94,6 +94,10 @@ pub fn load(cfg: &TlsListenerConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .with_crls(crls)
+        // A device certificate whose CA has no CRL in `crl_file` is not revocation-checked
+        // (instead of refused): a bundle may hold CAs that publish no CRL.
+        .allow_unknown_revocation_status()
+        .only_check_end_entity_revocation()
         .allow_unauthenticated()
         .build()
         .map_err(|e| {

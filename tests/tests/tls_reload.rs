@@ -1,0 +1,115 @@
+//! Certificate rotation on the running daemon: SIGHUP (and `wardgate reload`) swap the server
+//! certificate for new handshakes while connected devices stay connected; a broken file is
+//! rejected and the previous material keeps serving. Also `wardgate status`.
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use wardgate::config::AuthMode;
+use wardgate_tests::pki::{tls_connect, Ca, ListenerFiles};
+use wardgate_tests::{config, config_toml, device, listener_addr_from_status, NotifySocket, Raw};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_certificate_rotates_without_dropping_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::new("Ward CA");
+    let server1 = ca.server();
+    let files = ListenerFiles::write(dir.path(), &server1, &[&ca], &ca.crl(&[]));
+    let mut pm = device("pm-01", "pacemaker", "x");
+    pm.password_hash = None;
+    pm.auth = Some(AuthMode::Certificate);
+    let mut cfg = config(&dir.path().join("state"), vec![pm]);
+    cfg.listeners.tls = files.config();
+    cfg.metering.status_interval = Duration::from_millis(200);
+    let config_path = dir.path().join("wardgate.toml");
+    std::fs::write(&config_path, config_toml(&cfg)).unwrap();
+
+    let mut notify = NotifySocket::bind(dir.path());
+    let mut child = Command::new(BIN)
+        .args(["run", "-c", config_path.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WARDGATE_LOG__FORMAT", "text")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = notify
+        .wait_for("READY=1", Duration::from_secs(20))
+        .expect("ready");
+    let addr = listener_addr_from_status(&ready, "tls").expect("tls listener in STATUS");
+
+    let device_cert = ca.device("pm-01");
+    let (stream, seen) = tls_connect(addr, &ca, Some(&device_cert)).await.unwrap();
+    assert_eq!(seen, server1.der);
+    let mut old = Raw::new(stream);
+    assert_eq!(
+        old.connect("pm-01", None).await,
+        Some(ConnectReturnCode::Success)
+    );
+
+    // Rotate: new key and certificate on disk, then SIGHUP.
+    let server2 = ca.server();
+    std::fs::write(&files.cert, &server2.cert_pem).unwrap();
+    std::fs::write(&files.key, &server2.key_pem).unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, seen) = tls_connect(addr, &ca, Some(&device_cert)).await.unwrap();
+        if seen == server2.der {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new handshakes never saw the new certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The device connected before the rotation is still served.
+    old.send(&Packet::PingReq).await.unwrap();
+    assert_eq!(
+        old.recv(Duration::from_secs(5)).await,
+        Ok(Some(Packet::PingResp))
+    );
+
+    // A broken certificate file is rejected; the current material keeps serving.
+    std::fs::write(&files.cert, "not a certificate").unwrap();
+    let o = Command::new(BIN)
+        .args(["reload", "-c", config_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(notify
+        .wait_for("RELOADING=1", Duration::from_secs(5))
+        .is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stream, seen) = tls_connect(addr, &ca, Some(&device_cert)).await.unwrap();
+    assert_eq!(seen, server2.der, "still the last good certificate");
+    let mut fresh = Raw::new(stream);
+    assert_eq!(
+        fresh.connect("pm-01", None).await,
+        Some(ConnectReturnCode::Success)
+    );
+
+    // `wardgate status` shows the device.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let o = Command::new(BIN)
+        .args(["status", "-c", config_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("pm-01"))
+        .unwrap_or_else(|| panic!("no pm-01 row in:\n{out}"));
+    assert!(line.contains(" yes "), "{line}");
+    assert!(out.contains("listener tls"), "{out}");
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
