@@ -205,9 +205,20 @@ pub async fn tls_connect(
     server_ca: &Ca,
     client: Option<&Issued>,
 ) -> std::io::Result<(TlsStream<TcpStream>, Vec<u8>)> {
+    tls_connect_pem(addr, &server_ca.cert.pem(), client).await
+}
+
+/// [`tls_connect`] trusting the CA certificate in `server_ca_pem`.
+pub async fn tls_connect_pem(
+    addr: std::net::SocketAddr,
+    server_ca_pem: &str,
+    client: Option<&Issued>,
+) -> std::io::Result<(TlsStream<TcpStream>, Vec<u8>)> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(server_ca.cert.der().clone()).unwrap();
+    roots
+        .add(CertificateDer::from_pem_slice(server_ca_pem.as_bytes()).unwrap())
+        .unwrap();
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
     let config = match client {
         Some(c) => {

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Debian packages the test suite uses: `systemd` (systemd-analyze, systemd-journald,
-/// journalctl) and `util-linux` (unshare) for the journal and unit tests.
-const TEST_PACKAGES: &[&str] = &["systemd", "util-linux"];
+/// journalctl) and `util-linux` (unshare) for the journal and unit tests, `openssl` for the
+/// ward-pki script test.
+const TEST_PACKAGES: &[&str] = &["systemd", "util-linux", "openssl"];
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
