@@ -530,3 +530,30 @@ async fn a_stalled_pipeline_withholds_pubacks_and_loses_nothing() {
     // At-least-once: some readings may have arrived twice (first try and retry), none lost.
     assert!(seen.values().all(|c| *c <= 2));
 }
+
+#[tokio::test]
+async fn more_unacknowledged_publishes_than_the_inflight_limit_disconnects() {
+    let mut o = RigOptions::new(vec![device("pm-a", "pacemaker", "a")]);
+    o.capacity = 256;
+    o.auto_confirm = false;
+    o.limits.max_inflight = 10;
+    let rig = Rig::start(o).await;
+    let mut a = plain(&rig, "pm-a", "a").await;
+    for i in 1..=10 {
+        a.send(&publish("ward/pm-a/telemetry", i, b"x"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        a.recv(Duration::from_millis(500)).await,
+        Err("timed out".into()),
+        "10 in flight is allowed"
+    );
+    a.send(&publish("ward/pm-a/telemetry", 11, b"x"))
+        .await
+        .unwrap();
+    assert!(
+        a.closed_within(Duration::from_secs(5)).await,
+        "the 11th breaks max_inflight"
+    );
+}
