@@ -12,7 +12,8 @@ use crate::broker::{self, BrokerHandle};
 use crate::config::{self, Config, LoadOptions};
 use crate::gatekeeper::{Gatekeeper, ListenerLimits, Shared, TlsState, Transport};
 use crate::metering::Metering;
-use crate::pipeline::{Pipeline, PipelineStats};
+use crate::pipeline::{DeadLetters, LocalPublisher, Pipeline, PipelineStats, Stages};
+use crate::plugin_host::PluginHost;
 use crate::registry::{Registry, SharedRegistry};
 use crate::status::{self, ListenerStatus, Status};
 use anyhow::Context as _;
@@ -36,6 +37,8 @@ pub struct Gateway {
     tls: Option<Arc<TlsState>>,
     status: Option<JoinHandle<()>>,
     view: Arc<StatusView>,
+    plugins: Arc<PluginHost>,
+    plugin_watch: JoinHandle<()>,
 }
 
 /// What the status writer needs, detached from the [`Gateway`].
@@ -108,7 +111,14 @@ impl Gateway {
             .context("starting the internal broker")?;
         let registry = SharedRegistry::new(Registry::from_config(&config.devices, &config.policy));
         let metering = Metering::new(config.metering.window, config.metering.windows_kept);
-        let (pipeline, ingest) = Pipeline::new();
+        let plugins = PluginHost::new(&config.plugins, Some(&state_dir))?;
+        plugins.scan();
+        let (pipeline, ingest) = Pipeline::new(Stages {
+            gateway_id: config.gateway.id.clone(),
+            plugins: plugins.clone(),
+            dead_letters: DeadLetters::new(&state_dir),
+            local: Some(LocalPublisher::new(&broker)),
+        });
         let stats = pipeline.stats();
         let shutdown = CancellationToken::new();
         let shared = Shared {
@@ -155,6 +165,7 @@ impl Gateway {
         // Only the listeners hold senders now: the pipeline ends when they are gone.
         drop(shared);
         let pipeline = tokio::spawn(pipeline.run());
+        let plugin_watch = tokio::spawn(plugins.clone().watch(shutdown.clone()));
         let view = Arc::new(StatusView {
             gateway_id: config.gateway.id.clone(),
             started_at: std::time::SystemTime::now(),
@@ -175,6 +186,8 @@ impl Gateway {
             tls,
             status: None,
             view,
+            plugins,
+            plugin_watch,
         };
         gw.status = Some(gw.spawn_status_writer(config.metering.status_interval));
         Ok(gw)
@@ -200,6 +213,11 @@ impl Gateway {
                 }
             }
         })
+    }
+
+    /// The plugin host.
+    pub fn plugins(&self) -> &Arc<PluginHost> {
+        &self.plugins
     }
 
     /// Per-device meters.
@@ -254,6 +272,7 @@ impl Gateway {
         if let Some(s) = self.status.take() {
             s.abort();
         }
+        self.plugin_watch.abort();
         let stats = self.stats.clone();
         let tasks = std::mem::take(&mut self.listener_tasks);
         let pipeline = &mut self.pipeline;

@@ -83,6 +83,10 @@ enum Command {
     },
     /// Run the gateway on a built-in configuration with a simulated ward.
     Demo {
+        /// Directory of plugin components (`cargo xtask plugins` builds them into
+        /// plugins/target/components).
+        #[arg(long, default_value = "plugins/target/components")]
+        plugins: PathBuf,
         /// Divide every device's interval by this factor.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
@@ -124,12 +128,13 @@ pub fn main() -> ExitCode {
             runtime_block_on(simulate(gateway, ward, speed, duration))
         }
         Command::Demo {
+            plugins,
             speed,
             devices,
             duration,
         } => {
             init_text_logging();
-            runtime_block_on(demo(speed, devices, duration))
+            runtime_block_on(demo(plugins, speed, devices, duration))
         }
     }
 }
@@ -338,8 +343,9 @@ async fn simulate(
 }
 
 /// The built-in demo configuration: loopback only, free ports, the simulated ward registered.
-pub fn demo_config(ward: &[sim::SimDevice]) -> Config {
+pub fn demo_config(ward: &[sim::SimDevice], plugins: PathBuf) -> Config {
     let mut c = Config::default();
+    c.plugins.dir = plugins;
     c.gateway.id = "ward-demo".into();
     c.gateway.state_dir = std::env::temp_dir().join("wardgate-demo");
     c.listeners.plain.address = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -348,9 +354,14 @@ pub fn demo_config(ward: &[sim::SimDevice]) -> Config {
     c
 }
 
-async fn demo(speed: f64, copies: usize, duration: Option<Duration>) -> anyhow::Result<()> {
+async fn demo(
+    plugins: PathBuf,
+    speed: f64,
+    copies: usize,
+    duration: Option<Duration>,
+) -> anyhow::Result<()> {
     let ward = sim::ward(copies);
-    let config = demo_config(&ward);
+    let config = demo_config(&ward, plugins);
     let gw = Gateway::start(&config).await?;
     let addr = gw
         .listener_addr("plain")
@@ -371,11 +382,11 @@ async fn demo(speed: f64, copies: usize, duration: Option<Duration>) -> anyhow::
             let per_device = pipeline.snapshot();
             let summary: Vec<String> = per_device
                 .iter()
-                .map(|(id, c)| format!("{id}:{}", c.messages))
+                .map(|(id, c)| format!("{id}:{}/{}/{}", c.messages, c.readings, c.dead_letters))
                 .collect();
             log::info!(
-                readings = pipeline.total_messages();
-                "demo: readings per device {}", summary.join(" ")
+                messages = pipeline.total_messages();
+                "demo: per device messages/readings/dead-letters {}", summary.join(" ")
             );
         }
     });

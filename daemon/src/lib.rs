@@ -15,7 +15,9 @@
 //!   later, the defender).
 //! - [`status`]: the status file behind `wardgate status`.
 //! - [`mqtt`]: MQTT 3.1.1 framing shared by the gatekeeper and the broker probe.
-//! - [`pipeline`]: the ingest point every accepted reading flows through.
+//! - [`pipeline`]: the ingest point every accepted reading flows through: plugin, local
+//!   publication, dead-letter store.
+//! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
 //! - [`sim`]: the ward simulator (devices with their vendors' raw formats).
 //! - [`cli`]: the `wardgate` command line.
@@ -33,6 +35,7 @@ pub mod gatekeeper;
 pub mod metering;
 pub mod mqtt;
 pub mod pipeline;
+pub mod plugin_host;
 pub mod registry;
 pub mod sim;
 pub mod status;

@@ -27,6 +27,8 @@ pub struct Device {
     pub auth: AuthMode,
     /// What it may publish and subscribe to.
     pub policy: TopicPolicy,
+    /// Settings for its plugin.
+    pub settings: Arc<std::collections::BTreeMap<String, String>>,
     password_hash: Option<String>,
 }
 
@@ -84,6 +86,7 @@ impl Registry {
                         &d.id,
                         &d.kind,
                     ),
+                    settings: Arc::new(d.settings.clone()),
                     password_hash: d.password_hash.clone(),
                 });
                 (dev.id.clone(), dev)

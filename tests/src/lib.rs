@@ -25,8 +25,25 @@ pub fn config(state_dir: &Path, devices: Vec<DeviceConfig>) -> Config {
     c.listeners.plain.address = SocketAddr::from(([127, 0, 0, 1], 0));
     c.listeners.connect_timeout = Duration::from_secs(2);
     c.broker.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.plugins.dir = components_dir();
     c.devices = devices;
     c
+}
+
+/// Where `cargo xtask plugins` puts the plugin components.
+pub fn components_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/components")
+}
+
+/// The component file of plugin `name`; panics with the fix when it was not built.
+pub fn component(name: &str) -> std::path::PathBuf {
+    let p = components_dir().join(format!("{name}.wasm"));
+    assert!(
+        p.is_file(),
+        "{} is missing: build the plugins first with `cargo xtask plugins` (cargo xtask test does)",
+        p.display()
+    );
+    p
 }
 
 /// The same configuration as TOML text, for the binary.

@@ -18,6 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
 
 struct Daemon {
     child: Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
     notify: NotifySocket,
     addr: std::net::SocketAddr,
     config_path: std::path::PathBuf,
@@ -47,13 +48,30 @@ fn start(devices: Vec<wardgate::config::DeviceConfig>, env: &[(&str, &str)]) -> 
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().unwrap();
+    let mut child = cmd.spawn().unwrap();
+    // Drain stderr all the time: a full pipe would block the daemon's logging.
+    let mut err = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
     let ready = notify
         .wait_for("READY=1", Duration::from_secs(20))
         .expect("READY=1 within 20 s");
     let addr = plain_addr_from_status(&ready).expect("STATUS names the plain listener");
     Daemon {
         child,
+        log,
         notify,
         addr,
         config_path,
@@ -83,7 +101,7 @@ async fn sigterm_under_a_stream_of_publishes_drains_and_exits_zero() {
         tokio::spawn(async move {
             let mut i = 0u64;
             while running.load(Ordering::SeqCst) {
-                let payload = format!("{{\"heartbeat\":{}}}", 80 + i % 30);
+                let payload = format!("{{\"heartbeat\":{},\"ts\":1795326538000}}", 80 + i % 30);
                 if client
                     .publish("ward/pm-01/telemetry", QoS::AtLeastOnce, false, payload)
                     .await
@@ -117,14 +135,8 @@ async fn sigterm_under_a_stream_of_publishes_drains_and_exits_zero() {
         "STOPPING=1 sent; saw {:?}",
         d.notify.drain()
     );
-    let mut log = String::new();
-    use std::io::Read;
-    d.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let log = d.log.lock().unwrap().clone();
     assert!(log.contains("wardgate stopped"), "{log}");
     // Every reading the device got a PUBACK for was handled by the pipeline before exit.
     let handled: u64 = log

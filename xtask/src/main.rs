@@ -3,6 +3,10 @@
 //! - `demo [ARGS]`: build in release mode and run `wardgate demo` (the gateway on its built-in
 //!   configuration with a simulated ward). Without ARGS: `--speed 10 --duration 2m`.
 //! - `test`: install what the tests need, then formatting, lints and every test.
+//! - `plugins`: build every plugin in `plugins/` into a WebAssembly component under
+//!   `plugins/target/components/`. Uses rustup's `wasm32-unknown-unknown` target when it is
+//!   installed; otherwise Debian's `rustc-web` toolchain with `-Zbuild-std` (installed with apt
+//!   when missing), because the std of that target cannot be downloaded for rustup here.
 //! - `deps`: only install the system packages the tests need.
 //!
 //! Each task installs what it needs itself (Debian packages via apt-get when missing), so a
@@ -24,6 +28,7 @@ fn main() -> Result<()> {
     match task.as_str() {
         "demo" => demo(&rest),
         "test" => test(),
+        "plugins" => plugins().map(|_| ()),
         "deps" => install_packages(TEST_PACKAGES),
         _ => {
             eprintln!(
@@ -31,6 +36,7 @@ fn main() -> Result<()> {
                  tasks:\n  \
                  demo [ARGS]  run the gateway with a simulated ward (default: --speed 10 --duration 2m)\n  \
                  test         install test dependencies, then fmt, clippy and all tests\n  \
+                 plugins      build the WebAssembly plugins into components\n  \
                  deps         install the Debian packages the tests need"
             );
             if task.is_empty() || task == "help" || task == "--help" {
@@ -67,9 +73,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn demo(args: &[String]) -> Result<()> {
+    let components = plugins()?;
     run(cargo().args(["build", "--release", "-p", "wardgate"]))?;
     let mut cmd = Command::new(root().join("target/release/wardgate"));
-    cmd.arg("demo");
+    cmd.arg("demo").arg("--plugins").arg(components);
     if args.is_empty() {
         cmd.args(["--speed", "10", "--duration", "2m"]);
     } else {
@@ -80,6 +87,7 @@ fn demo(args: &[String]) -> Result<()> {
 
 fn test() -> Result<()> {
     install_packages(TEST_PACKAGES)?;
+    plugins()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -145,4 +153,107 @@ fn install_packages(packages: &[&str]) -> Result<()> {
     let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
     install.args(&missing);
     run(&mut install)
+}
+
+/// Debian packages of the fallback plugin toolchain (rustc 1.96 with its std source, and the
+/// linker `rust-lld` points to).
+const WASM_TOOLCHAIN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "rust-web-llvm",
+    "lld-22",
+];
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+fn rustup_has_wasm_target() -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == WASM_TARGET)
+        })
+        .unwrap_or(false)
+}
+
+/// Build every plugin crate and turn each core module into a component. Returns the directory
+/// holding the components.
+fn plugins() -> Result<PathBuf> {
+    let dir = root().join("plugins");
+    let mut cmd;
+    if rustup_has_wasm_target() {
+        cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "--release", "--target", WASM_TARGET]);
+    } else {
+        install_packages(WASM_TOOLCHAIN_PACKAGES)?;
+        let rustc = debian_binary("rustc-web", "/bin/rustc")?;
+        let cargo_bin = debian_binary("cargo-web", "/bin/cargo")?;
+        cmd = Command::new(cargo_bin);
+        cmd.env("RUSTC", rustc)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO")
+            .args([
+                "build",
+                "--release",
+                "--target",
+                WASM_TARGET,
+                "-Zbuild-std=std,panic_abort",
+            ]);
+    }
+    cmd.current_dir(&dir);
+    run(&mut cmd)?;
+
+    let modules = dir.join("target").join(WASM_TARGET).join("release");
+    let out = dir.join("target").join("components");
+    std::fs::create_dir_all(&out)?;
+    let members = plugin_members(&dir.join("Cargo.toml"))?;
+    for name in members.iter().filter(|m| *m != "common") {
+        let module = modules.join(format!("{}.wasm", name.replace('-', "_")));
+        let bytes = std::fs::read(&module)
+            .with_context(|| format!("reading the built module {}", module.display()))?;
+        let component = wit_component::ComponentEncoder::default()
+            .module(&bytes)
+            .with_context(|| format!("{name}: not a module wit-bindgen produced"))?
+            .validate(true)
+            .encode()
+            .with_context(|| format!("{name}: cannot make a component"))?;
+        let path = out.join(format!("{name}.wasm"));
+        std::fs::write(&path, &component)?;
+        eprintln!(
+            "xtask: component {} ({} bytes)",
+            path.display(),
+            component.len()
+        );
+    }
+    Ok(out)
+}
+
+/// Where a Debian package installed `suffix` (e.g. `/bin/rustc`).
+fn debian_binary(package: &str, suffix: &str) -> Result<PathBuf> {
+    let o = Command::new("dpkg").args(["-L", package]).output()?;
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find(|l| l.ends_with(suffix))
+        .map(PathBuf::from)
+        .with_context(|| format!("package {package} has no {suffix}"))
+}
+
+/// The `members` of the plugins workspace, by directory name.
+fn plugin_members(manifest: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(manifest)?;
+    let start = text
+        .find("members = [")
+        .context("plugins/Cargo.toml has no members list")?;
+    let end = text[start..]
+        .find(']')
+        .context("unterminated members list")?
+        + start;
+    Ok(text[start + "members = [".len()..end]
+        .split(',')
+        .map(|m| m.trim().trim_matches('"').to_owned())
+        .filter(|m| !m.is_empty())
+        .collect())
 }

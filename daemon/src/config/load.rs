@@ -26,6 +26,7 @@ const SECTIONS: &[&str] = &[
     "limits",
     "policy",
     "metering",
+    "plugins",
     "broker",
     "devices",
     "upstream",
@@ -300,6 +301,7 @@ fn extract(
     section(fig, "limits", &mut config.limits, errors);
     section(fig, "policy", &mut config.policy, errors);
     section(fig, "metering", &mut config.metering, errors);
+    section(fig, "plugins", &mut config.plugins, errors);
     section(fig, "broker", &mut config.broker, errors);
     section(fig, "upstream", &mut config.upstream, errors);
     section(fig, "log", &mut config.log, errors);

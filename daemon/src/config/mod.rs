@@ -27,6 +27,7 @@ pub use load::{load, ConfigError, ConfigErrors, LoadOptions, Loaded, Source, DEF
 pub use validate::{valid_kind_name, valid_thing_name, IOT_CORE_MAX_PAYLOAD_BYTES};
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,6 +49,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Per-device traffic metering.
     pub metering: MeteringConfig,
+    /// WebAssembly normalisation plugins.
+    pub plugins: PluginsConfig,
     /// The embedded MQTT broker behind the gatekeeper.
     pub broker: BrokerConfig,
     /// The device registry: who may connect, and what kind of device it is.
@@ -216,6 +219,36 @@ impl Default for PolicyConfig {
     }
 }
 
+/// `[plugins]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Directory of plugin components (`<name>.wasm`), watched for new and replaced files.
+    pub dir: PathBuf,
+    /// How often the directory is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Longest one plugin call may run before it is interrupted.
+    #[serde(with = "humantime_serde")]
+    pub call_deadline: Duration,
+    /// Most linear memory one plugin instance may use, in bytes.
+    pub max_memory_bytes: usize,
+    /// Traps in a row after which a plugin is marked failed (until a new file replaces it).
+    pub max_consecutive_traps: u32,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/wardgate/plugins"),
+            poll_interval: Duration::from_secs(2),
+            call_deadline: Duration::from_millis(5),
+            max_memory_bytes: 16 * 1024 * 1024,
+            max_consecutive_traps: 3,
+        }
+    }
+}
+
 /// `[metering]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -316,6 +349,9 @@ pub struct DeviceConfig {
     /// Free text for operators (room, bed, serial number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Settings handed to the device's plugin (`device-setting` in the plugin contract).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
 }
 
 impl DeviceConfig {
@@ -330,6 +366,7 @@ impl DeviceConfig {
             publish: None,
             subscribe: None,
             description: None,
+            settings: BTreeMap::new(),
         }
     }
 

@@ -159,6 +159,28 @@ pub(super) fn validate(
             "must be longer than 0s, e.g. \"5s\"".into(),
         );
     }
+    let p = &c.plugins;
+    if p.poll_interval.is_zero() {
+        err(
+            "plugins.poll_interval",
+            "must be longer than 0s, e.g. \"2s\"".into(),
+        );
+    }
+    if p.call_deadline.is_zero() || p.call_deadline > std::time::Duration::from_secs(10) {
+        err(
+            "plugins.call_deadline",
+            "must be between 1ms and 10s, e.g. \"5ms\"".into(),
+        );
+    }
+    if p.max_memory_bytes < 1024 * 1024 {
+        err(
+            "plugins.max_memory_bytes",
+            "must be at least 1048576 (1 MiB)".into(),
+        );
+    }
+    if p.max_consecutive_traps == 0 {
+        err("plugins.max_consecutive_traps", "must be at least 1".into());
+    }
     let tls = &c.listeners.tls;
     if tls.enabled {
         let files = [

@@ -7,14 +7,24 @@
 //! safe": no PUBACK, and the device resends. When the channel is full the gatekeeper stops
 //! reading from that device: backpressure, never loss.
 //!
-//! Stages to come hang off [`Pipeline::handle`]: plugin normalisation → shadow and rules →
-//! durable queue → uplink. For now it counts per device and logs.
+//! Stages, in [`Pipeline::handle`]: the device's plugin normalises the raw payload
+//! ([`crate::plugin_host`]); the readings are published on the local broker as canonical JSON on
+//! `ward/<device>/readings` for local consumers; a message the plugin fails or refuses goes to
+//! the [`DeadLetters`] store with the reason. Then, and only then, the reading is confirmed.
+//! (Shadows, rules and the durable queue hang off the same place later.)
 //!
 //! What must stay true: the pipeline stops only when every sender is gone (all device
 //! connections closed), so a stop drains everything accepted so far, in order.
 
+pub mod dead_letter;
+
+pub use dead_letter::{DeadLetter, DeadLetters};
+
+use crate::broker::BrokerHandle;
+use crate::plugin_host::{Input, Normalized, PluginHost};
 use crate::registry::Device;
 use bytes::Bytes;
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -83,6 +93,10 @@ pub struct DeviceCounts {
     pub messages: u64,
     /// Payload bytes received.
     pub bytes: u64,
+    /// Canonical readings produced by its plugin.
+    pub readings: u64,
+    /// Messages stored in the dead-letter store.
+    pub dead_letters: u64,
 }
 
 /// What the pipeline has handled so far; cheap to clone and read from anywhere.
@@ -111,21 +125,145 @@ impl PipelineStats {
     }
 }
 
+/// What the pipeline does with a message.
+#[derive(Debug)]
+pub struct Stages {
+    /// Thing name, stamped on every canonical message.
+    pub gateway_id: String,
+    /// The plugin host.
+    pub plugins: Arc<PluginHost>,
+    /// Where failed messages go.
+    pub dead_letters: DeadLetters,
+    /// Publisher on the local broker (`None`: do not publish locally).
+    pub local: Option<LocalPublisher>,
+}
+
+/// The canonical message published on `ward/<device>/readings`.
+#[derive(Debug, Serialize)]
+pub struct Canonical<'a> {
+    /// Thing name of the gateway.
+    pub gateway_id: &'a str,
+    /// Device id.
+    pub device_id: &'a str,
+    /// Device kind.
+    pub kind: &'a str,
+    /// Plugin and its version.
+    pub plugin: &'a str,
+    /// Plugin version.
+    pub plugin_version: &'a str,
+    /// Topic the raw message came on.
+    pub topic: &'a str,
+    /// When the gateway received it, ms since the UNIX epoch.
+    pub received_at_ms: i64,
+    /// The readings.
+    pub readings: &'a [crate::plugin_host::Reading],
+}
+
+/// A client of the local broker, logged in with the internal secret.
+pub struct LocalPublisher {
+    client: rumqttc::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for LocalPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalPublisher")
+    }
+}
+
+impl Drop for LocalPublisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LocalPublisher {
+    /// Connect to the internal broker (reconnecting by itself when needed).
+    pub fn new(broker: &BrokerHandle) -> Self {
+        let login = broker.internal_login();
+        let mut o = rumqttc::MqttOptions::new(
+            "wardgate-pipeline",
+            broker.addr().ip().to_string(),
+            broker.addr().port(),
+        );
+        o.set_credentials(login.username, login.password);
+        o.set_keep_alive(Duration::from_secs(60));
+        o.set_max_packet_size(
+            broker.max_frame_bytes() + 1024,
+            broker.max_frame_bytes() + 1024,
+        );
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 256);
+        let task = tokio::spawn(async move {
+            loop {
+                if let Err(e) = el.poll().await {
+                    log::warn!(error:% = e; "local publisher lost the internal broker; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        });
+        Self { client, task }
+    }
+
+    async fn publish(&self, topic: String, payload: Vec<u8>) {
+        if let Err(e) = self
+            .client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+        {
+            log::warn!(error:% = e; "cannot publish readings on the local broker");
+        }
+    }
+}
+
+/// At most one journal line per device per [`DEAD_LETTER_LOG_EVERY`] for dead-lettered
+/// messages (every message is still stored and counted): a device sending garbage ten times a
+/// second must not flood the journal.
+const DEAD_LETTER_LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct LogLimiter(Mutex<std::collections::HashMap<Arc<str>, (std::time::Instant, u64)>>);
+
+impl LogLimiter {
+    /// `Some(suppressed since last)` when a line may be written now.
+    fn allow(&self, id: &Arc<str>) -> Option<u64> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match m.get_mut(id) {
+            Some((last, suppressed)) if now.duration_since(*last) < DEAD_LETTER_LOG_EVERY => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                m.insert(id.clone(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// The pipeline task.
 #[derive(Debug)]
 pub struct Pipeline {
     rx: mpsc::Receiver<Ingest>,
     stats: PipelineStats,
+    stages: Stages,
+    dead_letter_log: LogLimiter,
 }
 
 impl Pipeline {
     /// A pipeline and the sender its producers use.
-    pub fn new() -> (Self, IngestSender) {
+    pub fn new(stages: Stages) -> (Self, IngestSender) {
         let (tx, rx) = mpsc::channel(INGEST_CHANNEL_CAPACITY);
         (
             Self {
                 rx,
                 stats: PipelineStats::default(),
+                stages,
+                dead_letter_log: LogLimiter::default(),
             },
             tx,
         )
@@ -146,7 +284,7 @@ impl Pipeline {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(msg) => {
-                        self.handle(msg);
+                        self.handle(msg).await;
                         handled += 1;
                         since_summary += 1;
                     }
@@ -166,24 +304,95 @@ impl Pipeline {
         handled
     }
 
-    fn handle(&self, mut msg: Ingest) {
+    async fn handle(&self, mut msg: Ingest) {
+        let received_at_ms = dead_letter::ms(msg.received_at);
+        let result = self.stages.plugins.normalize(
+            &msg.device.plugin,
+            Input {
+                device_id: &msg.device.id,
+                kind: &msg.device.kind,
+                topic: &msg.topic,
+                payload: &msg.payload,
+                received_at_ms,
+                settings: &msg.device.settings,
+            },
+        );
+        let (readings, dead) = match result {
+            Ok(n) => {
+                self.publish(&msg, &n, received_at_ms).await;
+                (n.readings.len() as u64, 0)
+            }
+            Err(failure) => {
+                let dl = self.stages.dead_letters.clone();
+                let entry = DeadLetters::entry(&msg, &failure);
+                let stored = tokio::task::spawn_blocking(move || dl.write(&entry))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                if let Err(e) = stored {
+                    // Not safe anywhere: withhold the acknowledgement so the device resends.
+                    log::error!(
+                        device_id:% = msg.device.id, plugin:% = msg.device.plugin, error:% = e,
+                        path:% = self.stages.dead_letters.dir().display();
+                        "cannot write the dead-letter store; message not acknowledged"
+                    );
+                    return;
+                }
+                if let Some(suppressed) = self.dead_letter_log.allow(&msg.device.id) {
+                    log::warn!(
+                        device_id:% = msg.device.id, plugin:% = msg.device.plugin,
+                        topic:% = msg.topic, reason_kind = failure.kind(), reason:% = failure,
+                        suppressed = suppressed;
+                        "message not normalised, kept in the dead-letter store: {failure}{}",
+                        if suppressed > 0 { format!(" ({suppressed} more from this device since the last report)") } else { String::new() }
+                    );
+                }
+                (0, 1)
+            }
+        };
         {
             let mut stats = self.stats.lock();
             let c = stats.entry(msg.device.id.clone()).or_default();
             c.messages += 1;
             c.bytes += msg.payload.len() as u64;
+            c.readings += readings;
+            c.dead_letters += dead;
         }
         log::debug!(
             device_id:% = msg.device.id,
             kind:% = msg.device.kind,
             topic:% = msg.topic,
             bytes = msg.payload.len(),
+            readings = readings,
             qos = if msg.qos == Qos::AtLeastOnce { 1 } else { 0 },
             pkid = msg.pkid;
-            "reading received"
+            "message handled"
         );
         if let Some(ack) = msg.ack.take() {
             ack.confirm();
+        }
+    }
+
+    async fn publish(&self, msg: &Ingest, n: &Normalized, received_at_ms: i64) {
+        let Some(local) = &self.stages.local else {
+            return;
+        };
+        let canonical = Canonical {
+            gateway_id: &self.stages.gateway_id,
+            device_id: &msg.device.id,
+            kind: &msg.device.kind,
+            plugin: &n.plugin,
+            plugin_version: &n.version,
+            topic: &msg.topic,
+            received_at_ms,
+            readings: &n.readings,
+        };
+        match serde_json::to_vec(&canonical) {
+            Ok(json) => {
+                local
+                    .publish(format!("ward/{}/readings", msg.device.id), json)
+                    .await
+            }
+            Err(e) => log::warn!(error:% = e; "cannot encode canonical readings"),
         }
     }
 }

@@ -1,0 +1,111 @@
+//! The dead-letter store: every message a plugin failed or refused, with the reason.
+//!
+//! One JSON line per message in `<state_dir>/dead-letter/<YYYY-MM-DD>.jsonl` (UTC date), payload
+//! in base64, written and synced before the device's PUBACK. If the write fails the message is
+//! not acknowledged (the device resends): a message is never dropped without a trace.
+
+use super::Ingest;
+use crate::plugin_host::Failure;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// When it was stored, ms since the UNIX epoch.
+    pub stored_at_ms: i64,
+    /// When the gateway received it.
+    pub received_at_ms: i64,
+    /// Authenticated device id.
+    pub device_id: String,
+    /// Device kind.
+    pub kind: String,
+    /// Plugin that should have handled it.
+    pub plugin: String,
+    /// MQTT topic.
+    pub topic: String,
+    /// Failure class (`malformed`, `out-of-range`, `unsupported`, `trap`, `no-plugin`, ...).
+    pub reason_kind: String,
+    /// Failure explanation.
+    pub reason: String,
+    /// The payload, base64.
+    pub payload_base64: String,
+}
+
+/// The store.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    dir: PathBuf,
+}
+
+pub(super) fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl DeadLetters {
+    /// A store under `<state_dir>/dead-letter`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.join("dead-letter"),
+        }
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The record for one failed message.
+    pub fn entry(msg: &Ingest, failure: &Failure) -> DeadLetter {
+        let now = SystemTime::now();
+        DeadLetter {
+            stored_at_ms: ms(now),
+            received_at_ms: ms(msg.received_at),
+            device_id: msg.device.id.to_string(),
+            kind: msg.device.kind.to_string(),
+            plugin: msg.device.plugin.to_string(),
+            topic: msg.topic.clone(),
+            reason_kind: failure.kind().to_owned(),
+            reason: failure.to_string(),
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+        }
+    }
+
+    /// Append one record and sync it to disk (blocking).
+    pub fn write(&self, entry: &DeadLetter) -> std::io::Result<()> {
+        let now = SystemTime::now();
+        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        std::fs::create_dir_all(&self.dir)?;
+        let day = humantime::format_rfc3339_seconds(now).to_string();
+        let path = self.dir.join(format!("{}.jsonl", &day[..10]));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        f.write_all(&line)?;
+        f.sync_data()
+    }
+
+    /// Every stored message, oldest file first.
+    pub fn read_all(&self) -> Vec<DeadLetter> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}

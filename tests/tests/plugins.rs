@@ -1,0 +1,467 @@
+//! The plugin platform with real components built from `plugins/` (`cargo xtask plugins`):
+//! each plugin against its simulator's payloads, misbehaving guests contained, hot swap under
+//! a live stream, a corrupt file rejected.
+
+use rumqttc::QoS;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use wardgate::app::Gateway;
+use wardgate::config::PluginsConfig;
+use wardgate::plugin_host::{Failure, Input, PluginHost};
+use wardgate::sim::Model;
+use wardgate_tests::{component, config, connect, device, options};
+
+fn host(dir: &std::path::Path) -> Arc<PluginHost> {
+    let cfg = PluginsConfig {
+        dir: dir.to_path_buf(),
+        poll_interval: Duration::from_millis(100),
+        call_deadline: Duration::from_millis(20),
+        max_memory_bytes: 16 * 1024 * 1024,
+        max_consecutive_traps: 3,
+    };
+    PluginHost::new(&cfg, None).unwrap()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn call(
+    h: &PluginHost,
+    plugin: &str,
+    payload: &[u8],
+    settings: &Arc<BTreeMap<String, String>>,
+) -> Result<Vec<wardgate::plugin_host::Reading>, Failure> {
+    h.normalize(
+        plugin,
+        Input {
+            device_id: "dev-1",
+            kind: plugin,
+            topic: "ward/dev-1/telemetry",
+            payload,
+            received_at_ms: now_ms(),
+            settings,
+        },
+    )
+    .map(|n| n.readings)
+}
+
+fn rejected(r: Result<Vec<wardgate::plugin_host::Reading>, Failure>) -> &'static str {
+    match r {
+        Err(Failure::Rejected { kind, .. }) => kind,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn each_plugin_normalises_its_vendor_formats_and_rejects_bad_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = host(dir.path());
+    for p in ["pacemaker", "glucose", "bed-temperature"] {
+        h.load_file(&component(p)).unwrap();
+    }
+    let none = Arc::new(BTreeMap::new());
+    let mut rng = rand::thread_rng();
+    let t = UNIX_EPOCH + Duration::from_secs(1_795_326_538);
+    let t_ms = 1_795_326_538_000;
+
+    // Pacemaker: simulator payloads, heart rate and battery, device time kept.
+    for _ in 0..20 {
+        let payload = Model::Pacemaker.payload(1, t, &mut rng);
+        let r = call(&h, "pacemaker", &payload, &none).unwrap();
+        assert_eq!(r[0].metric, "heart-rate");
+        assert_eq!(r[0].unit, "/min");
+        assert!((80.0..=110.0).contains(&r[0].value));
+        assert_eq!(r[0].observed_at_ms, t_ms);
+        assert_eq!(r[1].metric, "battery-level");
+    }
+    let alarm = call(
+        &h,
+        "pacemaker",
+        &Model::PacemakerAlarm.payload(1, t, &mut rng),
+        &none,
+    )
+    .unwrap();
+    assert_eq!((alarm[0].value, alarm[0].quality), (141.0, "good"));
+    assert_eq!(
+        rejected(call(
+            &h,
+            "pacemaker",
+            br#"{"heartbeat":400,"ts":1795326538000}"#,
+            &none
+        )),
+        "out-of-range"
+    );
+    assert_eq!(
+        rejected(call(
+            &h,
+            "pacemaker",
+            br#"{"heartbeat":92,"ts":17953"#,
+            &none
+        )),
+        "malformed"
+    );
+    assert_eq!(
+        rejected(call(&h, "pacemaker", br#"{"ts":1795326538000}"#, &none)),
+        "malformed"
+    );
+
+    // Glucose: both vendors, converted to mg/dL; the device setting switches to mmol/L.
+    let a = call(
+        &h,
+        "glucose",
+        &Model::GlucoseMgDl.payload(1, t, &mut rng),
+        &none,
+    )
+    .unwrap();
+    assert_eq!(
+        (a[0].metric.as_str(), a[0].unit.as_str()),
+        ("blood-glucose", "mg/dL")
+    );
+    assert_eq!(a[0].observed_at_ms, t_ms);
+    let b = call(&h, "glucose", b"SS1;5.5;mmol/L;1795326538", &none).unwrap();
+    assert_eq!((b[0].value, b[0].unit.as_str()), (99.1, "mg/dL"));
+    assert_eq!(b[0].observed_at_ms, t_ms);
+    let mmol = Arc::new(BTreeMap::from([("unit".to_owned(), "mmol/L".to_owned())]));
+    let c = call(
+        &h,
+        "glucose",
+        br#"{"glucose":{"value":180,"unit":"mg/dL"},"measured_at":"2026-11-22T05:48:58Z"}"#,
+        &mmol,
+    )
+    .unwrap();
+    assert_eq!((c[0].value, c[0].unit.as_str()), (9.99, "mmol/L"));
+    assert_eq!(
+        rejected(call(&h, "glucose", b"SS1;5.5;g/L;1795326538", &none)),
+        "unsupported"
+    );
+    assert_eq!(
+        rejected(call(&h, "glucose", b"SS1;80.0;mmol/L;1795326538", &none)),
+        "out-of-range"
+    );
+    assert_eq!(
+        rejected(call(&h, "glucose", b"SS1;5.5;mmol", &none)),
+        "malformed"
+    );
+    assert_eq!(rejected(call(&h, "glucose", br#"{"glucose":{"value":104,"unit":"mg/dL"},"measured_at":"2026-11-22T05:48:58+02:00"}"#, &none)), "malformed");
+
+    // Bed temperature: °F → °C.
+    let bt = call(
+        &h,
+        "bed-temperature",
+        b"bed=07 temp_f=98.6 ts=1795326538",
+        &none,
+    )
+    .unwrap();
+    assert_eq!(
+        (bt[0].value, bt[0].unit.as_str(), bt[0].observed_at_ms),
+        (37.0, "Cel", t_ms)
+    );
+    let sim = call(
+        &h,
+        "bed-temperature",
+        &Model::BedTemperatureF.payload(3, t, &mut rng),
+        &none,
+    )
+    .unwrap();
+    assert!((36.0..=38.1).contains(&sim[0].value), "{sim:?}");
+    assert_eq!(
+        rejected(call(
+            &h,
+            "bed-temperature",
+            b"bed=07 temp_f=150 ts=1795326538",
+            &none
+        )),
+        "out-of-range"
+    );
+    assert_eq!(
+        rejected(call(
+            &h,
+            "bed-temperature",
+            b"bed=07 temp_k=310 ts=1795326538",
+            &none
+        )),
+        "unsupported"
+    );
+    assert_eq!(
+        rejected(call(&h, "bed-temperature", b"bed=07 temp_f=98.", &none)),
+        "malformed"
+    );
+}
+
+#[test]
+fn misbehaving_guests_are_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = host(dir.path());
+    for p in [
+        "pacemaker",
+        "test-loop",
+        "test-alloc",
+        "test-panic",
+        "test-nonsense",
+    ] {
+        h.load_file(&component(p)).unwrap();
+    }
+    let none = Arc::new(BTreeMap::new());
+    let good = br#"{"heartbeat":90,"ts":1795326538000}"#;
+    let expect = [
+        ("test-loop", "deadline"),
+        ("test-alloc", "memory"),
+        ("test-panic", "panicked"),
+    ];
+    for (plugin, what) in expect {
+        let started = std::time::Instant::now();
+        match call(&h, plugin, b"x", &none) {
+            Err(Failure::Trap(reason)) => assert!(reason.contains(what), "{plugin}: {reason}"),
+            other => panic!("{plugin}: expected a trap, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{plugin} was not stopped"
+        );
+        // The host and the other plugins are unaffected.
+        assert_eq!(call(&h, "pacemaker", good, &none).unwrap()[0].value, 90.0);
+    }
+    match call(&h, "test-nonsense", b"x", &none) {
+        Err(Failure::InvalidOutput(_)) => {}
+        other => panic!("nonsense output must be refused, got {other:?}"),
+    }
+    // A plugin that keeps trapping is marked failed.
+    for _ in 0..2 {
+        assert!(matches!(
+            call(&h, "test-panic", b"x", &none),
+            Err(Failure::Trap(_))
+        ));
+    }
+    assert!(h.get("test-panic").unwrap().is_failed());
+    assert_eq!(
+        call(&h, "test-panic", b"x", &none),
+        Err(Failure::PluginFailed("test-panic".into()))
+    );
+    assert_eq!(call(&h, "pacemaker", good, &none).unwrap().len(), 1);
+}
+
+#[test]
+fn a_corrupt_file_is_rejected_and_the_previous_version_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pacemaker.wasm");
+    std::fs::copy(component("pacemaker"), &path).unwrap();
+    let h = host(dir.path());
+    h.scan();
+    let v1 = h.get("pacemaker").expect("v1 loaded");
+    // Replace with garbage (and a truncated component).
+    let bytes = std::fs::read(component("test-pacemaker-v2")).unwrap();
+    for bad in [
+        b"not wasm at all".to_vec(),
+        bytes[..bytes.len() / 2].to_vec(),
+    ] {
+        let tmp = dir.path().join(".pacemaker.wasm.tmp");
+        std::fs::write(&tmp, &bad).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        h.scan();
+        let now = h.get("pacemaker").expect("still loaded");
+        assert_eq!(now.digest(), v1.digest(), "v1 keeps serving");
+        let none = Arc::new(BTreeMap::new());
+        assert!(call(
+            &h,
+            "pacemaker",
+            br#"{"heartbeat":70,"ts":1795326538000}"#,
+            &none
+        )
+        .is_ok());
+    }
+    // A good v2 replaces it.
+    std::fs::copy(component("test-pacemaker-v2"), dir.path().join(".tmp")).unwrap();
+    std::fs::rename(dir.path().join(".tmp"), &path).unwrap();
+    h.scan();
+    assert_eq!(h.get("pacemaker").unwrap().version(), "0.2.0");
+    // And a removed file unloads the plugin.
+    std::fs::remove_file(&path).unwrap();
+    h.scan();
+    assert!(h.get("pacemaker").is_none());
+}
+
+/// A monitor allowed to read every device's canonical readings.
+fn monitor() -> wardgate::config::DeviceConfig {
+    let mut m = device("monitor-01", "monitor", "m");
+    m.subscribe = Some(vec!["ward/+/readings".into()]);
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_plugin_never_costs_another_device_a_reading() {
+    let state = tempfile::tempdir().unwrap();
+    let mut devices = vec![device("pm-01", "pacemaker", "pw"), monitor()];
+    for (id, plugin) in [
+        ("bad-loop", "test-loop"),
+        ("bad-alloc", "test-alloc"),
+        ("bad-panic", "test-panic"),
+    ] {
+        let mut d = device(id, "test", "pw");
+        d.plugin = Some(plugin.into());
+        devices.push(d);
+    }
+    let mut cfg = config(state.path(), devices);
+    cfg.plugins.call_deadline = Duration::from_millis(5);
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let addr = gw.listener_addr("plain").unwrap();
+    let mut mon = connect(options(addr, "monitor-01", "m")).await;
+    mon.subscribe("ward/+/readings").await;
+
+    let n: u32 = 60;
+    let pm = connect(options(addr, "pm-01", "pw")).await;
+    let bad: Vec<_> = futures_join(
+        ["bad-loop", "bad-alloc", "bad-panic"].map(|id| connect(options(addr, id, "pw"))),
+    )
+    .await;
+    for i in 0..n {
+        let hr = 60 + i % 50;
+        pm.client
+            .publish(
+                "ward/pm-01/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
+            )
+            .await
+            .unwrap();
+        for (d, id) in bad.iter().zip(["bad-loop", "bad-alloc", "bad-panic"]) {
+            d.client
+                .publish(
+                    format!("ward/{id}/telemetry"),
+                    QoS::AtLeastOnce,
+                    false,
+                    b"x".to_vec(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < n as usize {
+        let (topic, payload) = mon
+            .next(Duration::from_secs(20))
+            .await
+            .expect("canonical readings keep flowing");
+        assert_eq!(topic, "ward/pm-01/readings");
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        got.push(v["readings"][0]["value"].as_f64().unwrap());
+    }
+    let want: Vec<f64> = (0..n).map(|i| f64::from(60 + i % 50)).collect();
+    assert_eq!(got, want, "every pacemaker reading, in order");
+    // Every bad message was acknowledged and kept, with its reason.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while bad
+            .iter()
+            .any(|d| d.acks.load(std::sync::atomic::Ordering::SeqCst) < u64::from(n))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("bad devices' messages are acknowledged once stored");
+    let report = gw.stop(Duration::from_secs(10)).await;
+    assert!(report.drained);
+    let dead = wardgate::pipeline::DeadLetters::new(state.path()).read_all();
+    for id in ["bad-loop", "bad-alloc", "bad-panic"] {
+        let mine: Vec<_> = dead.iter().filter(|d| d.device_id == id).collect();
+        assert_eq!(
+            mine.len(),
+            n as usize,
+            "{id}: every message in the dead-letter store"
+        );
+    }
+    assert!(dead.iter().any(|d| d.reason.contains("deadline")));
+    assert!(dead.iter().any(|d| d.reason.contains("memory")));
+    assert!(dead.iter().any(|d| d.reason_kind == "plugin-failed"));
+}
+
+async fn futures_join<F: std::future::Future>(fs: [F; 3]) -> Vec<F::Output> {
+    let mut out = Vec::new();
+    for f in fs {
+        out.push(f.await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_a_live_stream_loses_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        component("pacemaker"),
+        plugins.path().join("pacemaker.wasm"),
+    )
+    .unwrap();
+    let mut cfg = config(
+        state.path(),
+        vec![device("pm-01", "pacemaker", "pw"), monitor()],
+    );
+    cfg.plugins.dir = plugins.path().to_path_buf();
+    cfg.plugins.poll_interval = Duration::from_millis(50);
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let addr = gw.listener_addr("plain").unwrap();
+    let mut mon = connect(options(addr, "monitor-01", "m")).await;
+    mon.subscribe("ward/+/readings").await;
+    let pm = connect(options(addr, "pm-01", "pw")).await;
+
+    let total = 1000;
+    let dir = plugins.path().to_path_buf();
+    let publisher = tokio::spawn(async move {
+        for i in 0..total {
+            if i == total / 3 {
+                // Drop in v2 the way an operator should: write beside, then rename over.
+                let tmp = dir.join(".pacemaker.wasm.new");
+                std::fs::copy(component("test-pacemaker-v2"), &tmp).unwrap();
+                std::fs::rename(&tmp, dir.join("pacemaker.wasm")).unwrap();
+            }
+            let hr = 40 + i % 100;
+            pm.client
+                .publish(
+                    "ward/pm-01/telemetry",
+                    QoS::AtLeastOnce,
+                    false,
+                    format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        pm
+    });
+    let mut versions = Vec::new();
+    while versions.len() < total as usize {
+        let (_, payload) = mon
+            .next(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("only {} of {total} readings", versions.len()));
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            v["readings"][0]["value"].as_f64().unwrap(),
+            f64::from(40 + versions.len() as u32 % 100),
+            "in order, none lost"
+        );
+        versions.push(v["plugin_version"].as_str().unwrap().to_owned());
+    }
+    let _pm = publisher.await.unwrap();
+    let first_v2 = versions
+        .iter()
+        .position(|v| v == "0.2.0")
+        .expect("v2 took over");
+    assert!(first_v2 > 0, "v1 served before the swap");
+    assert!(versions[..first_v2].iter().all(|v| v == "0.1.0"));
+    assert!(
+        versions[first_v2..].iter().all(|v| v == "0.2.0"),
+        "after the swap everything is handled by v2"
+    );
+    assert!(
+        mon.next(Duration::from_millis(300)).await.is_none(),
+        "no duplicates"
+    );
+    let report = gw.stop(Duration::from_secs(10)).await;
+    assert!(report.drained);
+}
