@@ -7,6 +7,7 @@
 //!   `plugins/target/components/`. Uses rustup's `wasm32-unknown-unknown` target when it is
 //!   installed; otherwise Debian's `rustc-web` toolchain with `-Zbuild-std` (installed with apt
 //!   when missing), because the std of that target cannot be downloaded for rustup here.
+//! - `bench`: the benchmarks (release build): per-reading plugin cost.
 //! - `deps`: only install the system packages the tests need.
 //!
 //! Each task installs what it needs itself (Debian packages via apt-get when missing), so a
@@ -29,6 +30,7 @@ fn main() -> Result<()> {
         "demo" => demo(&rest),
         "test" => test(),
         "plugins" => plugins().map(|_| ()),
+        "bench" => bench(),
         "deps" => install_packages(TEST_PACKAGES),
         _ => {
             eprintln!(
@@ -37,6 +39,7 @@ fn main() -> Result<()> {
                  demo [ARGS]  run the gateway with a simulated ward (default: --speed 10 --duration 2m)\n  \
                  test         install test dependencies, then fmt, clippy and all tests\n  \
                  plugins      build the WebAssembly plugins into components\n  \
+                 bench        build the plugins and run the benchmarks (release build)\n  \
                  deps         install the Debian packages the tests need"
             );
             if task.is_empty() || task == "help" || task == "--help" {
@@ -97,6 +100,14 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The plugins' shared helpers are plain Rust: test them on the host too.
+    run(cargo().args([
+        "test",
+        "--manifest-path",
+        "plugins/Cargo.toml",
+        "-p",
+        "plugin-common",
+    ]))?;
     if has_nextest() {
         run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
     } else {
@@ -104,6 +115,13 @@ fn test() -> Result<()> {
         run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     }
     Ok(())
+}
+
+fn bench() -> Result<()> {
+    let components = plugins()?;
+    run(cargo()
+        .args(["bench", "-p", "wardgate", "--bench", "plugin"])
+        .env("WARDGATE_COMPONENTS", components))
 }
 
 fn has_nextest() -> bool {

@@ -1,6 +1,6 @@
 //! Helpers shared by wardgate's device plugins: plain Rust, no bindings, unit-tested on the host.
 
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 extern crate alloc;
 use alloc::format;
 use alloc::string::String;
