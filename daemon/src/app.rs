@@ -44,6 +44,7 @@ pub struct Gateway {
 /// What the status writer needs, detached from the [`Gateway`].
 #[derive(Debug)]
 struct StatusView {
+    plugins: Arc<PluginHost>,
     gateway_id: String,
     started_at: std::time::SystemTime,
     listeners: Vec<(&'static str, SocketAddr)>,
@@ -72,6 +73,18 @@ impl StatusView {
             readings: self.stats.total_messages(),
             gateway: self.metering.gateway().snapshot(),
             devices: self.metering.snapshot(),
+            plugins: self.plugins.status(),
+            pipeline: self
+                .stats
+                .snapshot()
+                .into_iter()
+                .map(|(id, c)| status::PipelineDevice {
+                    device_id: id.to_string(),
+                    messages: c.messages,
+                    readings: c.readings,
+                    dead_letters: c.dead_letters,
+                })
+                .collect(),
         }
     }
 }
@@ -167,6 +180,7 @@ impl Gateway {
         let pipeline = tokio::spawn(pipeline.run());
         let plugin_watch = tokio::spawn(plugins.clone().watch(shutdown.clone()));
         let view = Arc::new(StatusView {
+            plugins: plugins.clone(),
             gateway_id: config.gateway.id.clone(),
             started_at: std::time::SystemTime::now(),
             listeners: listeners.clone(),

@@ -46,6 +46,25 @@ pub struct Status {
     pub gateway: GatewayCountersSnapshot,
     /// Per-device meters.
     pub devices: Vec<DeviceSnapshot>,
+    /// Loaded plugins.
+    #[serde(default)]
+    pub plugins: Vec<crate::plugin_host::PluginStatus>,
+    /// Per-device pipeline results since start: readings made, messages dead-lettered.
+    #[serde(default)]
+    pub pipeline: Vec<PipelineDevice>,
+}
+
+/// Pipeline results of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineDevice {
+    /// Device id.
+    pub device_id: String,
+    /// Messages handled.
+    pub messages: u64,
+    /// Canonical readings produced.
+    pub readings: u64,
+    /// Messages kept in the dead-letter store.
+    pub dead_letters: u64,
 }
 
 /// Path of the status file.
@@ -132,6 +151,30 @@ pub fn render(s: &Status) -> String {
             c.disconnects,
             d.peer.map(|p| p.to_string()).unwrap_or_default()
         );
+    }
+    if !s.plugins.is_empty() {
+        let _ = writeln!(out);
+        for p in &s.plugins {
+            let _ = writeln!(
+                out,
+                "plugin {:<20} {:<10} sha256 {}{}",
+                p.name,
+                p.version,
+                &p.digest[..16.min(p.digest.len())],
+                if p.failed { "  FAILED" } else { "" }
+            );
+        }
+    }
+    let dead: Vec<&PipelineDevice> = s.pipeline.iter().filter(|d| d.dead_letters > 0).collect();
+    if !dead.is_empty() {
+        let _ = writeln!(out);
+        for d in dead {
+            let _ = writeln!(
+                out,
+                "dead letters {:<24} {} of {} messages (see <state_dir>/dead-letter/)",
+                d.device_id, d.dead_letters, d.messages
+            );
+        }
     }
     let _ = writeln!(
         out,

@@ -307,13 +307,16 @@ impl PluginHost {
         };
         if let Some(dir) = &self.cache_dir {
             let cached = dir.join(format!("{digest}.cwasm"));
-            if cached.is_file() {
-                // SAFETY: files in the cache directory are written only by this function, from
-                // components wasmtime itself compiled and serialised with an engine of the same
-                // compatibility hash (the directory name); the state directory is private to
-                // the service user.
+            // Read into memory instead of mapping the file: a mapped file that somebody
+            // truncates under a running gateway would crash it (SIGBUS).
+            if let Ok(compiled) = std::fs::read(&cached) {
+                // SAFETY: files in the cache directory are written only by this function (temp
+                // file + rename), from components wasmtime itself compiled and serialised with an
+                // engine of the same compatibility hash (the directory name); the state
+                // directory is private to the service user. wasmtime checks the header and
+                // version and refuses anything it did not write.
                 #[allow(unsafe_code)]
-                let c = unsafe { Component::deserialize_file(&self.engine, &cached) };
+                let c = unsafe { Component::deserialize(&self.engine, &compiled) };
                 match c {
                     Ok(c) => return Ok(c),
                     Err(e) => log::warn!(
