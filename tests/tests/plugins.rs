@@ -287,6 +287,19 @@ fn a_corrupt_file_is_rejected_and_the_previous_version_keeps_serving() {
     assert!(h.get("pacemaker").is_none());
 }
 
+/// Publish one pacemaker reading (QoS 1) with heart rate `hr`.
+async fn send_heart_rate(client: &rumqttc::AsyncClient, hr: u32) {
+    client
+        .publish(
+            "ward/pm-01/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
+        )
+        .await
+        .unwrap();
+}
+
 /// A monitor allowed to read every device's canonical readings.
 fn monitor() -> wardgate::config::DeviceConfig {
     let mut m = device("monitor-01", "monitor", "m");
@@ -322,15 +335,7 @@ async fn a_bad_plugin_never_costs_another_device_a_reading() {
     .await;
     for i in 0..n {
         let hr = 60 + i % 50;
-        pm.client
-            .publish(
-                "ward/pm-01/telemetry",
-                QoS::AtLeastOnce,
-                false,
-                format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
-            )
-            .await
-            .unwrap();
+        send_heart_rate(&pm.client, hr).await;
         for (d, id) in bad.iter().zip(["bad-loop", "bad-alloc", "bad-panic"]) {
             d.client
                 .publish(
@@ -429,15 +434,7 @@ async fn hot_swap_under_a_live_stream_loses_nothing() {
                 std::fs::rename(&tmp, dir.join("pacemaker.wasm")).unwrap();
             }
             let hr = 40 + i % 100;
-            pm.client
-                .publish(
-                    "ward/pm-01/telemetry",
-                    QoS::AtLeastOnce,
-                    false,
-                    format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
-                )
-                .await
-                .unwrap();
+            send_heart_rate(&pm.client, hr).await;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         pm
