@@ -79,12 +79,13 @@ async fn journal_records_carry_identifier_and_device_fields() {
         .expect("wardgate became ready under the test journald");
     let addr = plain_addr_from_status(&ready).unwrap();
     let pm = connect(options(addr, "pm-01", "pw")).await;
+    // A heart rate the pacemaker plugin flags: its own log line must carry PLUGIN and DEVICE_ID.
     pm.client
         .publish(
             "ward/pm-01/telemetry",
             QoS::AtLeastOnce,
             false,
-            b"{}".to_vec(),
+            br#"{"heartbeat":200,"ts":1795326538000}"#.to_vec(),
         )
         .await
         .unwrap();
@@ -146,4 +147,16 @@ async fn journal_records_carry_identifier_and_device_fields() {
     assert!(all
         .iter()
         .any(|r| field(r, "MESSAGE") == "wardgate stopped"));
+
+    // The plugin's own log call, with the plugin and the device it was working for.
+    let from_plugin = all
+        .iter()
+        .find(|r| field(r, "MESSAGE").contains("outside 40"))
+        .unwrap_or_else(|| panic!("no plugin log record in {all:#?}"));
+    assert_eq!(field(from_plugin, "PLUGIN"), "pacemaker");
+    assert_eq!(field(from_plugin, "DEVICE_ID"), "pm-01");
+    assert!(all
+        .iter()
+        .any(|r| field(r, "MESSAGE") == "plugin loaded pacemaker"
+            && field(r, "PLUGIN") == "pacemaker"));
 }
