@@ -117,6 +117,16 @@ impl Ca {
         )
     }
 
+    /// A device certificate whose CN is a label and whose SAN (DNS name) is the device id.
+    pub fn device_by_san(&mut self, label: &str, id: &str) -> Issued {
+        self.issue(
+            label,
+            vec![SanType::DnsName(id.try_into().unwrap())],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            Self::now_valid(),
+        )
+    }
+
     /// A device certificate with CN = `id` that expired yesterday.
     pub fn expired_device(&mut self, id: &str) -> Issued {
         let now = OffsetDateTime::now_utc();

@@ -134,6 +134,13 @@ async fn mutual_tls_identities_and_refusals() {
         "revoked"
     );
 
+    // The identity may also be a SAN (here with a CN that is just a label).
+    let by_san = t.ca.device_by_san("Acme Cardio serial 7731", "pm-02");
+    assert_eq!(
+        tls_login(&t, Some(&by_san), "pm-02", None).await,
+        Some(ConnectReturnCode::Success)
+    );
+
     // A valid certificate for pm-01 cannot log in as pm-02.
     assert_eq!(
         tls_login(&t, Some(&good), "pm-02", None).await,
