@@ -35,9 +35,15 @@ pub fn components_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/components")
 }
 
-/// The component file of plugin `name`; panics with the fix when it was not built.
+/// The component file of plugin `name` (test guests from `test-components/`); panics with the
+/// fix when it was not built.
 pub fn component(name: &str) -> std::path::PathBuf {
-    let p = components_dir().join(format!("{name}.wasm"));
+    let dir = if name.starts_with("test-") {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/test-components")
+    } else {
+        components_dir()
+    };
+    let p = dir.join(format!("{name}.wasm"));
     assert!(
         p.is_file(),
         "{} is missing: build the plugins first with `cargo xtask plugins` (cargo xtask test does)",

@@ -320,7 +320,12 @@ async fn a_bad_plugin_never_costs_another_device_a_reading() {
         d.plugin = Some(plugin.into());
         devices.push(d);
     }
+    let plugins = tempfile::tempdir().unwrap();
+    for p in ["pacemaker", "test-loop", "test-alloc", "test-panic"] {
+        std::fs::copy(component(p), plugins.path().join(format!("{p}.wasm"))).unwrap();
+    }
     let mut cfg = config(state.path(), devices);
+    cfg.plugins.dir = plugins.path().to_path_buf();
     cfg.plugins.call_deadline = Duration::from_millis(5);
     let gw = Gateway::start(&cfg).await.unwrap();
     let addr = gw.listener_addr("plain").unwrap();

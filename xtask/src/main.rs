@@ -197,7 +197,8 @@ fn rustup_has_wasm_target() -> bool {
 }
 
 /// Build every plugin crate and turn each core module into a component. Returns the directory
-/// holding the components.
+/// holding the deployable components (`plugins/target/components`; the `test-*` guests go to
+/// `plugins/target/test-components`).
 fn plugins() -> Result<PathBuf> {
     let dir = root().join("plugins");
     let mut cmd;
@@ -225,8 +226,12 @@ fn plugins() -> Result<PathBuf> {
     run(&mut cmd)?;
 
     let modules = dir.join("target").join(WASM_TARGET).join("release");
+    // Deployable plugins and the misbehaving test guests go to separate directories, so a
+    // plugin directory pointed at `components/` never loads a test guest.
     let out = dir.join("target").join("components");
+    let test_out = dir.join("target").join("test-components");
     std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(&test_out)?;
     let members = plugin_members(&dir.join("Cargo.toml"))?;
     for name in members.iter().filter(|m| *m != "common") {
         let module = modules.join(format!("{}.wasm", name.replace('-', "_")));
@@ -238,7 +243,12 @@ fn plugins() -> Result<PathBuf> {
             .validate(true)
             .encode()
             .with_context(|| format!("{name}: cannot make a component"))?;
-        let path = out.join(format!("{name}.wasm"));
+        let dest = if name.starts_with("test-") {
+            &test_out
+        } else {
+            &out
+        };
+        let path = dest.join(format!("{name}.wasm"));
         std::fs::write(&path, &component)?;
         eprintln!(
             "xtask: component {} ({} bytes)",
