@@ -7,7 +7,8 @@
 //!   `plugins/target/components/`. Uses rustup's `wasm32-unknown-unknown` target when it is
 //!   installed; otherwise Debian's `rustc-web` toolchain with `-Zbuild-std` (installed with apt
 //!   when missing), because the std of that target cannot be downloaded for rustup here.
-//! - `bench`: the benchmarks (release build): per-reading plugin cost.
+//! - `bench`: the benchmarks (release build): per-reading plugin cost, end-to-end gateway
+//!   throughput and PUBACK latency.
 //! - `deps`: only install the system packages the tests need.
 //!
 //! Each task installs what it needs itself (Debian packages via apt-get when missing), so a
@@ -119,9 +120,12 @@ fn test() -> Result<()> {
 
 fn bench() -> Result<()> {
     let components = plugins()?;
-    run(cargo()
-        .args(["bench", "-p", "wardgate", "--bench", "plugin"])
-        .env("WARDGATE_COMPONENTS", components))
+    for bench in ["plugin", "gateway"] {
+        run(cargo()
+            .args(["bench", "-p", "wardgate", "--bench", bench])
+            .env("WARDGATE_COMPONENTS", &components))?;
+    }
+    Ok(())
 }
 
 fn has_nextest() -> bool {
