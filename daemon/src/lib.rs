@@ -17,6 +17,7 @@
 //! - [`mqtt`]: MQTT 3.1.1 framing shared by the gatekeeper and the broker probe.
 //! - [`pipeline`]: the ingest point every accepted reading flows through: plugin, local
 //!   publication, dead-letter store.
+//! - [`queue`]: the durable offline queue (sled), on-disk format and invariants in its docs.
 //! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
 //! - [`sim`]: the ward simulator (devices with their vendors' raw formats).
@@ -36,6 +37,7 @@ pub mod metering;
 pub mod mqtt;
 pub mod pipeline;
 pub mod plugin_host;
+pub mod queue;
 pub mod registry;
 pub mod sim;
 pub mod status;
