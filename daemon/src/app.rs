@@ -39,6 +39,10 @@ pub struct Gateway {
     view: Arc<StatusView>,
     plugins: Arc<PluginHost>,
     plugin_watch: JoinHandle<()>,
+    queue_writer: Option<JoinHandle<()>>,
+    uplink: Option<JoinHandle<()>>,
+    uplink_stop: CancellationToken,
+    uplink_stats: Arc<crate::uplink::UplinkStats>,
 }
 
 /// What the status writer needs, detached from the [`Gateway`].
@@ -126,11 +130,41 @@ impl Gateway {
         let metering = Metering::new(config.metering.window, config.metering.windows_kept);
         let plugins = PluginHost::new(&config.plugins, Some(&state_dir))?;
         plugins.scan();
+        let uplink_stats = Arc::new(crate::uplink::UplinkStats::default());
+        let uplink_stop = CancellationToken::new();
+        let (queue, queue_writer, uplink) = if config.upstream.enabled {
+            let (store, report) = crate::queue::SledStore::open(&state_dir.join("queue"), 16 << 20)
+                .with_context(|| {
+                    format!("opening the queue in {}", state_dir.join("queue").display())
+                })?;
+            if report.corrupt > 0 {
+                log::error!(corrupt = report.corrupt, intact = report.records; "queue: damaged records found on open and set aside; the intact ones will be delivered");
+            }
+            log::info!(queued = report.records; "queue opened");
+            let shared = crate::queue::SharedQueue::new(store);
+            let (enqueue, writer) = crate::queue::spawn_writer(
+                shared.clone(),
+                config.queue.commit_interval,
+                config.queue.max_bytes,
+                config.queue.max_age,
+            );
+            let uplink = tokio::spawn(crate::uplink::run(
+                config.upstream.clone(),
+                config.gateway.id.clone(),
+                shared,
+                uplink_stats.clone(),
+                uplink_stop.clone(),
+            ));
+            (Some(enqueue), Some(writer), Some(uplink))
+        } else {
+            (None, None, None)
+        };
         let (pipeline, ingest) = Pipeline::new(Stages {
             gateway_id: config.gateway.id.clone(),
             plugins: plugins.clone(),
             dead_letters: DeadLetters::new(&state_dir),
             local: Some(LocalPublisher::new(&broker)),
+            queue,
         });
         let stats = pipeline.stats();
         let shutdown = CancellationToken::new();
@@ -202,6 +236,10 @@ impl Gateway {
             view,
             plugins,
             plugin_watch,
+            queue_writer,
+            uplink,
+            uplink_stop,
+            uplink_stats,
         };
         gw.status = Some(gw.spawn_status_writer(config.metering.status_interval));
         Ok(gw)
@@ -227,6 +265,11 @@ impl Gateway {
                 }
             }
         })
+    }
+
+    /// Uplink counters.
+    pub fn uplink(&self) -> &Arc<crate::uplink::UplinkStats> {
+        &self.uplink_stats
     }
 
     /// The plugin host.
@@ -290,13 +333,24 @@ impl Gateway {
         let stats = self.stats.clone();
         let tasks = std::mem::take(&mut self.listener_tasks);
         let pipeline = &mut self.pipeline;
+        let writer = self.queue_writer.take();
         let drain = async {
             for t in tasks {
                 let _ = t.await;
             }
-            pipeline.await.unwrap_or(0)
+            let n = pipeline.await.unwrap_or(0);
+            // The pipeline's queue handle is gone with it: the writer commits what it has.
+            if let Some(w) = writer {
+                let _ = w.await;
+            }
+            n
         };
         let result = tokio::time::timeout(deadline, drain).await;
+        // Readings still queued stay on disk for the next start.
+        self.uplink_stop.cancel();
+        if let Some(u) = self.uplink.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), u).await;
+        }
         // The last word in the status file: final counters, not running.
         if let Err(e) = status::write(&self.view.state_dir, &self.view.snapshot(false)) {
             log::warn!(error:% = e; "cannot write the final status file");

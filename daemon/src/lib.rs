@@ -20,6 +20,7 @@
 //! - [`queue`]: the durable offline queue (sled), on-disk format and invariants in its docs.
 //! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
+//! - [`uplink`]: drains the queue to AWS IoT Core (mutual TLS, batches, quotas).
 //! - [`sim`]: the ward simulator (devices with their vendors' raw formats).
 //! - [`cli`]: the `wardgate` command line.
 //!
@@ -42,3 +43,4 @@ pub mod registry;
 pub mod sim;
 pub mod status;
 pub mod telemetry;
+pub mod uplink;

@@ -20,8 +20,8 @@ use std::process::Command;
 
 /// Debian packages the test suite uses: `systemd` (systemd-analyze, systemd-journald,
 /// journalctl) and `util-linux` (unshare) for the journal and unit tests, `openssl` for the
-/// ward-pki script test.
-const TEST_PACKAGES: &[&str] = &["systemd", "util-linux", "openssl"];
+/// ward-pki script test, `mosquitto` as the stand-in for AWS IoT Core.
+const TEST_PACKAGES: &[&str] = &["systemd", "util-linux", "openssl", "mosquitto"];
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);

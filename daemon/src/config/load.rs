@@ -30,6 +30,7 @@ const SECTIONS: &[&str] = &[
     "broker",
     "devices",
     "upstream",
+    "queue",
     "log",
 ];
 
@@ -304,6 +305,7 @@ fn extract(
     section(fig, "plugins", &mut config.plugins, errors);
     section(fig, "broker", &mut config.broker, errors);
     section(fig, "upstream", &mut config.upstream, errors);
+    section(fig, "queue", &mut config.queue, errors);
     section(fig, "log", &mut config.log, errors);
     config.devices = devices(fig, root.get("devices"), device_sources, errors);
     Some(config)

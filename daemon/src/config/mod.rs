@@ -57,6 +57,8 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     /// Forwarding to AWS IoT Core.
     pub upstream: UpstreamConfig,
+    /// The durable offline queue.
+    pub queue: QueueConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -417,6 +419,22 @@ pub struct UpstreamConfig {
     /// The gateway's private key (PEM); readable by the service user only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// Topic readings are published on; `${gateway}` is the thing name.
+    pub telemetry_topic: String,
+    /// Largest upstream message, in bytes (readings are batched up to this; IoT Core: 128 KB).
+    pub max_batch_bytes: usize,
+    /// Longest a reading waits for a batch to fill before it is sent anyway.
+    #[serde(with = "humantime_serde")]
+    pub max_linger: Duration,
+    /// Unacknowledged upstream publishes at once (IoT Core allows 100).
+    pub max_inflight: u16,
+    /// Publishes per second (IoT Core: 100 per connection).
+    pub max_publishes_per_second: u32,
+    /// Bytes per second (IoT Core: 512 KiB per connection).
+    pub max_bytes_per_second: u64,
+    /// Longest wait between reconnect attempts (backoff doubles from 1 s, with jitter).
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -428,6 +446,38 @@ impl Default for UpstreamConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            telemetry_topic: "wardgate/${gateway}/readings".into(),
+            max_batch_bytes: 64 * 1024,
+            max_linger: Duration::from_millis(200),
+            max_inflight: 20,
+            max_publishes_per_second: 100,
+            max_bytes_per_second: 512 * 1024,
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[queue]`: the durable offline queue (used when `[upstream]` is enabled).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Most bytes of queued readings; above it routine readings are evicted oldest first
+    /// (alarms and security records never are).
+    pub max_bytes: u64,
+    /// Routine readings older than this are evicted.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Longest a reading waits for its group commit (the extra latency before its PUBACK).
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            commit_interval: Duration::from_millis(5),
         }
     }
 }

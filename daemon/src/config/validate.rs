@@ -307,12 +307,73 @@ pub(super) fn validate(
         }
     }
 
-    if c.upstream.enabled {
+    let u = &c.upstream;
+    if u.enabled {
+        if u.endpoint.is_empty() {
+            err(
+                "upstream.endpoint",
+                "must name the IoT Core endpoint host, e.g. `xxxx-ats.iot.eu-west-1.amazonaws.com`"
+                    .into(),
+            );
+        }
+        for (key, file) in [
+            ("upstream.ca_file", &u.ca_file),
+            ("upstream.cert_file", &u.cert_file),
+            ("upstream.key_file", &u.key_file),
+        ] {
+            match file {
+                None => err(key, "must be set when upstream.enabled = true".into()),
+                Some(p) if !p.is_file() => err(
+                    key,
+                    format!("{} does not exist or is not a file", p.display()),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    if u.max_batch_bytes < 1024 || u.max_batch_bytes > IOT_CORE_MAX_PAYLOAD_BYTES {
+        err("upstream.max_batch_bytes", format!("must be between 1024 and {IOT_CORE_MAX_PAYLOAD_BYTES} (AWS IoT Core's message limit)"));
+    }
+    if !(1..=100).contains(&u.max_inflight) {
         err(
-            "upstream.enabled",
-            "forwarding to AWS IoT Core is not available in this version of wardgate; \
-             set `upstream.enabled = false`"
+            "upstream.max_inflight",
+            "must be between 1 and 100 (AWS IoT Core's limit)".into(),
+        );
+    }
+    if !(1..=100).contains(&u.max_publishes_per_second) {
+        err(
+            "upstream.max_publishes_per_second",
+            "must be between 1 and 100 (AWS IoT Core's limit)".into(),
+        );
+    }
+    if u.max_bytes_per_second < u.max_batch_bytes as u64 || u.max_bytes_per_second > 512 * 1024 {
+        err(
+            "upstream.max_bytes_per_second",
+            "must be at least upstream.max_batch_bytes and at most 524288 (AWS IoT Core's limit)"
                 .into(),
+        );
+    }
+    if u.max_backoff < std::time::Duration::from_secs(1) {
+        err("upstream.max_backoff", "must be at least 1s".into());
+    }
+    if unknown_variable(&u.telemetry_topic.replace("${gateway}", "g")).is_some()
+        || u.telemetry_topic.contains(['+', '#'])
+        || u.telemetry_topic.is_empty()
+    {
+        err(
+            "upstream.telemetry_topic",
+            format!(
+                "`{}` is not a topic (only `${{gateway}}` may be used; no wildcards)",
+                u.telemetry_topic
+            ),
+        );
+    }
+    if c.queue.commit_interval.is_zero()
+        || c.queue.commit_interval > std::time::Duration::from_secs(1)
+    {
+        err(
+            "queue.commit_interval",
+            "must be between 1ms and 1s, e.g. \"5ms\"".into(),
         );
     }
     if c.upstream.port == 0 {

@@ -136,6 +136,8 @@ pub struct Stages {
     pub dead_letters: DeadLetters,
     /// Publisher on the local broker (`None`: do not publish locally).
     pub local: Option<LocalPublisher>,
+    /// The durable queue towards the upstream (`None`: upstream disabled).
+    pub queue: Option<crate::queue::Enqueue>,
 }
 
 /// The canonical message published on `ward/<device>/readings`.
@@ -319,7 +321,29 @@ impl Pipeline {
         );
         let (readings, dead) = match result {
             Ok(n) => {
-                self.publish(&msg, &n, received_at_ms).await;
+                let json = self.canonical(&msg, &n, received_at_ms);
+                if let Some(local) = &self.stages.local {
+                    local
+                        .publish(format!("ward/{}/readings", msg.device.id), json.clone())
+                        .await;
+                }
+                if let Some(queue) = &self.stages.queue {
+                    let class = if msg.topic.ends_with("/alarm") {
+                        crate::queue::Class::Alarm
+                    } else {
+                        crate::queue::Class::Routine
+                    };
+                    let record = crate::queue::Record {
+                        class,
+                        enqueued_at_ms: dead_letter::ms(SystemTime::now()),
+                        payload: json,
+                    };
+                    // The queue confirms once the reading is on disk.
+                    if !queue.push(record, msg.ack.take()).await {
+                        log::error!(device_id:% = msg.device.id; "queue writer stopped; reading not acknowledged");
+                        return;
+                    }
+                }
                 (n.readings.len() as u64, 0)
             }
             Err(failure) => {
@@ -372,10 +396,7 @@ impl Pipeline {
         }
     }
 
-    async fn publish(&self, msg: &Ingest, n: &Normalized, received_at_ms: i64) {
-        let Some(local) = &self.stages.local else {
-            return;
-        };
+    fn canonical(&self, msg: &Ingest, n: &Normalized, received_at_ms: i64) -> Vec<u8> {
         let canonical = Canonical {
             gateway_id: &self.stages.gateway_id,
             device_id: &msg.device.id,
@@ -386,13 +407,7 @@ impl Pipeline {
             received_at_ms,
             readings: &n.readings,
         };
-        match serde_json::to_vec(&canonical) {
-            Ok(json) => {
-                local
-                    .publish(format!("ward/{}/readings", msg.device.id), json)
-                    .await
-            }
-            Err(e) => log::warn!(error:% = e; "cannot encode canonical readings"),
-        }
+        // Plain data with string keys: serialising it cannot fail.
+        serde_json::to_vec(&canonical).unwrap_or_default()
     }
 }

@@ -31,8 +31,12 @@
 //! "crash" drops the store without a sync and reopens it; real power-loss style crashes are
 //! the job of the gateway-level kill -9 tests.)
 //!
-//! Status: the store, its format and its invariants are complete and tested; the uplink that
-//! drains it (and the pipeline path that fills it when `[upstream]` is enabled) come next.
+//! Filled by the pipeline through the group-commit [`writer`] (durable before the device's
+//! PUBACK), drained by [`crate::uplink`] (removed after the upstream's PUBACK).
+
+mod writer;
+
+pub use writer::{spawn_writer, Enqueue, SharedQueue, MAX_GROUP};
 
 use std::path::Path;
 
@@ -341,6 +345,17 @@ mod tests {
         assert_eq!(decode(&[1, 2, 3]), None, "short value");
     }
 
+    /// Reopen after a drop: sled's background flusher may hold the file lock for a moment.
+    fn reopen(dir: &std::path::Path) -> (SledStore, OpenReport) {
+        for _ in 0..200 {
+            match SledStore::open(dir, 1 << 20) {
+                Ok(x) => return x,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        SledStore::open(dir, 1 << 20).expect("queue reopens")
+    }
+
     /// Random push / sync / remove / crash / reopen against an in-memory model.
     ///
     /// Model: `synced` holds what must survive a crash; `live` what is in the queue now.
@@ -387,7 +402,7 @@ mod tests {
                     _ => {
                         // Crash: drop without syncing, reopen.
                         drop(q);
-                        let (reopened, report) = SledStore::open(dir.path(), 1 << 20).unwrap();
+                        let (reopened, report) = reopen(dir.path());
                         q = reopened;
                         assert_eq!(report.corrupt, 0);
                         let got: BTreeMap<u64, Record> = q
@@ -486,7 +501,7 @@ mod tests {
             q.records.insert(key(2), bad).unwrap();
             q.sync().unwrap();
         }
-        let (q, report) = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let (q, report) = reopen(dir.path());
         assert_eq!(
             report,
             OpenReport {

@@ -1,0 +1,114 @@
+//! Group commit: readings are appended in batches and synced once per batch, then every
+//! reading of the batch is confirmed (its device gets its PUBACK). A batch closes after
+//! `queue.commit_interval` or [`MAX_GROUP`] readings, whichever comes first, so the extra
+//! latency is bounded and the disk sees one flush per batch, not per reading.
+
+use super::{Record, SledStore, Store};
+use crate::pipeline::Ack;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, Notify};
+
+/// Most readings in one group commit.
+pub const MAX_GROUP: usize = 1024;
+/// Readings waiting for their group commit; a full channel slows the pipeline down.
+const WRITER_CHANNEL_CAPACITY: usize = 4096;
+
+/// The queue shared by the writer (appends) and the uplink (reads, removes).
+#[derive(Debug, Clone)]
+pub struct SharedQueue {
+    /// The store.
+    pub store: Arc<Mutex<SledStore>>,
+    /// Woken after every group commit.
+    pub appended: Arc<Notify>,
+}
+
+impl SharedQueue {
+    /// Wrap an opened store.
+    pub fn new(store: SledStore) -> Self {
+        Self {
+            store: Arc::new(Mutex::new(store)),
+            appended: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Run `f` on the store (blocking: call from a blocking context).
+    pub fn with<R>(&self, f: impl FnOnce(&mut SledStore) -> R) -> R {
+        let mut s = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s)
+    }
+}
+
+/// Where the pipeline hands readings for the queue.
+#[derive(Debug, Clone)]
+pub struct Enqueue(mpsc::Sender<(Record, Option<Ack>)>);
+
+impl Enqueue {
+    /// Queue one record; `ack` is confirmed once it is on disk. Waits when the writer is behind.
+    pub async fn push(&self, record: Record, ack: Option<Ack>) -> bool {
+        self.0.send((record, ack)).await.is_ok()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Start the group-commit writer. It ends when every [`Enqueue`] is dropped, after committing
+/// what it has.
+pub fn spawn_writer(
+    queue: SharedQueue,
+    commit_interval: Duration,
+    max_bytes: u64,
+    max_age: Duration,
+) -> (Enqueue, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<(Record, Option<Ack>)>(WRITER_CHANNEL_CAPACITY);
+    let task = tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut group = vec![first];
+            let deadline = tokio::time::Instant::now() + commit_interval;
+            while group.len() < MAX_GROUP {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(item)) => group.push(item),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let (records, acks): (Vec<Record>, Vec<Option<Ack>>) = group.into_iter().unzip();
+            let q = queue.clone();
+            let age_floor = now_ms() - max_age.as_millis() as i64;
+            let result = tokio::task::spawn_blocking(move || {
+                q.with(|s| -> Result<_, super::QueueError> {
+                    s.append(&records)?;
+                    let evicted = s.evict(max_bytes, age_floor)?;
+                    s.sync()?;
+                    Ok((evicted, s.len(), s.bytes()))
+                })
+            })
+            .await;
+            match result {
+                Ok(Ok((evicted, len, bytes))) => {
+                    if evicted.over_bytes + evicted.over_age > 0 {
+                        log::warn!(
+                            evicted_over_bytes = evicted.over_bytes, evicted_over_age = evicted.over_age,
+                            queued = len, queued_bytes = bytes;
+                            "queue full: routine readings evicted (alarms and security records are kept)"
+                        );
+                    }
+                    for ack in acks.into_iter().flatten() {
+                        ack.confirm();
+                    }
+                    queue.appended.notify_one();
+                }
+                Ok(Err(e)) => log::error!(
+                    error:% = e;
+                    "cannot write the queue: {} readings not acknowledged (devices will resend)", acks.len()
+                ),
+                Err(e) => log::error!(error:% = e; "queue writer task failed"),
+            }
+        }
+    });
+    (Enqueue(tx), task)
+}

@@ -1,0 +1,304 @@
+//! The uplink: drains the durable queue to AWS IoT Core over mutual TLS (rumqttc + rustls).
+//!
+//! - Connection: client id = the gateway's thing name, `clean_session = false`, SNI = the
+//!   endpoint host; port 8883, or 443 with ALPN `x-amzn-mqtt-ca`. Reconnects with exponential
+//!   backoff (1 s doubling to `upstream.max_backoff`, ±25 % jitter) — rumqttc itself would
+//!   retry at once.
+//! - Batching: queued readings are packed into one upstream message of at most
+//!   `upstream.max_batch_bytes` (waiting at most `upstream.max_linger` for more), as
+//!   `{"gateway_id":..,"records":[{"seq":N,"message":<canonical reading>},..]}`; every record
+//!   carries the gateway id and its queue sequence number, so the cloud can drop duplicates
+//!   (delivery is at-least-once).
+//! - Quotas: at most `upstream.max_inflight` unacknowledged publishes, `max_publishes_per_second`
+//!   publishes and `max_bytes_per_second` bytes per second (IoT Core: 100, 100/s, 512 KiB/s).
+//! - Correlation: rumqttc reports `Outgoing::Publish(pkid)` in request order, so each batch's
+//!   sequence numbers are tied to its packet id; on `PubAck(pkid)` exactly those records are
+//!   removed from the queue. Nothing is removed any other way (except eviction by the queue's
+//!   own bounds).
+//! - After any connection error everything unacknowledged is read again from the queue, oldest
+//!   first (rumqttc's own in-memory retries are not trusted: they vanish with the session).
+//!
+//! Not yet: alarms ahead of the backlog (today strictly oldest first), and the shadow, defender
+//! and alert topics (only telemetry flows).
+
+use crate::config::UpstreamConfig;
+use crate::queue::{SharedQueue, Store};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Records read from the queue per look.
+const READ_LIMIT: usize = 2000;
+
+/// Counters and state, for the status view and tests.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    /// Whether a session with the upstream is up.
+    pub connected: AtomicBool,
+    /// Upstream messages acknowledged.
+    pub batches_acked: AtomicU64,
+    /// Queue records removed after acknowledgement.
+    pub records_delivered: AtomicU64,
+    /// Connection attempts that failed or sessions that broke.
+    pub connection_errors: AtomicU64,
+}
+
+/// Build the TLS client configuration from the configured files.
+pub fn tls_config(cfg: &UpstreamConfig) -> anyhow::Result<rustls::ClientConfig> {
+    use anyhow::Context;
+    let ca = cfg
+        .ca_file
+        .as_ref()
+        .context("upstream.ca_file is not set")?;
+    let cert = cfg
+        .cert_file
+        .as_ref()
+        .context("upstream.cert_file is not set")?;
+    let key = cfg
+        .key_file
+        .as_ref()
+        .context("upstream.key_file is not set")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
+    {
+        roots
+            .add(c.with_context(|| format!("{} is not valid PEM", ca.display()))?)
+            .with_context(|| format!("{}: bad CA certificate", ca.display()))?;
+    }
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not valid PEM", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("{}: no usable private key", key.display()))?;
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(crate::gatekeeper::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .context("upstream.cert_file and upstream.key_file do not match")?;
+    if cfg.port == 443 {
+        config.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec()];
+    }
+    Ok(config)
+}
+
+/// Token buckets for the per-second quotas.
+struct Quota {
+    window_start: Instant,
+    publishes: u32,
+    bytes: u64,
+}
+
+impl Quota {
+    fn allows(&mut self, cfg: &UpstreamConfig, bytes: usize) -> bool {
+        if self.window_start.elapsed() >= Duration::from_secs(1) {
+            self.window_start = Instant::now();
+            self.publishes = 0;
+            self.bytes = 0;
+        }
+        self.publishes < cfg.max_publishes_per_second
+            && self.bytes + bytes as u64 <= cfg.max_bytes_per_second
+    }
+
+    fn spend(&mut self, bytes: usize) {
+        self.publishes += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+/// Drain `queue` to the upstream until `stop`.
+pub async fn run(
+    cfg: UpstreamConfig,
+    gateway_id: String,
+    queue: SharedQueue,
+    stats: Arc<UplinkStats>,
+    stop: CancellationToken,
+) {
+    let tls = match tls_config(&cfg) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            log::error!(error:% = format!("{e:#}"); "uplink cannot start: {e:#}; readings stay queued");
+            return;
+        }
+    };
+    let topic = cfg.telemetry_topic.replace("${gateway}", &gateway_id);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let outcome = session(
+            &cfg,
+            &gateway_id,
+            &topic,
+            tls.clone(),
+            &queue,
+            &stats,
+            &stop,
+        )
+        .await;
+        stats.connected.store(false, Ordering::Relaxed);
+        if stop.is_cancelled() {
+            return;
+        }
+        stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_secs(1);
+        }
+        let jitter = 0.75 + rand::random::<f64>() * 0.5;
+        let wait = backoff.mul_f64(jitter);
+        log::warn!(
+            endpoint:% = cfg.endpoint, error:% = outcome, retry_in_ms = wait.as_millis() as u64;
+            "upstream connection lost or refused; readings stay queued"
+        );
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+/// One connection, until it fails (returns why) or `stop`.
+async fn session(
+    cfg: &UpstreamConfig,
+    gateway_id: &str,
+    topic: &str,
+    tls: Arc<rustls::ClientConfig>,
+    queue: &SharedQueue,
+    stats: &UplinkStats,
+    stop: &CancellationToken,
+) -> String {
+    let mut o = MqttOptions::new(gateway_id, cfg.endpoint.clone(), cfg.port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(false);
+    o.set_inflight(cfg.max_inflight);
+    o.set_max_packet_size(cfg.max_batch_bytes + 4096, cfg.max_batch_bytes + 4096);
+    o.set_transport(Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    let (client, mut el) = AsyncClient::new(o, cfg.max_inflight as usize + 4);
+    // Batches handed to rumqttc, waiting for their packet id; then packet id → sequence numbers.
+    let mut awaiting_pkid: VecDeque<Vec<u64>> = VecDeque::new();
+    let mut inflight: HashMap<u16, Vec<u64>> = HashMap::new();
+    let mut cursor: Option<u64> = None;
+    let mut quota = Quota {
+        window_start: Instant::now(),
+        publishes: 0,
+        bytes: 0,
+    };
+    let mut connected = false;
+    let mut linger = tokio::time::interval(cfg.max_linger.max(Duration::from_millis(1)));
+    linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let room = connected && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize;
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = client.try_disconnect();
+                return "stopping".into();
+            }
+            ev = el.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    connected = true;
+                    stats.connected.store(true, Ordering::Relaxed);
+                    log::info!(endpoint:% = cfg.endpoint, session_present = ack.session_present; "upstream connected");
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if let Some(seqs) = awaiting_pkid.pop_front() {
+                        inflight.insert(pkid, seqs);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(seqs) = inflight.remove(&ack.pkid) {
+                        let q = queue.clone();
+                        let n = seqs.len() as u64;
+                        let removed = tokio::task::spawn_blocking(move || {
+                            q.with(|s| seqs.iter().try_for_each(|seq| s.remove(*seq).map(|_| ())))
+                        })
+                        .await;
+                        if !matches!(removed, Ok(Ok(()))) {
+                            log::error!("cannot remove delivered readings from the queue; they will be sent again");
+                        }
+                        stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                        stats.records_delivered.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            },
+            _ = queue.appended.notified(), if room => {
+                cursor = send_batches(cfg, gateway_id, topic, &client, queue, cursor, &mut awaiting_pkid, &inflight, &mut quota).await;
+            }
+            _ = linger.tick(), if room => {
+                cursor = send_batches(cfg, gateway_id, topic, &client, queue, cursor, &mut awaiting_pkid, &inflight, &mut quota).await;
+            }
+        }
+    }
+}
+
+/// Read after `cursor` and publish as many batches as the window and quotas allow. Returns the
+/// new cursor (the last sequence number handed to rumqttc).
+#[allow(clippy::too_many_arguments)]
+async fn send_batches(
+    cfg: &UpstreamConfig,
+    gateway_id: &str,
+    topic: &str,
+    client: &AsyncClient,
+    queue: &SharedQueue,
+    mut cursor: Option<u64>,
+    awaiting_pkid: &mut VecDeque<Vec<u64>>,
+    inflight: &HashMap<u16, Vec<u64>>,
+    quota: &mut Quota,
+) -> Option<u64> {
+    let q = queue.clone();
+    let after = cursor;
+    let Ok(Ok(records)) =
+        tokio::task::spawn_blocking(move || q.with(|s| s.read_after(after, READ_LIMIT))).await
+    else {
+        return cursor;
+    };
+    let mut it = records.into_iter().peekable();
+    while it.peek().is_some() && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize {
+        let head = format!(
+            "{{\"gateway_id\":{},\"records\":[",
+            serde_json::Value::from(gateway_id)
+        );
+        let mut body = head.into_bytes();
+        let mut seqs = Vec::new();
+        while let Some((seq, r)) = it.peek() {
+            let entry = format!("{{\"seq\":{seq},\"message\":");
+            let extra = entry.len() + r.payload.len() + 2;
+            if !seqs.is_empty() && body.len() + extra + 2 > cfg.max_batch_bytes {
+                break;
+            }
+            if !seqs.is_empty() {
+                body.push(b',');
+            }
+            body.extend_from_slice(entry.as_bytes());
+            body.extend_from_slice(&r.payload);
+            body.push(b'}');
+            seqs.push(*seq);
+            it.next();
+        }
+        body.extend_from_slice(b"]}");
+        if !quota.allows(cfg, body.len()) {
+            break;
+        }
+        let last = *seqs.last().unwrap_or(&0);
+        if client
+            .try_publish(topic, QoS::AtLeastOnce, false, body.clone())
+            .is_err()
+        {
+            break;
+        }
+        quota.spend(body.len());
+        awaiting_pkid.push_back(seqs);
+        cursor = Some(last);
+    }
+    cursor
+}

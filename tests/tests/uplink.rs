@@ -1,0 +1,366 @@
+//! Store-and-forward to a real mosquitto (TLS, `require_certificate true`) standing in for
+//! AWS IoT Core: every acknowledged reading arrives upstream, also across an upstream outage.
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wardgate::app::Gateway;
+use wardgate_tests::pki::{Ca, Issued};
+use wardgate_tests::{config, connect, device, options};
+
+struct Mosquitto {
+    child: Option<Child>,
+    conf: PathBuf,
+    port: u16,
+}
+
+impl Mosquitto {
+    fn config(dir: &Path, port: u16, ca: &Ca, server: &Issued) -> PathBuf {
+        std::fs::write(dir.join("mq-ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.join("mq-server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.join("mq-server.key"), &server.key_pem).unwrap();
+        std::fs::create_dir_all(dir.join("mq-data")).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nper_listener_settings true\npersistence true\npersistence_location {d}/mq-data/\nautosave_interval 1\n\
+                 listener {port} 127.0.0.1\ncafile {d}/mq-ca.pem\ncertfile {d}/mq-server.pem\nkeyfile {d}/mq-server.key\n\
+                 require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        conf
+    }
+
+    fn start(conf: PathBuf, port: u16) -> Mosquitto {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian package) is installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mosquitto {
+            child: Some(child),
+            conf,
+            port,
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        *self = Mosquitto::start(self.conf.clone(), self.port);
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A "cloud" subscriber on mosquitto with a persistent session; yields (seq, heart rate).
+async fn cloud_subscriber(
+    port: u16,
+    ca: &Ca,
+    me: &Issued,
+    topic: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(u64, f64)> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(me.cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(me.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let mut o = MqttOptions::new("cloud-subscriber", "localhost", port);
+    o.set_clean_session(false);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(256 * 1024, 256 * 1024);
+    o.set_transport(Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+    ));
+    let (client, mut el) = AsyncClient::new(o, 100);
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    assert_eq!(v["gateway_id"], "test-gateway");
+                    for r in v["records"].as_array().unwrap() {
+                        let hr = r["message"]["readings"][0]["value"].as_f64().unwrap();
+                        let _ = tx.send((r["seq"].as_u64().unwrap(), hr));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_reading_reaches_the_upstream_across_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::new("Upstream CA");
+    let mq_server = ca.server();
+    let gateway_cert = ca.device("test-gateway");
+    let cloud_cert = ca.device("cloud-subscriber");
+    let port = free_port();
+    let mut mq = Mosquitto::start(Mosquitto::config(dir.path(), port, &ca, &mq_server), port);
+    let topic = "wardgate/test-gateway/readings";
+    let mut cloud = cloud_subscriber(port, &ca, &cloud_cert, topic).await;
+
+    let mut cfg = config(
+        &dir.path().join("state"),
+        vec![device("pm-01", "pacemaker", "pw")],
+    );
+    cfg.upstream.enabled = true;
+    cfg.upstream.endpoint = "localhost".into();
+    cfg.upstream.port = port;
+    cfg.upstream.ca_file = Some(write(dir.path(), "up-ca.pem", &ca.cert.pem()));
+    cfg.upstream.cert_file = Some(write(dir.path(), "gw.pem", &gateway_cert.cert_pem));
+    cfg.upstream.key_file = Some(write(dir.path(), "gw.key", &gateway_cert.key_pem));
+    cfg.upstream.max_linger = Duration::from_millis(20);
+    cfg.upstream.max_backoff = Duration::from_secs(2);
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let addr = gw.listener_addr("plain").unwrap();
+    let pm = connect(options(addr, "pm-01", "pw")).await;
+    let send = |i: u32| {
+        let c = pm.client.clone();
+        async move {
+            c.publish(
+                "ward/pm-01/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 40 + i),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let wait_acks = |n: u64| {
+        let acks = pm.acks.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while acks.load(std::sync::atomic::Ordering::SeqCst) < n {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("device acknowledged");
+        }
+    };
+
+    // Normal flow.
+    for i in 0..20 {
+        send(i).await;
+    }
+    wait_acks(20).await;
+    let mut got = BTreeMap::new();
+    while got.len() < 20 {
+        let (seq, hr) = tokio::time::timeout(Duration::from_secs(20), cloud.recv())
+            .await
+            .expect("delivered upstream")
+            .unwrap();
+        got.insert(seq, hr);
+    }
+
+    // Upstream down: readings are still acknowledged (they are on disk), then delivered.
+    mq.stop();
+    for i in 20..100 {
+        send(i).await;
+    }
+    wait_acks(100).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mq.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < 100 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, cloud.recv()).await {
+            Ok(Some((seq, hr))) => {
+                got.insert(seq, hr);
+            }
+            _ => panic!("only {} of 100 readings arrived upstream", got.len()),
+        }
+    }
+    let values: Vec<f64> = got.values().copied().collect();
+    let want: Vec<f64> = (0..100).map(|i| f64::from(40 + i)).collect();
+    assert_eq!(
+        values, want,
+        "all readings, in order of their sequence numbers"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        gw.uplink()
+            .records_delivered
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 100
+    );
+    let report = gw.stop(Duration::from_secs(10)).await;
+    assert!(report.drained);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_readings_survive_kill_9_while_the_upstream_is_down() {
+    const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::new("Upstream CA");
+    let mq_server = ca.server();
+    let gateway_cert = ca.device("test-gateway");
+    let cloud_cert = ca.device("cloud-subscriber");
+    let port = free_port();
+    let conf = Mosquitto::config(dir.path(), port, &ca, &mq_server);
+
+    let mut cfg = config(
+        &dir.path().join("state"),
+        vec![device("pm-01", "pacemaker", "pw")],
+    );
+    cfg.upstream.enabled = true;
+    cfg.upstream.endpoint = "localhost".into();
+    cfg.upstream.port = port;
+    cfg.upstream.ca_file = Some(write(dir.path(), "up-ca.pem", &ca.cert.pem()));
+    cfg.upstream.cert_file = Some(write(dir.path(), "gw.pem", &gateway_cert.cert_pem));
+    cfg.upstream.key_file = Some(write(dir.path(), "gw.key", &gateway_cert.key_pem));
+    cfg.upstream.max_linger = Duration::from_millis(20);
+    cfg.upstream.max_backoff = Duration::from_secs(1);
+    let config_path = write(
+        dir.path(),
+        "wardgate.toml",
+        &wardgate_tests::config_toml(&cfg),
+    );
+
+    let start = |n: usize| {
+        let mut notify =
+            wardgate_tests::NotifySocket::bind(&dir.path().join(format!("n{n}")).tap_mkdir());
+        let child = Command::new(BIN)
+            .args(["run", "-c", config_path.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("WARDGATE_LOG__FORMAT", "text")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let ready = notify
+            .wait_for("READY=1", Duration::from_secs(20))
+            .expect("ready");
+        (
+            child,
+            wardgate_tests::plain_addr_from_status(&ready).unwrap(),
+        )
+    };
+
+    // Three rounds: publish while the upstream is down, get PUBACKs, kill -9 mid-stream.
+    let mut acked_values = Vec::new();
+    for round in 0..3u32 {
+        let (mut child, addr) = start(round as usize);
+        let pm = connect(options(addr, "pm-01", "pw")).await;
+        for i in 0..30u32 {
+            let hr = 40 + round * 30 + i;
+            pm.client
+                .publish(
+                    "ward/pm-01/telemetry",
+                    QoS::AtLeastOnce,
+                    false,
+                    format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
+                )
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let acked = pm.acks.load(std::sync::atomic::Ordering::SeqCst) as u32;
+        // PUBACKs arrive in order: the first `acked` readings of the round are promised.
+        acked_values.extend((0..acked).map(|i| f64::from(40 + round * 30 + i)));
+        child.kill().unwrap(); // SIGKILL
+        let _ = child.wait();
+        drop(pm);
+    }
+    assert!(
+        acked_values.len() >= 60,
+        "most readings were acknowledged ({})",
+        acked_values.len()
+    );
+
+    // Upstream back, gateway restarted: every acknowledged reading arrives.
+    let _mq = Mosquitto::start(conf, port);
+    let mut cloud =
+        cloud_subscriber(port, &ca, &cloud_cert, "wardgate/test-gateway/readings").await;
+    let (mut child, _) = start(9);
+    let mut got = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !acked_values.iter().all(|v| got.contains(&(*v as u64))) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, cloud.recv()).await {
+            Ok(Some((_, hr))) => {
+                got.insert(hr as u64);
+            }
+            _ => {
+                let missing: Vec<_> = acked_values
+                    .iter()
+                    .filter(|v| !got.contains(&(**v as u64)))
+                    .collect();
+                panic!("acknowledged readings never arrived upstream: {missing:?}");
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
