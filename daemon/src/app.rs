@@ -49,6 +49,9 @@ pub struct Gateway {
 #[derive(Debug)]
 struct StatusView {
     plugins: Arc<PluginHost>,
+    queue: Option<crate::queue::SharedQueue>,
+    uplink: Arc<crate::uplink::UplinkStats>,
+    endpoint: String,
     gateway_id: String,
     started_at: std::time::SystemTime,
     listeners: Vec<(&'static str, SocketAddr)>,
@@ -78,6 +81,17 @@ impl StatusView {
             gateway: self.metering.gateway().snapshot(),
             devices: self.metering.snapshot(),
             plugins: self.plugins.status(),
+            queue: self.queue.as_ref().map(|q| q.status()),
+            uplink: self.queue.as_ref().map(|_| {
+                use std::sync::atomic::Ordering::Relaxed;
+                status::UplinkStatus {
+                    endpoint: self.endpoint.clone(),
+                    connected: self.uplink.connected.load(Relaxed),
+                    batches_acked: self.uplink.batches_acked.load(Relaxed),
+                    records_delivered: self.uplink.records_delivered.load(Relaxed),
+                    connection_errors: self.uplink.connection_errors.load(Relaxed),
+                }
+            }),
             pipeline: self
                 .stats
                 .snapshot()
@@ -132,6 +146,7 @@ impl Gateway {
         plugins.scan();
         let uplink_stats = Arc::new(crate::uplink::UplinkStats::default());
         let uplink_stop = CancellationToken::new();
+        let mut shared_queue = None;
         let (queue, queue_writer, uplink) = if config.upstream.enabled {
             let (store, report) = crate::queue::SledStore::open(&state_dir.join("queue"), 16 << 20)
                 .with_context(|| {
@@ -142,6 +157,7 @@ impl Gateway {
             }
             log::info!(queued = report.records; "queue opened");
             let shared = crate::queue::SharedQueue::new(store);
+            shared_queue = Some(shared.clone());
             let (enqueue, writer) = crate::queue::spawn_writer(
                 shared.clone(),
                 config.queue.commit_interval,
@@ -215,6 +231,9 @@ impl Gateway {
         let plugin_watch = tokio::spawn(plugins.clone().watch(shutdown.clone()));
         let view = Arc::new(StatusView {
             plugins: plugins.clone(),
+            queue: shared_queue,
+            uplink: uplink_stats.clone(),
+            endpoint: config.upstream.endpoint.clone(),
             gateway_id: config.gateway.id.clone(),
             started_at: std::time::SystemTime::now(),
             listeners: listeners.clone(),
@@ -252,9 +271,11 @@ impl Gateway {
             let mut warned = false;
             loop {
                 tick.tick().await;
-                let snapshot = view.snapshot(true);
-                let dir = view.state_dir.clone();
-                let r = tokio::task::spawn_blocking(move || status::write(&dir, &snapshot)).await;
+                let v = view.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    status::write(&v.state_dir, &v.snapshot(true))
+                })
+                .await;
                 match r {
                     Ok(Err(e)) if !warned => {
                         warned = true;
@@ -265,6 +286,11 @@ impl Gateway {
                 }
             }
         })
+    }
+
+    /// The queue at a glance (`None` when the upstream is disabled). Blocking for a moment.
+    pub fn queue_status(&self) -> Option<crate::queue::QueueStatus> {
+        self.view.queue.as_ref().map(|q| q.status())
     }
 
     /// Uplink counters.

@@ -52,6 +52,27 @@ pub struct Status {
     /// Per-device pipeline results since start: readings made, messages dead-lettered.
     #[serde(default)]
     pub pipeline: Vec<PipelineDevice>,
+    /// The offline queue (when the upstream is enabled).
+    #[serde(default)]
+    pub queue: Option<crate::queue::QueueStatus>,
+    /// The uplink (when the upstream is enabled).
+    #[serde(default)]
+    pub uplink: Option<UplinkStatus>,
+}
+
+/// The uplink at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UplinkStatus {
+    /// Endpoint host.
+    pub endpoint: String,
+    /// Session up.
+    pub connected: bool,
+    /// Upstream messages acknowledged since start.
+    pub batches_acked: u64,
+    /// Readings delivered (removed from the queue) since start.
+    pub records_delivered: u64,
+    /// Connection failures since start.
+    pub connection_errors: u64,
 }
 
 /// Pipeline results of one device.
@@ -150,6 +171,28 @@ pub fn render(s: &Status) -> String {
             c.connection_attempts,
             c.disconnects,
             d.peer.map(|p| p.to_string()).unwrap_or_default()
+        );
+    }
+    if let Some(u) = &s.uplink {
+        let _ = writeln!(
+            out,
+            "upstream {} {}; {} readings delivered in {} messages; {} connection errors",
+            u.endpoint,
+            if u.connected {
+                "connected"
+            } else {
+                "DISCONNECTED"
+            },
+            u.records_delivered,
+            u.batches_acked,
+            u.connection_errors
+        );
+    }
+    if let Some(q) = &s.queue {
+        let _ = writeln!(
+            out,
+            "queue {} readings, {} bytes, oldest {} s; evicted {} (over bytes) + {} (over age) routine readings",
+            q.depth, q.bytes, q.oldest_age_s, q.evicted_over_bytes, q.evicted_over_age
         );
     }
     if !s.plugins.is_empty() {

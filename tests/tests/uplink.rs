@@ -364,3 +364,156 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+/// Gateway with the upstream at `port`, for in-process tests.
+fn upstream_config(
+    dir: &Path,
+    port: u16,
+    ca: &Ca,
+    gateway_cert: &Issued,
+) -> wardgate::config::Config {
+    let mut cfg = config(&dir.join("state"), vec![device("pm-01", "pacemaker", "pw")]);
+    cfg.upstream.enabled = true;
+    cfg.upstream.endpoint = "localhost".into();
+    cfg.upstream.port = port;
+    cfg.upstream.ca_file = Some(write(dir, "up-ca.pem", &ca.cert.pem()));
+    cfg.upstream.cert_file = Some(write(dir, "gw.pem", &gateway_cert.cert_pem));
+    cfg.upstream.key_file = Some(write(dir, "gw.key", &gateway_cert.key_pem));
+    cfg.upstream.max_linger = Duration::from_millis(20);
+    cfg.upstream.max_backoff = Duration::from_secs(1);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_upstream_under_load_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::new("Upstream CA");
+    let mq_server = ca.server();
+    let gateway_cert = ca.device("test-gateway");
+    let cloud_cert = ca.device("cloud-subscriber");
+    let port = free_port();
+    let mut mq = Mosquitto::start(Mosquitto::config(dir.path(), port, &ca, &mq_server), port);
+    let mut cloud =
+        cloud_subscriber(port, &ca, &cloud_cert, "wardgate/test-gateway/readings").await;
+    let gw = Gateway::start(&upstream_config(dir.path(), port, &ca, &gateway_cert))
+        .await
+        .unwrap();
+    let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
+
+    let total = 600u32;
+    let client = pm.client.clone();
+    let publisher = tokio::spawn(async move {
+        for i in 0..total {
+            client
+                .publish(
+                    "ward/pm-01/telemetry",
+                    QoS::AtLeastOnce,
+                    false,
+                    format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 20 + i % 280),
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    // The upstream goes away and comes back every ~700 ms while readings flow.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        mq.restart();
+    }
+    publisher.await.unwrap();
+    let mut seqs = std::collections::BTreeSet::new();
+    let mut duplicates = 0;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while seqs.len() < total as usize {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, cloud.recv()).await {
+            Ok(Some((seq, _))) => {
+                if !seqs.insert(seq) {
+                    duplicates += 1;
+                }
+            }
+            _ => panic!(
+                "{} of {total} readings arrived through the flapping upstream",
+                seqs.len()
+            ),
+        }
+    }
+    assert_eq!(seqs.len(), total as usize);
+    eprintln!(
+        "flapping upstream: {total} readings delivered, {duplicates} duplicates (at-least-once)"
+    );
+    let _ = gw.stop(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_keeps_alarms_and_evicts_routine_readings_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::new("Upstream CA");
+    let mq_server = ca.server();
+    let gateway_cert = ca.device("test-gateway");
+    let cloud_cert = ca.device("cloud-subscriber");
+    let port = free_port(); // nothing listens yet: the upstream is down
+    let conf = Mosquitto::config(dir.path(), port, &ca, &mq_server);
+    let mut cfg = upstream_config(dir.path(), port, &ca, &gateway_cert);
+    cfg.queue.max_bytes = 20 * 1024;
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
+    let (routine, alarms) = (200u32, 20u32);
+    for i in 0..routine {
+        pm.client
+            .publish(
+                "ward/pm-01/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 20 + i % 200),
+            )
+            .await
+            .unwrap();
+        if i % 10 == 0 {
+            pm.client
+                .publish(
+                    "ward/pm-01/alarm",
+                    QoS::AtLeastOnce,
+                    false,
+                    format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 250 + i / 10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while pm.acks.load(std::sync::atomic::Ordering::SeqCst) < u64::from(routine + alarms) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every reading acknowledged (stored, or counted when evicted)");
+
+    let _mq = Mosquitto::start(conf, port);
+    let mut cloud =
+        cloud_subscriber(port, &ca, &cloud_cert, "wardgate/test-gateway/readings").await;
+    let mut values = Vec::new();
+    while let Ok(Some((_, hr))) = tokio::time::timeout(Duration::from_secs(5), cloud.recv()).await {
+        values.push(hr);
+    }
+    let alarm_values: Vec<f64> = values.iter().copied().filter(|v| *v >= 250.0).collect();
+    let want_alarms: Vec<f64> = (0..alarms).map(|i| f64::from(250 + i)).collect();
+    assert_eq!(
+        alarm_values, want_alarms,
+        "every alarm survived the full queue"
+    );
+    let routine_delivered = values.len() as u64 - u64::from(alarms);
+    assert!(
+        routine_delivered < u64::from(routine),
+        "the bound forced evictions"
+    );
+    let q = gw.queue_status().expect("queue enabled");
+    let evicted = q.evicted_over_bytes + q.evicted_over_age;
+    assert_eq!(
+        evicted + routine_delivered,
+        u64::from(routine),
+        "evicted + delivered = routine readings sent (evicted {evicted}, delivered {routine_delivered})"
+    );
+    let _ = gw.stop(Duration::from_secs(10)).await;
+}

@@ -36,7 +36,7 @@
 
 mod writer;
 
-pub use writer::{spawn_writer, Enqueue, SharedQueue, MAX_GROUP};
+pub use writer::{spawn_writer, Enqueue, QueueCounters, QueueStatus, SharedQueue, MAX_GROUP};
 
 use std::path::Path;
 

@@ -21,6 +21,36 @@ pub struct SharedQueue {
     pub store: Arc<Mutex<SledStore>>,
     /// Woken after every group commit.
     pub appended: Arc<Notify>,
+    /// What was dropped, since start.
+    pub counters: Arc<QueueCounters>,
+}
+
+/// Counters of the queue since start (visible in `wardgate status`).
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    /// Records appended.
+    pub appended: std::sync::atomic::AtomicU64,
+    /// Routine records evicted because the queue was over `queue.max_bytes`.
+    pub evicted_over_bytes: std::sync::atomic::AtomicU64,
+    /// Routine records evicted because they were older than `queue.max_age`.
+    pub evicted_over_age: std::sync::atomic::AtomicU64,
+}
+
+/// The queue at a glance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueStatus {
+    /// Records waiting for the upstream.
+    pub depth: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Age of the oldest, in seconds (0 when empty).
+    pub oldest_age_s: u64,
+    /// Records appended since start.
+    pub appended: u64,
+    /// Routine records evicted over the byte bound since start.
+    pub evicted_over_bytes: u64,
+    /// Routine records evicted over the age bound since start.
+    pub evicted_over_age: u64,
 }
 
 impl SharedQueue {
@@ -29,6 +59,27 @@ impl SharedQueue {
         Self {
             store: Arc::new(Mutex::new(store)),
             appended: Arc::new(Notify::new()),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Depth, bytes, oldest age and drop counters (blocking: reads the oldest record).
+    pub fn status(&self) -> QueueStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (depth, bytes, oldest) = self.with(|s| {
+            let oldest = s
+                .read_after(None, 1)
+                .ok()
+                .and_then(|v| v.first().map(|(_, r)| r.enqueued_at_ms));
+            (s.len(), s.bytes(), oldest)
+        });
+        QueueStatus {
+            depth,
+            bytes,
+            oldest_age_s: oldest.map_or(0, |t| ((now_ms() - t).max(0) / 1000) as u64),
+            appended: self.counters.appended.load(Relaxed),
+            evicted_over_bytes: self.counters.evicted_over_bytes.load(Relaxed),
+            evicted_over_age: self.counters.evicted_over_age.load(Relaxed),
         }
     }
 
@@ -90,6 +141,11 @@ pub fn spawn_writer(
             .await;
             match result {
                 Ok(Ok((evicted, len, bytes))) => {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let c = &queue.counters;
+                    c.appended.fetch_add(acks.len() as u64, Relaxed);
+                    c.evicted_over_bytes.fetch_add(evicted.over_bytes, Relaxed);
+                    c.evicted_over_age.fetch_add(evicted.over_age, Relaxed);
                     if evicted.over_bytes + evicted.over_age > 0 {
                         log::warn!(
                             evicted_over_bytes = evicted.over_bytes, evicted_over_age = evicted.over_age,
