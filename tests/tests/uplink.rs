@@ -517,3 +517,68 @@ async fn a_full_queue_keeps_alarms_and_evicts_routine_readings_exactly() {
     );
     let _ = gw.stop(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_alarms_go_first_then_the_backlog_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::new("Upstream CA");
+    let mq_server = ca.server();
+    let gateway_cert = ca.device("test-gateway");
+    let cloud_cert = ca.device("cloud-subscriber");
+    let port = free_port();
+    let conf = Mosquitto::config(dir.path(), port, &ca, &mq_server);
+    let gw = Gateway::start(&upstream_config(dir.path(), port, &ca, &gateway_cert))
+        .await
+        .unwrap();
+    let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
+    for i in 0..100u32 {
+        pm.client
+            .publish(
+                "ward/pm-01/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 40 + i),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..5u32 {
+        pm.client
+            .publish(
+                "ward/pm-01/alarm",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 250 + i),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while pm.acks.load(std::sync::atomic::Ordering::SeqCst) < 105 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("all queued");
+    let _mq = Mosquitto::start(conf, port);
+    let mut cloud =
+        cloud_subscriber(port, &ca, &cloud_cert, "wardgate/test-gateway/readings").await;
+    let mut order = Vec::new();
+    while order.len() < 105 {
+        let (_, hr) = tokio::time::timeout(Duration::from_secs(30), cloud.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of 105 arrived", order.len()))
+            .unwrap();
+        order.push(hr);
+    }
+    let alarms: Vec<f64> = order[..5].to_vec();
+    assert_eq!(
+        alarms,
+        vec![250.0, 251.0, 252.0, 253.0, 254.0],
+        "alarms first: {order:?}"
+    );
+    let backlog: Vec<f64> = order[5..].to_vec();
+    let want: Vec<f64> = (0..100).map(|i| f64::from(40 + i)).collect();
+    assert_eq!(backlog, want, "then the backlog, oldest first");
+    let _ = gw.stop(Duration::from_secs(10)).await;
+}

@@ -116,6 +116,9 @@ pub trait Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Record)>, QueueError>;
+    /// The oldest `limit` alarm and security records, in order (they go upstream before the
+    /// routine backlog).
+    fn read_priority(&self, limit: usize) -> Result<Vec<(u64, Record)>, QueueError>;
     /// Delete a record (after the upstream acknowledged it). `false` if it was not there.
     fn remove(&mut self, seq: u64) -> Result<bool, QueueError>;
     /// Evict routine records: oldest first while over `max_bytes`, and all older than
@@ -173,6 +176,8 @@ pub struct SledStore {
     db: sled::Db,
     records: sled::Tree,
     meta: sled::Tree,
+    /// Sequence numbers of queued alarm and security records (rebuilt on open).
+    priority: std::collections::BTreeSet<u64>,
     next_seq: u64,
     count: usize,
     bytes: u64,
@@ -192,10 +197,14 @@ impl SledStore {
         let mut report = OpenReport::default();
         let (mut count, mut bytes, mut last) = (0usize, 0u64, None);
         let mut damaged = Vec::new();
+        let mut priority = std::collections::BTreeSet::new();
         for item in records.iter() {
             let (k, v) = item?;
             match (seq_of(&k), decode(&v)) {
-                (Some(seq), Some(_)) => {
+                (Some(seq), Some(r)) => {
+                    if r.class != Class::Routine {
+                        priority.insert(seq);
+                    }
                     count += 1;
                     bytes += v.len() as u64;
                     last = Some(seq);
@@ -219,6 +228,7 @@ impl SledStore {
                 db,
                 records,
                 meta,
+                priority,
                 next_seq,
                 count,
                 bytes,
@@ -237,6 +247,9 @@ impl Store for SledStore {
             self.bytes += v.len() as u64;
             self.count += 1;
             batch.insert(&key(self.next_seq), v);
+            if r.class != Class::Routine {
+                self.priority.insert(self.next_seq);
+            }
             seqs.push(self.next_seq);
             self.next_seq += 1;
         }
@@ -269,7 +282,20 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn read_priority(&self, limit: usize) -> Result<Vec<(u64, Record)>, QueueError> {
+        let mut out = Vec::new();
+        for seq in self.priority.iter().take(limit) {
+            if let Some(v) = self.records.get(key(*seq))? {
+                if let Some(r) = decode(&v) {
+                    out.push((*seq, r));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn remove(&mut self, seq: u64) -> Result<bool, QueueError> {
+        self.priority.remove(&seq);
         match self.records.remove(key(seq))? {
             Some(v) => {
                 self.count -= 1;

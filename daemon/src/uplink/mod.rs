@@ -18,15 +18,17 @@
 //! - After any connection error everything unacknowledged is read again from the queue, oldest
 //!   first (rumqttc's own in-memory retries are not trusted: they vanish with the session).
 //!
-//! Not yet: alarms ahead of the backlog (today strictly oldest first), and the shadow, defender
-//! and alert topics (only telemetry flows).
+//! - Order: alarm and security records go first (oldest first among them), then the backlog
+//!   oldest first alongside live traffic.
+//!
+//! Not yet: the shadow, defender and alert topics (only telemetry flows today).
 
 use crate::config::UpstreamConfig;
 use crate::queue::{SharedQueue, Store};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -187,6 +189,8 @@ async fn session(
     let mut awaiting_pkid: VecDeque<Vec<u64>> = VecDeque::new();
     let mut inflight: HashMap<u16, Vec<u64>> = HashMap::new();
     let mut cursor: Option<u64> = None;
+    // Records handed to rumqttc in this session and not yet acknowledged.
+    let mut sent: HashSet<u64> = HashSet::new();
     let mut quota = Quota {
         window_start: Instant::now(),
         publishes: 0,
@@ -215,6 +219,9 @@ async fn session(
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     if let Some(seqs) = inflight.remove(&ack.pkid) {
+                        for s in &seqs {
+                            sent.remove(s);
+                        }
                         let q = queue.clone();
                         let n = seqs.len() as u64;
                         let removed = tokio::task::spawn_blocking(move || {
@@ -232,17 +239,19 @@ async fn session(
                 Err(e) => return e.to_string(),
             },
             _ = queue.appended.notified(), if room => {
-                cursor = send_batches(cfg, gateway_id, topic, &client, queue, cursor, &mut awaiting_pkid, &inflight, &mut quota).await;
+                cursor = send_batches(cfg, gateway_id, topic, &client, queue, cursor, &mut sent, &mut awaiting_pkid, &inflight, &mut quota).await;
             }
             _ = linger.tick(), if room => {
-                cursor = send_batches(cfg, gateway_id, topic, &client, queue, cursor, &mut awaiting_pkid, &inflight, &mut quota).await;
+                cursor = send_batches(cfg, gateway_id, topic, &client, queue, cursor, &mut sent, &mut awaiting_pkid, &inflight, &mut quota).await;
             }
         }
     }
 }
 
-/// Read after `cursor` and publish as many batches as the window and quotas allow. Returns the
-/// new cursor (the last sequence number handed to rumqttc).
+/// Read the queue and publish as many batches as the window and quotas allow: alarm and
+/// security records first, then the backlog after `cursor`. Returns the new cursor: the highest
+/// backlog sequence number handed to rumqttc (priority records are tracked in `sent` only, so
+/// sending an alarm never skips older routine readings).
 #[allow(clippy::too_many_arguments)]
 async fn send_batches(
     cfg: &UpstreamConfig,
@@ -251,18 +260,39 @@ async fn send_batches(
     client: &AsyncClient,
     queue: &SharedQueue,
     mut cursor: Option<u64>,
+    sent: &mut HashSet<u64>,
     awaiting_pkid: &mut VecDeque<Vec<u64>>,
     inflight: &HashMap<u16, Vec<u64>>,
     quota: &mut Quota,
 ) -> Option<u64> {
     let q = queue.clone();
     let after = cursor;
-    let Ok(Ok(records)) =
-        tokio::task::spawn_blocking(move || q.with(|s| s.read_after(after, READ_LIMIT))).await
-    else {
+    let read = tokio::task::spawn_blocking(move || {
+        q.with(|s| -> Result<_, crate::queue::QueueError> {
+            // (seq, record, found by the backlog scan)
+            let mut records: Vec<_> = s
+                .read_priority(READ_LIMIT)?
+                .into_iter()
+                .map(|(q, r)| (q, r, false))
+                .collect();
+            records.extend(
+                s.read_after(after, READ_LIMIT)?
+                    .into_iter()
+                    .map(|(q, r)| (q, r, true)),
+            );
+            Ok(records)
+        })
+    })
+    .await;
+    let Ok(Ok(records)) = read else {
         return cursor;
     };
-    let mut it = records.into_iter().peekable();
+    let mut seen = HashSet::new();
+    let pending: Vec<_> = records
+        .into_iter()
+        .filter(|(seq, _, _)| !sent.contains(seq) && seen.insert(*seq))
+        .collect();
+    let mut it = pending.into_iter().peekable();
     while it.peek().is_some() && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize {
         let head = format!(
             "{{\"gateway_id\":{},\"records\":[",
@@ -270,7 +300,8 @@ async fn send_batches(
         );
         let mut body = head.into_bytes();
         let mut seqs = Vec::new();
-        while let Some((seq, r)) = it.peek() {
+        let mut backlog_max = None;
+        while let Some((seq, r, backlog)) = it.peek() {
             let entry = format!("{{\"seq\":{seq},\"message\":");
             let extra = entry.len() + r.payload.len() + 2;
             if !seqs.is_empty() && body.len() + extra + 2 > cfg.max_batch_bytes {
@@ -283,22 +314,28 @@ async fn send_batches(
             body.extend_from_slice(&r.payload);
             body.push(b'}');
             seqs.push(*seq);
+            if *backlog {
+                backlog_max = Some(*seq);
+            }
             it.next();
         }
         body.extend_from_slice(b"]}");
-        if !quota.allows(cfg, body.len()) {
+        let len = body.len();
+        if !quota.allows(cfg, len) {
             break;
         }
-        let last = *seqs.last().unwrap_or(&0);
         if client
-            .try_publish(topic, QoS::AtLeastOnce, false, body.clone())
+            .try_publish(topic, QoS::AtLeastOnce, false, body)
             .is_err()
         {
             break;
         }
-        quota.spend(body.len());
+        quota.spend(len);
+        if let Some(m) = backlog_max {
+            cursor = Some(cursor.map_or(m, |c| c.max(m)));
+        }
+        sent.extend(seqs.iter().copied());
         awaiting_pkid.push_back(seqs);
-        cursor = Some(last);
     }
     cursor
 }
