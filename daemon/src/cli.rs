@@ -96,6 +96,19 @@ enum Command {
         /// Stop after this long (e.g. `2m`); default: until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
+        /// Forward to this local upstream (an MQTT broker with TLS standing in for IoT Core),
+        /// as HOST:PORT; needs the three --upstream-* files.
+        #[arg(long, requires_all = ["upstream_ca", "upstream_cert", "upstream_key"])]
+        upstream: Option<String>,
+        /// CA certificate of the upstream broker (PEM).
+        #[arg(long)]
+        upstream_ca: Option<PathBuf>,
+        /// The gateway's client certificate for the upstream (PEM, CN = ward-demo).
+        #[arg(long)]
+        upstream_cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long)]
+        upstream_key: Option<PathBuf>,
     },
 }
 
@@ -132,9 +145,26 @@ pub fn main() -> ExitCode {
             speed,
             devices,
             duration,
+            upstream,
+            upstream_ca,
+            upstream_cert,
+            upstream_key,
         } => {
             init_text_logging();
-            runtime_block_on(demo(plugins, speed, devices, duration))
+            let upstream = match upstream.map(|u| parse_upstream(&u)).transpose() {
+                Ok(u) => u.map(|(host, port)| DemoUpstream {
+                    host,
+                    port,
+                    ca: upstream_ca.unwrap_or_default(),
+                    cert: upstream_cert.unwrap_or_default(),
+                    key: upstream_key.unwrap_or_default(),
+                }),
+                Err(e) => {
+                    eprintln!("wardgate: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            runtime_block_on(demo(plugins, speed, devices, duration, upstream))
         }
     }
 }
@@ -342,6 +372,31 @@ async fn simulate(
     Ok(())
 }
 
+/// A local upstream for the demo.
+#[derive(Debug, Clone)]
+pub struct DemoUpstream {
+    /// Host name (also the TLS server name).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// CA file.
+    pub ca: PathBuf,
+    /// Client certificate file.
+    pub cert: PathBuf,
+    /// Client key file.
+    pub key: PathBuf,
+}
+
+fn parse_upstream(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--upstream `{s}`: expected HOST:PORT"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("--upstream `{s}`: `{port}` is not a port"))?;
+    Ok((host.to_owned(), port))
+}
+
 /// The built-in demo configuration: loopback only, free ports, the simulated ward registered.
 pub fn demo_config(ward: &[sim::SimDevice], plugins: PathBuf) -> Config {
     let mut c = Config::default();
@@ -364,9 +419,20 @@ async fn demo(
     speed: f64,
     copies: usize,
     duration: Option<Duration>,
+    upstream: Option<DemoUpstream>,
 ) -> anyhow::Result<()> {
     let ward = sim::ward(copies);
-    let config = demo_config(&ward, plugins);
+    let mut config = demo_config(&ward, plugins);
+    if let Some(u) = &upstream {
+        config.upstream.enabled = true;
+        config.upstream.endpoint = u.host.clone();
+        config.upstream.port = u.port;
+        config.upstream.ca_file = Some(u.ca.clone());
+        config.upstream.cert_file = Some(u.cert.clone());
+        config.upstream.key_file = Some(u.key.clone());
+        // A fresh queue every demo run.
+        let _ = std::fs::remove_dir_all(config.gateway.state_dir.join("queue"));
+    }
     let gw = Gateway::start(&config).await?;
     let addr = gw
         .listener_addr("plain")
@@ -379,6 +445,8 @@ async fn demo(
     let stop = CancellationToken::new();
     let sim_task = tokio::spawn(sim::run(addr, ward, speed, stats.clone(), stop.clone()));
     let pipeline = gw.stats();
+    let uplink = gw.uplink().clone();
+    let upstream_on = upstream.is_some();
     let report = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         tick.tick().await;
@@ -393,13 +461,34 @@ async fn demo(
                 messages = pipeline.total_messages();
                 "demo: per device messages/readings/dead-letters {}", summary.join(" ")
             );
+            if upstream_on {
+                use std::sync::atomic::Ordering::Relaxed;
+                log::info!(
+                    connected = uplink.connected.load(Relaxed),
+                    delivered = uplink.records_delivered.load(Relaxed),
+                    batches = uplink.batches_acked.load(Relaxed);
+                    "demo: upstream"
+                );
+            }
         }
     });
     until_stopped(duration).await;
     report.abort();
     stop.cancel();
     let _ = sim_task.await;
+    if upstream.is_some() {
+        // Give the uplink a moment to deliver the last readings.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let delivered = gw
+        .uplink()
+        .records_delivered
+        .load(std::sync::atomic::Ordering::Relaxed);
     let stop_report = gw.stop(config.gateway.shutdown_timeout).await;
+    log::info!(
+        delivered_upstream = delivered;
+        "demo: readings delivered upstream: {delivered}"
+    );
     log::info!(
         published = stats.published.load(Ordering::Relaxed),
         acked = stats.acked.load(Ordering::Relaxed),

@@ -76,17 +76,144 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The demo's local upstream: a mosquitto with TLS and required client certificates (as AWS
+/// IoT Core requires), its certificates made with `packaging/pki/ward-pki`, and a
+/// `mosquitto_sub` writing what arrives to `target/demo/upstream.log`.
+struct LocalUpstream {
+    broker: std::process::Child,
+    subscriber: std::process::Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for LocalUpstream {
+    fn drop(&mut self) {
+        let _ = self.subscriber.kill();
+        let _ = self.broker.kill();
+        let _ = self.subscriber.wait();
+        let _ = self.broker.wait();
+    }
+}
+
+fn local_upstream() -> Result<LocalUpstream> {
+    install_packages(&["mosquitto", "mosquitto-clients", "openssl"])?;
+    let dir = root().join("target/demo");
+    let pki = dir.join("pki");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let script = root().join("packaging/pki/ward-pki");
+    let pki_s = pki.to_string_lossy().to_string();
+    for args in [
+        vec!["init", &pki_s, "Demo upstream CA"],
+        vec![
+            "server",
+            &pki_s,
+            "localhost",
+            "DNS:localhost",
+            "IP:127.0.0.1",
+        ],
+        vec!["device", &pki_s, "ward-demo"],
+        vec!["device", &pki_s, "cloud"],
+    ] {
+        let o = Command::new("sh").arg(&script).args(&args).output()?;
+        if !o.status.success() {
+            bail!("ward-pki {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    std::fs::write(
+        &conf,
+        format!(
+            "{}per_listener_settings true\nlistener {port} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/server.crt\nkeyfile {p}/server.key\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\n",
+            if is_root { "user root\n" } else { "" },
+            p = pki.display()
+        ),
+    )?;
+    let broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("mosquitto.log"))?)
+        .spawn()
+        .context("starting mosquitto")?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let subscriber = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "localhost",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "wardgate/#",
+            "-q",
+            "1",
+        ])
+        .arg("--cafile")
+        .arg(pki.join("ca.crt"))
+        .arg("--cert")
+        .arg(pki.join("devices/cloud.crt"))
+        .arg("--key")
+        .arg(pki.join("devices/cloud.key"))
+        .stdout(std::fs::File::create(dir.join("upstream.log"))?)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting mosquitto_sub")?;
+    eprintln!("xtask: local upstream (mosquitto, mutual TLS) on localhost:{port}");
+    Ok(LocalUpstream {
+        broker,
+        subscriber,
+        port,
+        dir,
+    })
+}
+
 fn demo(args: &[String]) -> Result<()> {
     let components = plugins()?;
     run(cargo().args(["build", "--release", "-p", "wardgate"]))?;
+    let upstream = local_upstream()?;
+    let pki = upstream.dir.join("pki");
     let mut cmd = Command::new(root().join("target/release/wardgate"));
-    cmd.arg("demo").arg("--plugins").arg(components);
+    cmd.arg("demo")
+        .arg("--plugins")
+        .arg(components)
+        .arg("--upstream")
+        .arg(format!("localhost:{}", upstream.port))
+        .arg("--upstream-ca")
+        .arg(pki.join("ca.crt"))
+        .arg("--upstream-cert")
+        .arg(pki.join("devices/ward-demo.crt"))
+        .arg("--upstream-key")
+        .arg(pki.join("devices/ward-demo.key"));
     if args.is_empty() {
         cmd.args(["--speed", "10", "--duration", "2m"]);
     } else {
         cmd.args(args);
     }
-    run(&mut cmd)
+    let result = run(&mut cmd);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = upstream.dir.join("upstream.log");
+    let messages = std::fs::read_to_string(&log).unwrap_or_default();
+    let records = messages.matches("\"seq\":").count();
+    eprintln!(
+        "xtask: the local upstream received {} messages carrying {records} readings (see {})",
+        messages.lines().count(),
+        log.display()
+    );
+    drop(upstream);
+    result
 }
 
 fn test() -> Result<()> {
