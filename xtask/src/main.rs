@@ -8,7 +8,8 @@
 //!   installed; otherwise Debian's `rustc-web` toolchain with `-Zbuild-std` (installed with apt
 //!   when missing), because the std of that target cannot be downloaded for rustup here.
 //! - `bench`: the benchmarks (release build): per-reading plugin cost, end-to-end gateway
-//!   throughput and PUBACK latency.
+//!   throughput and PUBACK latency, store and forward to a local mosquitto (sustained rate,
+//!   latency, backlog drain rate against IoT Core's quotas).
 //! - `deps`: only install the system packages the tests need.
 //!
 //! Each task installs what it needs itself (Debian packages via apt-get when missing), so a
@@ -247,7 +248,8 @@ fn test() -> Result<()> {
 
 fn bench() -> Result<()> {
     let components = plugins()?;
-    for bench in ["plugin", "gateway"] {
+    install_packages(&["mosquitto", "openssl"])?;
+    for bench in ["plugin", "gateway", "forward"] {
         run(cargo()
             .args(["bench", "-p", "wardgate", "--bench", bench])
             .env("WARDGATE_COMPONENTS", &components))?;
