@@ -8,15 +8,14 @@
 //!
 //! Run with `cargo xtask bench`.
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-use std::collections::HashMap;
+mod load;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use wardgate::app::Gateway;
-use wardgate::config::{Config, DeviceConfig};
+use wardgate::config::Config;
 
 const DEVICES: usize = 10;
 const RUN: Duration = Duration::from_secs(5);
@@ -96,90 +95,24 @@ async fn run(components: std::path::PathBuf, tmp: &Path, port: u16, p: &Path) {
     cfg.upstream.cert_file = Some(p.join("devices/bench-gateway.crt"));
     cfg.upstream.key_file = Some(p.join("devices/bench-gateway.key"));
     cfg.upstream.max_inflight = 100;
-    cfg.devices = (0..DEVICES)
-        .map(|i| {
-            DeviceConfig::with_password(
-                &format!("pm-{i:03}"),
-                "pacemaker",
-                wardgate::registry::hash_password_demo("pw"),
-            )
-        })
-        .collect();
+    cfg.devices = load::devices(DEVICES);
     let gw = Gateway::start(&cfg).await.unwrap();
     let addr = gw.listener_addr("plain").unwrap();
     while !gw.uplink().connected.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let running = Arc::new(AtomicBool::new(true));
-    let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
-    let mut tasks = Vec::new();
-    for i in 0..DEVICES {
-        let id = format!("pm-{i:03}");
-        let mut o = MqttOptions::new(id.clone(), "127.0.0.1", addr.port());
-        o.set_credentials(id.clone(), "pw");
-        o.set_inflight(100);
-        let (client, mut el) = AsyncClient::new(o, 200);
-        let lat = latencies.clone();
-        let poller = tokio::spawn(async move {
-            let mut sent: HashMap<u16, Instant> = HashMap::new();
-            let mut mine = Vec::new();
-            loop {
-                match el.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        sent.insert(pkid, Instant::now());
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        if let Some(t) = sent.remove(&a.pkid) {
-                            mine.push(t.elapsed());
-                        }
-                    }
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            lat.lock().unwrap().extend(mine);
-        });
-        let run = running.clone();
-        let publisher = tokio::spawn(async move {
-            let topic = format!("ward/{id}/telemetry");
-            let mut n = 0u64;
-            while run.load(Ordering::Relaxed) {
-                let payload = format!(
-                    r#"{{"heartbeat":{},"ts":1795326538000,"battery_pct":87}}"#,
-                    60 + n % 60
-                );
-                if client
-                    .publish(&topic, QoS::AtLeastOnce, false, payload)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                n += 1;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let _ = client.disconnect().await;
-        });
-        tasks.push((publisher, poller));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(RUN).await;
-    let delivered_during = gw.uplink().records_delivered.load(Ordering::Relaxed);
-    running.store(false, Ordering::Relaxed);
-    for (p, q) in tasks {
-        let _ = p.await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), q).await;
-    }
-    let ingest_time = started.elapsed() - Duration::from_millis(500);
-    let mut l = latencies.lock().unwrap().clone();
-    l.sort();
-    let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)];
+    let uplink = gw.uplink().clone();
+    let mut delivered_during = 0;
+    let load = load::drive(addr, DEVICES, RUN, || {
+        delivered_during = uplink.records_delivered.load(Ordering::Relaxed);
+    })
+    .await;
     println!(
         "store and forward, {DEVICES} QoS 1 devices for {RUN:?}: {} readings acknowledged ({:.0}/s, each on disk before its PUBACK); PUBACK latency p50 {:.1} ms, p99 {:.1} ms; delivered upstream meanwhile {} ({:.0}/s)",
-        l.len(),
-        l.len() as f64 / ingest_time.as_secs_f64(),
-        pct(0.5).as_secs_f64() * 1e3,
-        pct(0.99).as_secs_f64() * 1e3,
+        load.latencies.len(),
+        load.rate(),
+        load.pct(0.5).as_secs_f64() * 1e3,
+        load.pct(0.99).as_secs_f64() * 1e3,
         delivered_during,
         delivered_during as f64 / RUN.as_secs_f64()
     );

@@ -157,17 +157,7 @@ async fn every_acknowledged_reading_reaches_the_upstream_across_an_outage() {
     let topic = "wardgate/test-gateway/readings";
     let mut cloud = cloud_subscriber(port, &ca, &cloud_cert, topic).await;
 
-    let mut cfg = config(
-        &dir.path().join("state"),
-        vec![device("pm-01", "pacemaker", "pw")],
-    );
-    cfg.upstream.enabled = true;
-    cfg.upstream.endpoint = "localhost".into();
-    cfg.upstream.port = port;
-    cfg.upstream.ca_file = Some(write(dir.path(), "up-ca.pem", &ca.cert.pem()));
-    cfg.upstream.cert_file = Some(write(dir.path(), "gw.pem", &gateway_cert.cert_pem));
-    cfg.upstream.key_file = Some(write(dir.path(), "gw.key", &gateway_cert.key_pem));
-    cfg.upstream.max_linger = Duration::from_millis(20);
+    let mut cfg = upstream_config(dir.path(), port, &ca, &gateway_cert);
     cfg.upstream.max_backoff = Duration::from_secs(2);
     let gw = Gateway::start(&cfg).await.unwrap();
     let addr = gw.listener_addr("plain").unwrap();
@@ -258,18 +248,7 @@ async fn acknowledged_readings_survive_kill_9_while_the_upstream_is_down() {
     let port = free_port();
     let conf = Mosquitto::config(dir.path(), port, &ca, &mq_server);
 
-    let mut cfg = config(
-        &dir.path().join("state"),
-        vec![device("pm-01", "pacemaker", "pw")],
-    );
-    cfg.upstream.enabled = true;
-    cfg.upstream.endpoint = "localhost".into();
-    cfg.upstream.port = port;
-    cfg.upstream.ca_file = Some(write(dir.path(), "up-ca.pem", &ca.cert.pem()));
-    cfg.upstream.cert_file = Some(write(dir.path(), "gw.pem", &gateway_cert.cert_pem));
-    cfg.upstream.key_file = Some(write(dir.path(), "gw.key", &gateway_cert.key_pem));
-    cfg.upstream.max_linger = Duration::from_millis(20);
-    cfg.upstream.max_backoff = Duration::from_secs(1);
+    let cfg = upstream_config(dir.path(), port, &ca, &gateway_cert);
     let config_path = write(
         dir.path(),
         "wardgate.toml",
