@@ -225,7 +225,11 @@ async fn session(
                         let q = queue.clone();
                         let n = seqs.len() as u64;
                         let removed = tokio::task::spawn_blocking(move || {
-                            q.with(|s| seqs.iter().try_for_each(|seq| s.remove(*seq).map(|_| ())))
+                            // Synced at once: a removal lost in a crash means a duplicate upstream.
+                            q.with(|s| {
+                                seqs.iter().try_for_each(|seq| s.remove(*seq).map(|_| ()))?;
+                                s.sync()
+                            })
                         })
                         .await;
                         if !matches!(removed, Ok(Ok(()))) {
