@@ -84,6 +84,19 @@ impl Drop for Mosquitto {
     }
 }
 
+/// Publish one pacemaker reading (QoS 1) with heart rate `hr` on `topic`.
+async fn heartbeat(client: &AsyncClient, topic: &str, hr: u32) {
+    client
+        .publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
+        )
+        .await
+        .unwrap();
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -165,14 +178,7 @@ async fn every_acknowledged_reading_reaches_the_upstream_across_an_outage() {
     let send = |i: u32| {
         let c = pm.client.clone();
         async move {
-            c.publish(
-                "ward/pm-01/telemetry",
-                QoS::AtLeastOnce,
-                false,
-                format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 40 + i),
-            )
-            .await
-            .unwrap();
+            heartbeat(&c, "ward/pm-01/telemetry", 40 + i).await;
         }
     };
     let wait_acks = |n: u64| {
@@ -291,15 +297,7 @@ async fn acknowledged_readings_survive_repeated_kill_9_under_load() {
         // Heart rates stay inside the plugin's 20-300 range, unique per reading.
         for i in 0..60u32 {
             let hr = 20 + round * 60 + i;
-            pm.client
-                .publish(
-                    "ward/pm-01/telemetry",
-                    QoS::AtLeastOnce,
-                    false,
-                    format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
-                )
-                .await
-                .unwrap();
+            heartbeat(&pm.client, "ward/pm-01/telemetry", hr).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let acked = pm.acks.load(std::sync::atomic::Ordering::SeqCst) as u32;
@@ -393,15 +391,7 @@ async fn a_flapping_upstream_under_load_loses_nothing() {
     let client = pm.client.clone();
     let publisher = tokio::spawn(async move {
         for i in 0..total {
-            client
-                .publish(
-                    "ward/pm-01/telemetry",
-                    QoS::AtLeastOnce,
-                    false,
-                    format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 20 + i % 280),
-                )
-                .await
-                .unwrap();
+            heartbeat(&client, "ward/pm-01/telemetry", 20 + i % 280).await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -450,25 +440,9 @@ async fn a_full_queue_keeps_alarms_and_evicts_routine_readings_exactly() {
     let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
     let (routine, alarms) = (200u32, 20u32);
     for i in 0..routine {
-        pm.client
-            .publish(
-                "ward/pm-01/telemetry",
-                QoS::AtLeastOnce,
-                false,
-                format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 20 + i % 200),
-            )
-            .await
-            .unwrap();
+        heartbeat(&pm.client, "ward/pm-01/telemetry", 20 + i % 200).await;
         if i % 10 == 0 {
-            pm.client
-                .publish(
-                    "ward/pm-01/alarm",
-                    QoS::AtLeastOnce,
-                    false,
-                    format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 250 + i / 10),
-                )
-                .await
-                .unwrap();
+            heartbeat(&pm.client, "ward/pm-01/alarm", 250 + i / 10).await;
         }
     }
     tokio::time::timeout(Duration::from_secs(20), async {
@@ -521,26 +495,10 @@ async fn after_an_outage_alarms_go_first_then_the_backlog_in_order() {
         .unwrap();
     let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
     for i in 0..100u32 {
-        pm.client
-            .publish(
-                "ward/pm-01/telemetry",
-                QoS::AtLeastOnce,
-                false,
-                format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 40 + i),
-            )
-            .await
-            .unwrap();
+        heartbeat(&pm.client, "ward/pm-01/telemetry", 40 + i).await;
     }
     for i in 0..5u32 {
-        pm.client
-            .publish(
-                "ward/pm-01/alarm",
-                QoS::AtLeastOnce,
-                false,
-                format!(r#"{{"heartbeat":{},"ts":1795326538000}}"#, 250 + i),
-            )
-            .await
-            .unwrap();
+        heartbeat(&pm.client, "ward/pm-01/alarm", 250 + i).await;
     }
     tokio::time::timeout(Duration::from_secs(20), async {
         while pm.acks.load(std::sync::atomic::Ordering::SeqCst) < 105 {
