@@ -22,6 +22,7 @@
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
 //! - [`uplink`]: drains the queue to AWS IoT Core (mutual TLS, batches, quotas).
 //! - [`sim`]: the ward simulator (devices with their vendors' raw formats).
+//! - [`clock`]: epoch-millisecond times.
 //! - [`cli`]: the `wardgate` command line.
 //!
 //! ## The life of one reading
@@ -32,6 +33,7 @@
 pub mod app;
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod gatekeeper;
 pub mod metering;

@@ -125,11 +125,7 @@ fn local_upstream() -> Result<LocalUpstream> {
         .local_addr()?
         .port();
     let conf = dir.join("mosquitto.conf");
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
+    let is_root = is_root();
     std::fs::write(
         &conf,
         format!(
@@ -273,6 +269,14 @@ fn package_installed(name: &str) -> bool {
         .unwrap_or(false)
 }
 
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
 /// apt-get install whatever of `packages` is missing (as root, or through sudo).
 fn install_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
@@ -283,11 +287,7 @@ fn install_packages(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
+    let is_root = is_root();
     let apt = |args: &[&str]| {
         let mut c = if is_root {
             Command::new("apt-get")

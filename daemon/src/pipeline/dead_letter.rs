@@ -5,12 +5,13 @@
 //! not acknowledged (the device resends): a message is never dropped without a trace.
 
 use super::Ingest;
+use crate::clock::epoch_ms;
 use crate::plugin_host::Failure;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,12 +42,6 @@ pub struct DeadLetters {
     dir: PathBuf,
 }
 
-pub(super) fn ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl DeadLetters {
     /// A store under `<state_dir>/dead-letter`.
     pub fn new(state_dir: &Path) -> Self {
@@ -64,8 +59,8 @@ impl DeadLetters {
     pub fn entry(msg: &Ingest, failure: &Failure) -> DeadLetter {
         let now = SystemTime::now();
         DeadLetter {
-            stored_at_ms: ms(now),
-            received_at_ms: ms(msg.received_at),
+            stored_at_ms: epoch_ms(now),
+            received_at_ms: epoch_ms(msg.received_at),
             device_id: msg.device.id.to_string(),
             kind: msg.device.kind.to_string(),
             plugin: msg.device.plugin.to_string(),

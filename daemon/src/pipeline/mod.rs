@@ -307,7 +307,7 @@ impl Pipeline {
     }
 
     async fn handle(&self, mut msg: Ingest) {
-        let received_at_ms = dead_letter::ms(msg.received_at);
+        let received_at_ms = crate::clock::epoch_ms(msg.received_at);
         let result = self.stages.plugins.normalize(
             &msg.device.plugin,
             Input {
@@ -335,7 +335,7 @@ impl Pipeline {
                     };
                     let record = crate::queue::Record {
                         class,
-                        enqueued_at_ms: dead_letter::ms(SystemTime::now()),
+                        enqueued_at_ms: crate::clock::now_ms(),
                         payload: json,
                     };
                     // The queue confirms once the reading is on disk.

@@ -63,10 +63,7 @@ impl bindings::wardgate::plugin::host::Host for HostState {
     }
 
     fn now_ms(&mut self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
+        crate::clock::now_ms()
     }
 
     fn device_setting(&mut self, key: String) -> Option<String> {

@@ -4,9 +4,10 @@
 //! latency is bounded and the disk sees one flush per batch, not per reading.
 
 use super::{Record, SledStore, Store};
+use crate::clock::now_ms;
 use crate::pipeline::Ack;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 /// Most readings in one group commit.
@@ -99,13 +100,6 @@ impl Enqueue {
     pub async fn push(&self, record: Record, ack: Option<Ack>) -> bool {
         self.0.send((record, ack)).await.is_ok()
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Start the group-commit writer. It ends when every [`Enqueue`] is dropped, after committing
