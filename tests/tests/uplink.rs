@@ -97,6 +97,58 @@ async fn heartbeat(client: &AsyncClient, topic: &str, hr: u32) {
         .unwrap();
 }
 
+/// A stand-in for IoT Core: a CA, mosquitto's server certificate, the gateway's and the cloud
+/// subscriber's client certificates, a free port and mosquitto's configuration (not started).
+struct Upstream {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    gateway_cert: Issued,
+    cloud_cert: Issued,
+    port: u16,
+    conf: PathBuf,
+}
+
+impl Upstream {
+    fn new() -> Upstream {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = Ca::new("Upstream CA");
+        let mq_server = ca.server();
+        let gateway_cert = ca.device("test-gateway");
+        let cloud_cert = ca.device("cloud-subscriber");
+        let port = free_port();
+        let conf = Mosquitto::config(dir.path(), port, &ca, &mq_server);
+        Upstream {
+            dir,
+            ca,
+            gateway_cert,
+            cloud_cert,
+            port,
+            conf,
+        }
+    }
+
+    /// Start mosquitto on the port.
+    fn broker(&self) -> Mosquitto {
+        Mosquitto::start(self.conf.clone(), self.port)
+    }
+
+    /// The cloud subscriber on the gateway's telemetry topic.
+    async fn subscriber(&self) -> tokio::sync::mpsc::UnboundedReceiver<(u64, f64)> {
+        cloud_subscriber(
+            self.port,
+            &self.ca,
+            &self.cloud_cert,
+            "wardgate/test-gateway/readings",
+        )
+        .await
+    }
+
+    /// A gateway configuration forwarding here.
+    fn gateway_config(&self) -> wardgate::config::Config {
+        upstream_config(self.dir.path(), self.port, &self.ca, &self.gateway_cert)
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -160,17 +212,11 @@ async fn cloud_subscriber(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_reading_reaches_the_upstream_across_an_outage() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca = Ca::new("Upstream CA");
-    let mq_server = ca.server();
-    let gateway_cert = ca.device("test-gateway");
-    let cloud_cert = ca.device("cloud-subscriber");
-    let port = free_port();
-    let mut mq = Mosquitto::start(Mosquitto::config(dir.path(), port, &ca, &mq_server), port);
-    let topic = "wardgate/test-gateway/readings";
-    let mut cloud = cloud_subscriber(port, &ca, &cloud_cert, topic).await;
+    let up = Upstream::new();
+    let mut mq = up.broker();
+    let mut cloud = up.subscriber().await;
 
-    let mut cfg = upstream_config(dir.path(), port, &ca, &gateway_cert);
+    let mut cfg = up.gateway_config();
     cfg.upstream.max_backoff = Duration::from_secs(2);
     let gw = Gateway::start(&cfg).await.unwrap();
     let addr = gw.listener_addr("plain").unwrap();
@@ -246,14 +292,9 @@ async fn every_acknowledged_reading_reaches_the_upstream_across_an_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_readings_survive_repeated_kill_9_under_load() {
     const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca = Ca::new("Upstream CA");
-    let mq_server = ca.server();
-    let gateway_cert = ca.device("test-gateway");
-    let cloud_cert = ca.device("cloud-subscriber");
-    let port = free_port();
-    let conf = Mosquitto::config(dir.path(), port, &ca, &mq_server);
-    let cfg = upstream_config(dir.path(), port, &ca, &gateway_cert);
+    let up = Upstream::new();
+    let dir = &up.dir;
+    let cfg = up.gateway_config();
     let config_path = write(
         dir.path(),
         "wardgate.toml",
@@ -287,10 +328,8 @@ async fn acknowledged_readings_survive_repeated_kill_9_under_load() {
     let mut acked_values = Vec::new();
     for round in 0..4u32 {
         if round == 2 {
-            mq = Some(Mosquitto::start(conf.clone(), port));
-            cloud = Some(
-                cloud_subscriber(port, &ca, &cloud_cert, "wardgate/test-gateway/readings").await,
-            );
+            mq = Some(up.broker());
+            cloud = Some(up.subscriber().await);
         }
         let (mut child, addr) = start(round as usize);
         let pm = connect(options(addr, "pm-01", "pw")).await;
@@ -373,18 +412,10 @@ fn upstream_config(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_upstream_under_load_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca = Ca::new("Upstream CA");
-    let mq_server = ca.server();
-    let gateway_cert = ca.device("test-gateway");
-    let cloud_cert = ca.device("cloud-subscriber");
-    let port = free_port();
-    let mut mq = Mosquitto::start(Mosquitto::config(dir.path(), port, &ca, &mq_server), port);
-    let mut cloud =
-        cloud_subscriber(port, &ca, &cloud_cert, "wardgate/test-gateway/readings").await;
-    let gw = Gateway::start(&upstream_config(dir.path(), port, &ca, &gateway_cert))
-        .await
-        .unwrap();
+    let up = Upstream::new();
+    let mut mq = up.broker();
+    let mut cloud = up.subscriber().await;
+    let gw = Gateway::start(&up.gateway_config()).await.unwrap();
     let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
 
     let total = 600u32;
@@ -427,14 +458,8 @@ async fn a_flapping_upstream_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_keeps_alarms_and_evicts_routine_readings_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca = Ca::new("Upstream CA");
-    let mq_server = ca.server();
-    let gateway_cert = ca.device("test-gateway");
-    let cloud_cert = ca.device("cloud-subscriber");
-    let port = free_port(); // nothing listens yet: the upstream is down
-    let conf = Mosquitto::config(dir.path(), port, &ca, &mq_server);
-    let mut cfg = upstream_config(dir.path(), port, &ca, &gateway_cert);
+    let up = Upstream::new(); // nothing listens yet: the upstream is down
+    let mut cfg = up.gateway_config();
     cfg.queue.max_bytes = 20 * 1024;
     let gw = Gateway::start(&cfg).await.unwrap();
     let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
@@ -453,9 +478,8 @@ async fn a_full_queue_keeps_alarms_and_evicts_routine_readings_exactly() {
     .await
     .expect("every reading acknowledged (stored, or counted when evicted)");
 
-    let _mq = Mosquitto::start(conf, port);
-    let mut cloud =
-        cloud_subscriber(port, &ca, &cloud_cert, "wardgate/test-gateway/readings").await;
+    let _mq = up.broker();
+    let mut cloud = up.subscriber().await;
     let mut values = Vec::new();
     while let Ok(Some((_, hr))) = tokio::time::timeout(Duration::from_secs(5), cloud.recv()).await {
         values.push(hr);
@@ -483,16 +507,8 @@ async fn a_full_queue_keeps_alarms_and_evicts_routine_readings_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_outage_alarms_go_first_then_the_backlog_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca = Ca::new("Upstream CA");
-    let mq_server = ca.server();
-    let gateway_cert = ca.device("test-gateway");
-    let cloud_cert = ca.device("cloud-subscriber");
-    let port = free_port();
-    let conf = Mosquitto::config(dir.path(), port, &ca, &mq_server);
-    let gw = Gateway::start(&upstream_config(dir.path(), port, &ca, &gateway_cert))
-        .await
-        .unwrap();
+    let up = Upstream::new();
+    let gw = Gateway::start(&up.gateway_config()).await.unwrap();
     let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
     for i in 0..100u32 {
         heartbeat(&pm.client, "ward/pm-01/telemetry", 40 + i).await;
@@ -507,9 +523,8 @@ async fn after_an_outage_alarms_go_first_then_the_backlog_in_order() {
     })
     .await
     .expect("all queued");
-    let _mq = Mosquitto::start(conf, port);
-    let mut cloud =
-        cloud_subscriber(port, &ca, &cloud_cert, "wardgate/test-gateway/readings").await;
+    let _mq = up.broker();
+    let mut cloud = up.subscriber().await;
     let mut order = Vec::new();
     while order.len() < 105 {
         let (_, hr) = tokio::time::timeout(Duration::from_secs(30), cloud.recv())
