@@ -40,6 +40,9 @@ pub struct Gateway {
     plugins: Arc<PluginHost>,
     plugin_watch: JoinHandle<()>,
     queue_writer: Option<JoinHandle<()>>,
+    /// The queue's entrance for producers other than the pipeline (dropped first on stop, so
+    /// the writer can finish).
+    outbox: Option<crate::queue::Enqueue>,
     uplink: Option<JoinHandle<()>>,
     uplink_stop: CancellationToken,
     uplink_stats: Arc<crate::uplink::UplinkStats>,
@@ -89,6 +92,13 @@ impl StatusView {
                     connected: self.uplink.connected.load(Relaxed),
                     batches_acked: self.uplink.batches_acked.load(Relaxed),
                     records_delivered: self.uplink.records_delivered.load(Relaxed),
+                    delivered_by_stream: {
+                        use crate::queue::Stream;
+                        Stream::ALL
+                            .into_iter()
+                            .map(|s| (s.name().to_owned(), self.uplink.delivered(s)))
+                            .collect()
+                    },
                     connection_errors: self.uplink.connection_errors.load(Relaxed),
                 }
             }),
@@ -147,6 +157,7 @@ impl Gateway {
         let uplink_stats = Arc::new(crate::uplink::UplinkStats::default());
         let uplink_stop = CancellationToken::new();
         let mut shared_queue = None;
+        let mut outbox = None;
         let (queue, queue_writer, uplink) = if config.upstream.enabled {
             let (store, report) = crate::queue::SledStore::open(&state_dir.join("queue"), 16 << 20)
                 .with_context(|| {
@@ -171,6 +182,7 @@ impl Gateway {
                 uplink_stats.clone(),
                 uplink_stop.clone(),
             ));
+            outbox = Some(enqueue.clone());
             (Some(enqueue), Some(writer), Some(uplink))
         } else {
             (None, None, None)
@@ -256,6 +268,7 @@ impl Gateway {
             plugins,
             plugin_watch,
             queue_writer,
+            outbox,
             uplink,
             uplink_stop,
             uplink_stats,
@@ -291,6 +304,13 @@ impl Gateway {
     /// The queue at a glance (`None` when the upstream is disabled). Blocking for a moment.
     pub fn queue_status(&self) -> Option<crate::queue::QueueStatus> {
         self.view.queue.as_ref().map(|q| q.status())
+    }
+
+    /// Where producers queue records for the upstream (alerts, shadow updates, defender
+    /// reports; readings come through the pipeline). `None` when the upstream is disabled.
+    /// A record is durable once the `Ack` handed with it is confirmed.
+    pub fn outbox(&self) -> Option<&crate::queue::Enqueue> {
+        self.outbox.as_ref()
     }
 
     /// Uplink counters.
@@ -360,6 +380,7 @@ impl Gateway {
         let tasks = std::mem::take(&mut self.listener_tasks);
         let pipeline = &mut self.pipeline;
         let writer = self.queue_writer.take();
+        self.outbox = None;
         let drain = async {
             for t in tasks {
                 let _ = t.await;

@@ -69,8 +69,11 @@ pub struct UplinkStatus {
     pub connected: bool,
     /// Upstream messages acknowledged since start.
     pub batches_acked: u64,
-    /// Readings delivered (removed from the queue) since start.
+    /// Records delivered (removed from the queue) since start.
     pub records_delivered: u64,
+    /// Of those, per stream: telemetry, alerts, shadow, defender.
+    #[serde(default)]
+    pub delivered_by_stream: std::collections::BTreeMap<String, u64>,
     /// Connection failures since start.
     pub connection_errors: u64,
 }
@@ -176,7 +179,7 @@ pub fn render(s: &Status) -> String {
     if let Some(u) = &s.uplink {
         let _ = writeln!(
             out,
-            "upstream {} {}; {} readings delivered in {} messages; {} connection errors",
+            "upstream {} {}; {} records delivered in {} messages ({}); {} connection errors",
             u.endpoint,
             if u.connected {
                 "connected"
@@ -185,14 +188,19 @@ pub fn render(s: &Status) -> String {
             },
             u.records_delivered,
             u.batches_acked,
+            u.delivered_by_stream
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             u.connection_errors
         );
     }
     if let Some(q) = &s.queue {
         let _ = writeln!(
             out,
-            "queue {} readings, {} bytes, oldest {} s; evicted {} (over bytes) + {} (over age) routine readings",
-            q.depth, q.bytes, q.oldest_age_s, q.evicted_over_bytes, q.evicted_over_age
+            "queue {} records, {} bytes, oldest {} s; evicted {} (over bytes) + {} (over age) routine records; {} undeliverable set aside",
+            q.depth, q.bytes, q.oldest_age_s, q.evicted_over_bytes, q.evicted_over_age, q.undeliverable
         );
     }
     if !s.plugins.is_empty() {

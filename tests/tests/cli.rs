@@ -201,3 +201,39 @@ fn version_is_printed() {
         format!("wardgate {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn upstream_topic_templates_are_checked_with_the_devices_they_will_carry() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("wardgate.toml");
+    for f in ["ca.pem", "gw.pem", "gw.key"] {
+        write(&dir.path().join(f), "");
+    }
+    let hash = wardgate::registry::hash_password_demo("pw");
+    let long_id = "m".repeat(70);
+    write(
+        &main,
+        &format!(
+            "[upstream]\nenabled = true\nendpoint = \"example-ats.iot.eu-west-1.amazonaws.com\"\n\
+             ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/gw.pem\"\nkey_file = \"{d}/gw.key\"\n\
+             [upstream.topics]\ntelemetry = \"ward/${{device}}/data\"\n\
+             alerts = \"ward/${{gateway}}/alerts\"\n\
+             [[devices]]\nid = \"{long_id}\"\nkind = \"pacemaker\"\npassword_hash = \"{hash}\"\n",
+            d = dir.path().display()
+        ),
+    );
+    let o = wardgate(&["check-config", "-c", main.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    let err = stderr(&o);
+    for want in [
+        "upstream.topics.telemetry",
+        "the telemetry topic knows only `${thing}`",
+        "upstream.topics.alerts",
+        "`${gateway}`",
+        // The default named-shadow template cannot carry a 70-character device id.
+        "upstream.topics.shadow",
+        "shadow name",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+}

@@ -170,6 +170,29 @@ async fn cloud_subscriber(
     me: &Issued,
     topic: &str,
 ) -> tokio::sync::mpsc::UnboundedReceiver<(u64, f64)> {
+    let mut raw = cloud_subscriber_raw(port, ca, me, &[topic]).await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((_, payload)) = raw.recv().await {
+            let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            assert_eq!(v["gateway_id"], "test-gateway");
+            for r in v["records"].as_array().unwrap() {
+                let hr = r["message"]["readings"][0]["value"].as_f64().unwrap();
+                let _ = tx.send((r["seq"].as_u64().unwrap(), hr));
+            }
+        }
+    });
+    rx
+}
+
+/// A "cloud" subscriber on mosquitto with a persistent session; yields (topic, payload) of
+/// every message on `topics`.
+async fn cloud_subscriber_raw(
+    port: u16,
+    ca: &Ca,
+    me: &Issued,
+    topics: &[&str],
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert.der().clone()).unwrap();
     let tls = rustls::ClientConfig::builder()
@@ -187,19 +210,16 @@ async fn cloud_subscriber(
         rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
     ));
     let (client, mut el) = AsyncClient::new(o, 100);
-    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    for topic in topics {
+        client.subscribe(*topic, QoS::AtLeastOnce).await.unwrap();
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _client = client;
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-                    assert_eq!(v["gateway_id"], "test-gateway");
-                    for r in v["records"].as_array().unwrap() {
-                        let hr = r["message"]["readings"][0]["value"].as_f64().unwrap();
-                        let _ = tx.send((r["seq"].as_u64().unwrap(), hr));
-                    }
+                    let _ = tx.send((p.topic.to_string(), p.payload.to_vec()));
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -542,5 +562,242 @@ async fn after_an_outage_alarms_go_first_then_the_backlog_in_order() {
     let backlog: Vec<f64> = order[5..].to_vec();
     let want: Vec<f64> = (0..100).map(|i| f64::from(40 + i)).collect();
     assert_eq!(backlog, want, "then the backlog, oldest first");
+    let _ = gw.stop(Duration::from_secs(10)).await;
+}
+
+/// Wait until `gw`'s queue is empty (everything delivered or set aside).
+async fn until_queue_empty(gw: &Gateway, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let q = gw.queue_status().expect("queue enabled");
+        if q.depth == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "queue not drained: {q:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Queue `record` through the gateway's outbox and wait until it is on disk.
+async fn queue_record(gw: &Gateway, record: wardgate::queue::Record) {
+    let (ack, on_disk) = wardgate::pipeline::Ack::new();
+    assert!(
+        gw.outbox()
+            .expect("upstream enabled")
+            .push(record, Some(ack))
+            .await
+    );
+    tokio::time::timeout(Duration::from_secs(10), on_disk)
+        .await
+        .expect("queued in time")
+        .expect("queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stream_reaches_its_own_topic_and_undeliverable_records_are_set_aside() {
+    use wardgate::queue::{Class, Record, Stream};
+    let up = Upstream::new();
+    let _mq = up.broker();
+    let mut cloud = cloud_subscriber_raw(
+        up.port,
+        &up.ca,
+        &up.cloud_cert,
+        &[
+            "wardgate/test-gateway/readings",
+            "wardgate/test-gateway/alerts",
+            "$aws/things/test-gateway/shadow/name/+/update",
+            "$aws/things/test-gateway/defender/metrics/json",
+        ],
+    )
+    .await;
+    let up_cfg = up.gateway_config();
+    // Start with the upstream unreachable so every record waits in the queue together: the
+    // undeliverable ones come first and must not hold the others back.
+    let mut cfg = up_cfg.clone();
+    cfg.upstream.port = free_port();
+    let state = cfg.gateway.state_dir.clone();
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let rec = |class, stream, subject: &str, payload: &str| Record {
+        class,
+        stream,
+        subject: subject.into(),
+        enqueued_at_ms: 1_795_326_538_000,
+        payload: payload.as_bytes().to_vec(),
+    };
+    // Undeliverable: a device id too long for a named shadow, and a report that is not JSON.
+    queue_record(
+        &gw,
+        rec(
+            Class::Routine,
+            Stream::Shadow,
+            &"x".repeat(70),
+            r#"{"state":{}}"#,
+        ),
+    )
+    .await;
+    queue_record(&gw, rec(Class::Routine, Stream::Defender, "", "not json")).await;
+    let pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
+    heartbeat(&pm.client, "ward/pm-01/telemetry", 72).await;
+    let shadow = r#"{"state":{"reported":{"heartbeat":72}}}"#;
+    queue_record(&gw, rec(Class::Routine, Stream::Shadow, "pm-01", shadow)).await;
+    let alert = r#"{"rule":"tachycardia","device_id":"pm-01","heartbeat":141}"#;
+    queue_record(&gw, rec(Class::Alarm, Stream::Alert, "pm-01", alert)).await;
+    let report = r#"{"header":{"report_id":1795326538,"version":"1.0"},"metrics":{"network_stats":{"bytes_in":10,"bytes_out":20,"packets_in":1,"packets_out":2}}}"#;
+    queue_record(&gw, rec(Class::Routine, Stream::Defender, "", report)).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while pm.acks.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("reading acknowledged");
+    assert_eq!(gw.queue_status().unwrap().depth, 6);
+    let _ = gw.stop(Duration::from_secs(10)).await;
+
+    // Now the upstream is reachable.
+    let gw = Gateway::start(&up_cfg).await.unwrap();
+    let mut by_topic = BTreeMap::<String, Vec<serde_json::Value>>::new();
+    while by_topic.values().map(Vec::len).sum::<usize>() < 4 {
+        let (topic, payload) = tokio::time::timeout(Duration::from_secs(20), cloud.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {by_topic:?} arrived"))
+            .unwrap();
+        by_topic
+            .entry(topic)
+            .or_default()
+            .push(serde_json::from_slice(&payload).unwrap());
+    }
+    let one = |t: &str| -> &serde_json::Value {
+        let v = by_topic
+            .get(t)
+            .unwrap_or_else(|| panic!("nothing on {t}: {by_topic:?}"));
+        assert_eq!(v.len(), 1, "{t}: {v:?}");
+        &v[0]
+    };
+    let readings = one("wardgate/test-gateway/readings");
+    assert_eq!(readings["gateway_id"], "test-gateway");
+    assert_eq!(readings["records"][0]["message"]["device_id"], "pm-01");
+    let alerts = one("wardgate/test-gateway/alerts");
+    assert_eq!(alerts["gateway_id"], "test-gateway");
+    assert!(alerts["records"][0]["seq"].is_u64());
+    assert_eq!(
+        alerts["records"][0]["message"],
+        serde_json::from_str::<serde_json::Value>(alert).unwrap()
+    );
+    let sh = one("$aws/things/test-gateway/shadow/name/pm-01/update");
+    assert_eq!(sh["state"]["reported"]["heartbeat"], 72);
+    let token = sh["clientToken"].as_str().expect("clientToken added");
+    assert!(token.starts_with("test-gateway:"), "{token}");
+    let def = one("$aws/things/test-gateway/defender/metrics/json");
+    assert_eq!(
+        *def,
+        serde_json::from_str::<serde_json::Value>(report).unwrap(),
+        "the defender report goes as queued"
+    );
+    until_queue_empty(&gw, Duration::from_secs(10)).await;
+    let q = gw.queue_status().unwrap();
+    assert_eq!(q.undeliverable, 2, "{q:?}");
+    use wardgate::queue::Stream as S;
+    let u = gw.uplink();
+    assert_eq!(
+        [S::Telemetry, S::Alert, S::Shadow, S::Defender].map(|s| u.delivered(s)),
+        [1, 1, 1, 1]
+    );
+    let _ = gw.stop(Duration::from_secs(10)).await;
+    // The set-aside records are kept on disk for forensics.
+    let db = wait_open_sled(&state.join("queue"));
+    assert_eq!(db.open_tree("undeliverable").unwrap().len(), 2);
+}
+
+/// Open the queue's sled database once the gateway let go of it.
+fn wait_open_sled(dir: &Path) -> sled::Db {
+    for _ in 0..300 {
+        if let Ok(db) = sled::open(dir) {
+            return db;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sled::open(dir).expect("queue database opens")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let up = Upstream::new();
+    let _mq = up.broker();
+    let mut cloud = cloud_subscriber_raw(
+        up.port,
+        &up.ca,
+        &up.cloud_cert,
+        &["wardgate/test-gateway/readings"],
+    )
+    .await;
+    let ward = wardgate::sim::ward(2);
+    let mut cfg = wardgate::cli::demo_config(&ward, wardgate_tests::components_dir());
+    let up_cfg = up.gateway_config();
+    cfg.gateway.id = up_cfg.gateway.id.clone();
+    cfg.gateway.state_dir = up_cfg.gateway.state_dir.clone();
+    cfg.upstream = up_cfg.upstream.clone();
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let stats = Arc::new(wardgate::sim::SimStats::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sim = tokio::spawn(wardgate::sim::run(
+        gw.listener_addr("plain").unwrap(),
+        ward.clone(),
+        50.0,
+        stats.clone(),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.cancel();
+    sim.await.unwrap();
+    // Let the last messages through the pipeline, then wait for the upstream to take them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_queue_empty(&gw, Duration::from_secs(30)).await;
+
+    let per_device = gw.stats().snapshot();
+    let normalized: u64 = per_device
+        .iter()
+        .map(|(_, c)| c.messages - c.dead_letters)
+        .sum();
+    let acked = stats.acked.load(SeqCst);
+    let queued = gw.queue_status().unwrap().appended;
+    assert_eq!(queued, normalized, "every normalised message was queued");
+    assert!(acked > 100, "the ward was busy ({acked} PUBACKs)");
+
+    // The cloud sees every queued record, once per sequence number, in order per device.
+    let mut seen = BTreeMap::<u64, serde_json::Value>::new();
+    while (seen.len() as u64) < queued {
+        let (_, payload) = tokio::time::timeout(Duration::from_secs(20), cloud.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {queued} readings arrived", seen.len()))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(v["gateway_id"], "test-gateway");
+        for r in v["records"].as_array().unwrap() {
+            seen.insert(r["seq"].as_u64().unwrap(), r["message"].clone());
+        }
+    }
+    assert_eq!(seen.len() as u64, queued);
+    let mut last_seen_at = BTreeMap::<String, i64>::new();
+    for m in seen.values() {
+        let id = m["device_id"].as_str().unwrap().to_owned();
+        let at = m["received_at_ms"].as_i64().unwrap();
+        let prev = last_seen_at.insert(id.clone(), at);
+        assert!(prev.is_none_or(|p| p <= at), "{id}: out of order");
+    }
+    for d in ward.iter().filter(|d| d.kind != "generic") {
+        assert!(
+            last_seen_at.contains_key(&d.id),
+            "{} has readings upstream: {:?}",
+            d.id,
+            last_seen_at.keys()
+        );
+    }
+    // The rogue agents' random strings are dead letters, never forwarded.
+    assert!(!last_seen_at.keys().any(|id| id.starts_with("rogue")));
+    eprintln!(
+        "simulated ward: {acked} PUBACKs, {queued} readings queued and all delivered upstream"
+    );
     let _ = gw.stop(Duration::from_secs(10)).await;
 }

@@ -419,8 +419,8 @@ pub struct UpstreamConfig {
     /// The gateway's private key (PEM); readable by the service user only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
-    /// Topic readings are published on; `${gateway}` is the thing name.
-    pub telemetry_topic: String,
+    /// Topic per stream (`[upstream.topics]`).
+    pub topics: TopicsConfig,
     /// Largest upstream message, in bytes (readings are batched up to this; IoT Core: 128 KB).
     pub max_batch_bytes: usize,
     /// Longest a reading waits for a batch to fill before it is sent anyway.
@@ -446,13 +446,40 @@ impl Default for UpstreamConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
-            telemetry_topic: "wardgate/${gateway}/readings".into(),
+            topics: TopicsConfig::default(),
             max_batch_bytes: 64 * 1024,
             max_linger: Duration::from_millis(200),
             max_inflight: 20,
             max_publishes_per_second: 100,
             max_bytes_per_second: 512 * 1024,
             max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[upstream.topics]`: the upstream topic of each stream. `${thing}` is `gateway.id` (the
+/// gateway's thing name); `${device}` (shadow and defender only) is the device a record is
+/// about, or the thing name for the gateway's own records.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Batches of canonical readings.
+    pub telemetry: String,
+    /// Batches of alerts (rules that fired, security violations).
+    pub alerts: String,
+    /// Device shadow update documents, one per message.
+    pub shadow: String,
+    /// Device Defender metrics reports, one per message.
+    pub defender: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            telemetry: "wardgate/${thing}/readings".into(),
+            alerts: "wardgate/${thing}/alerts".into(),
+            shadow: "$aws/things/${thing}/shadow/name/${device}/update".into(),
+            defender: "$aws/things/${thing}/defender/metrics/json".into(),
         }
     }
 }

@@ -356,17 +356,32 @@ pub(super) fn validate(
     if u.max_backoff < std::time::Duration::from_secs(1) {
         err("upstream.max_backoff", "must be at least 1s".into());
     }
-    if unknown_variable(&u.telemetry_topic.replace("${gateway}", "g")).is_some()
-        || u.telemetry_topic.contains(['+', '#'])
-        || u.telemetry_topic.is_empty()
     {
-        err(
-            "upstream.telemetry_topic",
-            format!(
-                "`{}` is not a topic (only `${{gateway}}` may be used; no wildcards)",
-                u.telemetry_topic
-            ),
-        );
+        use crate::queue::Stream;
+        use crate::uplink::topics;
+        for stream in Stream::ALL {
+            let key = format!("upstream.topics.{}", stream.name());
+            let t = topics::template(&u.topics, stream);
+            if let Err(why) = topics::check_template(stream, t) {
+                err(&key, why);
+                continue;
+            }
+            // Every device this gateway knows must get a topic IoT Core accepts.
+            let thing = &c.gateway.id;
+            let mut subjects: Vec<&str> = vec![""];
+            if u.enabled && !stream.is_batched() && t.contains("${device}") {
+                subjects.extend(c.devices.iter().map(|d| d.id.as_str()));
+            }
+            if let Some(why) = subjects
+                .iter()
+                .find_map(|d| topics::check(&topics::expand(t, thing, d)).err())
+            {
+                err(
+                    &key,
+                    format!("{why}; shorten gateway.id or the device id, or change the template"),
+                );
+            }
+        }
     }
     if c.queue.commit_interval.is_zero()
         || c.queue.commit_interval > std::time::Duration::from_secs(1)

@@ -333,11 +333,7 @@ impl Pipeline {
                     } else {
                         crate::queue::Class::Routine
                     };
-                    let record = crate::queue::Record {
-                        class,
-                        enqueued_at_ms: crate::clock::now_ms(),
-                        payload: json,
-                    };
+                    let record = crate::queue::Record::telemetry(class, &msg.device.id, json);
                     // The queue confirms once the reading is on disk.
                     if !queue.push(record, msg.ack.take()).await {
                         log::error!(device_id:% = msg.device.id; "queue writer stopped; reading not acknowledged");

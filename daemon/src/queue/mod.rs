@@ -4,19 +4,32 @@
 //!
 //! Tree `records`: one entry per queued record.
 //! - key: the record's sequence number, 8 bytes big-endian (so key order = arrival order);
-//! - value: `version (1 byte, = 1) | class (1 byte) | crc32 (4 bytes BE) | enqueued_at_ms (8 bytes
-//!   BE, signed) | payload`; the CRC-32 (IEEE) covers `class | enqueued_at_ms | payload`.
+//! - value, format version 2: `version (1 byte, = 2) | class (1 byte) | crc32 (4 bytes BE) |
+//!   enqueued_at_ms (8 bytes BE, signed) | stream (1 byte) | subject length (1 byte) | subject
+//!   (UTF-8) | payload`; the CRC-32 (IEEE) covers every byte after the CRC, and the class byte.
+//! - Version 1 values (`version = 1 | class | crc32 | enqueued_at_ms | payload`, CRC over
+//!   `class | enqueued_at_ms | payload`) are still read: they are telemetry with no subject.
+//!
+//! `class` decides order and eviction; `stream` decides the upstream topic (telemetry, alerts,
+//! shadow, defender); `subject` is the device the record is about (empty: the gateway itself).
+//! The topic is not stored: it is made from `upstream.topics` when the record is sent, so a
+//! changed template applies to the backlog too.
 //!
 //! Tree `meta`: `next_seq` → the next sequence number, 8 bytes BE, written with every append.
 //!
 //! Tree `corrupt`: records found damaged when the queue was opened, moved here untouched for
 //! forensics (never delivered, never deleted by the queue).
 //!
+//! Tree `undeliverable`: intact records the upstream can never take (a message over
+//! `upstream.max_batch_bytes`, or a topic IoT Core would refuse), moved here by the uplink with
+//! an ERROR in the journal so they cannot block the queue; kept for forensics like `corrupt`.
+//!
 //! # Invariants
 //! 1. A record is durable (flushed) before anyone is told it is safe: [`Store::sync`] returns
 //!    only after sled's flush, and callers acknowledge devices only after it.
-//! 2. A record leaves `records` only by [`Store::remove`] (after the upstream's PUBACK) or by
-//!    eviction under the class policy ([`Store::evict`]); both are counted. A removal that had
+//! 2. A record leaves `records` only by [`Store::remove`] (after the upstream's PUBACK), by
+//!    eviction under the class policy ([`Store::evict`]), or by [`Store::set_aside`] (it can
+//!    never be delivered); all three are counted. A removal that had
 //!    not been synced before a crash may be undone — the record is then delivered again
 //!    (at-least-once; duplicates carry the same sequence number).
 //! 3. Sequence numbers only grow, across restarts too (`meta.next_seq`, and never below the last
@@ -41,9 +54,13 @@ pub use writer::{spawn_writer, Enqueue, QueueCounters, QueueStatus, SharedQueue,
 use std::path::Path;
 
 /// Format version written into every record.
-const FORMAT_VERSION: u8 = 1;
-/// Bytes before the payload.
-const HEADER_BYTES: usize = 1 + 1 + 4 + 8;
+const FORMAT_VERSION: u8 = 2;
+/// Bytes before the payload in a version 1 record.
+const HEADER_V1: usize = 1 + 1 + 4 + 8;
+/// Bytes before the subject in a version 2 record.
+const HEADER_V2: usize = HEADER_V1 + 1 + 1;
+/// Longest subject (a device id is at most 128 bytes).
+pub const MAX_SUBJECT: usize = 255;
 
 /// What a record is, for ordering and eviction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,17 +82,87 @@ impl Class {
             _ => None,
         }
     }
+
+    /// Alarm and security records go upstream first and are never evicted.
+    pub fn is_priority(self) -> bool {
+        self != Class::Routine
+    }
+}
+
+/// What kind of upstream message a record becomes, and so its topic (`upstream.topics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stream {
+    /// A canonical reading; batched with others on `upstream.topics.telemetry`.
+    Telemetry = 0,
+    /// An alert (a rule fired, a security violation); batched on `upstream.topics.alerts`.
+    Alert = 1,
+    /// A device shadow update document; sent alone on `upstream.topics.shadow`.
+    Shadow = 2,
+    /// A Device Defender metrics report; sent alone on `upstream.topics.defender`.
+    Defender = 3,
+}
+
+impl Stream {
+    /// Every stream, in index order.
+    pub const ALL: [Stream; 4] = [
+        Stream::Telemetry,
+        Stream::Alert,
+        Stream::Shadow,
+        Stream::Defender,
+    ];
+
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Stream::Telemetry),
+            1 => Some(Stream::Alert),
+            2 => Some(Stream::Shadow),
+            3 => Some(Stream::Defender),
+            _ => None,
+        }
+    }
+
+    /// The name used in configuration, logs and the status view.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Telemetry => "telemetry",
+            Stream::Alert => "alerts",
+            Stream::Shadow => "shadow",
+            Stream::Defender => "defender",
+        }
+    }
+
+    /// Whether records of this stream are packed together into one upstream message.
+    pub fn is_batched(self) -> bool {
+        matches!(self, Stream::Telemetry | Stream::Alert)
+    }
 }
 
 /// One queued record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    /// Its class.
+    /// Its class (order and eviction).
     pub class: Class,
+    /// Its stream (upstream topic and message shape).
+    pub stream: Stream,
+    /// The device it is about; empty for the gateway itself. At most [`MAX_SUBJECT`] bytes.
+    pub subject: String,
     /// When it was queued, ms since the UNIX epoch.
     pub enqueued_at_ms: i64,
-    /// The canonical message.
+    /// The message: a JSON document (canonical reading, alert, shadow update, defender report).
     pub payload: Vec<u8>,
+}
+
+impl Record {
+    /// A telemetry record of `class` about `device`, queued now.
+    pub fn telemetry(class: Class, device: &str, payload: Vec<u8>) -> Self {
+        Self {
+            class,
+            stream: Stream::Telemetry,
+            subject: device.to_owned(),
+            enqueued_at_ms: crate::clock::now_ms(),
+            payload,
+        }
+    }
 }
 
 /// Queue errors.
@@ -121,6 +208,9 @@ pub trait Store {
     fn read_priority(&self, limit: usize) -> Result<Vec<(u64, Record)>, QueueError>;
     /// Delete a record (after the upstream acknowledged it). `false` if it was not there.
     fn remove(&mut self, seq: u64) -> Result<bool, QueueError>;
+    /// Move a record the upstream can never take out of the queue, kept for forensics.
+    /// `false` if it was not there.
+    fn set_aside(&mut self, seq: u64) -> Result<bool, QueueError>;
     /// Evict routine records: oldest first while over `max_bytes`, and all older than
     /// `min_enqueued_at_ms`.
     fn evict(&mut self, max_bytes: u64, min_enqueued_at_ms: i64) -> Result<Evicted, QueueError>;
@@ -135,11 +225,21 @@ pub trait Store {
 }
 
 fn encode(r: &Record) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER_BYTES + r.payload.len());
+    // A subject longer than a length byte can say is cut at a character boundary (device ids
+    // are at most 128 bytes, so this never happens for records the gateway makes).
+    let mut cut = r.subject.len().min(MAX_SUBJECT);
+    while !r.subject.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let subject = &r.subject.as_bytes()[..cut];
+    let mut v = Vec::with_capacity(HEADER_V2 + subject.len() + r.payload.len());
     v.push(FORMAT_VERSION);
     v.push(r.class as u8);
     v.extend_from_slice(&[0; 4]);
     v.extend_from_slice(&r.enqueued_at_ms.to_be_bytes());
+    v.push(r.stream as u8);
+    v.push(subject.len() as u8);
+    v.extend_from_slice(subject);
     v.extend_from_slice(&r.payload);
     let crc = crc32fast::hash(&[&v[1..2], &v[6..]].concat());
     v[2..6].copy_from_slice(&crc.to_be_bytes());
@@ -147,7 +247,7 @@ fn encode(r: &Record) -> Vec<u8> {
 }
 
 fn decode(v: &[u8]) -> Option<Record> {
-    if v.len() < HEADER_BYTES || v[0] != FORMAT_VERSION {
+    if v.len() < HEADER_V1 || !(1..=FORMAT_VERSION).contains(&v[0]) {
         return None;
     }
     let class = Class::from_byte(v[1])?;
@@ -155,10 +255,28 @@ fn decode(v: &[u8]) -> Option<Record> {
     if crc32fast::hash(&[&v[1..2], &v[6..]].concat()) != crc {
         return None;
     }
+    let enqueued_at_ms = i64::from_be_bytes(v[6..14].try_into().ok()?);
+    if v[0] == 1 {
+        return Some(Record {
+            class,
+            stream: Stream::Telemetry,
+            subject: String::new(),
+            enqueued_at_ms,
+            payload: v[HEADER_V1..].to_vec(),
+        });
+    }
+    if v.len() < HEADER_V2 {
+        return None;
+    }
+    let stream = Stream::from_byte(v[14])?;
+    let end = HEADER_V2 + usize::from(v[15]);
+    let subject = std::str::from_utf8(v.get(HEADER_V2..end)?).ok()?.to_owned();
     Some(Record {
         class,
-        enqueued_at_ms: i64::from_be_bytes(v[6..14].try_into().ok()?),
-        payload: v[14..].to_vec(),
+        stream,
+        subject,
+        enqueued_at_ms,
+        payload: v[end..].to_vec(),
     })
 }
 
@@ -176,6 +294,7 @@ pub struct SledStore {
     db: sled::Db,
     records: sled::Tree,
     meta: sled::Tree,
+    undeliverable: sled::Tree,
     /// Sequence numbers of queued alarm and security records (rebuilt on open).
     priority: std::collections::BTreeSet<u64>,
     next_seq: u64,
@@ -194,6 +313,7 @@ impl SledStore {
         let records = db.open_tree("records")?;
         let meta = db.open_tree("meta")?;
         let corrupt = db.open_tree("corrupt")?;
+        let undeliverable = db.open_tree("undeliverable")?;
         let mut report = OpenReport::default();
         let (mut count, mut bytes, mut last) = (0usize, 0u64, None);
         let mut damaged = Vec::new();
@@ -202,7 +322,7 @@ impl SledStore {
             let (k, v) = item?;
             match (seq_of(&k), decode(&v)) {
                 (Some(seq), Some(r)) => {
-                    if r.class != Class::Routine {
+                    if r.class.is_priority() {
                         priority.insert(seq);
                     }
                     count += 1;
@@ -228,6 +348,7 @@ impl SledStore {
                 db,
                 records,
                 meta,
+                undeliverable,
                 priority,
                 next_seq,
                 count,
@@ -247,7 +368,7 @@ impl Store for SledStore {
             self.bytes += v.len() as u64;
             self.count += 1;
             batch.insert(&key(self.next_seq), v);
-            if r.class != Class::Routine {
+            if r.class.is_priority() {
                 self.priority.insert(self.next_seq);
             }
             seqs.push(self.next_seq);
@@ -306,6 +427,19 @@ impl Store for SledStore {
         }
     }
 
+    fn set_aside(&mut self, seq: u64) -> Result<bool, QueueError> {
+        self.priority.remove(&seq);
+        match self.records.remove(key(seq))? {
+            Some(v) => {
+                self.count -= 1;
+                self.bytes -= v.len() as u64;
+                self.undeliverable.insert(key(seq), v)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     fn evict(&mut self, max_bytes: u64, min_enqueued_at_ms: i64) -> Result<Evicted, QueueError> {
         let mut ev = Evicted::default();
         let mut doomed = Vec::new();
@@ -313,7 +447,7 @@ impl Store for SledStore {
         for item in self.records.iter() {
             let (k, v) = item?;
             let Some(r) = decode(&v) else { continue };
-            if r.class != Class::Routine {
+            if r.class.is_priority() {
                 continue;
             }
             if r.enqueued_at_ms < min_enqueued_at_ms {
@@ -352,6 +486,8 @@ mod tests {
     fn rec(class: Class, at: i64, n: u32) -> Record {
         Record {
             class,
+            stream: Stream::Telemetry,
+            subject: format!("pm-{:02}", n % 7),
             enqueued_at_ms: at,
             payload: format!("reading {n}").into_bytes(),
         }
@@ -369,6 +505,81 @@ mod tests {
         v[0] = 9;
         assert_eq!(decode(&v), None, "unknown version");
         assert_eq!(decode(&[1, 2, 3]), None, "short value");
+        let mut v = encode(&rec(Class::Routine, 1, 1));
+        v[14] = 9;
+        assert_eq!(
+            decode(&v),
+            None,
+            "unknown stream (even with a matching CRC)"
+        );
+        let mut v = encode(&rec(Class::Routine, 1, 1));
+        v[15] = 200;
+        let crc = crc32fast::hash(&[&v[1..2], &v[6..]].concat());
+        v[2..6].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(decode(&v), None, "subject length beyond the value");
+        for stream in Stream::ALL {
+            let r = Record {
+                class: Class::Security,
+                stream,
+                subject: String::new(),
+                enqueued_at_ms: -5,
+                payload: b"{}".to_vec(),
+            };
+            assert_eq!(decode(&encode(&r)), Some(r));
+        }
+    }
+
+    #[test]
+    fn version_1_records_still_decode_as_telemetry() {
+        // A value written by format version 1: no stream, no subject.
+        let mut v = vec![1u8, Class::Alarm as u8, 0, 0, 0, 0];
+        v.extend_from_slice(&1_795_326_538_000i64.to_be_bytes());
+        v.extend_from_slice(b"{\"device_id\":\"pm-01\"}");
+        let crc = crc32fast::hash(&[&v[1..2], &v[6..]].concat());
+        v[2..6].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(
+            decode(&v),
+            Some(Record {
+                class: Class::Alarm,
+                stream: Stream::Telemetry,
+                subject: String::new(),
+                enqueued_at_ms: 1_795_326_538_000,
+                payload: b"{\"device_id\":\"pm-01\"}".to_vec(),
+            })
+        );
+    }
+
+    #[test]
+    fn a_long_subject_is_cut_at_a_character_boundary() {
+        let r = Record {
+            subject: "é".repeat(200),
+            ..rec(Class::Routine, 1, 1)
+        };
+        let back = decode(&encode(&r)).unwrap();
+        assert_eq!(back.subject, "é".repeat(127));
+        assert_eq!(back.payload, r.payload);
+    }
+
+    #[test]
+    fn set_aside_moves_a_record_out_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, _) = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let seqs = q
+            .append(&[rec(Class::Alarm, 1, 1), rec(Class::Routine, 2, 2)])
+            .unwrap();
+        assert!(q.set_aside(seqs[0]).unwrap());
+        assert!(!q.set_aside(seqs[0]).unwrap());
+        assert_eq!(q.len(), 1);
+        assert!(q.read_priority(10).unwrap().is_empty());
+        q.sync().unwrap();
+        drop(q);
+        let (q, report) = reopen(dir.path());
+        assert_eq!(report.records, 1);
+        let aside = q.db.open_tree("undeliverable").unwrap();
+        assert_eq!(
+            decode(&aside.get(key(seqs[0])).unwrap().unwrap()),
+            Some(rec(Class::Alarm, 1, 1))
+        );
     }
 
     /// Reopen after a drop: sled's background flusher may hold the file lock for a moment.
@@ -523,7 +734,7 @@ mod tests {
             .unwrap();
             // Damage record 2 behind the queue's back.
             let mut bad = encode(&rec(Class::Routine, 2, 2));
-            bad[20] ^= 0xff;
+            bad[22] ^= 0xff;
             q.records.insert(key(2), bad).unwrap();
             q.sync().unwrap();
         }

@@ -35,6 +35,8 @@ pub struct QueueCounters {
     pub evicted_over_bytes: std::sync::atomic::AtomicU64,
     /// Routine records evicted because they were older than `queue.max_age`.
     pub evicted_over_age: std::sync::atomic::AtomicU64,
+    /// Records the upstream can never take, set aside by the uplink.
+    pub set_aside: std::sync::atomic::AtomicU64,
 }
 
 /// The queue at a glance.
@@ -52,6 +54,10 @@ pub struct QueueStatus {
     pub evicted_over_bytes: u64,
     /// Routine records evicted over the age bound since start.
     pub evicted_over_age: u64,
+    /// Records set aside as undeliverable since start (kept in the queue's `undeliverable`
+    /// tree).
+    #[serde(default)]
+    pub undeliverable: u64,
 }
 
 impl SharedQueue {
@@ -81,6 +87,7 @@ impl SharedQueue {
             appended: self.counters.appended.load(Relaxed),
             evicted_over_bytes: self.counters.evicted_over_bytes.load(Relaxed),
             evicted_over_age: self.counters.evicted_over_age.load(Relaxed),
+            undeliverable: self.counters.set_aside.load(Relaxed),
         }
     }
 

@@ -4,11 +4,19 @@
 //!   endpoint host; port 8883, or 443 with ALPN `x-amzn-mqtt-ca`. Reconnects with exponential
 //!   backoff (1 s doubling to `upstream.max_backoff`, ±25 % jitter) — rumqttc itself would
 //!   retry at once.
-//! - Batching: queued readings are packed into one upstream message of at most
-//!   `upstream.max_batch_bytes` (waiting at most `upstream.max_linger` for more), as
-//!   `{"gateway_id":..,"records":[{"seq":N,"message":<canonical reading>},..]}`; every record
-//!   carries the gateway id and its queue sequence number, so the cloud can drop duplicates
-//!   (delivery is at-least-once).
+//! - Streams and topics ([`topics`]): each record belongs to a stream with its own topic
+//!   template (`upstream.topics`). Telemetry and alerts are batched: records bound for the same
+//!   topic are packed into one upstream message of at most `upstream.max_batch_bytes` (waiting
+//!   at most `upstream.max_linger` for more), as
+//!   `{"gateway_id":..,"records":[{"seq":N,"message":<record>},..]}`; every record carries the
+//!   gateway id and its queue sequence number, so the cloud can drop duplicates (delivery is
+//!   at-least-once). Shadow updates and defender reports must arrive in AWS's own document
+//!   format, so each goes alone, as it was queued; a shadow update without a `clientToken`
+//!   gets `<thing>:<seq>` (IoT Core echoes it on `/accepted` and `/rejected`).
+//! - Undeliverable records (a topic IoT Core refuses, a message over `max_batch_bytes`, a
+//!   payload that is not JSON) would be refused forever — with IoT Core, by closing the
+//!   connection, which would stall everything behind them. They are set aside in the queue's
+//!   `undeliverable` tree with an ERROR naming the record, and counted.
 //! - Quotas: at most `upstream.max_inflight` unacknowledged publishes, `max_publishes_per_second`
 //!   publishes and `max_bytes_per_second` bytes per second (IoT Core: 100, 100/s, 512 KiB/s).
 //! - Correlation: rumqttc reports `Outgoing::Publish(pkid)` in request order, so each batch's
@@ -21,10 +29,13 @@
 //! - Order: alarm and security records go first (oldest first among them), then the backlog
 //!   oldest first alongside live traffic.
 //!
-//! Not yet: the shadow, defender and alert topics (only telemetry flows today).
+//! Producers queue records through [`crate::queue::Enqueue`] (the gateway hands one out as
+//! [`crate::app::Gateway::outbox`]); the uplink needs nothing else to forward a new stream.
+
+pub mod topics;
 
 use crate::config::UpstreamConfig;
-use crate::queue::{SharedQueue, Store};
+use crate::queue::{Record, SharedQueue, Store, Stream};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -48,6 +59,16 @@ pub struct UplinkStats {
     pub records_delivered: AtomicU64,
     /// Connection attempts that failed or sessions that broke.
     pub connection_errors: AtomicU64,
+    /// Records delivered per stream, indexed by [`Stream`] as `usize` (telemetry, alerts,
+    /// shadow, defender).
+    pub delivered_by_stream: [AtomicU64; 4],
+}
+
+impl UplinkStats {
+    /// Records of `stream` delivered since start.
+    pub fn delivered(&self, stream: Stream) -> u64 {
+        self.delivered_by_stream[stream as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// Build the TLS client configuration from the configured files.
@@ -99,12 +120,21 @@ struct Quota {
 }
 
 impl Quota {
-    fn allows(&mut self, cfg: &UpstreamConfig, bytes: usize) -> bool {
+    fn roll(&mut self) {
         if self.window_start.elapsed() >= Duration::from_secs(1) {
             self.window_start = Instant::now();
             self.publishes = 0;
             self.bytes = 0;
         }
+    }
+
+    fn publishes_left(&mut self, cfg: &UpstreamConfig) -> usize {
+        self.roll();
+        cfg.max_publishes_per_second.saturating_sub(self.publishes) as usize
+    }
+
+    fn allows(&mut self, cfg: &UpstreamConfig, bytes: usize) -> bool {
+        self.roll();
         self.publishes < cfg.max_publishes_per_second
             && self.bytes + bytes as u64 <= cfg.max_bytes_per_second
     }
@@ -130,20 +160,10 @@ pub async fn run(
             return;
         }
     };
-    let topic = cfg.telemetry_topic.replace("${gateway}", &gateway_id);
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let outcome = session(
-            &cfg,
-            &gateway_id,
-            &topic,
-            tls.clone(),
-            &queue,
-            &stats,
-            &stop,
-        )
-        .await;
+        let outcome = session(&cfg, &gateway_id, tls.clone(), &queue, &stats, &stop).await;
         stats.connected.store(false, Ordering::Relaxed);
         if stop.is_cancelled() {
             return;
@@ -170,7 +190,6 @@ pub async fn run(
 async fn session(
     cfg: &UpstreamConfig,
     gateway_id: &str,
-    topic: &str,
     tls: Arc<rustls::ClientConfig>,
     queue: &SharedQueue,
     stats: &UplinkStats,
@@ -186,8 +205,8 @@ async fn session(
     ));
     let (client, mut el) = AsyncClient::new(o, cfg.max_inflight as usize + 4);
     // Batches handed to rumqttc, waiting for their packet id; then packet id → sequence numbers.
-    let mut awaiting_pkid: VecDeque<Vec<u64>> = VecDeque::new();
-    let mut inflight: HashMap<u16, Vec<u64>> = HashMap::new();
+    let mut awaiting_pkid: VecDeque<(Stream, Vec<u64>)> = VecDeque::new();
+    let mut inflight: HashMap<u16, (Stream, Vec<u64>)> = HashMap::new();
     let mut cursor: Option<u64> = None;
     // Records handed to rumqttc in this session and not yet acknowledged.
     let mut sent: HashSet<u64> = HashSet::new();
@@ -213,12 +232,12 @@ async fn session(
                     log::info!(endpoint:% = cfg.endpoint, session_present = ack.session_present; "upstream connected");
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(seqs) = awaiting_pkid.pop_front() {
-                        inflight.insert(pkid, seqs);
+                    if let Some(m) = awaiting_pkid.pop_front() {
+                        inflight.insert(pkid, m);
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(seqs) = inflight.remove(&ack.pkid) {
+                    if let Some((stream, seqs)) = inflight.remove(&ack.pkid) {
                         for s in &seqs {
                             sent.remove(s);
                         }
@@ -237,36 +256,97 @@ async fn session(
                         }
                         stats.batches_acked.fetch_add(1, Ordering::Relaxed);
                         stats.records_delivered.fetch_add(n, Ordering::Relaxed);
+                        stats.delivered_by_stream[stream as usize].fetch_add(n, Ordering::Relaxed);
                     }
                 }
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
             },
             _ = queue.appended.notified(), if room => {
-                cursor = send_batches(cfg, gateway_id, topic, &client, queue, cursor, &mut sent, &mut awaiting_pkid, &inflight, &mut quota).await;
+                cursor = send_batches(cfg, gateway_id, &client, queue, cursor, &mut sent, &mut awaiting_pkid, &inflight, &mut quota).await;
             }
             _ = linger.tick(), if room => {
-                cursor = send_batches(cfg, gateway_id, topic, &client, queue, cursor, &mut sent, &mut awaiting_pkid, &inflight, &mut quota).await;
+                cursor = send_batches(cfg, gateway_id, &client, queue, cursor, &mut sent, &mut awaiting_pkid, &inflight, &mut quota).await;
             }
         }
     }
 }
 
-/// Read the queue and publish as many batches as the window and quotas allow: alarm and
-/// security records first, then the backlog after `cursor`. Returns the new cursor: the highest
-/// backlog sequence number handed to rumqttc (priority records are tracked in `sent` only, so
-/// sending an alarm never skips older routine readings).
+/// One upstream message being built.
+struct Message {
+    topic: String,
+    stream: Stream,
+    body: Vec<u8>,
+    seqs: Vec<u64>,
+}
+
+/// The bytes a record contributes to its message: a batch entry, or the whole message body.
+/// `Err` says why the record can never be delivered.
+fn body_of(cfg: &UpstreamConfig, thing: &str, seq: u64, r: &Record) -> Result<Vec<u8>, String> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(&r.payload).map_err(|e| format!("the record is not JSON ({e})"))?;
+    let (body, size) = if r.stream.is_batched() {
+        let entry = format!("{{\"seq\":{seq},\"message\":");
+        let mut v = Vec::with_capacity(entry.len() + r.payload.len() + 1);
+        v.extend_from_slice(entry.as_bytes());
+        v.extend_from_slice(&r.payload);
+        v.push(b'}');
+        let size = v.len() + envelope_head(thing).len() + 2;
+        (v, size)
+    } else {
+        let serde_json::Value::Object(mut doc) = doc else {
+            return Err(format!(
+                "a {} record must be a JSON object",
+                r.stream.name()
+            ));
+        };
+        if r.stream == Stream::Shadow && !doc.contains_key("clientToken") {
+            // IoT Core echoes it on .../update/accepted|rejected, so the cloud side can tie a
+            // shadow update (and a duplicate of it) to this record. At most 64 bytes.
+            let token = format!("{thing}:{seq}");
+            let token = if token.len() <= 64 {
+                token
+            } else {
+                seq.to_string()
+            };
+            doc.insert("clientToken".into(), token.into());
+        }
+        let v = serde_json::to_vec(&doc).map_err(|e| e.to_string())?;
+        let size = v.len();
+        (v, size)
+    };
+    if size > cfg.max_batch_bytes {
+        return Err(format!(
+            "the message would be {size} bytes, over upstream.max_batch_bytes ({})",
+            cfg.max_batch_bytes
+        ));
+    }
+    Ok(body)
+}
+
+fn envelope_head(thing: &str) -> String {
+    format!(
+        "{{\"gateway_id\":{},\"records\":[",
+        serde_json::Value::from(thing)
+    )
+}
+
+/// Read the queue and publish as many messages as the window and quotas allow: alarm and
+/// security records first, then the backlog after `cursor`. Records of a batched stream share
+/// messages per topic; shadow and defender records go one per message. Returns the new cursor:
+/// the highest backlog sequence number below which every record was handed to rumqttc or set
+/// aside (records sent out of that order are tracked in `sent`, so none is skipped or sent
+/// twice in a session).
 #[allow(clippy::too_many_arguments)]
 async fn send_batches(
     cfg: &UpstreamConfig,
-    gateway_id: &str,
-    topic: &str,
+    thing: &str,
     client: &AsyncClient,
     queue: &SharedQueue,
     mut cursor: Option<u64>,
     sent: &mut HashSet<u64>,
-    awaiting_pkid: &mut VecDeque<Vec<u64>>,
-    inflight: &HashMap<u16, Vec<u64>>,
+    awaiting_pkid: &mut VecDeque<(Stream, Vec<u64>)>,
+    inflight: &HashMap<u16, (Stream, Vec<u64>)>,
     quota: &mut Quota,
 ) -> Option<u64> {
     let q = queue.clone();
@@ -291,55 +371,135 @@ async fn send_batches(
     let Ok(Ok(records)) = read else {
         return cursor;
     };
-    let mut seen = HashSet::new();
-    let pending: Vec<_> = records
-        .into_iter()
-        .filter(|(seq, _, _)| !sent.contains(seq) && seen.insert(*seq))
+    let backlog: Vec<u64> = records
+        .iter()
+        .filter(|(_, _, b)| *b)
+        .map(|(s, _, _)| *s)
         .collect();
-    let mut it = pending.into_iter().peekable();
-    while it.peek().is_some() && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize {
-        let head = format!(
-            "{{\"gateway_id\":{},\"records\":[",
-            serde_json::Value::from(gateway_id)
-        );
-        let mut body = head.into_bytes();
-        let mut seqs = Vec::new();
-        let mut backlog_max = None;
-        while let Some((seq, r, backlog)) = it.peek() {
-            let entry = format!("{{\"seq\":{seq},\"message\":");
-            let extra = entry.len() + r.payload.len() + 2;
-            if !seqs.is_empty() && body.len() + extra + 2 > cfg.max_batch_bytes {
-                break;
-            }
-            if !seqs.is_empty() {
-                body.push(b',');
-            }
-            body.extend_from_slice(entry.as_bytes());
-            body.extend_from_slice(&r.payload);
-            body.push(b'}');
-            seqs.push(*seq);
-            if *backlog {
-                backlog_max = Some(*seq);
-            }
-            it.next();
+    let budget = (cfg.max_inflight as usize)
+        .saturating_sub(awaiting_pkid.len() + inflight.len())
+        .min(quota.publishes_left(cfg));
+    if budget == 0 {
+        return cursor;
+    }
+    let mut seen = HashSet::new();
+    let mut messages: Vec<Message> = Vec::new();
+    let mut open: HashMap<String, usize> = HashMap::new();
+    let mut undeliverable: Vec<(u64, Record, String)> = Vec::new();
+    for (seq, r, _) in records {
+        if messages.len() >= budget && open.is_empty() {
+            break; // nothing more fits in this round
         }
-        body.extend_from_slice(b"]}");
-        let len = body.len();
+        if sent.contains(&seq) || !seen.insert(seq) {
+            continue;
+        }
+        let topic = match topics::topic_for(&cfg.topics, r.stream, thing, &r.subject) {
+            Ok(t) => t,
+            Err(why) => {
+                undeliverable.push((seq, r, why));
+                continue;
+            }
+        };
+        let joins = r.stream.is_batched() && open.contains_key(&topic);
+        if !joins && messages.len() >= budget {
+            continue; // it needs a message of its own: a later round
+        }
+        let body = match body_of(cfg, thing, seq, &r) {
+            Ok(b) => b,
+            Err(why) => {
+                undeliverable.push((seq, r, why));
+                continue;
+            }
+        };
+        if joins {
+            let i = open[&topic];
+            let m = &mut messages[i];
+            if m.body.len() + 1 + body.len() + 2 <= cfg.max_batch_bytes {
+                m.body.push(b',');
+                m.body.extend_from_slice(&body);
+                m.seqs.push(seq);
+                continue;
+            }
+            open.remove(&topic); // full
+            if messages.len() >= budget {
+                continue;
+            }
+        }
+        if r.stream.is_batched() {
+            let mut b = envelope_head(thing).into_bytes();
+            b.extend_from_slice(&body);
+            open.insert(topic.clone(), messages.len());
+            messages.push(Message {
+                topic,
+                stream: r.stream,
+                body: b,
+                seqs: vec![seq],
+            });
+        } else {
+            messages.push(Message {
+                topic,
+                stream: r.stream,
+                body,
+                seqs: vec![seq],
+            });
+        }
+    }
+    for mut m in messages {
+        if m.stream.is_batched() {
+            m.body.extend_from_slice(b"]}");
+        }
+        let len = m.body.len();
         if !quota.allows(cfg, len) {
             break;
         }
         if client
-            .try_publish(topic, QoS::AtLeastOnce, false, body)
+            .try_publish(m.topic, QoS::AtLeastOnce, false, m.body)
             .is_err()
         {
             break;
         }
         quota.spend(len);
-        if let Some(m) = backlog_max {
-            cursor = Some(cursor.map_or(m, |c| c.max(m)));
+        sent.extend(m.seqs.iter().copied());
+        awaiting_pkid.push_back((m.stream, m.seqs));
+    }
+    let mut aside = HashSet::new();
+    if !undeliverable.is_empty() {
+        for (seq, r, why) in &undeliverable {
+            log::error!(
+                seq = *seq, stream = r.stream.name(), device_id:% = r.subject, reason:% = why;
+                "queued record can never be delivered upstream: set aside in the queue's `undeliverable` tree ({why})"
+            );
         }
-        sent.extend(seqs.iter().copied());
-        awaiting_pkid.push_back(seqs);
+        let q = queue.clone();
+        let seqs: Vec<u64> = undeliverable.iter().map(|(s, _, _)| *s).collect();
+        let done = tokio::task::spawn_blocking(move || {
+            q.with(|s| -> Result<usize, crate::queue::QueueError> {
+                let mut n = 0;
+                for seq in &seqs {
+                    n += usize::from(s.set_aside(*seq)?);
+                }
+                s.sync()?;
+                Ok(n)
+            })
+        })
+        .await;
+        match done {
+            Ok(Ok(n)) => {
+                queue
+                    .counters
+                    .set_aside
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                aside.extend(undeliverable.iter().map(|(s, _, _)| *s));
+            }
+            _ => log::error!("cannot set undeliverable records aside; they stay queued"),
+        }
+    }
+    for seq in backlog {
+        if sent.contains(&seq) || aside.contains(&seq) {
+            cursor = Some(cursor.map_or(seq, |c| c.max(seq)));
+        } else {
+            break;
+        }
     }
     cursor
 }
