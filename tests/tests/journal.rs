@@ -58,7 +58,27 @@ async fn journal_records_carry_identifier_and_device_fields() {
         std::fs::create_dir_all(dir).expect("mount points (the test runs as root)");
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), vec![device("pm-01", "pacemaker", "pw")]);
+    let mut cfg = config(dir.path(), vec![device("pm-01", "pacemaker", "pw")]);
+    // An upstream nobody answers: the uplink's retries must tell what waits in the queue.
+    let mut ca = wardgate_tests::pki::Ca::new("Upstream CA");
+    let gw = ca.device("test-gateway");
+    for (name, pem) in [
+        ("up-ca.pem", ca.cert.pem()),
+        ("gw.pem", gw.cert_pem.clone()),
+        ("gw.key", gw.key_pem.clone()),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    cfg.upstream.enabled = true;
+    cfg.upstream.endpoint = "localhost".into();
+    cfg.upstream.port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cfg.upstream.ca_file = Some(dir.path().join("up-ca.pem"));
+    cfg.upstream.cert_file = Some(dir.path().join("gw.pem"));
+    cfg.upstream.key_file = Some(dir.path().join("gw.key"));
     let config_path = dir.path().join("wardgate.toml");
     std::fs::write(&config_path, config_toml(&cfg)).unwrap();
     let mut notify = NotifySocket::bind(dir.path());
@@ -93,7 +113,9 @@ async fn journal_records_carry_identifier_and_device_fields() {
         try_connect(options(addr, "intruder", "x"), Duration::from_secs(10)).await,
         ConnectOutcome::Refused(_)
     ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The uplink retries 0.75-1.25 s after the refusal at start, then 1.5-2.5 s later: by now
+    // at least one retry came after the reading was queued.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
 
     let pid: i32 = std::fs::read_to_string(dir.path().join("wardgate.pid"))
         .unwrap()
@@ -147,6 +169,21 @@ async fn journal_records_carry_identifier_and_device_fields() {
     assert!(all
         .iter()
         .any(|r| field(r, "MESSAGE") == "wardgate stopped"));
+
+    // While the upstream is away, every retry says what waits in the queue.
+    let retries: Vec<_> = all
+        .iter()
+        .filter(|r| field(r, "MESSAGE").starts_with("upstream connection lost or refused"))
+        .collect();
+    assert!(retries.len() >= 2, "{all:#?}");
+    let last = retries
+        .iter()
+        .find(|r| field(r, "QUEUED") == "1")
+        .unwrap_or_else(|| panic!("no retry record shows the queued reading: {retries:#?}"));
+    assert!(field(last, "QUEUED_BYTES").parse::<u64>().unwrap() > 0);
+    assert!(field(last, "OLDEST_AGE_S").parse::<u64>().is_ok());
+    assert!(!field(last, "RETRY_IN_MS").is_empty());
+    assert_eq!(field(last, "PRIORITY"), "4", "warning");
 
     // The plugin's own log call, with the plugin and the device it was working for.
     let from_plugin = all

@@ -174,9 +174,12 @@ pub async fn run(
         }
         let jitter = 0.75 + rand::random::<f64>() * 0.5;
         let wait = backoff.mul_f64(jitter);
+        let q = queue_status(&queue).await;
         log::warn!(
-            endpoint:% = cfg.endpoint, error:% = outcome, retry_in_ms = wait.as_millis() as u64;
-            "upstream connection lost or refused; readings stay queued"
+            endpoint:% = cfg.endpoint, error:% = outcome, retry_in_ms = wait.as_millis() as u64,
+            queued = q.depth, queued_bytes = q.bytes, oldest_age_s = q.oldest_age_s,
+            evicted = q.evicted_over_bytes + q.evicted_over_age;
+            "upstream connection lost or refused; {} records stay queued (oldest {} s)", q.depth, q.oldest_age_s
         );
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -184,6 +187,14 @@ pub async fn run(
         }
         backoff = (backoff * 2).min(cfg.max_backoff);
     }
+}
+
+/// The queue at a glance, read off the async threads.
+async fn queue_status(queue: &SharedQueue) -> crate::queue::QueueStatus {
+    let q = queue.clone();
+    tokio::task::spawn_blocking(move || q.status())
+        .await
+        .unwrap_or_default()
 }
 
 /// One connection, until it fails (returns why) or `stop`.
@@ -216,6 +227,8 @@ async fn session(
         bytes: 0,
     };
     let mut connected = false;
+    // (connected at, records queued then) until the queue first runs empty.
+    let mut backlog: Option<(Instant, usize)> = None;
     let mut linger = tokio::time::interval(cfg.max_linger.max(Duration::from_millis(1)));
     linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -229,7 +242,15 @@ async fn session(
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected = true;
                     stats.connected.store(true, Ordering::Relaxed);
-                    log::info!(endpoint:% = cfg.endpoint, session_present = ack.session_present; "upstream connected");
+                    let q = queue_status(queue).await;
+                    log::info!(
+                        endpoint:% = cfg.endpoint, session_present = ack.session_present,
+                        queued = q.depth, queued_bytes = q.bytes, oldest_age_s = q.oldest_age_s;
+                        "upstream connected; {} queued records to deliver", q.depth
+                    );
+                    if q.depth > 0 {
+                        backlog = Some((Instant::now(), q.depth));
+                    }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     if let Some(m) = awaiting_pkid.pop_front() {
@@ -253,6 +274,15 @@ async fn session(
                         .await;
                         if !matches!(removed, Ok(Ok(()))) {
                             log::error!("cannot remove delivered readings from the queue; they will be sent again");
+                        }
+                        if let Some((since, depth)) = backlog {
+                            if queue.with(|s| s.is_empty()) {
+                                backlog = None;
+                                log::info!(
+                                    backlog = depth, took_ms = since.elapsed().as_millis() as u64;
+                                    "queue empty: the backlog of {depth} records is delivered"
+                                );
+                            }
                         }
                         stats.batches_acked.fetch_add(1, Ordering::Relaxed);
                         stats.records_delivered.fetch_add(n, Ordering::Relaxed);
