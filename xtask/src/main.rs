@@ -153,8 +153,14 @@ fn local_upstream() -> Result<LocalUpstream> {
             "localhost",
             "-p",
             &port.to_string(),
+            // Every stream: readings and alerts, shadow updates, defender reports.
             "-t",
             "wardgate/#",
+            "-t",
+            "$aws/things/+/shadow/#",
+            "-t",
+            "$aws/things/+/defender/#",
+            "-v",
             "-q",
             "1",
         ])
