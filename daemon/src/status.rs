@@ -199,8 +199,8 @@ pub fn render(s: &Status) -> String {
     if let Some(q) = &s.queue {
         let _ = writeln!(
             out,
-            "queue {} records, {} bytes, oldest {} s; evicted {} (over bytes) + {} (over age) routine records; {} undeliverable set aside",
-            q.depth, q.bytes, q.oldest_age_s, q.evicted_over_bytes, q.evicted_over_age, q.undeliverable
+            "queue {} records, {} bytes, oldest {} s; evicted {} (over bytes) + {} (over age) routine records; {} undeliverable set aside; {} alarm/security records refused (queue full of them)",
+            q.depth, q.bytes, q.oldest_age_s, q.evicted_over_bytes, q.evicted_over_age, q.undeliverable, q.refused_full
         );
     }
     if !s.plugins.is_empty() {

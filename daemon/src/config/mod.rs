@@ -489,7 +489,8 @@ impl Default for TopicsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// Most bytes of queued readings; above it routine readings are evicted oldest first
-    /// (alarms and security records never are).
+    /// (alarms and security records never are: once they alone fill it, further ones are
+    /// refused and not acknowledged).
     pub max_bytes: u64,
     /// Routine readings older than this are evicted.
     #[serde(with = "humantime_serde")]

@@ -52,6 +52,8 @@ enum End {
     BrokerError(FrameError),
     BrokerWrite(std::io::Error),
     PipelineClosed,
+    /// A message was not confirmed (the queue refused it or could not write it).
+    NotStored,
 }
 
 /// Take over an accepted TCP connection: TLS handshake if the listener has TLS, then serve.
@@ -285,6 +287,10 @@ fn log_end(listener: &'static str, dev: &Device, peer: SocketAddr, end: &End) {
             listener = listener, device_id:% = id, peer:% = peer;
             "device disconnected: pipeline is stopping"
         ),
+        End::NotStored => log::warn!(
+            listener = listener, device_id:% = id, peer:% = peer;
+            "device disconnected: a message could not be stored (see the queue's ERROR); not acknowledged, the device sends it again"
+        ),
     }
 }
 
@@ -334,7 +340,7 @@ impl Relay<'_> {
                 _ = stop.cancelled() => return End::Shutdown,
                 Some((pkid, ok)) = inflight.confirmations.next(), if !inflight.confirmations.is_empty() => {
                     if !ok {
-                        return End::PipelineClosed;
+                        return End::NotStored;
                     }
                     if inflight.broker_acked.remove(&pkid) {
                         inflight.open.remove(&pkid);

@@ -38,6 +38,10 @@
 //!    moved aside; every intact record is still delivered.
 //! 5. Alarms and security records are never evicted; routine records are evicted oldest first
 //!    when the queue is over its byte bound, and when older than its age bound.
+//! 6. The disk stays bounded even so: alarm and security records are accepted only while they
+//!    fit in the byte bound by themselves ([`Store::priority_bytes`]). One that does not fit is
+//!    refused — never acknowledged, so its device keeps it and sends it again — rather than
+//!    accepted and dropped later.
 //!
 //! The queue sits behind the [`Store`] trait so a model test can drive it with random
 //! push / remove / crash / reopen sequences against a plain in-memory model. (In that test a
@@ -153,6 +157,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// Bytes it takes in the `records` tree (what the queue's byte bound counts).
+    pub fn stored_len(&self) -> usize {
+        HEADER_V2 + self.subject.len().min(MAX_SUBJECT) + self.payload.len()
+    }
+
     /// A telemetry record of `class` about `device`, queued now.
     pub fn telemetry(class: Class, device: &str, payload: Vec<u8>) -> Self {
         Self {
@@ -222,6 +231,8 @@ pub trait Store {
     }
     /// Bytes of records queued (values as stored).
     fn bytes(&self) -> u64;
+    /// Of those, the bytes of alarm and security records.
+    fn priority_bytes(&self) -> u64;
 }
 
 fn encode(r: &Record) -> Vec<u8> {
@@ -300,6 +311,7 @@ pub struct SledStore {
     next_seq: u64,
     count: usize,
     bytes: u64,
+    priority_bytes: u64,
 }
 
 impl SledStore {
@@ -315,7 +327,7 @@ impl SledStore {
         let corrupt = db.open_tree("corrupt")?;
         let undeliverable = db.open_tree("undeliverable")?;
         let mut report = OpenReport::default();
-        let (mut count, mut bytes, mut last) = (0usize, 0u64, None);
+        let (mut count, mut bytes, mut priority_bytes, mut last) = (0usize, 0u64, 0u64, None);
         let mut damaged = Vec::new();
         let mut priority = std::collections::BTreeSet::new();
         for item in records.iter() {
@@ -324,6 +336,7 @@ impl SledStore {
                 (Some(seq), Some(r)) => {
                     if r.class.is_priority() {
                         priority.insert(seq);
+                        priority_bytes += v.len() as u64;
                     }
                     count += 1;
                     bytes += v.len() as u64;
@@ -353,9 +366,27 @@ impl SledStore {
                 next_seq,
                 count,
                 bytes,
+                priority_bytes,
             },
             report,
         ))
+    }
+}
+
+impl SledStore {
+    /// Remove a record from `records`, keeping the counters true; its stored value, if it was
+    /// there.
+    fn take(&mut self, seq: u64) -> Result<Option<sled::IVec>, QueueError> {
+        let was_priority = self.priority.remove(&seq);
+        let v = self.records.remove(key(seq))?;
+        if let Some(v) = &v {
+            self.count -= 1;
+            self.bytes -= v.len() as u64;
+            if was_priority {
+                self.priority_bytes -= v.len() as u64;
+            }
+        }
+        Ok(v)
     }
 }
 
@@ -367,10 +398,11 @@ impl Store for SledStore {
             let v = encode(r);
             self.bytes += v.len() as u64;
             self.count += 1;
-            batch.insert(&key(self.next_seq), v);
             if r.class.is_priority() {
                 self.priority.insert(self.next_seq);
+                self.priority_bytes += v.len() as u64;
             }
+            batch.insert(&key(self.next_seq), v);
             seqs.push(self.next_seq);
             self.next_seq += 1;
         }
@@ -416,23 +448,12 @@ impl Store for SledStore {
     }
 
     fn remove(&mut self, seq: u64) -> Result<bool, QueueError> {
-        self.priority.remove(&seq);
-        match self.records.remove(key(seq))? {
-            Some(v) => {
-                self.count -= 1;
-                self.bytes -= v.len() as u64;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        Ok(self.take(seq)?.is_some())
     }
 
     fn set_aside(&mut self, seq: u64) -> Result<bool, QueueError> {
-        self.priority.remove(&seq);
-        match self.records.remove(key(seq))? {
+        match self.take(seq)? {
             Some(v) => {
-                self.count -= 1;
-                self.bytes -= v.len() as u64;
                 self.undeliverable.insert(key(seq), v)?;
                 Ok(true)
             }
@@ -474,6 +495,10 @@ impl Store for SledStore {
 
     fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    fn priority_bytes(&self) -> u64 {
+        self.priority_bytes
     }
 }
 

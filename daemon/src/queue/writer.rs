@@ -2,6 +2,11 @@
 //! reading of the batch is confirmed (its device gets its PUBACK). A batch closes after
 //! `queue.commit_interval` or [`MAX_GROUP`] readings, whichever comes first, so the extra
 //! latency is bounded and the disk sees one flush per batch, not per reading.
+//!
+//! Admission: an alarm or security record that would take the queue's alarm and security
+//! records past `queue.max_bytes` is refused — not written, not confirmed (its device is
+//! disconnected and sends it again later) — because those records can never be evicted and the
+//! disk must stay bounded. Routine records are always admitted; the eviction policy makes room.
 
 use super::{Record, SledStore, Store};
 use crate::clock::now_ms;
@@ -37,6 +42,9 @@ pub struct QueueCounters {
     pub evicted_over_age: std::sync::atomic::AtomicU64,
     /// Records the upstream can never take, set aside by the uplink.
     pub set_aside: std::sync::atomic::AtomicU64,
+    /// Alarm and security records refused (not acknowledged) because such records alone
+    /// filled `queue.max_bytes`.
+    pub refused_full: std::sync::atomic::AtomicU64,
 }
 
 /// The queue at a glance.
@@ -58,6 +66,10 @@ pub struct QueueStatus {
     /// tree).
     #[serde(default)]
     pub undeliverable: u64,
+    /// Alarm and security records refused since start because such records alone filled the
+    /// queue (their devices keep and resend them).
+    #[serde(default)]
+    pub refused_full: u64,
 }
 
 impl SharedQueue {
@@ -88,6 +100,7 @@ impl SharedQueue {
             evicted_over_bytes: self.counters.evicted_over_bytes.load(Relaxed),
             evicted_over_age: self.counters.evicted_over_age.load(Relaxed),
             undeliverable: self.counters.set_aside.load(Relaxed),
+            refused_full: self.counters.refused_full.load(Relaxed),
         }
     }
 
@@ -133,20 +146,29 @@ pub fn spawn_writer(
             let age_floor = now_ms() - max_age.as_millis() as i64;
             let result = tokio::task::spawn_blocking(move || {
                 q.with(|s| -> Result<_, super::QueueError> {
-                    s.append(&records)?;
+                    let admitted = admit(s.priority_bytes(), max_bytes, &records);
+                    let kept: Vec<Record> = records
+                        .into_iter()
+                        .zip(&admitted)
+                        .filter_map(|(r, ok)| ok.then_some(r))
+                        .collect();
+                    s.append(&kept)?;
                     let evicted = s.evict(max_bytes, age_floor)?;
                     s.sync()?;
-                    Ok((evicted, s.len(), s.bytes()))
+                    Ok((admitted, evicted, s.len(), s.bytes()))
                 })
             })
             .await;
             match result {
-                Ok(Ok((evicted, len, bytes))) => {
+                Ok(Ok((admitted, evicted, len, bytes))) => {
                     use std::sync::atomic::Ordering::Relaxed;
                     let c = &queue.counters;
-                    c.appended.fetch_add(acks.len() as u64, Relaxed);
+                    let refused = admitted.iter().filter(|ok| !**ok).count() as u64;
+                    c.appended
+                        .fetch_add(admitted.len() as u64 - refused, Relaxed);
                     c.evicted_over_bytes.fetch_add(evicted.over_bytes, Relaxed);
                     c.evicted_over_age.fetch_add(evicted.over_age, Relaxed);
+                    c.refused_full.fetch_add(refused, Relaxed);
                     if evicted.over_bytes + evicted.over_age > 0 {
                         log::warn!(
                             evicted_over_bytes = evicted.over_bytes, evicted_over_age = evicted.over_age,
@@ -154,8 +176,18 @@ pub fn spawn_writer(
                             "queue full: routine readings evicted (alarms and security records are kept)"
                         );
                     }
-                    for ack in acks.into_iter().flatten() {
-                        ack.confirm();
+                    if refused > 0 {
+                        log::error!(
+                            refused = refused, queued = len, queued_bytes = bytes;
+                            "queue full of alarm and security records (queue.max_bytes): {refused} more refused and not acknowledged; their devices keep them and send them again"
+                        );
+                    }
+                    // A refused record's promise is dropped unconfirmed: its device is not
+                    // acknowledged.
+                    for (ack, ok) in acks.into_iter().zip(admitted) {
+                        if let (Some(ack), true) = (ack, ok) {
+                            ack.confirm();
+                        }
                     }
                     queue.appended.notify_one();
                 }
@@ -168,4 +200,88 @@ pub fn spawn_writer(
         }
     });
     (Enqueue(tx), task)
+}
+
+/// Which of `records` may be written: every routine record, and alarm and security records
+/// while those (already queued: `priority_bytes`) fit in `max_bytes`.
+fn admit(mut priority_bytes: u64, max_bytes: u64, records: &[Record]) -> Vec<bool> {
+    records
+        .iter()
+        .map(|r| {
+            if !r.class.is_priority() {
+                return true;
+            }
+            let len = r.stored_len() as u64;
+            if priority_bytes + len > max_bytes {
+                return false;
+            }
+            priority_bytes += len;
+            true
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{Class, Store};
+
+    fn alarm(n: u32) -> Record {
+        Record::telemetry(Class::Alarm, "pm-01", format!("{{\"n\":{n}}}").into_bytes())
+    }
+
+    #[tokio::test]
+    async fn alarms_beyond_the_byte_bound_are_refused_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let queue = SharedQueue::new(store);
+        let per = alarm(10).stored_len() as u64;
+        // Room for exactly 5 alarms.
+        let (tx, writer) = spawn_writer(
+            queue.clone(),
+            Duration::from_millis(1),
+            per * 5,
+            Duration::from_secs(3600),
+        );
+        let mut confirmations = Vec::new();
+        for n in 10..18 {
+            let (ack, rx) = Ack::new();
+            assert!(tx.push(alarm(n), Some(ack)).await);
+            confirmations.push(rx);
+        }
+        // A routine reading is still taken (and evicted at once: nothing routine fits).
+        let (ack, routine) = Ack::new();
+        let r = Record::telemetry(Class::Routine, "bt-01", b"{}".to_vec());
+        assert!(tx.push(r, Some(ack)).await);
+        drop(tx);
+        writer.await.unwrap();
+        let mut outcome = Vec::new();
+        for rx in confirmations {
+            outcome.push(rx.await.is_ok());
+        }
+        assert_eq!(
+            outcome,
+            [true, true, true, true, true, false, false, false],
+            "the first five alarms are acknowledged, the rest refused"
+        );
+        assert!(routine.await.is_ok(), "routine reading acknowledged");
+        let st = queue.status();
+        assert_eq!(
+            (st.depth, st.refused_full, st.evicted_over_bytes),
+            (5, 3, 1)
+        );
+        assert!(queue.with(|s| s.priority_bytes()) <= per * 5);
+        // The five kept are the oldest, in order.
+        let kept: Vec<Vec<u8>> = queue.with(|s| {
+            s.read_after(None, 10)
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| r.payload)
+                .collect()
+        });
+        let want: Vec<Vec<u8>> = (10..15)
+            .map(|n| format!("{{\"n\":{n}}}").into_bytes())
+            .collect();
+        assert_eq!(kept, want);
+    }
 }
