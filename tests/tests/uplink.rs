@@ -801,3 +801,58 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
     );
     let _ = gw.stop(Duration::from_secs(10)).await;
 }
+
+/// The ALPN protocols the uplink offers to a TLS server on 127.0.0.1 (the server accepts
+/// whatever is offered and reports it, then closes).
+async fn offered_alpn(cfg_alpn: Option<Vec<String>>) -> Option<Vec<u8>> {
+    let up = Upstream::new();
+    let mut ca = Ca::new("Endpoint CA");
+    let server = ca.server();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec(), b"mqtt".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let mut cfg = up.gateway_config();
+    cfg.upstream.port = listener.local_addr().unwrap().port();
+    cfg.upstream.ca_file = Some(write(up.dir.path(), "endpoint-ca.pem", &ca.cert.pem()));
+    cfg.upstream.alpn = cfg_alpn;
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the uplink connects")
+        .unwrap();
+    let stream = acceptor.accept(tcp).await.expect("TLS handshake");
+    let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    drop(stream);
+    let _ = gw.stop(Duration::from_secs(5)).await;
+    alpn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_is_offered_as_configured() {
+    assert_eq!(
+        offered_alpn(None).await,
+        None,
+        "none on a port other than 443"
+    );
+    assert_eq!(
+        offered_alpn(Some(vec!["x-amzn-mqtt-ca".into()]))
+            .await
+            .as_deref(),
+        Some(&b"x-amzn-mqtt-ca"[..])
+    );
+    // Port 443 itself cannot be bound by a test: the default there is checked on the config.
+    let mut u = wardgate::config::UpstreamConfig {
+        port: 443,
+        ..Default::default()
+    };
+    assert_eq!(u.alpn_protocols(), vec![b"x-amzn-mqtt-ca".to_vec()]);
+    u.alpn = Some(vec![]);
+    assert!(u.alpn_protocols().is_empty(), "`alpn = []` offers none");
+}

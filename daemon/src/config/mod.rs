@@ -419,6 +419,10 @@ pub struct UpstreamConfig {
     /// The gateway's private key (PEM); readable by the service user only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// ALPN protocols offered in the TLS handshake. Unset: `["x-amzn-mqtt-ca"]` on port 443
+    /// (IoT Core requires it there), none otherwise. `[]` offers none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<Vec<String>>,
     /// Topic per stream (`[upstream.topics]`).
     pub topics: TopicsConfig,
     /// Largest upstream message, in bytes (readings are batched up to this; IoT Core: 128 KB).
@@ -437,6 +441,17 @@ pub struct UpstreamConfig {
     pub max_backoff: Duration,
 }
 
+impl UpstreamConfig {
+    /// The ALPN protocols to offer: `alpn` when set, else IoT Core's on port 443.
+    pub fn alpn_protocols(&self) -> Vec<Vec<u8>> {
+        match &self.alpn {
+            Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            None if self.port == 443 => vec![b"x-amzn-mqtt-ca".to_vec()],
+            None => Vec::new(),
+        }
+    }
+}
+
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
@@ -446,6 +461,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            alpn: None,
             topics: TopicsConfig::default(),
             max_batch_bytes: 64 * 1024,
             max_linger: Duration::from_millis(200),

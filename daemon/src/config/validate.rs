@@ -353,6 +353,17 @@ pub(super) fn validate(
                 .into(),
         );
     }
+    if let Some(bad) = u
+        .alpn
+        .iter()
+        .flatten()
+        .find(|p| p.is_empty() || p.len() > 255)
+    {
+        err(
+            "upstream.alpn",
+            format!("`{bad}` is not an ALPN protocol id (1 to 255 bytes), e.g. \"x-amzn-mqtt-ca\""),
+        );
+    }
     if u.max_backoff < std::time::Duration::from_secs(1) {
         err("upstream.max_backoff", "must be at least 1s".into());
     }

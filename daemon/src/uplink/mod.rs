@@ -1,7 +1,8 @@
 //! The uplink: drains the durable queue to AWS IoT Core over mutual TLS (rumqttc + rustls).
 //!
 //! - Connection: client id = the gateway's thing name, `clean_session = false`, SNI = the
-//!   endpoint host; port 8883, or 443 with ALPN `x-amzn-mqtt-ca`. Reconnects with exponential
+//!   endpoint host; port 8883, or 443 with ALPN `x-amzn-mqtt-ca` (`upstream.alpn` overrides,
+//!   e.g. behind a port-forwarding firewall). Reconnects with exponential
 //!   backoff (1 s doubling to `upstream.max_backoff`, ±25 % jitter) — rumqttc itself would
 //!   retry at once.
 //! - Streams and topics ([`topics`]): each record belongs to a stream with its own topic
@@ -106,9 +107,7 @@ pub fn tls_config(cfg: &UpstreamConfig) -> anyhow::Result<rustls::ClientConfig> 
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .context("upstream.cert_file and upstream.key_file do not match")?;
-    if cfg.port == 443 {
-        config.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec()];
-    }
+    config.alpn_protocols = cfg.alpn_protocols();
     Ok(config)
 }
 
