@@ -802,9 +802,9 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
     let _ = gw.stop(Duration::from_secs(10)).await;
 }
 
-/// The ALPN protocols the uplink offers to a TLS server on 127.0.0.1 (the server accepts
-/// whatever is offered and reports it, then closes).
-async fn offered_alpn(cfg_alpn: Option<Vec<String>>) -> Option<Vec<u8>> {
+/// The ALPN protocol the uplink negotiates with a TLS server on 127.0.0.1 (the server takes
+/// either of IoT Core's and reports what was agreed, then closes), and the SNI it sent.
+async fn offered_alpn(cfg_alpn: Option<Vec<String>>) -> (Option<Vec<u8>>, Option<String>) {
     let up = Upstream::new();
     let mut ca = Ca::new("Endpoint CA");
     let server = ca.server();
@@ -829,24 +829,19 @@ async fn offered_alpn(cfg_alpn: Option<Vec<String>>) -> Option<Vec<u8>> {
         .unwrap();
     let stream = acceptor.accept(tcp).await.expect("TLS handshake");
     let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let sni = stream.get_ref().1.server_name().map(str::to_owned);
     drop(stream);
     let _ = gw.stop(Duration::from_secs(5)).await;
-    alpn
+    (alpn, sni)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alpn_is_offered_as_configured() {
-    assert_eq!(
-        offered_alpn(None).await,
-        None,
-        "none on a port other than 443"
-    );
-    assert_eq!(
-        offered_alpn(Some(vec!["x-amzn-mqtt-ca".into()]))
-            .await
-            .as_deref(),
-        Some(&b"x-amzn-mqtt-ca"[..])
-    );
+async fn alpn_and_sni_are_offered_as_configured() {
+    let (alpn, sni) = offered_alpn(None).await;
+    assert_eq!(alpn, None, "none on a port other than 443");
+    assert_eq!(sni.as_deref(), Some("localhost"), "SNI = upstream.endpoint");
+    let (alpn, _) = offered_alpn(Some(vec!["x-amzn-mqtt-ca".into()])).await;
+    assert_eq!(alpn.as_deref(), Some(&b"x-amzn-mqtt-ca"[..]));
     // Port 443 itself cannot be bound by a test: the default there is checked on the config.
     let mut u = wardgate::config::UpstreamConfig {
         port: 443,
