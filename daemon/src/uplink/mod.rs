@@ -312,9 +312,10 @@ struct Message {
 /// The bytes a record contributes to its message: a batch entry, or the whole message body.
 /// `Err` says why the record can never be delivered.
 fn body_of(cfg: &UpstreamConfig, thing: &str, seq: u64, r: &Record) -> Result<Vec<u8>, String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(&r.payload).map_err(|e| format!("the record is not JSON ({e})"))?;
+    let not_json = |e: serde_json::Error| format!("the record is not JSON ({e})");
     let (body, size) = if r.stream.is_batched() {
+        // Embedded as it is: it must be one whole JSON value, or it would spoil the batch.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&r.payload).map_err(not_json)?;
         let entry = format!("{{\"seq\":{seq},\"message\":");
         let mut v = Vec::with_capacity(entry.len() + r.payload.len() + 1);
         v.extend_from_slice(entry.as_bytes());
@@ -323,6 +324,7 @@ fn body_of(cfg: &UpstreamConfig, thing: &str, seq: u64, r: &Record) -> Result<Ve
         let size = v.len() + envelope_head(thing).len() + 2;
         (v, size)
     } else {
+        let doc: serde_json::Value = serde_json::from_slice(&r.payload).map_err(not_json)?;
         let serde_json::Value::Object(mut doc) = doc else {
             return Err(format!(
                 "a {} record must be a JSON object",
@@ -378,6 +380,12 @@ async fn send_batches(
     inflight: &HashMap<u16, (Stream, Vec<u64>)>,
     quota: &mut Quota,
 ) -> Option<u64> {
+    let budget = (cfg.max_inflight as usize)
+        .saturating_sub(awaiting_pkid.len() + inflight.len())
+        .min(quota.publishes_left(cfg));
+    if budget == 0 {
+        return cursor;
+    }
     let q = queue.clone();
     let after = cursor;
     let read = tokio::task::spawn_blocking(move || {
@@ -405,12 +413,6 @@ async fn send_batches(
         .filter(|(_, _, b)| *b)
         .map(|(s, _, _)| *s)
         .collect();
-    let budget = (cfg.max_inflight as usize)
-        .saturating_sub(awaiting_pkid.len() + inflight.len())
-        .min(quota.publishes_left(cfg));
-    if budget == 0 {
-        return cursor;
-    }
     let mut seen = HashSet::new();
     let mut messages: Vec<Message> = Vec::new();
     let mut open: HashMap<String, usize> = HashMap::new();
@@ -531,4 +533,75 @@ async fn send_batches(
         }
     }
     cursor
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Class;
+
+    fn rec(stream: Stream, payload: &str) -> Record {
+        Record {
+            class: Class::Routine,
+            stream,
+            subject: "pm-01".into(),
+            enqueued_at_ms: 0,
+            payload: payload.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn batch_entries_carry_the_sequence_and_the_record_as_is() {
+        let cfg = UpstreamConfig::default();
+        let b = body_of(&cfg, "gw", 7, &rec(Stream::Telemetry, r#"{"a": 1}"#)).unwrap();
+        assert_eq!(b, br#"{"seq":7,"message":{"a": 1}}"#);
+        let err = body_of(&cfg, "gw", 7, &rec(Stream::Alert, r#"{"a": 1"#)).unwrap_err();
+        assert!(err.contains("not JSON"), "{err}");
+        let err = body_of(&cfg, "gw", 7, &rec(Stream::Telemetry, "1 2")).unwrap_err();
+        assert!(
+            err.contains("not JSON"),
+            "two values would spoil the batch: {err}"
+        );
+    }
+
+    #[test]
+    fn shadow_updates_get_a_client_token_unless_they_have_one() {
+        let cfg = UpstreamConfig::default();
+        let doc = |b: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+        let shadow = rec(Stream::Shadow, r#"{"state":{"reported":{"hr":70}}}"#);
+        let b = doc(body_of(&cfg, "gw", 9, &shadow).unwrap());
+        assert_eq!(b["clientToken"], "gw:9");
+        assert_eq!(b["state"]["reported"]["hr"], 70);
+        // A thing name too long for the 64-byte token: the sequence number alone.
+        let long = "t".repeat(100);
+        assert_eq!(
+            doc(body_of(&cfg, &long, 9, &shadow).unwrap())["clientToken"],
+            "9"
+        );
+        let own = rec(Stream::Shadow, r#"{"state":{},"clientToken":"mine"}"#);
+        assert_eq!(
+            doc(body_of(&cfg, "gw", 9, &own).unwrap())["clientToken"],
+            "mine"
+        );
+        let def = rec(Stream::Defender, r#"{"header":{"report_id":1}}"#);
+        let b = doc(body_of(&cfg, "gw", 9, &def).unwrap());
+        assert!(
+            b.get("clientToken").is_none(),
+            "defender reports go as queued"
+        );
+        assert!(body_of(&cfg, "gw", 9, &rec(Stream::Defender, "[1]")).is_err());
+    }
+
+    #[test]
+    fn a_message_over_the_batch_bound_is_undeliverable() {
+        let cfg = UpstreamConfig {
+            max_batch_bytes: 1024,
+            ..Default::default()
+        };
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(1024));
+        for stream in Stream::ALL {
+            let err = body_of(&cfg, "gw", 1, &rec(stream, &big)).unwrap_err();
+            assert!(err.contains("max_batch_bytes"), "{err}");
+        }
+    }
 }
