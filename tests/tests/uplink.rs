@@ -143,6 +143,14 @@ impl Upstream {
         .await
     }
 
+    /// A cloud subscriber on `topics`, yielding (topic, payload).
+    async fn raw_subscriber(
+        &self,
+        topics: &[&str],
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)> {
+        cloud_subscriber_raw(self.port, &self.ca, &self.cloud_cert, topics).await
+    }
+
     /// A gateway configuration forwarding here.
     fn gateway_config(&self) -> wardgate::config::Config {
         upstream_config(self.dir.path(), self.port, &self.ca, &self.gateway_cert)
@@ -598,18 +606,14 @@ async fn every_stream_reaches_its_own_topic_and_undeliverable_records_are_set_as
     use wardgate::queue::{Class, Record, Stream};
     let up = Upstream::new();
     let _mq = up.broker();
-    let mut cloud = cloud_subscriber_raw(
-        up.port,
-        &up.ca,
-        &up.cloud_cert,
-        &[
+    let mut cloud = up
+        .raw_subscriber(&[
             "wardgate/test-gateway/readings",
             "wardgate/test-gateway/alerts",
             "$aws/things/test-gateway/shadow/name/+/update",
             "$aws/things/test-gateway/defender/metrics/json",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let up_cfg = up.gateway_config();
     // Start with the upstream unreachable so every record waits in the queue together: the
     // undeliverable ones come first and must not hold the others back.
@@ -725,13 +729,7 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
     use std::sync::atomic::Ordering::SeqCst;
     let up = Upstream::new();
     let _mq = up.broker();
-    let mut cloud = cloud_subscriber_raw(
-        up.port,
-        &up.ca,
-        &up.cloud_cert,
-        &["wardgate/test-gateway/readings"],
-    )
-    .await;
+    let mut cloud = up.raw_subscriber(&["wardgate/test-gateway/readings"]).await;
     let ward = wardgate::sim::ward(2);
     let mut cfg = wardgate::cli::demo_config(&ward, wardgate_tests::components_dir());
     let up_cfg = up.gateway_config();
