@@ -755,8 +755,8 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
 
     let per_device = gw.stats().snapshot();
     let normalized: u64 = per_device
-        .iter()
-        .map(|(_, c)| c.messages - c.dead_letters)
+        .values()
+        .map(|c| c.messages - c.dead_letters)
         .sum();
     let acked = stats.acked.load(SeqCst);
     let queued = gw.queue_status().unwrap().appended;
