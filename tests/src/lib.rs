@@ -186,6 +186,22 @@ impl Device {
     }
 }
 
+/// `<bin> run -c <config>` under the test's notify socket, logging text lines: no stdin,
+/// stdout and stderr discarded. Callers change what they need (e.g. pipe stderr) and spawn.
+pub fn daemon_command(bin: &str, config: &Path, notify: &NotifySocket) -> std::process::Command {
+    use std::process::Stdio;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("run")
+        .arg("-c")
+        .arg(config)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WARDGATE_LOG__FORMAT", "text")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
 /// A systemd notify socket the test owns (`NOTIFY_SOCKET`).
 #[derive(Debug)]
 pub struct NotifySocket {

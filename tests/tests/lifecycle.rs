@@ -5,7 +5,7 @@
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rumqttc::QoS;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,13 +38,8 @@ fn start(devices: Vec<wardgate::config::DeviceConfig>, env: &[(&str, &str)]) -> 
     let config_path = dir.path().join("wardgate.toml");
     std::fs::write(&config_path, config_toml(&cfg)).unwrap();
     let mut notify = NotifySocket::bind(dir.path());
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "-c", config_path.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &notify.path)
-        .env("WARDGATE_LOG__FORMAT", "text")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut cmd = wardgate_tests::daemon_command(BIN, &config_path, &notify);
+    cmd.stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }

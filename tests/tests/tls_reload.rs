@@ -5,7 +5,7 @@
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use wardgate::config::AuthMode;
 use wardgate_tests::pki::{tls_connect, Ca, ListenerFiles};
@@ -29,13 +29,7 @@ async fn server_certificate_rotates_without_dropping_devices() {
     std::fs::write(&config_path, config_toml(&cfg)).unwrap();
 
     let mut notify = NotifySocket::bind(dir.path());
-    let mut child = Command::new(BIN)
-        .args(["run", "-c", config_path.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &notify.path)
-        .env("WARDGATE_LOG__FORMAT", "text")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let mut child = wardgate_tests::daemon_command(BIN, &config_path, &notify)
         .spawn()
         .unwrap();
     let ready = notify

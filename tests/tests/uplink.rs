@@ -331,13 +331,7 @@ async fn acknowledged_readings_survive_repeated_kill_9_under_load() {
     let start = |n: usize| {
         let mut notify =
             wardgate_tests::NotifySocket::bind(&dir.path().join(format!("n{n}")).tap_mkdir());
-        let child = Command::new(BIN)
-            .args(["run", "-c", config_path.to_str().unwrap()])
-            .env("NOTIFY_SOCKET", &notify.path)
-            .env("WARDGATE_LOG__FORMAT", "text")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = wardgate_tests::daemon_command(BIN, &config_path, &notify)
             .spawn()
             .unwrap();
         let ready = notify
