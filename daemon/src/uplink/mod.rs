@@ -267,15 +267,17 @@ async fn session(
                             // Synced at once: a removal lost in a crash means a duplicate upstream.
                             q.with(|s| {
                                 seqs.iter().try_for_each(|seq| s.remove(*seq).map(|_| ()))?;
-                                s.sync()
+                                s.sync()?;
+                                Ok::<_, crate::queue::QueueError>(s.is_empty())
                             })
                         })
                         .await;
-                        if !matches!(removed, Ok(Ok(()))) {
+                        let now_empty = matches!(removed, Ok(Ok(true)));
+                        if !matches!(removed, Ok(Ok(_))) {
                             log::error!("cannot remove delivered readings from the queue; they will be sent again");
                         }
                         if let Some((since, depth)) = backlog {
-                            if queue.with(|s| s.is_empty()) {
+                            if now_empty {
                                 backlog = None;
                                 log::info!(
                                     backlog = depth, took_ms = since.elapsed().as_millis() as u64;
@@ -310,8 +312,15 @@ struct Message {
 }
 
 /// The bytes a record contributes to its message: a batch entry, or the whole message body.
-/// `Err` says why the record can never be delivered.
-fn body_of(cfg: &UpstreamConfig, thing: &str, seq: u64, r: &Record) -> Result<Vec<u8>, String> {
+/// `head` is the batch envelope's opening (see [`envelope_head`]). `Err` says why the record
+/// can never be delivered.
+fn body_of(
+    cfg: &UpstreamConfig,
+    thing: &str,
+    head: &[u8],
+    seq: u64,
+    r: &Record,
+) -> Result<Vec<u8>, String> {
     let not_json = |e: serde_json::Error| format!("the record is not JSON ({e})");
     let (body, size) = if r.stream.is_batched() {
         // Embedded as it is: it must be one whole JSON value, or it would spoil the batch.
@@ -321,7 +330,7 @@ fn body_of(cfg: &UpstreamConfig, thing: &str, seq: u64, r: &Record) -> Result<Ve
         v.extend_from_slice(entry.as_bytes());
         v.extend_from_slice(&r.payload);
         v.push(b'}');
-        let size = v.len() + envelope_head(thing).len() + 2;
+        let size = head.len() + v.len() + 2;
         (v, size)
     } else {
         let doc: serde_json::Value = serde_json::from_slice(&r.payload).map_err(not_json)?;
@@ -413,6 +422,7 @@ async fn send_batches(
         .filter(|(_, _, b)| *b)
         .map(|(s, _, _)| *s)
         .collect();
+    let head = envelope_head(thing).into_bytes();
     let mut seen = HashSet::new();
     let mut messages: Vec<Message> = Vec::new();
     let mut open: HashMap<String, usize> = HashMap::new();
@@ -435,7 +445,7 @@ async fn send_batches(
         if !joins && messages.len() >= budget {
             continue; // it needs a message of its own: a later round
         }
-        let body = match body_of(cfg, thing, seq, &r) {
+        let body = match body_of(cfg, thing, &head, seq, &r) {
             Ok(b) => b,
             Err(why) => {
                 undeliverable.push((seq, r, why));
@@ -456,24 +466,18 @@ async fn send_batches(
                 continue;
             }
         }
-        if r.stream.is_batched() {
-            let mut b = envelope_head(thing).into_bytes();
-            b.extend_from_slice(&body);
+        let body = if r.stream.is_batched() {
             open.insert(topic.clone(), messages.len());
-            messages.push(Message {
-                topic,
-                stream: r.stream,
-                body: b,
-                seqs: vec![seq],
-            });
+            [head.as_slice(), &body].concat()
         } else {
-            messages.push(Message {
-                topic,
-                stream: r.stream,
-                body,
-                seqs: vec![seq],
-            });
-        }
+            body
+        };
+        messages.push(Message {
+            topic,
+            stream: r.stream,
+            body,
+            seqs: vec![seq],
+        });
     }
     for mut m in messages {
         if m.stream.is_batched() {
@@ -540,6 +544,8 @@ mod tests {
     use super::*;
     use crate::queue::Class;
 
+    const HEAD: &[u8] = br#"{"gateway_id":"gw","records":["#;
+
     fn rec(stream: Stream, payload: &str) -> Record {
         Record {
             class: Class::Routine,
@@ -552,12 +558,13 @@ mod tests {
 
     #[test]
     fn batch_entries_carry_the_sequence_and_the_record_as_is() {
+        assert_eq!(envelope_head("gw").as_bytes(), HEAD);
         let cfg = UpstreamConfig::default();
-        let b = body_of(&cfg, "gw", 7, &rec(Stream::Telemetry, r#"{"a": 1}"#)).unwrap();
+        let b = body_of(&cfg, "gw", HEAD, 7, &rec(Stream::Telemetry, r#"{"a": 1}"#)).unwrap();
         assert_eq!(b, br#"{"seq":7,"message":{"a": 1}}"#);
-        let err = body_of(&cfg, "gw", 7, &rec(Stream::Alert, r#"{"a": 1"#)).unwrap_err();
+        let err = body_of(&cfg, "gw", HEAD, 7, &rec(Stream::Alert, r#"{"a": 1"#)).unwrap_err();
         assert!(err.contains("not JSON"), "{err}");
-        let err = body_of(&cfg, "gw", 7, &rec(Stream::Telemetry, "1 2")).unwrap_err();
+        let err = body_of(&cfg, "gw", HEAD, 7, &rec(Stream::Telemetry, "1 2")).unwrap_err();
         assert!(
             err.contains("not JSON"),
             "two values would spoil the batch: {err}"
@@ -569,27 +576,27 @@ mod tests {
         let cfg = UpstreamConfig::default();
         let doc = |b: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
         let shadow = rec(Stream::Shadow, r#"{"state":{"reported":{"hr":70}}}"#);
-        let b = doc(body_of(&cfg, "gw", 9, &shadow).unwrap());
+        let b = doc(body_of(&cfg, "gw", HEAD, 9, &shadow).unwrap());
         assert_eq!(b["clientToken"], "gw:9");
         assert_eq!(b["state"]["reported"]["hr"], 70);
         // A thing name too long for the 64-byte token: the sequence number alone.
         let long = "t".repeat(100);
         assert_eq!(
-            doc(body_of(&cfg, &long, 9, &shadow).unwrap())["clientToken"],
+            doc(body_of(&cfg, &long, HEAD, 9, &shadow).unwrap())["clientToken"],
             "9"
         );
         let own = rec(Stream::Shadow, r#"{"state":{},"clientToken":"mine"}"#);
         assert_eq!(
-            doc(body_of(&cfg, "gw", 9, &own).unwrap())["clientToken"],
+            doc(body_of(&cfg, "gw", HEAD, 9, &own).unwrap())["clientToken"],
             "mine"
         );
         let def = rec(Stream::Defender, r#"{"header":{"report_id":1}}"#);
-        let b = doc(body_of(&cfg, "gw", 9, &def).unwrap());
+        let b = doc(body_of(&cfg, "gw", HEAD, 9, &def).unwrap());
         assert!(
             b.get("clientToken").is_none(),
             "defender reports go as queued"
         );
-        assert!(body_of(&cfg, "gw", 9, &rec(Stream::Defender, "[1]")).is_err());
+        assert!(body_of(&cfg, "gw", HEAD, 9, &rec(Stream::Defender, "[1]")).is_err());
     }
 
     #[test]
@@ -600,7 +607,7 @@ mod tests {
         };
         let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(1024));
         for stream in Stream::ALL {
-            let err = body_of(&cfg, "gw", 1, &rec(stream, &big)).unwrap_err();
+            let err = body_of(&cfg, "gw", HEAD, 1, &rec(stream, &big)).unwrap_err();
             assert!(err.contains("max_batch_bytes"), "{err}");
         }
     }
