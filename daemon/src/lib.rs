@@ -16,19 +16,21 @@
 //! - [`status`]: the status file behind `wardgate status`.
 //! - [`mqtt`]: MQTT 3.1.1 framing shared by the gatekeeper and the broker probe.
 //! - [`pipeline`]: the ingest point every accepted reading flows through: plugin, local
-//!   publication, dead-letter store.
+//!   publication, dead-letter store, durable queue.
 //! - [`queue`]: the durable offline queue (sled), on-disk format and invariants in its docs.
 //! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
-//! - [`uplink`]: drains the queue to AWS IoT Core (mutual TLS, batches, quotas).
+//! - [`uplink`]: drains the queue to AWS IoT Core (mutual TLS, batches, quotas, a topic per
+//!   stream).
 //! - [`sim`]: the ward simulator (devices with their vendors' raw formats).
 //! - [`clock`]: epoch-millisecond times.
 //! - [`cli`]: the `wardgate` command line.
 //!
 //! ## The life of one reading
 //! device → gatekeeper (authenticated identity, topic policy, limits, meters) → pipeline channel
-//! (bounded; a full channel stops reading from the device) → pipeline confirms → PUBACK to the
-//! device (and a copy relayed through the broker to local subscribers).
+//! (bounded; a full channel stops reading from the device) → plugin → canonical JSON on the
+//! local broker → durable queue (on disk) → pipeline confirms → PUBACK to the device → uplink
+//! → IoT Core's PUBACK → removed from the queue.
 
 pub mod app;
 pub mod broker;

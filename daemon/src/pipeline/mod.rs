@@ -2,16 +2,17 @@
 //!
 //! The gatekeeper hands each PUBLISH over as an [`Ingest`] through a bounded channel
 //! ([`INGEST_CHANNEL_CAPACITY`]). A QoS 1 reading carries an [`Ack`]: the device gets its PUBACK
-//! only after the pipeline has confirmed the reading is safe (today: handled by the pipeline;
-//! with the durable queue: written to disk). An `Ack` dropped without confirming means "not
+//! only after the pipeline has confirmed the reading is safe: handled by the pipeline, and —
+//! when the upstream is enabled — written to disk by the durable queue. An `Ack` dropped without confirming means "not
 //! safe": no PUBACK, and the device resends. When the channel is full the gatekeeper stops
 //! reading from that device: backpressure, never loss.
 //!
-//! Stages, in [`Pipeline::handle`]: the device's plugin normalises the raw payload
+//! Stages, in `Pipeline::handle`: the device's plugin normalises the raw payload
 //! ([`crate::plugin_host`]); the readings are published on the local broker as canonical JSON on
 //! `ward/<device>/readings` for local consumers; a message the plugin fails or refuses goes to
-//! the [`DeadLetters`] store with the reason. Then, and only then, the reading is confirmed.
-//! (Shadows, rules and the durable queue hang off the same place later.)
+//! the [`DeadLetters`] store with the reason; with the upstream enabled, the canonical message
+//! goes into the durable queue ([`crate::queue`]), which confirms it once it is on disk. Then,
+//! and only then, the device gets its PUBACK. (Shadows and rules hang off the same place.)
 //!
 //! What must stay true: the pipeline stops only when every sender is gone (all device
 //! connections closed), so a stop drains everything accepted so far, in order.

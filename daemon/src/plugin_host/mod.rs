@@ -2,7 +2,7 @@
 //! from a drop-in directory and swapped while the gateway runs.
 //!
 //! Contract: `wit/plugin.wit` (`wardgate:plugin@0.1.0`, world `device-plugin`); the only
-//! `bindgen!` is in [`bindings`]. Host functions live in [`host`].
+//! `bindgen!` is in [`bindings`]. Host functions live in `host`.
 //!
 //! What must stay true:
 //! - a plugin cannot reach anything but the three host functions: no WASI, no files, no

@@ -48,7 +48,7 @@
 //! "crash" drops the store without a sync and reopens it; real power-loss style crashes are
 //! the job of the gateway-level kill -9 tests.)
 //!
-//! Filled by the pipeline through the group-commit [`writer`] (durable before the device's
+//! Filled by the pipeline through the group-commit writer ([`spawn_writer`]) (durable before the device's
 //! PUBACK), drained by [`crate::uplink`] (removed after the upstream's PUBACK).
 
 mod writer;
