@@ -52,6 +52,18 @@ fn call(
     .map(|n| n.readings)
 }
 
+/// Whether the host's `pacemaker` plugin normalises a good reading.
+fn pacemaker_normalises(h: &PluginHost) -> bool {
+    let none = Arc::new(BTreeMap::new());
+    call(
+        h,
+        "pacemaker",
+        br#"{"heartbeat":70,"ts":1795326538000}"#,
+        &none,
+    )
+    .is_ok()
+}
+
 fn rejected(r: Result<Vec<wardgate::plugin_host::Reading>, Failure>) -> &'static str {
     match r {
         Err(Failure::Rejected { kind, .. }) => kind,
@@ -267,14 +279,7 @@ fn a_corrupt_file_is_rejected_and_the_previous_version_keeps_serving() {
         h.scan();
         let now = h.get("pacemaker").expect("still loaded");
         assert_eq!(now.digest(), v1.digest(), "v1 keeps serving");
-        let none = Arc::new(BTreeMap::new());
-        assert!(call(
-            &h,
-            "pacemaker",
-            br#"{"heartbeat":70,"ts":1795326538000}"#,
-            &none
-        )
-        .is_ok());
+        assert!(pacemaker_normalises(&h));
     }
     // A good v2 replaces it.
     std::fs::copy(component("test-pacemaker-v2"), dir.path().join(".tmp")).unwrap();
@@ -501,25 +506,12 @@ fn compiled_components_are_cached_in_the_state_directory() {
     // recompiled, not trusted.
     let second = PluginHost::new(&cfg, Some(state.path())).unwrap();
     second.scan();
-    let none = Arc::new(BTreeMap::new());
-    assert!(call(
-        &second,
-        "pacemaker",
-        br#"{"heartbeat":70,"ts":1795326538000}"#,
-        &none
-    )
-    .is_ok());
+    assert!(pacemaker_normalises(&second));
     drop(second);
     std::fs::write(&cached[0], b"damaged").unwrap();
     let third = PluginHost::new(&cfg, Some(state.path())).unwrap();
     third.scan();
-    assert!(call(
-        &third,
-        "pacemaker",
-        br#"{"heartbeat":70,"ts":1795326538000}"#,
-        &none
-    )
-    .is_ok());
+    assert!(pacemaker_normalises(&third));
 }
 
 fn walk(dir: &std::path::Path) -> Vec<String> {
