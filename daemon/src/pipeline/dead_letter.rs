@@ -71,13 +71,15 @@ impl DeadLetters {
         }
     }
 
-    /// Append one record and sync it to disk (blocking).
+    /// Append one record to the file of the day it was stored (`stored_at_ms`, UTC) and sync
+    /// it to disk (blocking).
     pub fn write(&self, entry: &DeadLetter) -> std::io::Result<()> {
-        let now = SystemTime::now();
+        let stored_at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(entry.stored_at_ms.max(0) as u64);
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         std::fs::create_dir_all(&self.dir)?;
-        let day = humantime::format_rfc3339_seconds(now).to_string();
+        let day = humantime::format_rfc3339_seconds(stored_at).to_string();
         let path = self.dir.join(format!("{}.jsonl", &day[..10]));
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -102,5 +104,31 @@ impl DeadLetters {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_goes_to_the_file_of_the_day_it_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeadLetters::new(dir.path());
+        let entry = DeadLetter {
+            // 2026-11-27T23:59:59.900Z: the file is that day's, whatever the clock says now.
+            stored_at_ms: 1_795_823_999_900,
+            received_at_ms: 1_795_823_999_800,
+            device_id: "pm-01".into(),
+            kind: "pacemaker".into(),
+            plugin: "pacemaker".into(),
+            topic: "ward/pm-01/telemetry".into(),
+            reason_kind: "malformed".into(),
+            reason: "not JSON".into(),
+            payload_base64: "eA==".into(),
+        };
+        store.write(&entry).unwrap();
+        assert!(store.dir().join("2026-11-27.jsonl").is_file());
+        assert_eq!(store.read_all().len(), 1);
     }
 }
