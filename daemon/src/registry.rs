@@ -4,8 +4,10 @@
 //! authenticates against one consistent snapshot. Passwords are only ever held as argon2 PHC
 //! strings; verification is CPU-heavy on purpose and runs on the blocking pool.
 //!
-//! What must stay true: an unknown device and a wrong password cost the same time (an unknown
-//! id is checked against a dummy hash), so timing does not reveal which device ids exist.
+//! What must stay true: every refusal of a CONNECT that carried a password costs one argon2
+//! verification — an unknown id, a certificate-only device without its certificate, a device
+//! without a password credential are checked against a dummy hash — so timing does not reveal
+//! which device ids exist or how they authenticate.
 
 use crate::config::{AuthMode, DeviceConfig, PolicyConfig};
 use crate::gatekeeper::policy::TopicPolicy;
@@ -119,36 +121,38 @@ impl Registry {
         cert_names: Option<&[String]>,
         password: Option<&[u8]>,
     ) -> Result<Arc<Device>, AuthFailure> {
-        let Some(device) = self.devices.get(client_id) else {
+        // Every refusal that happens before a real password check pays for one against the
+        // dummy hash when a password was given, so timing reveals neither which ids exist nor
+        // how they authenticate.
+        let refuse = |why: AuthFailure| -> Result<Arc<Device>, AuthFailure> {
             if let Some(p) = password {
-                // Same cost as a real check, so timing does not reveal registered ids.
                 verify(dummy_hash(), p);
             }
-            return Err(AuthFailure::UnknownDevice);
+            Err(why)
+        };
+        let Some(device) = self.devices.get(client_id) else {
+            return refuse(AuthFailure::UnknownDevice);
         };
         let cert_ok = match cert_names {
             Some(names) if names.iter().any(|n| n == client_id) => true,
-            Some(_) => return Err(AuthFailure::CertificateMismatch),
+            Some(_) => return refuse(AuthFailure::CertificateMismatch),
             None => false,
         };
-        let check_password = || -> Result<(), AuthFailure> {
-            let hash = device
-                .password_hash
-                .as_deref()
-                .ok_or(AuthFailure::NoPasswordCredential)?;
-            let password = password.ok_or(AuthFailure::MissingPassword)?;
-            if verify(hash, password) {
-                Ok(())
-            } else {
-                Err(AuthFailure::WrongPassword)
-            }
-        };
         match device.auth {
-            AuthMode::Certificate if cert_ok => Ok(device.clone()),
+            AuthMode::Certificate if cert_ok => return Ok(device.clone()),
             AuthMode::Certificate | AuthMode::Both if !cert_ok => {
-                Err(AuthFailure::CertificateRequired)
+                return refuse(AuthFailure::CertificateRequired)
             }
-            _ => check_password().map(|()| device.clone()),
+            _ => {}
+        }
+        let Some(hash) = device.password_hash.as_deref() else {
+            return refuse(AuthFailure::NoPasswordCredential);
+        };
+        let password = password.ok_or(AuthFailure::MissingPassword)?;
+        if verify(hash, password) {
+            Ok(device.clone())
+        } else {
+            Err(AuthFailure::WrongPassword)
         }
     }
 }
