@@ -32,6 +32,7 @@ pub struct Gateway {
     pipeline: JoinHandle<u64>,
     stats: PipelineStats,
     registry: SharedRegistry,
+    login: crate::gatekeeper::login::LoginGate,
     broker: BrokerHandle,
     metering: Metering,
     tls: Option<Arc<TlsState>>,
@@ -52,6 +53,7 @@ pub struct Gateway {
 #[derive(Debug)]
 struct StatusView {
     plugins: Arc<PluginHost>,
+    login: crate::gatekeeper::login::LoginGate,
     queue: Option<crate::queue::SharedQueue>,
     uplink: Arc<crate::uplink::UplinkStats>,
     endpoint: String,
@@ -82,6 +84,7 @@ impl StatusView {
                 .collect(),
             readings: self.stats.total_messages(),
             gateway: self.metering.gateway().snapshot(),
+            login: self.login.counters().snapshot(),
             devices: self.metering.snapshot(),
             plugins: self.plugins.status(),
             queue: self.queue.as_ref().map(|q| q.status()),
@@ -196,8 +199,11 @@ impl Gateway {
         });
         let stats = pipeline.stats();
         let shutdown = CancellationToken::new();
+        let login = crate::gatekeeper::login::LoginGate::new(&config.login)
+            .context("starting the password-check threads")?;
         let shared = Shared {
             registry: registry.clone(),
+            login: login.clone(),
             broker: broker.clone(),
             ingest,
             metering: metering.clone(),
@@ -243,6 +249,7 @@ impl Gateway {
         let plugin_watch = tokio::spawn(plugins.clone().watch(shutdown.clone()));
         let view = Arc::new(StatusView {
             plugins: plugins.clone(),
+            login: login.clone(),
             queue: shared_queue,
             uplink: uplink_stats.clone(),
             endpoint: config.upstream.endpoint.clone(),
@@ -260,6 +267,7 @@ impl Gateway {
             pipeline,
             stats,
             registry,
+            login: login.clone(),
             broker,
             metering,
             tls,
@@ -366,6 +374,11 @@ impl Gateway {
     /// The live device registry.
     pub fn registry(&self) -> &SharedRegistry {
         &self.registry
+    }
+
+    /// The login gate (password-check bounds, pool and credential cache).
+    pub fn login(&self) -> &crate::gatekeeper::login::LoginGate {
+        &self.login
     }
 
     /// Stop accepting, close device connections, drain the pipeline; give up after `deadline`.
@@ -501,6 +514,9 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
             let new = loaded.config;
             gw.registry()
                 .replace(Registry::from_config(&new.devices, &new.policy));
+            // Devices, hashes or policies may have changed: every password is checked anew.
+            let forgotten = gw.login().clear_cache();
+            log::info!(credentials_forgotten = forgotten; "credential cache emptied: the next login of every password device is checked with argon2");
             match gw.reload_tls(&new.listeners.tls) {
                 Ok(true) => log::info!(
                     "TLS material reloaded: new handshakes use it, connected devices stay"

@@ -410,6 +410,9 @@ pub fn demo_config(ward: &[sim::SimDevice], plugins: PathBuf) -> Config {
         c.listeners.max_connections_per_address.max(ward.len() + 16);
     c.listeners.max_connections = c.listeners.max_connections.max(ward.len() + 16);
     c.broker.max_connections = c.broker.max_connections.max(ward.len() + 16);
+    // One address for the whole ward: its login bounds are the gateway-wide ones.
+    c.login.max_pending_per_address = c.login.max_pending;
+    c.login.max_per_second_per_address = c.login.max_per_second;
     c.devices = sim::registry_entries(ward);
     c
 }

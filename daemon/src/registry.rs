@@ -2,7 +2,9 @@
 //!
 //! Built from `[[devices]]`; replaced as a whole on reload (SIGHUP), so a connection
 //! authenticates against one consistent snapshot. Passwords are only ever held as argon2 PHC
-//! strings; verification is CPU-heavy on purpose and runs on the blocking pool.
+//! strings. [`Registry::decide`] settles everything but the password; the argon2 check itself
+//! ([`verify_phc`]) is CPU- and memory-heavy on purpose and runs on the login gate's own small
+//! pool ([`crate::gatekeeper::login`]), which bounds how many run and reuses their memory.
 //!
 //! What must stay true: every refusal of a CONNECT that carried a password costs one argon2
 //! verification — an unknown id, a certificate-only device without its certificate, a device
@@ -11,7 +13,7 @@
 
 use crate::config::{AuthMode, DeviceConfig, PolicyConfig};
 use crate::gatekeeper::policy::TopicPolicy;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -112,24 +114,17 @@ impl Registry {
         self.devices.get(id).cloned()
     }
 
-    /// Authenticate a CONNECT. `cert_names` are the names of a verified client certificate
-    /// (`None` without one); `password` is the CONNECT's password. Blocking when a password is
-    /// checked (argon2): call from `spawn_blocking`.
-    pub fn authenticate(
+    /// Decide everything about a CONNECT that needs no password check. `cert_names` are the
+    /// names of a verified client certificate (`None` without one); `has_password` says
+    /// whether the CONNECT carried one. Cheap: the argon2 check, when one is needed, is the
+    /// caller's (see [`crate::gatekeeper::login`]).
+    pub fn decide(
         &self,
         client_id: &str,
         cert_names: Option<&[String]>,
-        password: Option<&[u8]>,
-    ) -> Result<Arc<Device>, AuthFailure> {
-        // Every refusal that happens before a real password check pays for one against the
-        // dummy hash when a password was given, so timing reveals neither which ids exist nor
-        // how they authenticate.
-        let refuse = |why: AuthFailure| -> Result<Arc<Device>, AuthFailure> {
-            if let Some(p) = password {
-                verify(dummy_hash(), p);
-            }
-            Err(why)
-        };
+        has_password: bool,
+    ) -> Decision {
+        let refuse = |why| Decision::Refuse { why };
         let Some(device) = self.devices.get(client_id) else {
             return refuse(AuthFailure::UnknownDevice);
         };
@@ -139,7 +134,7 @@ impl Registry {
             None => false,
         };
         match device.auth {
-            AuthMode::Certificate if cert_ok => return Ok(device.clone()),
+            AuthMode::Certificate if cert_ok => return Decision::Accept(device.clone()),
             AuthMode::Certificate | AuthMode::Both if !cert_ok => {
                 return refuse(AuthFailure::CertificateRequired)
             }
@@ -148,13 +143,66 @@ impl Registry {
         let Some(hash) = device.password_hash.as_deref() else {
             return refuse(AuthFailure::NoPasswordCredential);
         };
-        let password = password.ok_or(AuthFailure::MissingPassword)?;
-        if verify(hash, password) {
-            Ok(device.clone())
-        } else {
-            Err(AuthFailure::WrongPassword)
+        if !has_password {
+            return refuse(AuthFailure::MissingPassword);
+        }
+        Decision::CheckPassword {
+            device: device.clone(),
+            phc: hash.to_owned(),
+            with_certificate: device.auth == AuthMode::Both,
         }
     }
+
+    /// Authenticate a CONNECT in one blocking call (argon2 on the calling thread, with its own
+    /// memory). The gateway itself goes through [`crate::gatekeeper::login::LoginGate`], which
+    /// bounds and pools these checks; this is the same decision for tools and tests.
+    pub fn authenticate(
+        &self,
+        client_id: &str,
+        cert_names: Option<&[String]>,
+        password: Option<&[u8]>,
+    ) -> Result<Arc<Device>, AuthFailure> {
+        let mut scratch = crate::gatekeeper::login::Scratch::default();
+        match self.decide(client_id, cert_names, password.is_some()) {
+            Decision::Accept(d) => Ok(d),
+            Decision::Refuse { why } => {
+                // Every refusal of a CONNECT with a password pays one argon2 check.
+                if let Some(p) = password {
+                    verify_phc(dummy_hash(), p, &mut scratch);
+                }
+                Err(why)
+            }
+            Decision::CheckPassword { device, phc, .. } => {
+                if verify_phc(&phc, password.unwrap_or_default(), &mut scratch) {
+                    Ok(device)
+                } else {
+                    Err(AuthFailure::WrongPassword)
+                }
+            }
+        }
+    }
+}
+
+/// What a CONNECT needs, decided without checking a password.
+#[derive(Debug)]
+pub enum Decision {
+    /// Authenticated by its client certificate alone.
+    Accept(Arc<Device>),
+    /// Refused. A CONNECT that carried a password must still pay one argon2 check (against
+    /// [`dummy_hash`]) before it is answered, so timing reveals nothing.
+    Refuse {
+        /// Why.
+        why: AuthFailure,
+    },
+    /// Accepted if the password matches `phc`.
+    CheckPassword {
+        /// The device.
+        device: Arc<Device>,
+        /// Its argon2 PHC string.
+        phc: String,
+        /// Its certificate was verified too (`auth = "both"`).
+        with_certificate: bool,
+    },
 }
 
 /// The registry shared by every listener; swapped whole on reload.
@@ -179,17 +227,60 @@ impl SharedRegistry {
     }
 }
 
-fn verify(phc: &str, password: &[u8]) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
-        Err(_) => false,
+/// Check `password` against the argon2 PHC string `phc`, using (and growing) `scratch` for
+/// argon2's memory instead of allocating it: the pool threads of the login gate keep one
+/// area each. The comparison of the results is constant-time. An unparsable `phc` is `false`.
+pub fn verify_phc(
+    phc: &str,
+    password: &[u8],
+    scratch: &mut crate::gatekeeper::login::Scratch,
+) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm) else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let argon = Argon2::new(algorithm, version, params);
+    let mut out = [0u8; 64];
+    let Some(out) = out.get_mut(..expected.len()) else {
+        return false;
+    };
+    if argon
+        .hash_password_into_with_memory(password, salt, out, scratch.blocks(blocks))
+        .is_err()
+    {
+        return false;
     }
+    // `Output`'s equality is constant-time.
+    argon2::password_hash::Output::new(out).is_ok_and(|o| o == expected)
 }
 
-fn dummy_hash() -> &'static str {
+/// The hash every refusal that has no real one to check is checked against: the default
+/// parameters, so it costs what a real check costs.
+pub fn dummy_hash() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
     DUMMY.get_or_init(|| hash_password("wardgate-dummy-password"))
 }
+
+/// Largest argon2 memory cost a device's hash may ask for, in KiB (256 MiB).
+pub const MAX_HASH_MEMORY_KIB: u32 = 256 * 1024;
 
 /// Hash a password with argon2id and the default (OWASP-recommended) cost.
 pub fn hash_password(password: &str) -> String {
@@ -228,6 +319,15 @@ pub fn check_password_hash(phc: &str) -> Result<(), String> {
     }
     if parsed.hash.is_none() || parsed.salt.is_none() {
         return Err("the hash has no salt or no hash value".into());
+    }
+    let params =
+        Params::try_from(&parsed).map_err(|e| format!("unusable argon2 parameters ({e})"))?;
+    if params.m_cost() > MAX_HASH_MEMORY_KIB {
+        return Err(format!(
+            "m={} KiB of memory per check is more than the {MAX_HASH_MEMORY_KIB} KiB wardgate allows \
+             (every login thread keeps that much); make a new hash with `wardgate hash-password`",
+            params.m_cost()
+        ));
     }
     Ok(())
 }

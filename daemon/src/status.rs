@@ -44,6 +44,9 @@ pub struct Status {
     pub readings: u64,
     /// Gateway-wide counters.
     pub gateway: GatewayCountersSnapshot,
+    /// Password checks and logins turned away.
+    #[serde(default)]
+    pub login: crate::gatekeeper::login::LoginCountersSnapshot,
     /// Per-device meters.
     pub devices: Vec<DeviceSnapshot>,
     /// Loaded plugins.
@@ -143,6 +146,11 @@ pub fn render(s: &Status) -> String {
         s.gateway.tls_handshake_failures,
         s.gateway.connections_closed_before_connect,
         s.gateway.connections_over_limit
+    );
+    let _ = writeln!(
+        out,
+        "logins: argon2 checks {}; answered by the credential cache {}; turned away (server unavailable): {} over the in-progress bounds, {} over the per-second bounds",
+        s.login.checks, s.login.cache_hits, s.login.refused_pending, s.login.refused_rate
     );
     let _ = writeln!(
         out,

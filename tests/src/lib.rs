@@ -26,6 +26,10 @@ pub fn config(state_dir: &Path, devices: Vec<DeviceConfig>) -> Config {
     c.listeners.connect_timeout = Duration::from_secs(2);
     c.broker.address = SocketAddr::from(([127, 0, 0, 1], 0));
     c.plugins.dir = components_dir();
+    // Every test client comes from 127.0.0.1, where a ward's devices have an address each:
+    // the per-address login bounds are the gateway-wide ones (tests of the bounds set them).
+    c.login.max_pending_per_address = c.login.max_pending;
+    c.login.max_per_second_per_address = c.login.max_per_second;
     c.devices = devices;
     c
 }
@@ -373,6 +377,8 @@ impl Rig {
                 registry: wardgate::registry::SharedRegistry::new(
                     wardgate::registry::Registry::from_config(&cfg.devices, &cfg.policy),
                 ),
+                login: wardgate::gatekeeper::login::LoginGate::new(&cfg.login)
+                    .expect("password-check threads start"),
                 broker: broker.clone(),
                 ingest: tx,
                 metering: metering.clone(),

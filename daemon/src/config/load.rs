@@ -23,6 +23,7 @@ const ENV_PREFIX: &str = "WARDGATE_";
 const SECTIONS: &[&str] = &[
     "gateway",
     "listeners",
+    "login",
     "limits",
     "policy",
     "metering",
@@ -299,6 +300,7 @@ fn extract(
     let mut config = Config::default();
     section(fig, "gateway", &mut config.gateway, errors);
     section(fig, "listeners", &mut config.listeners, errors);
+    section(fig, "login", &mut config.login, errors);
     section(fig, "limits", &mut config.limits, errors);
     section(fig, "policy", &mut config.policy, errors);
     section(fig, "metering", &mut config.metering, errors);

@@ -43,6 +43,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Device-facing listeners (the gatekeeper).
     pub listeners: ListenersConfig,
+    /// What a login may cost: bounds on password checks, the argon2 pool, the credential cache.
+    pub login: LoginConfig,
     /// Per-connection limits the gatekeeper enforces.
     pub limits: LimitsConfig,
     /// Default topic policy (per-device entries may replace it).
@@ -161,6 +163,42 @@ pub enum TlsVersion {
     /// TLS 1.3 only.
     #[serde(rename = "1.3")]
     V1_3,
+}
+
+/// `[login]`: bounds on what password logins cost (see [`crate::gatekeeper::login`]). Only
+/// CONNECTs that need an argon2 check count against them: certificate logins and passwords
+/// answered by the credential cache do not. A CONNECT over a bound gets CONNACK 3 ("server
+/// unavailable") at once and the device retries later.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginConfig {
+    /// Threads checking passwords (each keeps one argon2 memory area); 0 = one per core.
+    pub argon2_threads: usize,
+    /// Password checks in progress (running or waiting for a thread) at once, gateway-wide.
+    pub max_pending: usize,
+    /// Password checks in progress at once from one source address.
+    pub max_pending_per_address: usize,
+    /// Password checks started per second, gateway-wide (bursts up to one second's worth).
+    pub max_per_second: u32,
+    /// Password checks started per second from one source address.
+    pub max_per_second_per_address: u32,
+    /// How long a verified password is remembered (as a keyed tag, never in clear), so a
+    /// reconnect does not pay argon2 again; `"0s"` turns the cache off. Emptied on reload.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for LoginConfig {
+    fn default() -> Self {
+        Self {
+            argon2_threads: 0,
+            max_pending: 64,
+            max_pending_per_address: 8,
+            max_per_second: 100,
+            max_per_second_per_address: 10,
+            cache_ttl: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// `[limits]`: what one device connection may do; each breach closes that connection.

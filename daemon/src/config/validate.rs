@@ -150,6 +150,44 @@ pub(super) fn validate(
             "must be at least 1".into(),
         );
     }
+    let login = &c.login;
+    for (key, value) in [
+        ("login.max_pending", login.max_pending),
+        (
+            "login.max_pending_per_address",
+            login.max_pending_per_address,
+        ),
+        ("login.max_per_second", login.max_per_second as usize),
+        (
+            "login.max_per_second_per_address",
+            login.max_per_second_per_address as usize,
+        ),
+    ] {
+        if value == 0 {
+            err(
+                key,
+                "must be at least 1 (0 would refuse every password login)".into(),
+            );
+        }
+    }
+    if login.max_pending_per_address > login.max_pending {
+        err(
+            "login.max_pending_per_address",
+            format!(
+                "{} is more than login.max_pending ({}); one address cannot have more checks in progress than the whole gateway",
+                login.max_pending_per_address, login.max_pending
+            ),
+        );
+    }
+    if login.argon2_threads > 64 {
+        err(
+            "login.argon2_threads",
+            format!(
+                "{} threads, each holding an argon2 memory area (19 MiB by default): use 0 (one per core) or at most 64",
+                login.argon2_threads
+            ),
+        );
+    }
     if c.metering.window.as_secs() == 0 {
         err("metering.window", "must be at least 1s, e.g. \"5m\"".into());
     }

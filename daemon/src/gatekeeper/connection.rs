@@ -9,17 +9,19 @@
 //! and the packet id is free again on the broker link). The broker's own PUBACKs for relayed
 //! publishes are therefore consumed here, never forwarded.
 
+use super::login::{Method, Outcome};
 use super::policy::{check_filter, check_topic};
 use super::tls::certificate_names;
 use super::{Context, Transport};
 use crate::metering::{DeviceMeter, GatewayCounters};
-use crate::mqtt::{self, FrameError};
+use crate::mqtt::{self, ConnectProblem, FrameError};
 use crate::pipeline::{Ack, Ingest, Qos};
 use crate::registry::Device;
 use bytes::BytesMut;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, SubAck, Subscribe, SubscribeReasonCode,
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck, Subscribe,
+    SubscribeReasonCode,
 };
 use rumqttc::mqttbytes::{self, Protocol, QoS};
 use std::collections::{HashMap, HashSet};
@@ -119,16 +121,30 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
 
     let first = tokio::select! {
         _ = stop.cancelled() => return,
-        r = tokio::time::timeout_at(deadline, mqtt::read_packet(&mut device, &mut dbuf, max)) => r,
+        r = tokio::time::timeout_at(deadline, mqtt::read_connect(&mut device, &mut dbuf, max)) => r,
     };
     let connect = match first {
         Ok(Ok(Some(Packet::Connect(c)))) if c.protocol == Protocol::V4 => c,
-        Ok(Ok(Some(Packet::Connect(_))))
-        | Ok(Err(FrameError::Malformed(mqttbytes::Error::InvalidProtocolLevel(_)))) => {
+        Ok(Err(Ok(ConnectProblem::UnsupportedVersion { name, level }))) => {
+            GatewayCounters::bump(&counters.connections_closed_before_connect);
             log::warn!(
-                listener = listener, peer:% = peer, rule = "protocol_version";
-                "connection refused: only MQTT 3.1.1 (protocol level 4) is supported"
+                listener = listener, peer:% = peer, rule = "protocol_version",
+                protocol:% = name, level = level;
+                "connection refused: protocol `{name}` level {level}; only MQTT 3.1.1 (protocol level 4) is supported"
             );
+            let _ = refuse(&mut device, ConnectReturnCode::RefusedProtocolVersion, max).await;
+            return;
+        }
+        Ok(Err(Ok(problem))) => {
+            GatewayCounters::bump(&counters.connections_closed_before_connect);
+            log::warn!(
+                listener = listener, peer:% = peer, rule = "protocol", error:% = problem;
+                "closing connection: {problem}"
+            );
+            return;
+        }
+        Ok(Ok(Some(Packet::Connect(_)))) => {
+            // The frame check lets only level 4 through; the codec agreeing is belt and braces.
             let _ = refuse(&mut device, ConnectReturnCode::RefusedProtocolVersion, max).await;
             return;
         }
@@ -152,7 +168,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             );
             return;
         }
-        Ok(Err(e)) => {
+        Ok(Err(Err(e))) => {
             GatewayCounters::bump(&counters.connections_closed_before_connect);
             log::warn!(
                 listener = listener, peer:% = peer, error:% = e;
@@ -170,20 +186,24 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Some(m) => m.connection_attempt(peer),
         None => GatewayCounters::bump(&counters.unknown_device_attempts),
     }
-    let client_id = connect.client_id.clone();
-    let password = connect.login.as_ref().map(|l| l.password.clone());
-    let names = cert_names.clone();
-    let auth = tokio::task::spawn_blocking(move || {
-        registry.authenticate(
-            &client_id,
-            names.as_deref(),
-            password.as_deref().map(str::as_bytes),
+    let outcome = ctx
+        .shared
+        .login
+        .authenticate(
+            registry,
+            &connect.client_id,
+            cert_names.as_deref(),
+            connect.login.as_ref().map(|l| l.password.as_str()),
+            peer.ip(),
         )
-    })
-    .await;
-    let dev = match auth {
-        Ok(Ok(d)) => d,
-        Ok(Err(why)) => {
+        .await;
+    let (dev, method, cached) = match outcome {
+        Outcome::Accepted {
+            device,
+            method,
+            cached,
+        } => (device, method, cached),
+        Outcome::Refused(why) => {
             if let Some(m) = &meter {
                 m.connection_failed();
             }
@@ -195,14 +215,35 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let _ = refuse(&mut device, ConnectReturnCode::NotAuthorized, max).await;
             return;
         }
-        Err(e) => {
-            log::error!(listener = listener, peer:% = peer, error:% = e; "authentication task failed");
+        Outcome::Busy(_) => {
+            // Counted and reported (once per interval) by the login gate.
+            if let Some(m) = &meter {
+                m.connection_failed();
+            }
             let _ = refuse(&mut device, ConnectReturnCode::ServiceUnavailable, max).await;
             return;
         }
     };
     // Registered devices always have a meter.
     let meter = meter.unwrap_or_else(|| ctx.shared.metering.device(&dev.id));
+
+    // The Will is the device's own PUBLISH, made later: it must be one the device may make now.
+    let will = match connect.last_will.clone().map(|w| check_will(w, &dev, ctx)) {
+        None => None,
+        Some(Ok(w)) => Some(w),
+        Some(Err((rule, detail))) => {
+            meter.connection_failed();
+            if rule == "policy_will" {
+                meter.authorization_failure();
+            }
+            log::warn!(
+                listener = listener, device_id:% = dev.id, peer:% = peer, rule = rule;
+                "connection refused: {detail}"
+            );
+            let _ = refuse(&mut device, ConnectReturnCode::NotAuthorized, max).await;
+            return;
+        }
+    };
 
     let (broker, ack) = match open_broker_link(ctx, &connect).await {
         Ok(x) => x,
@@ -224,8 +265,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     meter.connected(peer, listener);
     log::info!(
         listener = listener, device_id:% = dev.id, kind:% = dev.kind, peer:% = peer,
-        auth = if cert_names.is_some() { "certificate" } else { "password" },
-        clean_session = connect.clean_session, keep_alive_s = connect.keep_alive;
+        auth = method.name(), credential_cache = if cached { "hit" } else if matches!(method, Method::Certificate) { "none" } else { "miss" },
+        client_certificate = cert_names.is_some(),
+        clean_session = connect.clean_session, keep_alive_s = connect.keep_alive,
+        will:% = will.as_ref().map(|w| w.topic.as_str()).unwrap_or("");
         "device connected"
     );
 
@@ -239,6 +282,148 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let end = relay.run(device, dbuf, broker, stop).await;
     meter.disconnected();
     log_end(listener, &dev, peer, &end);
+    if let Some(will) = will {
+        if end.fires_will() {
+            publish_will(ctx, &dev, &meter, will).await;
+        }
+    }
+}
+
+/// Check a CONNECT's Will as the PUBLISH it will become: topic rules and limits, payload size
+/// and the device's publish policy (retained or not: a device may not leave behind a message it
+/// could not publish). QoS 2 is taken as QoS 1, as for subscriptions (IoT Core has no QoS 2).
+fn check_will(
+    mut will: LastWill,
+    dev: &Device,
+    ctx: &Context,
+) -> Result<LastWill, (&'static str, String)> {
+    let limits = &ctx.shared.limits;
+    if let Err(e) = check_topic(&will.topic, limits) {
+        return Err((e.rule(), format!("Will topic `{}`: {e}", will.topic)));
+    }
+    if will.message.len() > limits.max_payload_bytes {
+        return Err((
+            "max_payload_bytes",
+            format!(
+                "Will message of {} bytes; the limit is {}",
+                will.message.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    if !dev.policy.may_publish(&will.topic) {
+        return Err((
+            "policy_will",
+            format!(
+                "Will on `{}` is not allowed by the device's publish policy",
+                will.topic
+            ),
+        ));
+    }
+    if will.qos == QoS::ExactlyOnce {
+        will.qos = QoS::AtLeastOnce;
+    }
+    Ok(will)
+}
+
+/// How long a fired Will may take to be handled by the pipeline before the gateway stops
+/// waiting for it (it is not lost then: it stays in the pipeline's channel).
+const WILL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Will fired: send it down the same path as any PUBLISH of the device — metering, the
+/// pipeline (plugin, queue, dead letters) and the local broker, retained if it asked — and say
+/// so in the journal. The device's own relay is gone by now, so the broker gets it over a
+/// short link of its own.
+async fn publish_will(ctx: &Context, dev: &Arc<Device>, meter: &DeviceMeter, will: LastWill) {
+    let qos = if will.qos == QoS::AtMostOnce {
+        Qos::AtMostOnce
+    } else {
+        Qos::AtLeastOnce
+    };
+    meter.message_sent(will.message.len());
+    let (ack, confirmation) = if qos == Qos::AtLeastOnce {
+        let (a, rx) = Ack::new();
+        (Some(a), Some(rx))
+    } else {
+        (None, None)
+    };
+    let ingest = Ingest {
+        device: dev.clone(),
+        topic: will.topic.clone(),
+        payload: will.message.clone(),
+        received_at: SystemTime::now(),
+        qos,
+        pkid: 0,
+        ack,
+    };
+    if ctx.shared.ingest.send(ingest).await.is_err() {
+        log::warn!(device_id:% = dev.id, topic:% = will.topic; "Will not handled: the pipeline is stopping");
+        return;
+    }
+    let publish = Publish {
+        dup: false,
+        qos: will.qos,
+        retain: will.retain,
+        pkid: u16::from(will.qos != QoS::AtMostOnce),
+        topic: will.topic.clone(),
+        payload: will.message.clone(),
+    };
+    let relayed = relay_will(ctx, dev, publish).await;
+    let stored = match confirmation {
+        Some(rx) => tokio::time::timeout(WILL_CONFIRM_TIMEOUT, rx)
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false),
+        None => true,
+    };
+    match relayed {
+        Ok(()) => log::info!(
+            device_id:% = dev.id, topic:% = will.topic, retain = will.retain,
+            qos = will.qos as u8, bytes = will.message.len(), handled = stored;
+            "Last Will published: the device's connection ended without DISCONNECT"
+        ),
+        Err(e) => log::warn!(
+            device_id:% = dev.id, topic:% = will.topic, error:% = e, handled = stored;
+            "Last Will handled by the pipeline but not relayed to local subscribers"
+        ),
+    }
+}
+
+/// Publish a Will on the internal broker over a link of its own (client id
+/// `wardgate-will-<device>`, so the device's next session is not disturbed).
+async fn relay_will(ctx: &Context, dev: &Device, publish: Publish) -> std::io::Result<()> {
+    let broker = &ctx.shared.broker;
+    let max = broker.max_frame_bytes();
+    let mut connect = Connect::new(format!("wardgate-will-{}", dev.id));
+    connect.keep_alive = 30;
+    let (mut stream, _) = open_broker_link(ctx, &connect).await?;
+    let qos1 = publish.qos != QoS::AtMostOnce;
+    mqtt::write_packet(&mut stream, &Packet::Publish(publish), max).await?;
+    if qos1 {
+        let mut buf = BytesMut::new();
+        let answer = tokio::time::timeout(
+            BROKER_CONNACK_TIMEOUT,
+            mqtt::read_packet(&mut stream, &mut buf, max),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no PUBACK from broker"))?
+        .map_err(std::io::Error::other)?;
+        if !matches!(answer, Some(Packet::PubAck(_))) {
+            return Err(std::io::Error::other(format!(
+                "expected the broker's PUBACK, got {answer:?}"
+            )));
+        }
+    }
+    mqtt::write_packet(&mut stream, &Packet::Disconnect, max).await?;
+    stream.shutdown().await
+}
+
+impl End {
+    /// Whether the device's Will is published: every end but a DISCONNECT from the device
+    /// and the gateway stopping (a restart would otherwise raise every device's Will).
+    fn fires_will(&self) -> bool {
+        !matches!(self, End::DeviceDisconnected | End::Shutdown)
+    }
 }
 
 fn log_end(listener: &'static str, dev: &Device, peer: SocketAddr, end: &End) {
@@ -622,6 +807,9 @@ async fn open_broker_link(
     let _ = stream.set_nodelay(true);
     let mut relayed = connect.clone();
     relayed.login = Some(broker.internal_login());
+    // The gatekeeper publishes the Will itself (through policy, pipeline and journal); the
+    // broker must never fire one on its own.
+    relayed.last_will = None;
     relayed.keep_alive = broker_keep_alive(connect.keep_alive);
     mqtt::write_packet(&mut stream, &Packet::Connect(relayed), max).await?;
     let mut buf = BytesMut::with_capacity(16);

@@ -21,6 +21,7 @@
 //!   [`Gatekeeper::run`] returns only after all connection tasks ended.
 
 mod connection;
+pub mod login;
 pub mod policy;
 pub mod tls;
 
@@ -65,6 +66,8 @@ pub enum Transport {
 pub struct Shared {
     /// Registered devices.
     pub registry: SharedRegistry,
+    /// Password checks: their bounds, pool and cache.
+    pub login: login::LoginGate,
     /// The internal broker.
     pub broker: BrokerHandle,
     /// The pipeline's ingest channel.

@@ -7,7 +7,10 @@
 //! `SYSLOG_IDENTIFIER=wardgate`, so `journalctl -u wardgate DEVICE_ID=pacemaker-01` works. On
 //! stderr the same record reads `... INFO gatekeeper: device connected device_id=... peer=...`.
 //!
-//! What must stay true: ERROR means data was lost or an operator must act. The embedded
+//! What must stay true: ERROR means data was lost or an operator must act. Every field and
+//! every message is written with its control characters escaped ([`escape_controls`]): values
+//! such as topics and client ids come from devices, and a `\n` in one must not forge a line
+//! of its own in a text log, nor a NUL or an escape sequence reach an operator's terminal. The embedded
 //! broker's own records (target `rumqttd`, bridged from `tracing`, including its span
 //! bookkeeping) are all written at TRACE: the gatekeeper already reports every connection
 //! event with device and peer, and broker start-up failures surface through its readiness
@@ -70,18 +73,20 @@ impl Log for Logger {
         };
         match &self.sink {
             Sink::Journal(j) => {
-                let args = record.args();
-                let r = Record::builder()
-                    .args(*args)
-                    .level(level)
-                    .target(short_target(record.target()))
-                    .module_path(record.module_path())
-                    .file(record.file())
-                    .line(record.line())
-                    .key_values(record.key_values())
-                    .build();
+                let message = escape_controls(&record.args().to_string()).into_owned();
+                let fields = escaped_fields(record);
                 // Nothing sensible can be done if the journal refuses a record.
-                let _ = j.journal_send(&r);
+                let _ = j.journal_send(
+                    &Record::builder()
+                        .args(format_args!("{message}"))
+                        .level(level)
+                        .target(short_target(record.target()))
+                        .module_path(record.module_path())
+                        .file(record.file())
+                        .line(record.line())
+                        .key_values(&fields)
+                        .build(),
+                );
             }
             Sink::Text => {
                 let line = format_text(level, record);
@@ -91,6 +96,46 @@ impl Log for Logger {
     }
 
     fn flush(&self) {}
+}
+
+/// `s` with every control character (C0, DEL, C1) written as an escape (`\n`, `\r`, `\t`,
+/// `\u{0}`, `\u{1b}`, ...): one record stays one line, and nothing a device sent can act on
+/// a terminal.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    // Unicode's line and paragraph separators end a line in some viewers: escaped too.
+    let unsafe_char = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A record's key-values as (key, escaped value) pairs.
+fn escaped_fields(record: &Record) -> Vec<(String, String)> {
+    struct Collect(Vec<(String, String)>);
+    impl<'kvs> log::kv::VisitSource<'kvs> for Collect {
+        fn visit_pair(
+            &mut self,
+            key: log::kv::Key<'kvs>,
+            value: log::kv::Value<'kvs>,
+        ) -> Result<(), log::kv::Error> {
+            let v = value.to_string();
+            self.0
+                .push((key.to_string(), escape_controls(&v).into_owned()));
+            Ok(())
+        }
+    }
+    let mut c = Collect(Vec::new());
+    let _ = record.key_values().visit(&mut c);
+    c.0
 }
 
 fn short_target(target: &str) -> &str {
@@ -105,25 +150,16 @@ fn format_text(level: Level, record: &Record) -> String {
         humantime::format_rfc3339_millis(std::time::SystemTime::now()),
         level,
         short_target(record.target()),
-        record.args()
+        escape_controls(&record.args().to_string())
     );
-    struct Fields<'a>(&'a mut String);
-    impl<'kvs> log::kv::VisitSource<'kvs> for Fields<'_> {
-        fn visit_pair(
-            &mut self,
-            key: log::kv::Key<'kvs>,
-            value: log::kv::Value<'kvs>,
-        ) -> Result<(), log::kv::Error> {
-            let v = value.to_string();
-            if v.is_empty() || v.contains(char::is_whitespace) || v.contains('"') {
-                let _ = write!(self.0, " {key}={v:?}");
-            } else {
-                let _ = write!(self.0, " {key}={v}");
-            }
-            Ok(())
+    for (key, v) in escaped_fields(record) {
+        // Escaped already: quote values a reader could not tell apart otherwise.
+        if v.is_empty() || v.contains(' ') || v.contains('"') {
+            let _ = write!(line, " {key}=\"{}\"", v.replace('"', "\\\""));
+        } else {
+            let _ = write!(line, " {key}={v}");
         }
     }
-    let _ = record.key_values().visit(&mut Fields(&mut line));
     line.push('\n');
     line
 }
@@ -186,5 +222,33 @@ mod tests {
             line.ends_with("INFO gatekeeper: device connected device_id=pm-1 peer=127.0.0.1:5\n"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_log_raw() {
+        let line = format_text(
+            Level::Warn,
+            &Record::builder()
+                .args(format_args!("publish to `ward/x\nFAKE ERROR` refused"))
+                .target("wardgate::gatekeeper")
+                .key_values(&[
+                    ("topic", "ward/x\n2026 ERROR forged\u{0}\u{1b}[31m"),
+                    ("note", "a \"quoted\" value"),
+                ])
+                .build(),
+        );
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert!(line.ends_with('\n'));
+        assert!(
+            !line.chars().any(|c| c.is_control() && c != '\n'),
+            "{line:?}"
+        );
+        assert!(line.contains("`ward/x\\nFAKE ERROR`"), "{line}");
+        assert!(
+            line.contains(r#"topic="ward/x\n2026 ERROR forged\u{0}\u{1b}[31m""#),
+            "{line}"
+        );
+        assert!(line.contains(r#"note="a \"quoted\" value""#), "{line}");
+        assert_eq!(escape_controls("plain"), "plain");
     }
 }
