@@ -9,7 +9,9 @@
 //!   when missing), because the std of that target cannot be downloaded for rustup here.
 //! - `bench`: the benchmarks (release build): per-reading plugin cost, end-to-end gateway
 //!   throughput and PUBACK latency, store and forward to a local mosquitto (sustained rate,
-//!   latency, backlog drain rate against IoT Core's quotas).
+//!   latency, backlog drain rate against IoT Core's quotas), logins (the gateway's RSS through
+//!   rounds of parallel wrong-password CONNECTs and 500 devices logging in and reconnecting at
+//!   once).
 //! - `deps`: only install the system packages the tests need.
 //!
 //! Each task installs what it needs itself (Debian packages via apt-get when missing), so a
@@ -251,7 +253,7 @@ fn test() -> Result<()> {
 fn bench() -> Result<()> {
     let components = plugins()?;
     install_packages(&["mosquitto", "openssl"])?;
-    for bench in ["plugin", "gateway", "forward"] {
+    for bench in ["plugin", "gateway", "forward", "logins"] {
         run(cargo()
             .args(["bench", "-p", "wardgate", "--bench", bench])
             .env("WARDGATE_COMPONENTS", &components))?;

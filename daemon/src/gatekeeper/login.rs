@@ -775,6 +775,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_method_names_what_was_verified() {
+        use crate::config::{AuthMode, DeviceConfig, PolicyConfig};
+        use crate::registry::hash_password_demo;
+        let mut cert = DeviceConfig::with_password("cert-1", "pacemaker", String::new());
+        cert.password_hash = None;
+        cert.auth = Some(AuthMode::Certificate);
+        let mut both = DeviceConfig::with_password("both-1", "glucose", hash_password_demo("pw"));
+        both.auth = Some(AuthMode::Both);
+        let pw = DeviceConfig::with_password("pw-1", "glucose", hash_password_demo("pw"));
+        let registry = Arc::new(Registry::from_config(
+            &[cert, both, pw],
+            &PolicyConfig::default(),
+        ));
+        let gate = LoginGate::new(&cfg()).unwrap();
+        let names = |n: &str| vec![n.to_owned()];
+        let method = |o: Outcome| match o {
+            Outcome::Accepted { method, .. } => method,
+            other => panic!("refused: {other:?}"),
+        };
+        let login = |id: &'static str, cert: Option<Vec<String>>, pw: Option<&'static str>| {
+            let (gate, registry) = (gate.clone(), registry.clone());
+            async move {
+                gate.authenticate(registry, id, cert.as_deref(), pw, A)
+                    .await
+            }
+        };
+        assert_eq!(
+            method(login("cert-1", Some(names("cert-1")), None).await),
+            Method::Certificate
+        );
+        assert_eq!(
+            method(login("both-1", Some(names("both-1")), Some("pw")).await),
+            Method::CertificateAndPassword
+        );
+        // A password device that also shows its certificate authenticated by its password.
+        assert_eq!(
+            method(login("pw-1", Some(names("pw-1")), Some("pw")).await),
+            Method::Password
+        );
+        assert_eq!(
+            method(login("pw-1", None, Some("pw")).await),
+            Method::Password
+        );
+        assert!(matches!(
+            login("both-1", None, Some("pw")).await,
+            Outcome::Refused(AuthFailure::CertificateRequired)
+        ));
+        assert!(matches!(
+            login("pw-1", None, Some("nope")).await,
+            Outcome::Refused(AuthFailure::WrongPassword)
+        ));
+        assert_eq!(
+            Method::CertificateAndPassword.name(),
+            "certificate+password"
+        );
+    }
+
+    #[tokio::test]
     async fn pool_threads_reuse_their_memory_and_survive_a_panicking_check() {
         let pool = Argon2Pool::start(1, 4).unwrap();
         let first = pool.run(|s| s.blocks(16).as_ptr() as usize).await.unwrap();

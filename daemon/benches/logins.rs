@@ -1,0 +1,264 @@
+//! Benchmark: what logins cost the gateway in memory, measured on the real binary.
+//!
+//! Runs `wardgate run` as its own process (so its RSS is the gateway's alone) with 500
+//! registered password devices whose hashes use argon2's default cost (19 MiB, t = 2), then:
+//! 1. three rounds of 60 parallel CONNECTs with unknown ids and wrong passwords;
+//! 2. 500 devices connecting at once (first login: every password is checked with argon2);
+//! 3. all 500 dropping their TCP connections and reconnecting at once, as after a power cut of
+//!    the ward network (the credential cache answers).
+//!
+//! After each step it reads the gateway's `VmRSS` and `VmHWM` (peak) from `/proc/<pid>/status`.
+//! Every client comes from 127.0.0.1, so the per-address login bounds are lifted to the
+//! gateway-wide ones for this run; the gateway-wide bounds keep their defaults. A device told
+//! "server unavailable" (CONNACK 3) retries after 100–300 ms, as a device SDK would back off.
+//!
+//! Run with `cargo xtask bench` (or `cargo bench -p wardgate --bench logins`). Prints one line
+//! per step and writes `target/bench/logins.json`.
+
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Login, Packet};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+const DEVICES: usize = 500;
+const FLOOD: usize = 60;
+const ROUNDS: usize = 3;
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+/// (VmRSS, VmHWM) of `pid` in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// One CONNECT: the CONNACK code, or `None` when the connection closed without one. The
+/// connection is handed back open when accepted.
+async fn connect(
+    addr: SocketAddr,
+    id: &str,
+    password: &str,
+) -> (Option<ConnectReturnCode>, Option<TcpStream>) {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return (None, None);
+    };
+    let mut c = rumqttc::mqttbytes::v4::Connect::new(id);
+    c.keep_alive = 60;
+    c.login = Some(Login::new(id, password));
+    if wardgate::mqtt::write_packet(&mut s, &Packet::Connect(c), 1 << 16)
+        .await
+        .is_err()
+    {
+        return (None, None);
+    }
+    let mut buf = bytes::BytesMut::new();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        wardgate::mqtt::read_packet(&mut s, &mut buf, 1 << 16),
+    )
+    .await;
+    match answer {
+        Ok(Ok(Some(Packet::ConnAck(a)))) => {
+            let ok = a.code == ConnectReturnCode::Success;
+            (Some(a.code), ok.then_some(s))
+        }
+        _ => (None, None),
+    }
+}
+
+/// Connect every device, retrying "server unavailable" after a short jittered pause. Returns
+/// the open connections, how many CONNACK 3 answers came back, and the time it took.
+async fn connect_all(addr: SocketAddr) -> (Vec<TcpStream>, u64, Duration) {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..DEVICES)
+        .map(|i| {
+            tokio::spawn(async move {
+                let id = format!("pm-{i:03}");
+                let mut busy = 0u64;
+                loop {
+                    match connect(addr, &id, "pw").await {
+                        (Some(ConnectReturnCode::Success), Some(s)) => return (s, busy),
+                        (Some(ConnectReturnCode::ServiceUnavailable), _) => {
+                            busy += 1;
+                            let pause = 100 + rand::random::<u64>() % 200;
+                            tokio::time::sleep(Duration::from_millis(pause)).await;
+                        }
+                        other => panic!("{id}: unexpected answer {:?}", other.0),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut conns = Vec::new();
+    let mut busy = 0;
+    for t in tasks {
+        let (s, b) = t.await.unwrap();
+        conns.push(s);
+        busy += b;
+    }
+    (conns, busy, started.elapsed())
+}
+
+async fn run() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = wardgate::registry::hash_password("pw");
+    let mut cfg = wardgate::config::Config::default();
+    cfg.gateway.id = "bench-gateway".into();
+    cfg.gateway.state_dir = dir.path().join("state");
+    cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
+    cfg.listeners.max_connections_per_address = 2 * DEVICES;
+    cfg.listeners.connect_timeout = Duration::from_secs(60);
+    cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.broker.max_connections = 2 * DEVICES;
+    cfg.plugins.dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&cfg.plugins.dir).unwrap();
+    cfg.login.max_pending_per_address = cfg.login.max_pending;
+    cfg.login.max_per_second_per_address = cfg.login.max_per_second;
+    cfg.devices = (0..DEVICES)
+        .map(|i| {
+            wardgate::config::DeviceConfig::with_password(
+                &format!("pm-{i:03}"),
+                "pacemaker",
+                hash.clone(),
+            )
+        })
+        .collect();
+    let conf = dir.path().join("wardgate.toml");
+    std::fs::write(&conf, toml::to_string(&cfg).unwrap()).unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wardgate"))
+        .arg("run")
+        .arg("-c")
+        .arg(&conf)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WARDGATE_LOG__FORMAT", "text")
+        .env("WARDGATE_LOG__LEVEL", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the gateway");
+    let pid = child.id();
+    let stderr = child.stderr.take().unwrap();
+    // Keep reading the log so the gateway never blocks on a full pipe.
+    let log_lines = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().count());
+    let mut buf = vec![0u8; 4096];
+    let addr: SocketAddr = loop {
+        let n = sock.recv(&mut buf).expect("READY=1 within 60 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.lines().any(|l| l == "READY=1") {
+            let a = msg
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("plain="))
+                .and_then(|a| a.trim_end_matches(';').parse().ok())
+                .expect("listener address in STATUS=");
+            break a;
+        }
+    };
+    let mut report = serde_json::Map::new();
+    let (idle, _) = rss_kib(pid);
+    println!(
+        "logins: gateway idle, {DEVICES} devices registered: RSS {:.1} MiB",
+        mib(idle)
+    );
+    report.insert("idle_rss_kib".into(), idle.into());
+
+    let mut rounds = Vec::new();
+    for round in 1..=ROUNDS {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..FLOOD)
+            .map(|i| {
+                tokio::spawn(async move {
+                    connect(addr, &format!("intruder-{round}-{i}"), "wrong")
+                        .await
+                        .0
+                })
+            })
+            .collect();
+        let (mut refused, mut busy, mut other) = (0, 0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Some(ConnectReturnCode::NotAuthorized) => refused += 1,
+                Some(ConnectReturnCode::ServiceUnavailable) => busy += 1,
+                _ => other += 1,
+            }
+        }
+        let (rss, hwm) = rss_kib(pid);
+        println!(
+            "logins: round {round}: {FLOOD} parallel wrong-password CONNECTs in {:.2} s: {refused} not authorized, {busy} server unavailable, {other} other; RSS {:.1} MiB, peak {:.1} MiB",
+            started.elapsed().as_secs_f64(),
+            mib(rss),
+            mib(hwm)
+        );
+        rounds.push(serde_json::json!({
+            "round": round, "not_authorized": refused, "server_unavailable": busy,
+            "other": other, "rss_kib": rss, "peak_rss_kib": hwm,
+            "seconds": started.elapsed().as_secs_f64(),
+        }));
+    }
+    report.insert("wrong_password_rounds".into(), rounds.into());
+
+    let (conns, busy, took) = connect_all(addr).await;
+    let (rss, hwm) = rss_kib(pid);
+    println!(
+        "logins: {DEVICES} devices logging in at once (argon2 for each): all connected in {:.1} s, {busy} CONNACK 3 retries; RSS {:.1} MiB, peak {:.1} MiB",
+        took.as_secs_f64(),
+        mib(rss),
+        mib(hwm)
+    );
+    report.insert(
+        "first_login".into(),
+        serde_json::json!({"seconds": took.as_secs_f64(), "busy_retries": busy, "rss_kib": rss, "peak_rss_kib": hwm}),
+    );
+    drop(conns);
+    let (conns, busy, took) = connect_all(addr).await;
+    let (rss, hwm) = rss_kib(pid);
+    println!(
+        "logins: {DEVICES} devices reconnecting at once (credential cache): all connected in {:.2} s, {busy} CONNACK 3 retries; RSS {:.1} MiB, peak {:.1} MiB",
+        took.as_secs_f64(),
+        mib(rss),
+        mib(hwm)
+    );
+    report.insert(
+        "reconnect_storm".into(),
+        serde_json::json!({"seconds": took.as_secs_f64(), "busy_retries": busy, "rss_kib": rss, "peak_rss_kib": hwm}),
+    );
+    drop(conns);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = child.wait().unwrap();
+    let _ = log_lines.join();
+    assert!(status.success(), "gateway exited with {status}");
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("logins.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(report)).unwrap(),
+    )
+    .unwrap();
+}
