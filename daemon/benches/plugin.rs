@@ -34,13 +34,16 @@ fn main() {
     let host = PluginHost::new(&cfg, None).expect("engine");
     host.load_file(&path).expect("pacemaker loads");
     let settings = Arc::new(BTreeMap::new());
-    let payload = br#"{"heartbeat":92,"ts":1795326538000,"battery_pct":87,"mode":"DDD"}"#;
+    // A reading taken now and received 100 ms later, as on a live ward.
+    let taken_ms = wardgate::clock::now_ms();
+    let payload = format!(r#"{{"heartbeat":92,"ts":{taken_ms},"battery_pct":87,"mode":"DDD"}}"#);
+    let payload = payload.as_bytes();
     let input = Input {
         device_id: "pacemaker-01",
         kind: "pacemaker",
         topic: "ward/pacemaker-01/telemetry",
         payload,
-        received_at_ms: 1_795_326_538_100,
+        received_at_ms: taken_ms + 100,
         settings: &settings,
     };
     for _ in 0..20_000 {

@@ -4,6 +4,11 @@
 //! Nothing here mocks a component: tests start the real gateway (in process or as the
 //! `wardgate-under-test` binary, which is `wardgate::cli::main`), the real embedded rumqttd,
 //! and talk real MQTT over loopback sockets.
+//!
+//! Tests hold on any date: every time they send comes from the clock at run time
+//! ([`now_ms`], [`pacemaker_reading`]). They wait for events — a CONNACK, a SUBACK, a
+//! notification on the notify socket, a log line — with generous timeouts, never for a fixed
+//! time.
 
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;
@@ -11,6 +16,13 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use wardgate::config::{Config, DeviceConfig};
+
+pub use wardgate::clock::now_ms;
+
+/// A pacemaker reading with heart rate `hr`, taken now (as a device sends it: `ts` in epoch ms).
+pub fn pacemaker_reading(hr: u32) -> String {
+    format!(r#"{{"heartbeat":{hr},"ts":{}}}"#, now_ms())
+}
 
 /// A registered test device.
 pub fn device(id: &str, kind: &str, password: &str) -> DeviceConfig {
@@ -30,6 +42,9 @@ pub fn config(state_dir: &Path, devices: Vec<DeviceConfig>) -> Config {
     // the per-address login bounds are the gateway-wide ones (tests of the bounds set them).
     c.login.max_pending_per_address = c.login.max_pending;
     c.login.max_per_second_per_address = c.login.max_per_second;
+    // On a loaded machine the default 5 ms would now and then turn a good reading into a
+    // dead letter (acknowledged, never queued); tests of the deadline set their own.
+    c.plugins.call_deadline = Duration::from_secs(1);
     c.devices = devices;
     c
 }
@@ -115,6 +130,7 @@ pub struct Device {
     pub incoming: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     /// PUBACKs received so far.
     pub acks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    subacks: tokio::sync::mpsc::UnboundedReceiver<rumqttc::SubAck>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -128,6 +144,7 @@ impl Drop for Device {
 pub async fn connect(opts: MqttOptions) -> Device {
     let (client, mut el) = AsyncClient::new(opts, 100);
     let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let (suback_tx, subacks) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let acks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let a = acks.clone();
@@ -145,6 +162,9 @@ pub async fn connect(opts: MqttOptions) -> Device {
                 }
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
                     a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let _ = suback_tx.send(ack);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -166,19 +186,45 @@ pub async fn connect(opts: MqttOptions) -> Device {
         client,
         incoming,
         acks,
+        subacks,
         task,
     }
 }
 
 impl Device {
-    /// Subscribe and wait until the SUBACK has had time to land (the subscription is active in
-    /// rumqttd once a publish round-trips, so callers publish after this).
-    pub async fn subscribe(&self, filter: &str) {
+    /// Subscribe and wait for the SUBACK; panics unless it grants the subscription. The
+    /// gatekeeper relays rumqttd's SUBACK, and rumqttd sends it once the filter is in its
+    /// router: a publish made after this returns reaches the subscriber.
+    pub async fn subscribe(&mut self, filter: &str) {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .await
             .expect("subscribe queued");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ack = tokio::time::timeout(Duration::from_secs(10), self.subacks.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no SUBACK for `{filter}` within 10 s"))
+            .expect("event loop alive");
+        assert!(
+            ack.return_codes
+                .iter()
+                .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+            "subscription to `{filter}` refused: {ack:?}"
+        );
+    }
+
+    /// Wait until at least `n` PUBACKs have arrived; panics after `timeout`.
+    pub async fn wait_acks(&self, n: u64, timeout: Duration) {
+        let r = tokio::time::timeout(timeout, async {
+            while self.acks.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            r.is_ok(),
+            "{} of {n} PUBACKs within {timeout:?}",
+            self.acks.load(std::sync::atomic::Ordering::SeqCst)
+        );
     }
 
     /// Wait for the next incoming publish.
@@ -206,6 +252,93 @@ pub fn daemon_command(bin: &str, config: &Path, notify: &NotifySocket) -> std::p
     cmd
 }
 
+/// A child process's stderr, read all the time on a thread (a full pipe would block the
+/// daemon's logging) and searchable line by line as it arrives.
+#[derive(Debug)]
+pub struct Log {
+    shared: std::sync::Arc<(std::sync::Mutex<LogState>, std::sync::Condvar)>,
+    /// Byte offset past the last line [`Log::wait_for`] returned.
+    cursor: usize,
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    text: String,
+    closed: bool,
+}
+
+impl Log {
+    /// Take `child`'s piped stderr and start reading it.
+    pub fn capture(child: &mut std::process::Child) -> Log {
+        use std::io::Read;
+        let mut err = child
+            .stderr
+            .take()
+            .expect("the child's stderr is piped (Stdio::piped())");
+        let shared = std::sync::Arc::new((
+            std::sync::Mutex::new(LogState::default()),
+            std::sync::Condvar::new(),
+        ));
+        let sink = shared.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = err.read(&mut buf).unwrap_or(0);
+                let mut st = sink.0.lock().unwrap();
+                if n == 0 {
+                    st.closed = true;
+                } else {
+                    st.text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+                sink.1.notify_all();
+                if n == 0 {
+                    return;
+                }
+            }
+        });
+        Log { shared, cursor: 0 }
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.shared.0.lock().unwrap().text.clone()
+    }
+
+    /// Wait for a complete line containing `needle` after the last line this returned; the
+    /// line, or `None` after `timeout` or once the stream closed without one.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.shared;
+        let mut st = lock.lock().unwrap();
+        loop {
+            let mut at = self.cursor;
+            while let Some(end) = st.text[at..].find('\n') {
+                let line = &st.text[at..at + end];
+                if line.contains(needle) {
+                    let line = line.to_owned();
+                    self.cursor = at + end + 1;
+                    return Some(line);
+                }
+                at += end + 1;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if st.closed || left.is_zero() {
+                return None;
+            }
+            st = cond.wait_timeout(st, left).unwrap().0;
+        }
+    }
+
+    /// Wait until the stream closed (the process and its children exited); false after
+    /// `timeout`.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let (lock, cond) = &*self.shared;
+        let st = lock.lock().unwrap();
+        let (st, _) = cond.wait_timeout_while(st, timeout, |s| !s.closed).unwrap();
+        st.closed
+    }
+}
+
 /// A systemd notify socket the test owns (`NOTIFY_SOCKET`).
 #[derive(Debug)]
 pub struct NotifySocket {
@@ -213,6 +346,8 @@ pub struct NotifySocket {
     /// Its path.
     pub path: std::path::PathBuf,
     seen: Vec<String>,
+    /// Messages before this index belong to reloads already waited for.
+    reload_cursor: usize,
 }
 
 impl NotifySocket {
@@ -226,7 +361,50 @@ impl NotifySocket {
             sock,
             path,
             seen: Vec::new(),
+            reload_cursor: 0,
         }
+    }
+
+    /// Receive one message into `seen`, waiting at most the socket's 100 ms read timeout.
+    fn receive_one(&mut self) {
+        let mut buf = vec![0u8; 4096];
+        if let Ok(n) = self.sock.recv(&mut buf) {
+            self.seen
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+
+    /// Wait until the daemon has finished a reload: `RELOADING=1` in a message after the last
+    /// reload waited for, then `READY=1` in a later one (sent once the new configuration is in
+    /// force or was rejected). False after `timeout`.
+    pub fn reloaded(&mut self, timeout: Duration) -> bool {
+        let has = |m: &String, line: &str| m.lines().any(|l| l == line);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let from = self.reload_cursor.min(self.seen.len());
+            if let Some(r) = self.seen[from..].iter().position(|m| has(m, "RELOADING=1")) {
+                let after = from + r + 1;
+                if let Some(k) = self.seen[after..].iter().position(|m| has(m, "READY=1")) {
+                    self.reload_cursor = after + k + 1;
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.receive_one();
+        }
+    }
+
+    /// Wait until `n` messages containing `line` have arrived in all; returns how many did
+    /// within `timeout`.
+    pub fn wait_count(&mut self, line: &str, n: usize, timeout: Duration) -> usize {
+        let count = |seen: &[String]| seen.iter().filter(|m| m.lines().any(|l| l == line)).count();
+        let deadline = Instant::now() + timeout;
+        while count(&self.seen) < n && Instant::now() < deadline {
+            self.receive_one();
+        }
+        count(&self.seen)
     }
 
     /// Wait until a message containing `line` (e.g. `READY=1`) arrives; returns that message.

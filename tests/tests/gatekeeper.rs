@@ -61,13 +61,7 @@ async fn registered_device_publish_reaches_ingest_and_subscriber() {
     assert_eq!(payload, b"{\"heartbeat\":92}");
 
     // The device's QoS 1 publish was acknowledged end to end.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while pm.acks.load(std::sync::atomic::Ordering::SeqCst) < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("PUBACK reaches the device");
+    pm.wait_acks(1, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

@@ -59,7 +59,7 @@ async fn journal_records_carry_identifier_and_device_fields() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), vec![device("pm-01", "pacemaker", "pw")]);
-    // An upstream nobody answers: the uplink's retries must tell what waits in the queue.
+    // An upstream that never lets the uplink in: its retries must tell what waits in the queue.
     let mut ca = wardgate_tests::pki::Ca::new("Upstream CA");
     let gw = ca.device("test-gateway");
     for (name, pem) in [
@@ -71,11 +71,18 @@ async fn journal_records_carry_identifier_and_device_fields() {
     }
     cfg.upstream.enabled = true;
     cfg.upstream.endpoint = "localhost".into();
-    cfg.upstream.port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // The "upstream" accepts each connection and closes it at once: the uplink's TLS handshake
+    // fails, it logs the retry, and the test counts its attempts.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    cfg.upstream.port = upstream.local_addr().unwrap().port();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = attempts.clone();
+    let refuser = tokio::spawn(async move {
+        while let Ok((conn, _)) = upstream.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
     cfg.upstream.ca_file = Some(dir.path().join("up-ca.pem"));
     cfg.upstream.cert_file = Some(dir.path().join("gw.pem"));
     cfg.upstream.key_file = Some(dir.path().join("gw.key"));
@@ -105,7 +112,7 @@ async fn journal_records_carry_identifier_and_device_fields() {
             "ward/pm-01/telemetry",
             QoS::AtLeastOnce,
             false,
-            br#"{"heartbeat":200,"ts":1795326538000}"#.to_vec(),
+            wardgate_tests::pacemaker_reading(200),
         )
         .await
         .unwrap();
@@ -113,9 +120,19 @@ async fn journal_records_carry_identifier_and_device_fields() {
         try_connect(options(addr, "intruder", "x"), Duration::from_secs(10)).await,
         ConnectOutcome::Refused(_)
     ));
-    // The uplink retries 0.75-1.25 s after the refusal at start, then 1.5-2.5 s later: by now
-    // at least one retry came after the reading was queued.
-    tokio::time::sleep(Duration::from_millis(4000)).await;
+    // The reading is on disk once its PUBACK is here. Every attempt the refuser accepts from
+    // now on fails with the reading queued, and the uplink logs that failure before it sleeps
+    // and tries again: a second attempt means the first one's record is in the journal.
+    pm.wait_acks(1, Duration::from_secs(10)).await;
+    let before = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while attempts.load(std::sync::atomic::Ordering::SeqCst) < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the uplink did not retry twice within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let pid: i32 = std::fs::read_to_string(dir.path().join("wardgate.pid"))
         .unwrap()
@@ -131,6 +148,7 @@ async fn journal_records_carry_identifier_and_device_fields() {
         assert!(Instant::now() < deadline, "namespace script did not finish");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    refuser.abort();
     assert!(status.success(), "namespace script failed: {status}");
     assert_eq!(
         std::fs::read_to_string(dir.path().join("exit"))

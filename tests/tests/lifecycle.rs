@@ -1,5 +1,6 @@
-//! The daemon's life as systemd sees it: READY=1 once listeners are up, SIGHUP reload,
-//! SIGTERM under load draining to exit 0 with STOPPING=1, and watchdog pings.
+//! The daemon's life as systemd sees it: READY=1 once listeners are up, SIGHUP reload (the
+//! new registry and log level in force once READY=1 follows RELOADING=1), SIGTERM under load
+//! draining to exit 0 with STOPPING=1, and watchdog pings.
 //! The real binary runs as a subprocess with `NOTIFY_SOCKET` pointing at a socket the test owns.
 
 use nix::sys::signal::{kill, Signal};
@@ -9,20 +10,21 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use wardgate::config::{DeviceConfig, LogLevel};
 use wardgate_tests::{
-    config, config_toml, connect, device, options, plain_addr_from_status, try_connect,
-    ConnectOutcome, NotifySocket,
+    config, config_toml, connect, device, options, pacemaker_reading, plain_addr_from_status,
+    try_connect, ConnectOutcome, Log, NotifySocket,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
 
 struct Daemon {
     child: Child,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
+    log: Log,
     notify: NotifySocket,
     addr: std::net::SocketAddr,
     config_path: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Daemon {
@@ -32,7 +34,30 @@ impl Drop for Daemon {
     }
 }
 
-fn start(devices: Vec<wardgate::config::DeviceConfig>, env: &[(&str, &str)]) -> Daemon {
+impl Daemon {
+    /// Write a new configuration file: `devices`, log level `level`, the rest as at start.
+    fn rewrite_config(&self, devices: Vec<DeviceConfig>, level: LogLevel) {
+        let mut cfg = config(self.dir.path(), devices);
+        cfg.log.level = level;
+        std::fs::write(&self.config_path, config_toml(&cfg)).unwrap();
+    }
+
+    /// SIGHUP, then wait until the daemon says the reload is over (RELOADING=1, then READY=1)
+    /// and return its outcome line from the log.
+    fn reload(&mut self, outcome: &str) -> String {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGHUP).unwrap();
+        assert!(
+            self.notify.reloaded(Duration::from_secs(20)),
+            "no RELOADING=1 then READY=1 within 20 s; saw {:?}",
+            self.notify.drain()
+        );
+        self.log
+            .wait_for(outcome, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no `{outcome}` line in:\n{}", self.log.text()))
+    }
+}
+
+fn start(devices: Vec<DeviceConfig>, env: &[(&str, &str)]) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), devices);
     let config_path = dir.path().join("wardgate.toml");
@@ -44,22 +69,7 @@ fn start(devices: Vec<wardgate::config::DeviceConfig>, env: &[(&str, &str)]) -> 
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap();
-    // Drain stderr all the time: a full pipe would block the daemon's logging.
-    let mut err = child.stderr.take().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
+    let log = Log::capture(&mut child);
     let ready = notify
         .wait_for("READY=1", Duration::from_secs(20))
         .expect("READY=1 within 20 s");
@@ -70,7 +80,7 @@ fn start(devices: Vec<wardgate::config::DeviceConfig>, env: &[(&str, &str)]) -> 
         notify,
         addr,
         config_path,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -96,7 +106,7 @@ async fn sigterm_under_a_stream_of_publishes_drains_and_exits_zero() {
         tokio::spawn(async move {
             let mut i = 0u64;
             while running.load(Ordering::SeqCst) {
-                let payload = format!("{{\"heartbeat\":{},\"ts\":1795326538000}}", 80 + i % 30);
+                let payload = pacemaker_reading(80 + (i % 30) as u32);
                 if client
                     .publish("ward/pm-01/telemetry", QoS::AtLeastOnce, false, payload)
                     .await
@@ -106,16 +116,13 @@ async fn sigterm_under_a_stream_of_publishes_drains_and_exits_zero() {
                 }
                 sent.fetch_add(1, Ordering::SeqCst);
                 i += 1;
+                // Pacing of the stream, not a wait: a device publishing every ~2 ms.
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
     };
-    // Let the stream run, then stop the daemon in the middle of it.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        dev.acks.load(Ordering::SeqCst) > 50,
-        "publishes are flowing"
-    );
+    // Once the stream is flowing, stop the daemon in the middle of it.
+    dev.wait_acks(50, Duration::from_secs(20)).await;
     kill(Pid::from_raw(d.child.id() as i32), Signal::SIGTERM).unwrap();
 
     let status = tokio::task::block_in_place(|| wait_exit(&mut d.child, Duration::from_secs(15)))
@@ -130,8 +137,9 @@ async fn sigterm_under_a_stream_of_publishes_drains_and_exits_zero() {
         "STOPPING=1 sent; saw {:?}",
         d.notify.drain()
     );
-    std::thread::sleep(Duration::from_millis(200));
-    let log = d.log.lock().unwrap().clone();
+    // The process exited: its stderr closes once the last line is read.
+    assert!(d.log.wait_closed(Duration::from_secs(10)), "stderr closed");
+    let log = d.log.text();
     assert!(log.contains("wardgate stopped"), "{log}");
     // Every reading the device got a PUBACK for was handled by the pipeline before exit.
     let handled: u64 = log
@@ -149,61 +157,88 @@ async fn sigterm_under_a_stream_of_publishes_drains_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_the_device_registry_and_keeps_connections() {
-    let mut d = start(vec![device("pm-01", "pacemaker", "pw")], &[]);
+async fn sighup_reloads_the_device_registry_and_log_level_and_keeps_connections() {
+    let pm_01 = || device("pm-01", "pacemaker", "pw");
+    let mut d = start(vec![pm_01(), device("bt-01", "bed-temperature", "bt")], &[]);
     let mut pm = connect(options(d.addr, "pm-01", "pw")).await;
     pm.subscribe("ward/pm-01/telemetry").await;
     let t = Duration::from_secs(10);
+    assert_eq!(
+        try_connect(options(d.addr, "bt-01", "bt"), t).await,
+        ConnectOutcome::Accepted
+    );
     assert!(matches!(
         try_connect(options(d.addr, "gl-01", "gl"), t).await,
         ConnectOutcome::Refused(_)
     ));
-
-    // Add a device to the file and reload.
-    let mut text = std::fs::read_to_string(&d.config_path).unwrap();
-    text.push_str(&format!(
-        "\n[[devices]]\nid = \"gl-01\"\nkind = \"glucose\"\npassword_hash = \"{}\"\n",
-        wardgate::registry::hash_password_demo("gl")
-    ));
-    std::fs::write(&d.config_path, text).unwrap();
-    kill(Pid::from_raw(d.child.id() as i32), Signal::SIGHUP).unwrap();
-    assert!(d
-        .notify
-        .wait_for("RELOADING=1", Duration::from_secs(10))
-        .is_some());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match try_connect(options(d.addr, "gl-01", "gl"), t).await {
-            ConnectOutcome::Accepted => break,
-            other if Instant::now() > deadline => panic!("new device still refused: {other:?}"),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-
-    // A broken file is rejected and the running registry stays.
-    std::fs::write(&d.config_path, "[gateway\n").unwrap();
-    kill(Pid::from_raw(d.child.id() as i32), Signal::SIGHUP).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        try_connect(options(d.addr, "gl-01", "gl"), t).await,
-        ConnectOutcome::Accepted
-    );
-
-    // The connection made before the reloads still works.
+    // At `info`, a handled message leaves no `message handled` (debug) line. Its PUBACK comes
+    // after the pipeline handled it, so the line would already be written.
+    let heartbeat = |payload: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(payload).unwrap()["heartbeat"].clone()
+    };
     pm.client
         .publish(
             "ward/pm-01/telemetry",
             QoS::AtLeastOnce,
             false,
-            b"after reload".to_vec(),
+            pacemaker_reading(70),
         )
         .await
         .unwrap();
-    let (_, payload) = pm
-        .next(Duration::from_secs(5))
+    pm.wait_acks(1, t).await;
+    let (_, payload) = pm.next(t).await.expect("own subscription");
+    assert_eq!(heartbeat(&payload), 70);
+
+    // Add gl-01, remove bt-01, turn the log level up to debug; reload.
+    d.rewrite_config(
+        vec![pm_01(), device("gl-01", "glucose", "gl")],
+        LogLevel::Debug,
+    );
+    let line = d.reload("configuration reloaded");
+    assert!(line.contains("devices=2"), "{line}");
+    assert!(
+        !d.log.text().contains("message handled"),
+        "no debug line before the reload:\n{}",
+        d.log.text()
+    );
+    // The new registry is in force at once: the added device gets in, the removed one not.
+    assert_eq!(
+        try_connect(options(d.addr, "gl-01", "gl"), t).await,
+        ConnectOutcome::Accepted
+    );
+    assert_eq!(
+        try_connect(options(d.addr, "bt-01", "bt"), t).await,
+        ConnectOutcome::Refused(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
+    // The connection made before the reload still works, and the new level shows.
+    pm.client
+        .publish(
+            "ward/pm-01/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            pacemaker_reading(71),
+        )
         .await
-        .expect("still connected");
-    assert_eq!(payload, b"after reload");
+        .unwrap();
+    let (_, payload) = pm.next(t).await.expect("still connected");
+    assert_eq!(heartbeat(&payload), 71);
+    let handled = d
+        .log
+        .wait_for("message handled", t)
+        .unwrap_or_else(|| panic!("debug level not in force:\n{}", d.log.text()));
+    assert!(handled.contains("device_id=pm-01"), "{handled}");
+
+    // A broken file is rejected, said so, and the running registry stays.
+    std::fs::write(&d.config_path, "[gateway\n").unwrap();
+    d.reload("configuration reload rejected; the running configuration stays in force");
+    assert_eq!(
+        try_connect(options(d.addr, "gl-01", "gl"), t).await,
+        ConnectOutcome::Accepted
+    );
+    assert_eq!(
+        try_connect(options(d.addr, "bt-01", "bt"), t).await,
+        ConnectOutcome::Refused(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
     let _ = d.child.kill();
 }
 
@@ -213,14 +248,16 @@ fn watchdog_is_pinged_when_requested() {
         vec![device("pm-01", "pacemaker", "pw")],
         &[("WATCHDOG_USEC", "200000")],
     );
-    // A 200 ms interval means a ping every 100 ms: one second must show several.
-    std::thread::sleep(Duration::from_secs(1));
+    // A 200 ms interval means a ping every 100 ms (half of it, as sd_watchdog_enabled(3)
+    // advises): the daemon says so, and three pings arrive well within 10 s.
+    let line = d
+        .log
+        .wait_for("systemd watchdog enabled", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no watchdog line in:\n{}", d.log.text()));
+    assert!(line.contains("period_ms=100"), "{line}");
     let pings = d
         .notify
-        .drain()
-        .iter()
-        .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
-        .count();
+        .wait_count("WATCHDOG=1", 3, Duration::from_secs(10));
     assert!(
         pings >= 3,
         "expected WATCHDOG=1 pings, saw {:?}",

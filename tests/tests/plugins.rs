@@ -10,7 +10,7 @@ use wardgate::app::Gateway;
 use wardgate::config::PluginsConfig;
 use wardgate::plugin_host::{Failure, Input, PluginHost};
 use wardgate::sim::Model;
-use wardgate_tests::{component, config, connect, device, options};
+use wardgate_tests::{component, config, connect, device, now_ms, options, pacemaker_reading};
 
 fn host(dir: &std::path::Path) -> Arc<PluginHost> {
     // A generous deadline so that on a loaded machine the allocating guest reliably hits the
@@ -23,13 +23,6 @@ fn host(dir: &std::path::Path) -> Arc<PluginHost> {
         max_consecutive_traps: 3,
     };
     PluginHost::new(&cfg, None).unwrap()
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn call(
@@ -55,13 +48,7 @@ fn call(
 /// Whether the host's `pacemaker` plugin normalises a good reading.
 fn pacemaker_normalises(h: &PluginHost) -> bool {
     let none = Arc::new(BTreeMap::new());
-    call(
-        h,
-        "pacemaker",
-        br#"{"heartbeat":70,"ts":1795326538000}"#,
-        &none,
-    )
-    .is_ok()
+    call(h, "pacemaker", pacemaker_reading(70).as_bytes(), &none).is_ok()
 }
 
 fn rejected(r: Result<Vec<wardgate::plugin_host::Reading>, Failure>) -> &'static str {
@@ -80,8 +67,15 @@ fn each_plugin_normalises_its_vendor_formats_and_rejects_bad_payloads() {
     }
     let none = Arc::new(BTreeMap::new());
     let mut rng = rand::thread_rng();
-    let t = UNIX_EPOCH + Duration::from_secs(1_795_326_538);
-    let t_ms = 1_795_326_538_000;
+    // Now, in whole seconds: the glucose and bed vendors send seconds.
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let t = UNIX_EPOCH + Duration::from_secs(secs);
+    let t_ms = secs as i64 * 1000;
+    let rfc3339 = humantime::format_rfc3339_seconds(t).to_string();
+    let local_time = format!("{}+02:00", rfc3339.trim_end_matches('Z'));
 
     // Pacemaker: simulator payloads, heart rate and battery, device time kept.
     for _ in 0..20 {
@@ -105,7 +99,7 @@ fn each_plugin_normalises_its_vendor_formats_and_rejects_bad_payloads() {
         rejected(call(
             &h,
             "pacemaker",
-            br#"{"heartbeat":400,"ts":1795326538000}"#,
+            format!(r#"{{"heartbeat":400,"ts":{t_ms}}}"#).as_bytes(),
             &none
         )),
         "out-of-range"
@@ -120,7 +114,12 @@ fn each_plugin_normalises_its_vendor_formats_and_rejects_bad_payloads() {
         "malformed"
     );
     assert_eq!(
-        rejected(call(&h, "pacemaker", br#"{"ts":1795326538000}"#, &none)),
+        rejected(call(
+            &h,
+            "pacemaker",
+            format!(r#"{{"ts":{t_ms}}}"#).as_bytes(),
+            &none
+        )),
         "malformed"
     );
 
@@ -137,37 +136,60 @@ fn each_plugin_normalises_its_vendor_formats_and_rejects_bad_payloads() {
         ("blood-glucose", "mg/dL")
     );
     assert_eq!(a[0].observed_at_ms, t_ms);
-    let b = call(&h, "glucose", b"SS1;5.5;mmol/L;1795326538", &none).unwrap();
+    let b = call(
+        &h,
+        "glucose",
+        format!("SS1;5.5;mmol/L;{secs}").as_bytes(),
+        &none,
+    )
+    .unwrap();
     assert_eq!((b[0].value, b[0].unit.as_str()), (99.1, "mg/dL"));
     assert_eq!(b[0].observed_at_ms, t_ms);
     let mmol = Arc::new(BTreeMap::from([("unit".to_owned(), "mmol/L".to_owned())]));
     let c = call(
         &h,
         "glucose",
-        br#"{"glucose":{"value":180,"unit":"mg/dL"},"measured_at":"2026-11-22T05:48:58Z"}"#,
+        format!(r#"{{"glucose":{{"value":180,"unit":"mg/dL"}},"measured_at":"{rfc3339}"}}"#)
+            .as_bytes(),
         &mmol,
     )
     .unwrap();
     assert_eq!((c[0].value, c[0].unit.as_str()), (9.99, "mmol/L"));
     assert_eq!(
-        rejected(call(&h, "glucose", b"SS1;5.5;g/L;1795326538", &none)),
+        rejected(call(
+            &h,
+            "glucose",
+            format!("SS1;5.5;g/L;{secs}").as_bytes(),
+            &none
+        )),
         "unsupported"
     );
     assert_eq!(
-        rejected(call(&h, "glucose", b"SS1;80.0;mmol/L;1795326538", &none)),
+        rejected(call(
+            &h,
+            "glucose",
+            format!("SS1;80.0;mmol/L;{secs}").as_bytes(),
+            &none
+        )),
         "out-of-range"
     );
     assert_eq!(
         rejected(call(&h, "glucose", b"SS1;5.5;mmol", &none)),
         "malformed"
     );
-    assert_eq!(rejected(call(&h, "glucose", br#"{"glucose":{"value":104,"unit":"mg/dL"},"measured_at":"2026-11-22T05:48:58+02:00"}"#, &none)), "malformed");
+    let offset =
+        format!(r#"{{"glucose":{{"value":104,"unit":"mg/dL"}},"measured_at":"{local_time}"}}"#);
+    assert_eq!(
+        rejected(call(&h, "glucose", offset.as_bytes(), &none)),
+        "malformed",
+        "only UTC times"
+    );
 
     // Bed temperature: °F → °C.
     let bt = call(
         &h,
         "bed-temperature",
-        b"bed=07 temp_f=98.6 ts=1795326538",
+        format!("bed=07 temp_f=98.6 ts={secs}").as_bytes(),
         &none,
     )
     .unwrap();
@@ -187,7 +209,7 @@ fn each_plugin_normalises_its_vendor_formats_and_rejects_bad_payloads() {
         rejected(call(
             &h,
             "bed-temperature",
-            b"bed=07 temp_f=150 ts=1795326538",
+            format!("bed=07 temp_f=150 ts={secs}").as_bytes(),
             &none
         )),
         "out-of-range"
@@ -196,7 +218,7 @@ fn each_plugin_normalises_its_vendor_formats_and_rejects_bad_payloads() {
         rejected(call(
             &h,
             "bed-temperature",
-            b"bed=07 temp_k=310 ts=1795326538",
+            format!("bed=07 temp_k=310 ts={secs}").as_bytes(),
             &none
         )),
         "unsupported"
@@ -221,7 +243,8 @@ fn misbehaving_guests_are_contained() {
         h.load_file(&component(p)).unwrap();
     }
     let none = Arc::new(BTreeMap::new());
-    let good = br#"{"heartbeat":90,"ts":1795326538000}"#;
+    let good = pacemaker_reading(90);
+    let good = good.as_bytes();
     let expect = [
         ("test-loop", "deadline"),
         ("test-alloc", "memory"),
@@ -292,14 +315,14 @@ fn a_corrupt_file_is_rejected_and_the_previous_version_keeps_serving() {
     assert!(h.get("pacemaker").is_none());
 }
 
-/// Publish one pacemaker reading (QoS 1) with heart rate `hr`.
+/// Publish one pacemaker reading (QoS 1) with heart rate `hr`, taken now.
 async fn send_heart_rate(client: &rumqttc::AsyncClient, hr: u32) {
     client
         .publish(
             "ward/pm-01/telemetry",
             QoS::AtLeastOnce,
             false,
-            format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
+            pacemaker_reading(hr),
         )
         .await
         .unwrap();
@@ -445,6 +468,7 @@ async fn hot_swap_under_a_live_stream_loses_nothing() {
             }
             let hr = 40 + i % 100;
             send_heart_rate(&pm.client, hr).await;
+            // Pacing, not a wait: the stream spans the swap.
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         pm

@@ -1,15 +1,19 @@
 //! Certificate rotation on the running daemon: SIGHUP (and `wardgate reload`) swap the server
 //! certificate for new handshakes while connected devices stay connected; a broken file is
-//! rejected and the previous material keeps serving. Also `wardgate status`.
+//! rejected and the previous material keeps serving, and a later good one is taken. Each step
+//! waits for the reload's end (RELOADING=1, then READY=1) and its log line, then checks the
+//! certificate served. Also `wardgate status`.
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use wardgate::config::AuthMode;
 use wardgate_tests::pki::{tls_connect, Ca, ListenerFiles};
-use wardgate_tests::{config, config_toml, device, listener_addr_from_status, NotifySocket, Raw};
+use wardgate_tests::{
+    config, config_toml, device, listener_addr_from_status, Log, NotifySocket, Raw,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
 
@@ -30,8 +34,10 @@ async fn server_certificate_rotates_without_dropping_devices() {
 
     let mut notify = NotifySocket::bind(dir.path());
     let mut child = wardgate_tests::daemon_command(BIN, &config_path, &notify)
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut log = Log::capture(&mut child);
     let ready = notify
         .wait_for("READY=1", Duration::from_secs(20))
         .expect("ready");
@@ -51,18 +57,21 @@ async fn server_certificate_rotates_without_dropping_devices() {
     std::fs::write(&files.cert, &server2.cert_pem).unwrap();
     std::fs::write(&files.key, &server2.key_pem).unwrap();
     kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, seen) = tls_connect(addr, &ca, Some(&device_cert)).await.unwrap();
-        if seen == server2.der {
-            break;
-        }
+    let mut reloaded = |outcome: &str| {
         assert!(
-            Instant::now() < deadline,
-            "new handshakes never saw the new certificate"
+            notify.reloaded(Duration::from_secs(20)),
+            "no RELOADING=1 then READY=1 within 20 s; saw {:?}",
+            notify.drain()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        log.wait_for(outcome, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no `{outcome}` line in:\n{}", log.text()))
+    };
+    reloaded("TLS material reloaded");
+    let (_, seen) = tls_connect(addr, &ca, Some(&device_cert)).await.unwrap();
+    assert!(
+        seen == server2.der,
+        "a new handshake after the reload sees the new certificate"
+    );
     // The device connected before the rotation is still served.
     old.send(&Packet::PingReq).await.unwrap();
     assert_eq!(
@@ -77,31 +86,48 @@ async fn server_certificate_rotates_without_dropping_devices() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(notify
-        .wait_for("RELOADING=1", Duration::from_secs(5))
-        .is_some());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let line = reloaded("TLS reload rejected");
+    assert!(line.contains("previous certificate"), "{line}");
     let (stream, seen) = tls_connect(addr, &ca, Some(&device_cert)).await.unwrap();
-    assert_eq!(seen, server2.der, "still the last good certificate");
+    assert!(seen == server2.der, "still the last good certificate");
     let mut fresh = Raw::new(stream);
     assert_eq!(
         fresh.connect("pm-01", None).await,
         Some(ConnectReturnCode::Success)
     );
 
-    // `wardgate status` shows the device.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let o = Command::new(BIN)
-        .args(["status", "-c", config_path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("pm-01"))
-        .unwrap_or_else(|| panic!("no pm-01 row in:\n{out}"));
-    assert!(line.contains(" yes "), "{line}");
+    // The rejection left nothing stuck: the next good rotation is taken.
+    let server3 = ca.server();
+    std::fs::write(&files.cert, &server3.cert_pem).unwrap();
+    std::fs::write(&files.key, &server3.key_pem).unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    reloaded("TLS material reloaded");
+    let (_, seen) = tls_connect(addr, &ca, Some(&device_cert)).await.unwrap();
+    assert!(seen == server3.der, "the third certificate is served");
+
+    // `wardgate status` shows the device connected once the status file (written every
+    // 200 ms) has caught up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let o = Command::new(BIN)
+            .args(["status", "-c", config_path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let connected = o.status.success()
+            && out
+                .lines()
+                .any(|l| l.starts_with("pm-01") && l.contains(" yes "));
+        if connected {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pm-01 never shown connected:\n{out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(out.contains("listener tls"), "{out}");
 
     let _ = child.kill();

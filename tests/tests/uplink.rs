@@ -84,14 +84,14 @@ impl Drop for Mosquitto {
     }
 }
 
-/// Publish one pacemaker reading (QoS 1) with heart rate `hr` on `topic`.
+/// Publish one pacemaker reading (QoS 1) with heart rate `hr` on `topic`, taken now.
 async fn heartbeat(client: &AsyncClient, topic: &str, hr: u32) {
     client
         .publish(
             topic,
             QoS::AtLeastOnce,
             false,
-            format!(r#"{{"heartbeat":{hr},"ts":1795326538000}}"#),
+            wardgate_tests::pacemaker_reading(hr),
         )
         .await
         .unwrap();
@@ -222,19 +222,43 @@ async fn cloud_subscriber_raw(
         client.subscribe(*topic, QoS::AtLeastOnce).await.unwrap();
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let wanted = topics.len();
     tokio::spawn(async move {
         let _client = client;
+        let mut subscribed_tx = Some(subscribed_tx);
+        let mut subacks = 0;
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let _ = tx.send((p.topic.to_string(), p.payload.to_vec()));
                 }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    assert!(
+                        ack.return_codes
+                            .iter()
+                            .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+                        "mosquitto refused a subscription: {ack:?}"
+                    );
+                    subacks += 1;
+                    if subacks == wanted {
+                        if let Some(t) = subscribed_tx.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                }
                 Ok(_) => {}
+                // A broker being restarted by the test: rumqttc reconnects on the next poll.
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Mosquitto keeps the session (clean_session false): once every SUBACK is here, whatever
+    // is published on the topics reaches this subscriber, also across a restart.
+    tokio::time::timeout(Duration::from_secs(20), subscribed)
+        .await
+        .expect("SUBACK for every topic within 20 s")
+        .expect("subscriber running");
     rx
 }
 
@@ -255,24 +279,12 @@ async fn every_acknowledged_reading_reaches_the_upstream_across_an_outage() {
             heartbeat(&c, "ward/pm-01/telemetry", 40 + i).await;
         }
     };
-    let wait_acks = |n: u64| {
-        let acks = pm.acks.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(20), async {
-                while acks.load(std::sync::atomic::Ordering::SeqCst) < n {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-            .await
-            .expect("device acknowledged");
-        }
-    };
 
     // Normal flow.
     for i in 0..20 {
         send(i).await;
     }
-    wait_acks(20).await;
+    pm.wait_acks(20, Duration::from_secs(20)).await;
     let mut got = BTreeMap::new();
     while got.len() < 20 {
         let (seq, hr) = tokio::time::timeout(Duration::from_secs(20), cloud.recv())
@@ -284,11 +296,11 @@ async fn every_acknowledged_reading_reaches_the_upstream_across_an_outage() {
 
     // Upstream down: readings are still acknowledged (they are on disk), then delivered.
     mq.stop();
+    until_uplink(&gw, false, "noticed the upstream is gone").await;
     for i in 20..100 {
         send(i).await;
     }
-    wait_acks(100).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    pm.wait_acks(100, Duration::from_secs(20)).await;
     mq.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
     while got.len() < 100 {
@@ -306,13 +318,23 @@ async fn every_acknowledged_reading_reaches_the_upstream_across_an_outage() {
         values, want,
         "all readings, in order of their sequence numbers"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        gw.uplink()
-            .records_delivered
-            .load(std::sync::atomic::Ordering::SeqCst)
-            >= 100
-    );
+    // The cloud has them all; the gateway counts each once mosquitto's PUBACK is back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw
+        .uplink()
+        .records_delivered
+        .load(std::sync::atomic::Ordering::SeqCst)
+        < 100
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the uplink counted {} of 100 deliveries",
+            gw.uplink()
+                .records_delivered
+                .load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let report = gw.stop(Duration::from_secs(10)).await;
     assert!(report.drained);
 }
@@ -360,7 +382,8 @@ async fn acknowledged_readings_survive_repeated_kill_9_under_load() {
             let hr = 20 + round * 60 + i;
             heartbeat(&pm.client, "ward/pm-01/telemetry", hr).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Kill while the last ones may still be in flight, once most were acknowledged.
+        pm.wait_acks(50, Duration::from_secs(20)).await;
         let acked = pm.acks.load(std::sync::atomic::Ordering::SeqCst) as u32;
         // PUBACKs come in order: the first `acked` readings of the round were promised.
         acked_values.extend((0..acked).map(|i| 20 + round * 60 + i));
@@ -445,10 +468,12 @@ async fn a_flapping_upstream_under_load_loses_nothing() {
     let publisher = tokio::spawn(async move {
         for i in 0..total {
             heartbeat(&client, "ward/pm-01/telemetry", 20 + i % 280).await;
+            // Pacing, not a wait: the stream spans the outages below.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
-    // The upstream goes away and comes back every ~700 ms while readings flow.
+    // The upstream goes away and comes back every ~700 ms while readings flow: these sleeps
+    // are the scenario (outages at arbitrary points of the stream), not waits.
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         mq.restart();
@@ -492,18 +517,41 @@ async fn a_full_queue_keeps_alarms_and_evicts_routine_readings_exactly() {
             heartbeat(&pm.client, "ward/pm-01/alarm", 250 + i / 10).await;
         }
     }
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while pm.acks.load(std::sync::atomic::Ordering::SeqCst) < u64::from(routine + alarms) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("every reading acknowledged (stored, or counted when evicted)");
+    // Every reading acknowledged (stored, or counted when evicted).
+    pm.wait_acks(u64::from(routine + alarms), Duration::from_secs(20))
+        .await;
 
     let _mq = up.broker();
     let mut cloud = up.subscriber().await;
+    // Wait until the queue is drained and its books balance: every record appended was
+    // delivered (mosquitto's PUBACK is back) or evicted. The cloud then gets the delivered ones.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (q, delivered) = loop {
+        let q = gw.queue_status().expect("queue enabled");
+        let delivered = gw
+            .uplink()
+            .records_delivered
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if q.depth == 0 && q.appended == delivered + q.evicted_over_bytes + q.evicted_over_age {
+            break (q, delivered);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue not drained and settled: {q:?}, {delivered} delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        q.appended,
+        u64::from(routine + alarms),
+        "every reading queued"
+    );
     let mut values = Vec::new();
-    while let Ok(Some((_, hr))) = tokio::time::timeout(Duration::from_secs(5), cloud.recv()).await {
+    while (values.len() as u64) < delivered {
+        let (_, hr) = tokio::time::timeout(Duration::from_secs(20), cloud.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {delivered} delivered readings", values.len()))
+            .unwrap();
         values.push(hr);
     }
     let alarm_values: Vec<f64> = values.iter().copied().filter(|v| *v >= 250.0).collect();
@@ -517,7 +565,6 @@ async fn a_full_queue_keeps_alarms_and_evicts_routine_readings_exactly() {
         routine_delivered < u64::from(routine),
         "the bound forced evictions"
     );
-    let q = gw.queue_status().expect("queue enabled");
     let evicted = q.evicted_over_bytes + q.evicted_over_age;
     assert_eq!(
         evicted + routine_delivered,
@@ -565,6 +612,20 @@ async fn after_an_outage_alarms_go_first_then_the_backlog_in_order() {
     let want: Vec<f64> = (0..100).map(|i| f64::from(40 + i)).collect();
     assert_eq!(backlog, want, "then the backlog, oldest first");
     let _ = gw.stop(Duration::from_secs(10)).await;
+}
+
+/// Wait until `gw`'s uplink is connected (`up`) or not.
+async fn until_uplink(gw: &Gateway, up: bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw
+        .uplink()
+        .connected
+        .load(std::sync::atomic::Ordering::SeqCst)
+        != up
+    {
+        assert!(Instant::now() < deadline, "uplink never {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Wait until `gw`'s queue is empty (everything delivered or set aside).
@@ -619,7 +680,8 @@ async fn every_stream_reaches_its_own_topic_and_undeliverable_records_are_set_as
         class,
         stream,
         subject: subject.into(),
-        enqueued_at_ms: 1_795_326_538_000,
+        // Queued now: a fixed time would one day be older than `queue.max_age` and evicted.
+        enqueued_at_ms: wardgate_tests::now_ms(),
         payload: payload.as_bytes().to_vec(),
     };
     // Undeliverable: a device id too long for a named shadow, and a report that is not JSON.
@@ -640,16 +702,15 @@ async fn every_stream_reaches_its_own_topic_and_undeliverable_records_are_set_as
     queue_record(&gw, rec(Class::Routine, Stream::Shadow, "pm-01", shadow)).await;
     let alert = r#"{"rule":"tachycardia","device_id":"pm-01","heartbeat":141}"#;
     queue_record(&gw, rec(Class::Alarm, Stream::Alert, "pm-01", alert)).await;
-    let report = r#"{"header":{"report_id":1795326538,"version":"1.0"},"metrics":{"network_stats":{"bytes_in":10,"bytes_out":20,"packets_in":1,"packets_out":2}}}"#;
-    queue_record(&gw, rec(Class::Routine, Stream::Defender, "", report)).await;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while pm.acks.load(std::sync::atomic::Ordering::SeqCst) < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("reading acknowledged");
-    assert_eq!(gw.queue_status().unwrap().depth, 6);
+    // Device Defender's report_id is the report's time in epoch seconds.
+    let report = format!(
+        r#"{{"header":{{"report_id":{},"version":"1.0"}},"metrics":{{"network_stats":{{"bytes_in":10,"bytes_out":20,"packets_in":1,"packets_out":2}}}}}}"#,
+        wardgate_tests::now_ms() / 1000
+    );
+    queue_record(&gw, rec(Class::Routine, Stream::Defender, "", &report)).await;
+    pm.wait_acks(1, Duration::from_secs(10)).await;
+    let q = gw.queue_status().unwrap();
+    assert_eq!(q.depth, 6, "{q:?}");
     let _ = gw.stop(Duration::from_secs(10)).await;
 
     // Now the upstream is reachable.
@@ -689,7 +750,7 @@ async fn every_stream_reaches_its_own_topic_and_undeliverable_records_are_set_as
     let def = one("$aws/things/test-gateway/defender/metrics/json");
     assert_eq!(
         *def,
-        serde_json::from_str::<serde_json::Value>(report).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&report).unwrap(),
         "the defender report goes as queued"
     );
     until_queue_empty(&gw, Duration::from_secs(10)).await;
@@ -740,21 +801,33 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
         stats.clone(),
         stop.clone(),
     ));
+    // The ward runs for 4 s: this sleep is the length of the scenario, not a wait.
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.cancel();
     sim.await.unwrap();
-    // Let the last messages through the pipeline, then wait for the upstream to take them.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    until_queue_empty(&gw, Duration::from_secs(30)).await;
-
-    let per_device = gw.stats().snapshot();
-    let normalized: u64 = per_device
-        .values()
-        .map(|c| c.messages - c.dead_letters)
-        .sum();
+    // Every device has disconnected; what the gatekeeper took in may still be in the pipeline
+    // and the queue writer. Every normalised message must end up queued, and the upstream must
+    // take everything queued: wait for both (a lost message fails here).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let queued = loop {
+        let normalized: u64 = gw
+            .stats()
+            .snapshot()
+            .values()
+            .map(|c| c.messages - c.dead_letters)
+            .sum();
+        let q = gw.queue_status().expect("queue enabled");
+        if q.depth == 0 && q.appended == normalized {
+            break q.appended;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every normalised message was queued and delivered: {normalized} normalised, \
+             queue {q:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let acked = stats.acked.load(SeqCst);
-    let queued = gw.queue_status().unwrap().appended;
-    assert_eq!(queued, normalized, "every normalised message was queued");
     assert!(acked > 100, "the ward was busy ({acked} PUBACKs)");
 
     // The cloud sees every queued record, once per sequence number, in order per device.

@@ -2,7 +2,10 @@
 //!
 //! - `demo [ARGS]`: build in release mode and run `wardgate demo` (the gateway on its built-in
 //!   configuration with a simulated ward). Without ARGS: `--speed 10 --duration 2m`.
-//! - `test`: install what the tests need, then formatting, lints and every test.
+//! - `test`: first the gate against date-bound tests (`lint-times`), then install what the
+//!   tests need, then formatting, lints and every test.
+//! - `lint-times`: fail on a hard-coded 13-digit epoch time in test code unless its line is
+//!   marked `// pure input: <why>` (see `lint_times.rs`).
 //! - `plugins`: build every plugin in `plugins/` into a WebAssembly component under
 //!   `plugins/target/components/`. Uses rustup's `wasm32-unknown-unknown` target when it is
 //!   installed; otherwise Debian's `rustc-web` toolchain with `-Zbuild-std` (installed with apt
@@ -21,6 +24,8 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod lint_times;
+
 /// Debian packages the test suite uses: `systemd` (systemd-analyze, systemd-journald,
 /// journalctl) and `util-linux` (unshare) for the journal and unit tests, `openssl` for the
 /// ward-pki script test, `mosquitto` as the stand-in for AWS IoT Core.
@@ -33,6 +38,7 @@ fn main() -> Result<()> {
     match task.as_str() {
         "demo" => demo(&rest),
         "test" => test(),
+        "lint-times" => lint_times(),
         "plugins" => plugins().map(|_| ()),
         "bench" => bench(),
         "deps" => install_packages(TEST_PACKAGES),
@@ -41,7 +47,8 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  demo [ARGS]  run the gateway with a simulated ward (default: --speed 10 --duration 2m)\n  \
-                 test         install test dependencies, then fmt, clippy and all tests\n  \
+                 test         check test times, install test dependencies, then fmt, clippy and all tests\n  \
+                 lint-times   fail on hard-coded epoch times in test code\n  \
                  plugins      build the WebAssembly plugins into components\n  \
                  bench        build the plugins and run the benchmarks (release build)\n  \
                  deps         install the Debian packages the tests need"
@@ -221,7 +228,23 @@ fn demo(args: &[String]) -> Result<()> {
     result
 }
 
+/// Fail when test code holds a hard-coded epoch time (see `lint_times.rs`).
+fn lint_times() -> Result<()> {
+    let findings = lint_times::scan(&root()).context("scanning test code for fixed times")?;
+    if !findings.is_empty() {
+        eprintln!("xtask: lint-times: {}", lint_times::report(&findings));
+        bail!(
+            "lint-times: {} hard-coded epoch time(s) in test code (listed above)",
+            findings.len()
+        );
+    }
+    eprintln!("xtask: lint-times: no hard-coded epoch times in test code");
+    Ok(())
+}
+
 fn test() -> Result<()> {
+    // Before anything is installed or built: a date-bound test fails here, by name and line.
+    lint_times()?;
     install_packages(TEST_PACKAGES)?;
     plugins()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;

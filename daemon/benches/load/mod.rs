@@ -81,8 +81,9 @@ pub async fn drive(addr: SocketAddr, n: usize, run: Duration, during: impl FnOnc
             let mut k = 0u64;
             while go.load(Ordering::Relaxed) {
                 let payload = format!(
-                    r#"{{"heartbeat":{},"ts":1795326538000,"battery_pct":87,"mode":"DDD"}}"#,
-                    60 + k % 60
+                    r#"{{"heartbeat":{},"ts":{},"battery_pct":87,"mode":"DDD"}}"#,
+                    60 + k % 60,
+                    wardgate::clock::now_ms()
                 );
                 if client
                     .publish(&topic, QoS::AtLeastOnce, false, payload)

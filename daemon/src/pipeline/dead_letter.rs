@@ -117,8 +117,9 @@ mod tests {
         let store = DeadLetters::new(dir.path());
         let entry = DeadLetter {
             // 2026-11-27T23:59:59.900Z: the file is that day's, whatever the clock says now.
-            stored_at_ms: 1_795_823_999_900,
-            received_at_ms: 1_795_823_999_800,
+            stored_at_ms: 1_795_823_999_900, // pure input: a day boundary, not today
+            received_at_ms: 1_795_823_999_800, // pure input: 100 ms before, the day's file
+
             device_id: "pm-01".into(),
             kind: "pacemaker".into(),
             plugin: "pacemaker".into(),

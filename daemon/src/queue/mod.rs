@@ -520,7 +520,7 @@ mod tests {
 
     #[test]
     fn format_round_trips_and_detects_damage() {
-        let r = rec(Class::Alarm, 1_795_326_538_000, 7);
+        let r = rec(Class::Alarm, crate::clock::now_ms(), 7);
         let mut v = encode(&r);
         assert_eq!(decode(&v), Some(r));
         let last = v.len() - 1;
@@ -557,8 +557,9 @@ mod tests {
     #[test]
     fn version_1_records_still_decode_as_telemetry() {
         // A value written by format version 1: no stream, no subject.
+        let at = crate::clock::now_ms();
         let mut v = vec![1u8, Class::Alarm as u8, 0, 0, 0, 0];
-        v.extend_from_slice(&1_795_326_538_000i64.to_be_bytes());
+        v.extend_from_slice(&at.to_be_bytes());
         v.extend_from_slice(b"{\"device_id\":\"pm-01\"}");
         let crc = crc32fast::hash(&[&v[1..2], &v[6..]].concat());
         v[2..6].copy_from_slice(&crc.to_be_bytes());
@@ -568,7 +569,7 @@ mod tests {
                 class: Class::Alarm,
                 stream: Stream::Telemetry,
                 subject: String::new(),
-                enqueued_at_ms: 1_795_326_538_000,
+                enqueued_at_ms: at,
                 payload: b"{\"device_id\":\"pm-01\"}".to_vec(),
             })
         );

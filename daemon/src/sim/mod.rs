@@ -313,23 +313,25 @@ mod tests {
     #[test]
     fn payloads_follow_each_vendor_format() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let now = UNIX_EPOCH + Duration::from_secs(1_763_790_000);
+        // Now with a millisecond part: the vendors sending seconds must drop it.
+        let ms = crate::clock::now_ms() / 1000 * 1000 + 250;
+        let (secs, now) = (ms / 1000, UNIX_EPOCH + Duration::from_millis(ms as u64));
         let pm: serde_json::Value =
             serde_json::from_slice(&Model::Pacemaker.payload(1, now, &mut rng)).unwrap();
         let hr = pm["heartbeat"].as_u64().unwrap();
         assert!((80..=110).contains(&hr));
-        assert_eq!(pm["ts"], 1_763_790_000_000u64);
+        assert_eq!(pm["ts"], ms);
         let alarm: serde_json::Value =
             serde_json::from_slice(&Model::PacemakerAlarm.payload(1, now, &mut rng)).unwrap();
         assert_eq!(alarm["heartbeat"], 141);
         let g = String::from_utf8(Model::GlucoseMmolL.payload(1, now, &mut rng)).unwrap();
         assert!(
-            g.starts_with("SS1;") && g.ends_with(";mmol/L;1763790000"),
+            g.starts_with("SS1;") && g.ends_with(&format!(";mmol/L;{secs}")),
             "{g}"
         );
         let t = String::from_utf8(Model::BedTemperatureF.payload(2, now, &mut rng)).unwrap();
         assert!(
-            t.starts_with("bed=02 temp_f=") && t.ends_with(" ts=1763790000"),
+            t.starts_with("bed=02 temp_f=") && t.ends_with(&format!(" ts={secs}")),
             "{t}"
         );
         assert_eq!(Model::Rogue.payload(1, now, &mut rng).len(), 100);
