@@ -255,6 +255,7 @@ pub struct Pipeline {
     stats: PipelineStats,
     stages: Stages,
     dead_letter_log: LogLimiter,
+    beat: crate::supervisor::Heartbeat,
 }
 
 impl Pipeline {
@@ -267,6 +268,7 @@ impl Pipeline {
                 stats: PipelineStats::default(),
                 stages,
                 dead_letter_log: LogLimiter::default(),
+                beat: crate::supervisor::Heartbeat::detached(),
             },
             tx,
         )
@@ -277,13 +279,21 @@ impl Pipeline {
         self.stats.clone()
     }
 
+    /// Beat `beat` after every message and on an idle tick (see [`crate::supervisor`]).
+    pub fn with_heartbeat(mut self, beat: crate::supervisor::Heartbeat) -> Self {
+        self.beat = beat;
+        self
+    }
+
     /// Run until every sender is dropped; returns how many readings were handled.
     pub async fn run(mut self) -> u64 {
         let mut handled = 0u64;
         let mut since_summary = 0u64;
         let mut summary = tokio::time::interval(SUMMARY_INTERVAL);
         summary.tick().await;
+        let mut idle = crate::supervisor::Heartbeat::ticker();
         loop {
+            self.beat.beat();
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(msg) => {
@@ -301,6 +311,7 @@ impl Pipeline {
                     );
                     since_summary = 0;
                 }
+                _ = idle.tick() => {}
             }
         }
         log::info!(readings = handled; "pipeline drained and stopped");
