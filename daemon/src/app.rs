@@ -55,6 +55,9 @@ pub struct Gateway {
     uplink_stats: Arc<crate::uplink::UplinkStats>,
     supervisor: Supervisor,
     monitor: JoinHandle<()>,
+    /// With no listener enabled, this keeps the pipeline's entrance open until the stop (the
+    /// pipeline ends when its last sender is gone, which would otherwise be at once).
+    spare_ingest: Option<crate::pipeline::IngestSender>,
 }
 
 /// What the status writer needs, detached from the [`Gateway`].
@@ -188,6 +191,12 @@ impl Gateway {
         plugins.scan();
         let uplink_stats = Arc::new(crate::uplink::UplinkStats::default());
         let uplink_stop = CancellationToken::new();
+        let shutdown = CancellationToken::new();
+        // A start that fails half-way stops what it started, without reporting those ends.
+        let mut abandon = AbandonOnError(Some((
+            supervisor.clone(),
+            [shutdown.clone(), uplink_stop.clone()],
+        )));
         let mut shared_queue = None;
         let mut outbox = None;
         let (queue, queue_writer, uplink) = if let Some(tls) = upstream_tls {
@@ -242,7 +251,6 @@ impl Gateway {
             queue,
         });
         let stats = pipeline.stats();
-        let shutdown = CancellationToken::new();
         let shared = Shared {
             registry: registry.clone(),
             broker: broker.clone(),
@@ -288,10 +296,12 @@ impl Gateway {
                 },
             ));
         }
+        let spare_ingest = listeners.is_empty().then(|| shared.ingest.clone());
         if listeners.is_empty() {
             log::warn!("no device listener is enabled: devices cannot connect");
         }
-        // Only the listeners hold senders now: the pipeline ends when they are gone.
+        // Only the listeners (or the spare) hold senders now: the pipeline ends when they are
+        // gone.
         drop(shared);
         let pipeline = supervisor.spawn_fatal("pipeline", move |beat| async move {
             Ok::<_, std::convert::Infallible>(pipeline.with_heartbeat(beat).run().await)
@@ -340,8 +350,10 @@ impl Gateway {
             uplink_stats,
             monitor: supervisor.spawn_monitor(),
             supervisor,
+            spare_ingest,
         };
         gw.status = Some(gw.spawn_status_writer(config.metering.status_interval));
+        abandon.0 = None;
         Ok(gw)
     }
 
@@ -435,6 +447,7 @@ impl Gateway {
         let pipeline = &mut self.pipeline;
         let writer = self.queue_writer.take();
         self.outbox = None;
+        self.spare_ingest = None;
         let drain = async {
             for mut t in tasks {
                 let _ = t.join().await;
@@ -487,6 +500,20 @@ impl Gateway {
                 deadline_reached: true,
                 failed,
             },
+        }
+    }
+}
+
+/// Dropped with `Some` (a start that failed): stop the stages started so far, as expected ends.
+struct AbandonOnError(Option<(Supervisor, [CancellationToken; 2])>);
+
+impl Drop for AbandonOnError {
+    fn drop(&mut self) {
+        if let Some((supervisor, tokens)) = self.0.take() {
+            supervisor.begin_stop();
+            for t in tokens {
+                t.cancel();
+            }
         }
     }
 }

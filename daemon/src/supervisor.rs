@@ -389,7 +389,7 @@ impl Supervisor {
             stage: name.to_owned(),
             reason,
         };
-        if self.is_stopping() {
+        if self.is_stopping() || policy != Policy::Fatal {
             log::error!(
                 stage = name, policy = policy.name(), reason:% = failure.reason;
                 "{failure} while the gateway was stopping"
@@ -822,7 +822,7 @@ mod tests {
         assert!(sup.fatal_failure().is_none());
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_restartable_stage_is_restarted_and_counted() {
         let sup = Supervisor::new();
         let stop = CancellationToken::new();

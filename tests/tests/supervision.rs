@@ -423,12 +423,8 @@ async fn a_killed_stage_is_reported_and_ends_the_watchdog() {
         stopping.contains("STATUS=stopping: stage queue-writer panicked"),
         "{stopping}"
     );
-    let log = d.log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("wardgate stopped because stage queue-writer panicked")),
-        "{log}"
-    );
+    let stopped = d.wait_line(&["wardgate stopped because stage queue-writer panicked"]);
+    eprintln!("{line}\n{stopped}");
     // The status file left behind says which stage failed, and why.
     let line = d.wait_status_line(&["stage queue-writer", "FAILED"]);
     assert!(line.contains("panicked: fault injected"), "{line}");
@@ -499,6 +495,10 @@ fn a_stalled_stage_stops_the_watchdog_and_shows_in_status() {
     d.inject();
     let line = d.wait_line(&["ERROR", "stage pipeline stalled", "stage=pipeline"]);
     assert!(line.contains("made no progress"), "{line}");
+    eprintln!(
+        "{}\n{line}",
+        d.wait_line(&["fault injection: stage pipeline fails now"])
+    );
     d.wait_line(&["ERROR", "watchdog is no longer fed", "pipeline"]);
     // Every ping sent before that line is in the socket now; none may follow it.
     d.read_all_sent();

@@ -15,7 +15,10 @@
 //! and only then, the device gets its PUBACK. (Shadows and rules hang off the same place.)
 //!
 //! What must stay true: the pipeline stops only when every sender is gone (all device
-//! connections closed), so a stop drains everything accepted so far, in order.
+//! connections closed), so a stop drains everything accepted so far, in order. It is a fatal
+//! stage of the [`crate::supervisor`]: it beats its heartbeat after every message and on an
+//! idle tick, so one message stuck for longer than the stall threshold (a queue writer that
+//! takes nothing) shows as a stalled pipeline and stops the watchdog.
 
 pub mod dead_letter;
 

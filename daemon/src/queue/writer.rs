@@ -7,6 +7,11 @@
 //! records past `queue.max_bytes` is refused — not written, not confirmed (its device is
 //! disconnected and sends it again later) — because those records can never be evicted and the
 //! disk must stay bounded. Routine records are always admitted; the eviction policy makes room.
+//!
+//! Supervision: the writer is a fatal stage ([`crate::supervisor`]). It beats after every
+//! successful commit and when idle, never while readings wait behind failing commits, so a
+//! writer that cannot write shows as stalled (and stops the watchdog) instead of looking alive
+//! while no PUBACK is sent.
 
 use super::{Record, SledStore, Store};
 use crate::clock::now_ms;

@@ -30,6 +30,13 @@
 //! - Order: alarm and security records go first (oldest first among them), then the backlog
 //!   oldest first alongside live traffic.
 //!
+//! - TLS: the CA, client certificate and key are loaded by [`load_tls`] in `check-config` and
+//!   before READY=1, so a broken file stops the start with a message naming it; the loaded
+//!   configuration is reused for every session and every restart.
+//! - Supervision: the uplink is a restartable stage ([`crate::supervisor`]): if it ever ends
+//!   or panics, a new [`Uplink::run`] starts after a backoff and re-reads everything
+//!   unacknowledged from the queue.
+//!
 //! Producers queue records through [`crate::queue::Enqueue`] (the gateway hands one out as
 //! [`crate::app::Gateway::outbox`]); the uplink needs nothing else to forward a new stream.
 
@@ -268,6 +275,8 @@ impl Uplink {
             queue,
             stats,
         } = self;
+        // A restarted run starts without a session, whatever the last one left here.
+        stats.connected.store(false, Ordering::Relaxed);
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = Instant::now();
