@@ -243,11 +243,13 @@ impl Gateway {
         } else {
             (None, None, None)
         };
+        let local = LocalPublisher::new(&broker);
+        supervisor.watch_fatal("local-publisher", local.ended_probe());
         let (pipeline, ingest) = Pipeline::new(Stages {
             gateway_id: config.gateway.id.clone(),
             plugins: plugins.clone(),
             dead_letters: DeadLetters::new(&state_dir),
-            local: Some(LocalPublisher::new(&broker)),
+            local: Some(local),
             queue,
         });
         let stats = pipeline.stats();

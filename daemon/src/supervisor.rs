@@ -24,6 +24,7 @@
 //! | `queue-writer` | fatal | it owns the group commit behind every PUBACK; a panic may have left the sled store half-written, and only reopening the queue (CRC check of every record, [`crate::queue`]) proves what is on disk. Its unconfirmed readings were never acknowledged. |
 //! | `listener-plain`, `listener-tls` | fatal | a restarted accept loop would have to rebind the same port while the dead loop's connections still hang off the old state (and port 0 would move); a process restart rebinds everything and costs each device one reconnect. |
 //! | `broker` | fatal | rumqttd runs on its own threads and cannot be stopped or restarted in-process (upstream has no shutdown); the supervisor checks that its thread is alive. |
+//! | `local-publisher` | fatal | the pipeline's MQTT client to the broker (`ward/<device>/readings` for local consumers) is owned by the pipeline; its event loop ending means a bug in it, and a fresh process is the clean way back. The supervisor checks that its task is alive. |
 //! | `uplink` | restart | it keeps no state the queue does not: a new session re-reads everything unacknowledged from the durable queue (at-least-once, duplicates carry their sequence number). |
 //! | `plugin-watch` | restart | a directory scan holds nothing a later scan does not rebuild. |
 //! | `status` | restart | it only writes a snapshot of counters kept elsewhere. |
@@ -526,7 +527,8 @@ impl Supervisor {
             let mut stages = self.lock();
             for e in stages.iter_mut() {
                 if let Some(probe) = &e.probe {
-                    if e.state == StageState::Running {
+                    // What a probe watches is let go during a stop.
+                    if e.state == StageState::Running && !self.is_stopping() {
                         if let Some(reason) = probe() {
                             ended.push((e.name.clone(), reason));
                         }

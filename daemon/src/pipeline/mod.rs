@@ -169,6 +169,22 @@ pub struct Canonical<'a> {
 pub struct LocalPublisher {
     client: rumqttc::AsyncClient,
     task: tokio::task::JoinHandle<()>,
+    /// Set once its event loop task ended, with how.
+    ended: Arc<std::sync::OnceLock<String>>,
+}
+
+/// Records how the local publisher's event loop ended (returned, or unwinding a panic).
+struct EndGuard(Arc<std::sync::OnceLock<String>>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        let why = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "ended"
+        };
+        let _ = self.0.set(why.to_owned());
+    }
 }
 
 impl std::fmt::Debug for LocalPublisher {
@@ -199,7 +215,10 @@ impl LocalPublisher {
             broker.max_frame_bytes() + 1024,
         );
         let (client, mut el) = rumqttc::AsyncClient::new(o, 256);
+        let ended = Arc::new(std::sync::OnceLock::new());
+        let guard = EndGuard(ended.clone());
         let task = tokio::spawn(async move {
+            let _guard = guard;
             loop {
                 if let Err(e) = el.poll().await {
                     log::warn!(error:% = e; "local publisher lost the internal broker; reconnecting");
@@ -207,7 +226,18 @@ impl LocalPublisher {
                 }
             }
         });
-        Self { client, task }
+        Self {
+            client,
+            task,
+            ended,
+        }
+    }
+
+    /// Why its event loop ended, once it has (it runs until the publisher is dropped). For
+    /// [`crate::supervisor::Supervisor::watch_fatal`].
+    pub fn ended_probe(&self) -> impl Fn() -> Option<String> + Send + Sync + 'static {
+        let ended = self.ended.clone();
+        move || ended.get().map(|how| format!("event loop {how}"))
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>) {
