@@ -641,7 +641,7 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     if let Some(f) = failure {
         log::error!(
             stage = f.stage, reason:% = f.reason, readings = report.readings,
-            took_ms = report.took.as_millis() as u64;
+            drained = report.drained, failed:% = failed, took_ms = report.took.as_millis() as u64;
             "wardgate stopped because {f}"
         );
         anyhow::bail!("{f}; stopped so that the service manager restarts wardgate")

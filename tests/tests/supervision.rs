@@ -432,6 +432,30 @@ async fn a_killed_stage_is_reported_and_ends_the_watchdog() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicked_pipeline_is_not_reported_as_drained() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), vec![device("pm-01", "pacemaker", "pw")]);
+    cfg.metering.status_interval = Duration::from_millis(200);
+    let mut d = spawn(&cfg, dir, &[("WG_FAULT", "pipeline:panic")]);
+    let addr = d.ready();
+    let dev = connect(options(addr, "pm-01", "pw")).await;
+    reading(&dev, 70).await;
+    d.inject();
+    d.wait_line(&["ERROR", "stage=pipeline", "policy=fatal", "panicked"]);
+    let status = tokio::task::block_in_place(|| d.wait_exit());
+    assert_eq!(status.code(), Some(1), "log:\n{}", d.log());
+    let stopped = d.wait_line(&["wardgate stopped because stage pipeline panicked"]);
+    assert!(stopped.contains("drained=false"), "{stopped}");
+    assert!(
+        stopped.contains("failed=\"stage pipeline panicked"),
+        "{stopped}"
+    );
+    let log = d.log();
+    assert!(!log.contains("pipeline drained and stopped"), "{log}");
+    d.wait_status_line(&["stage pipeline", "FAILED", "panicked: fault injected"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_restartable_stage_is_restarted_and_the_gateway_keeps_serving() {
     // The uplink is restarted: a new session re-reads the queue.
     let dir = tempfile::tempdir().unwrap();
