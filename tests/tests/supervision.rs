@@ -24,7 +24,7 @@ use wardgate_tests::{
 const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
 /// A 1 s watchdog: pings every 500 ms; a stage stalls after the supervisor's minimum (10 s).
 const WATCHDOG_USEC: &str = "1000000";
-/// Generous: the machine is shared and noisy.
+/// Generous: a loaded machine can be slow.
 const EVENT: Duration = Duration::from_secs(60);
 
 /// The binary as a subprocess, with its stderr and its notifications collected.
