@@ -4,9 +4,15 @@
 //! listeners stop accepting and close their connections (no new readings enter), then the
 //! pipeline drains what is already in its channel, all under `gateway.shutdown_timeout`.
 //!
+//! Every long-running stage runs under the gateway's [`Supervisor`] (per-stage policies and why
+//! in [`crate::supervisor`]). Everything that can fail on bad files fails in [`Gateway::start`],
+//! before READY=1: the listener's TLS material, the queue, the uplink's TLS material.
+//!
 //! [`run_daemon`] adds the service around it: systemd notifications (READY=1 once listeners are
-//! up, RELOADING=1/READY=1 around SIGHUP, STOPPING=1, WATCHDOG=1 when `WATCHDOG_USEC` is set) and
-//! signal handling (SIGTERM/SIGINT stop, SIGHUP reloads the device registry and log level).
+//! up, RELOADING=1/READY=1 around SIGHUP, STOPPING=1, WATCHDOG=1 when `WATCHDOG_USEC` is set,
+//! and only while every stage makes progress) and signal handling (SIGTERM/SIGINT stop, SIGHUP
+//! reloads the device registry and log level). A fatal stage that ends stops the gateway and
+//! makes the daemon exit non-zero, so systemd's `Restart=on-failure` starts it again.
 
 use crate::broker::{self, BrokerHandle};
 use crate::config::{self, Config, LoadOptions};
@@ -16,6 +22,7 @@ use crate::pipeline::{DeadLetters, LocalPublisher, Pipeline, PipelineStats, Stag
 use crate::plugin_host::PluginHost;
 use crate::registry::{Registry, SharedRegistry};
 use crate::status::{self, ListenerStatus, Status};
+use crate::supervisor::{Heartbeat, Stage, StageFailure, Supervisor};
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,25 +35,30 @@ use tokio_util::sync::CancellationToken;
 pub struct Gateway {
     shutdown: CancellationToken,
     listeners: Vec<(&'static str, SocketAddr)>,
-    listener_tasks: Vec<JoinHandle<()>>,
-    pipeline: JoinHandle<u64>,
+    listener_tasks: Vec<Stage<()>>,
+    pipeline: Stage<u64>,
     stats: PipelineStats,
     registry: SharedRegistry,
     login: crate::gatekeeper::login::LoginGate,
     broker: BrokerHandle,
     metering: Metering,
     tls: Option<Arc<TlsState>>,
-    status: Option<JoinHandle<()>>,
+    status: Option<Stage<()>>,
     view: Arc<StatusView>,
     plugins: Arc<PluginHost>,
-    plugin_watch: JoinHandle<()>,
-    queue_writer: Option<JoinHandle<()>>,
+    plugin_watch: Stage<()>,
+    queue_writer: Option<Stage<()>>,
     /// The queue's entrance for producers other than the pipeline (dropped first on stop, so
     /// the writer can finish).
     outbox: Option<crate::queue::Enqueue>,
-    uplink: Option<JoinHandle<()>>,
+    uplink: Option<Stage<()>>,
     uplink_stop: CancellationToken,
     uplink_stats: Arc<crate::uplink::UplinkStats>,
+    supervisor: Supervisor,
+    monitor: JoinHandle<()>,
+    /// With no listener enabled, this keeps the pipeline's entrance open until the stop (the
+    /// pipeline ends when its last sender is gone, which would otherwise be at once).
+    spare_ingest: Option<crate::pipeline::IngestSender>,
 }
 
 /// What the status writer needs, detached from the [`Gateway`].
@@ -63,6 +75,7 @@ struct StatusView {
     stats: PipelineStats,
     metering: Metering,
     state_dir: std::path::PathBuf,
+    supervisor: Supervisor,
 }
 
 impl StatusView {
@@ -116,6 +129,7 @@ impl StatusView {
                     dead_letters: c.dead_letters,
                 })
                 .collect(),
+            stages: self.supervisor.snapshot(),
         }
     }
 }
@@ -123,12 +137,17 @@ impl StatusView {
 /// How a stop went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StopReport {
-    /// Everything accepted was drained before the deadline.
+    /// Everything accepted was drained before the deadline, by a pipeline and a queue writer
+    /// that ended normally (false when either failed: what it held was not handled).
     pub drained: bool,
     /// Readings the pipeline handled over the gateway's life.
     pub readings: u64,
     /// Time the stop took.
     pub took: Duration,
+    /// The deadline passed before the pipeline and the queue writer ended.
+    pub deadline_reached: bool,
+    /// Stages that ended unexpectedly (before or during the stop) and were not restarted.
+    pub failed: Vec<StageFailure>,
 }
 
 impl Gateway {
@@ -150,18 +169,40 @@ impl Gateway {
         } else {
             None
         };
+        // The uplink's files are read now, not after READY=1: a broken one stops the start.
+        let upstream_tls = if config.upstream.enabled {
+            Some(
+                crate::uplink::load_tls(&config.upstream)
+                    .context("loading the upstream's TLS files")?,
+            )
+        } else {
+            None
+        };
+        let supervisor = Supervisor::new();
         let broker = broker::start(&config.broker, &config.limits)
             .await
             .context("starting the internal broker")?;
+        {
+            let b = broker.clone();
+            supervisor.watch_fatal("broker", move || {
+                b.ended().map(|why| format!("thread {why}"))
+            });
+        }
         let registry = SharedRegistry::new(Registry::from_config(&config.devices, &config.policy));
         let metering = Metering::new(config.metering.window, config.metering.windows_kept);
         let plugins = PluginHost::new(&config.plugins, Some(&state_dir))?;
         plugins.scan();
         let uplink_stats = Arc::new(crate::uplink::UplinkStats::default());
         let uplink_stop = CancellationToken::new();
+        let shutdown = CancellationToken::new();
+        // A start that fails half-way stops what it started, without reporting those ends.
+        let mut abandon = AbandonOnError(Some((
+            supervisor.clone(),
+            [shutdown.clone(), uplink_stop.clone()],
+        )));
         let mut shared_queue = None;
         let mut outbox = None;
-        let (queue, queue_writer, uplink) = if config.upstream.enabled {
+        let (queue, queue_writer, uplink) = if let Some(tls) = upstream_tls {
             let (store, report) = crate::queue::SledStore::open(&state_dir.join("queue"), 16 << 20)
                 .with_context(|| {
                     format!("opening the queue in {}", state_dir.join("queue").display())
@@ -172,33 +213,49 @@ impl Gateway {
             log::info!(queued = report.records; "queue opened");
             let shared = crate::queue::SharedQueue::new(store);
             shared_queue = Some(shared.clone());
-            let (enqueue, writer) = crate::queue::spawn_writer(
-                shared.clone(),
-                config.queue.commit_interval,
-                config.queue.max_bytes,
-                config.queue.max_age,
-            );
-            let uplink = tokio::spawn(crate::uplink::run(
-                config.upstream.clone(),
-                config.gateway.id.clone(),
-                shared,
-                uplink_stats.clone(),
-                uplink_stop.clone(),
-            ));
+            let q = &config.queue;
+            let (commit_interval, max_bytes, max_age) = (q.commit_interval, q.max_bytes, q.max_age);
+            let mut enqueue = None;
+            let writer = supervisor.spawn_fatal("queue-writer", |beat| {
+                let (tx, run) =
+                    crate::queue::writer(shared.clone(), commit_interval, max_bytes, max_age, beat);
+                enqueue = Some(tx);
+                async move {
+                    run.await;
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            });
+            let enqueue = enqueue.expect("the writer's entrance is made with the writer");
+            let stage = crate::uplink::Uplink {
+                cfg: config.upstream.clone(),
+                gateway_id: config.gateway.id.clone(),
+                tls,
+                queue: shared,
+                stats: uplink_stats.clone(),
+            };
+            let stop = uplink_stop.clone();
+            let uplink = supervisor.spawn_restarting("uplink", uplink_stop.clone(), move |beat| {
+                let run = stage.clone().run(stop.clone(), beat);
+                async move {
+                    run.await;
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            });
             outbox = Some(enqueue.clone());
             (Some(enqueue), Some(writer), Some(uplink))
         } else {
             (None, None, None)
         };
+        let local = LocalPublisher::new(&broker);
+        supervisor.watch_fatal("local-publisher", local.ended_probe());
         let (pipeline, ingest) = Pipeline::new(Stages {
             gateway_id: config.gateway.id.clone(),
             plugins: plugins.clone(),
             dead_letters: DeadLetters::new(&state_dir),
-            local: Some(LocalPublisher::new(&broker)),
+            local: Some(local),
             queue,
         });
         let stats = pipeline.stats();
-        let shutdown = CancellationToken::new();
         let login = crate::gatekeeper::login::LoginGate::new(&config.login)
             .context("starting the password-check threads")?;
         let shared = Shared {
@@ -238,15 +295,35 @@ impl Gateway {
                 .await
                 .with_context(|| format!("binding the {name} listener on {addr} ({key})"))?;
             listeners.push((name, gk.local_addr()?));
-            listener_tasks.push(tokio::spawn(gk.run(shutdown.clone())));
+            let stop = shutdown.clone();
+            listener_tasks.push(supervisor.spawn_fatal(
+                &format!("listener-{name}"),
+                move |beat| async move {
+                    gk.with_heartbeat(beat).run(stop).await;
+                    Ok::<_, std::convert::Infallible>(())
+                },
+            ));
         }
+        let spare_ingest = listeners.is_empty().then(|| shared.ingest.clone());
         if listeners.is_empty() {
             log::warn!("no device listener is enabled: devices cannot connect");
         }
-        // Only the listeners hold senders now: the pipeline ends when they are gone.
+        // Only the listeners (or the spare) hold senders now: the pipeline ends when they are
+        // gone.
         drop(shared);
-        let pipeline = tokio::spawn(pipeline.run());
-        let plugin_watch = tokio::spawn(plugins.clone().watch(shutdown.clone()));
+        let pipeline = supervisor.spawn_fatal("pipeline", move |beat| async move {
+            Ok::<_, std::convert::Infallible>(pipeline.with_heartbeat(beat).run().await)
+        });
+        let plugin_watch = {
+            let (plugins, stop) = (plugins.clone(), shutdown.clone());
+            supervisor.spawn_restarting("plugin-watch", shutdown.clone(), move |beat| {
+                let run = plugins.clone().watch(stop.clone(), beat);
+                async move {
+                    run.await;
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            })
+        };
         let view = Arc::new(StatusView {
             plugins: plugins.clone(),
             login: login.clone(),
@@ -259,6 +336,7 @@ impl Gateway {
             stats: stats.clone(),
             metering: metering.clone(),
             state_dir,
+            supervisor: supervisor.clone(),
         });
         let mut gw = Self {
             shutdown,
@@ -280,33 +358,26 @@ impl Gateway {
             uplink,
             uplink_stop,
             uplink_stats,
+            monitor: supervisor.spawn_monitor(),
+            supervisor,
+            spare_ingest,
         };
         gw.status = Some(gw.spawn_status_writer(config.metering.status_interval));
+        abandon.0 = None;
         Ok(gw)
     }
 
-    fn spawn_status_writer(&self, every: Duration) -> JoinHandle<()> {
-        let view = self.view.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            let mut warned = false;
-            loop {
-                tick.tick().await;
-                let v = view.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    status::write(&v.state_dir, &v.snapshot(true))
-                })
-                .await;
-                match r {
-                    Ok(Err(e)) if !warned => {
-                        warned = true;
-                        log::warn!(error:% = e, state_dir:% = view.state_dir.display(); "cannot write the status file");
-                    }
-                    Ok(Ok(())) => warned = false,
-                    _ => {}
-                }
-            }
-        })
+    fn spawn_status_writer(&self, every: Duration) -> Stage<()> {
+        let (view, stop) = (self.view.clone(), self.shutdown.clone());
+        self.supervisor
+            .spawn_restarting("status", self.shutdown.clone(), move |beat| {
+                status_writer(view.clone(), every, stop.clone(), beat)
+            })
+    }
+
+    /// The supervisor of this gateway's stages.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
     }
 
     /// The queue at a glance (`None` when the upstream is disabled). Blocking for a moment.
@@ -384,48 +455,114 @@ impl Gateway {
     /// Stop accepting, close device connections, drain the pipeline; give up after `deadline`.
     pub async fn stop(mut self, deadline: Duration) -> StopReport {
         let started = Instant::now();
+        self.supervisor.begin_stop();
         self.shutdown.cancel();
-        if let Some(s) = self.status.take() {
-            s.abort();
-        }
-        self.plugin_watch.abort();
         let stats = self.stats.clone();
         let tasks = std::mem::take(&mut self.listener_tasks);
         let pipeline = &mut self.pipeline;
         let writer = self.queue_writer.take();
         self.outbox = None;
+        self.spare_ingest = None;
         let drain = async {
-            for t in tasks {
-                let _ = t.await;
+            for mut t in tasks {
+                let _ = t.join().await;
             }
-            let n = pipeline.await.unwrap_or(0);
+            let handled = pipeline.join().await;
             // The pipeline's queue handle is gone with it: the writer commits what it has.
-            if let Some(w) = writer {
-                let _ = w.await;
-            }
-            n
+            let written = match writer {
+                Some(mut w) => w.join().await.is_ok(),
+                None => true,
+            };
+            (handled, written)
         };
         let result = tokio::time::timeout(deadline, drain).await;
         // Readings still queued stay on disk for the next start.
         self.uplink_stop.cancel();
-        if let Some(u) = self.uplink.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), u).await;
+        let side = Duration::from_secs(2);
+        for stage in [self.uplink.take(), self.status.take()]
+            .into_iter()
+            .flatten()
+            .chain([self.plugin_watch])
+        {
+            let mut stage = stage;
+            let _ = tokio::time::timeout(side, stage.join()).await;
         }
-        // The last word in the status file: final counters, not running.
+        self.monitor.abort();
+        let failed = self.supervisor.failures();
+        // The last word in the status file: final counters and stages, not running.
         if let Err(e) = status::write(&self.view.state_dir, &self.view.snapshot(false)) {
             log::warn!(error:% = e; "cannot write the final status file");
         }
         match result {
-            Ok(readings) => StopReport {
-                drained: true,
+            Ok((Ok(readings), written)) => StopReport {
+                drained: written,
                 readings,
                 took: started.elapsed(),
+                deadline_reached: false,
+                failed,
+            },
+            Ok((Err(_), _)) => StopReport {
+                drained: false,
+                readings: stats.total_messages(),
+                took: started.elapsed(),
+                deadline_reached: false,
+                failed,
             },
             Err(_) => StopReport {
                 drained: false,
                 readings: stats.total_messages(),
                 took: started.elapsed(),
+                deadline_reached: true,
+                failed,
             },
+        }
+    }
+}
+
+/// Dropped with `Some` (a start that failed): stop the stages started so far, as expected ends.
+struct AbandonOnError(Option<(Supervisor, [CancellationToken; 2])>);
+
+impl Drop for AbandonOnError {
+    fn drop(&mut self) {
+        if let Some((supervisor, tokens)) = self.0.take() {
+            supervisor.begin_stop();
+            for t in tokens {
+                t.cancel();
+            }
+        }
+    }
+}
+
+/// The status writer stage: the status file every `every`, until `stop`.
+async fn status_writer(
+    view: Arc<StatusView>,
+    every: Duration,
+    stop: CancellationToken,
+    beat: Heartbeat,
+) -> Result<(), std::convert::Infallible> {
+    let mut tick = tokio::time::interval(every);
+    let mut idle = Heartbeat::ticker();
+    let mut warned = false;
+    loop {
+        beat.beat();
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = idle.tick() => continue,
+            _ = tick.tick() => {}
+        }
+        let v = view.clone();
+        let r = tokio::task::spawn_blocking(move || status::write(&v.state_dir, &v.snapshot(true)))
+            .await;
+        match r {
+            Ok(Err(e)) if !warned => {
+                warned = true;
+                log::warn!(error:% = e, state_dir:% = view.state_dir.display(); "cannot write the status file");
+            }
+            Ok(Ok(())) => warned = false,
+            Ok(Err(_)) => {}
+            // A panic while writing is this stage's panic: the supervisor restarts it.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
         }
     }
 }
@@ -448,7 +585,16 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
         version = env!("CARGO_PKG_VERSION");
         "wardgate starting"
     );
+    #[cfg(feature = "fault-injection")]
+    crate::supervisor::fault::install()?;
     let gw = Gateway::start(&config).await?;
+    let watchdog_every = watchdog_interval(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    );
+    gw.supervisor()
+        .set_stall_after(Supervisor::stall_threshold(watchdog_every));
     let pid_file = config.gateway.state_dir.join(status::PID_FILE);
     if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
         log::warn!(error:% = e, path:% = pid_file.display(); "cannot write the PID file; `wardgate reload` will not find this process");
@@ -469,17 +615,22 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     ]);
     log::info!(listeners:% = listening; "wardgate ready");
 
-    let watchdog = start_watchdog();
-    loop {
+    let watchdog = watchdog_every.map(|every| start_watchdog(every, gw.supervisor().clone()));
+    let failure = loop {
         tokio::select! {
-            _ = sigterm.recv() => { log::info!(signal = "SIGTERM"; "stopping"); break; }
-            _ = sigint.recv() => { log::info!(signal = "SIGINT"; "stopping"); break; }
+            _ = sigterm.recv() => { log::info!(signal = "SIGTERM"; "stopping"); break None; }
+            _ = sigint.recv() => { log::info!(signal = "SIGINT"; "stopping"); break None; }
             _ = sighup.recv() => reload(&opts, &config, &gw),
+            f = gw.supervisor().fatal() => break Some(f),
         }
-    }
+    };
+    let stopping = match &failure {
+        Some(f) => format!("stopping: {f}"),
+        None => "stopping: draining readings".to_owned(),
+    };
     notify(&[
         sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("stopping: draining readings"),
+        sd_notify::NotifyState::Status(&stopping),
     ]);
     if let Some(w) = watchdog {
         w.abort();
@@ -487,6 +638,30 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     let deadline = config.gateway.shutdown_timeout;
     let report = gw.stop(deadline).await;
     let _ = std::fs::remove_file(&pid_file);
+    let failed = report
+        .failed
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if report.deadline_reached {
+        log::error!(
+            readings = report.readings, deadline_ms = deadline.as_millis() as u64;
+            "shutdown deadline (gateway.shutdown_timeout) reached before the pipeline drained; \
+             readings still in flight were not handled"
+        );
+    }
+    if let Some(f) = failure {
+        log::error!(
+            stage = f.stage, reason:% = f.reason, readings = report.readings,
+            drained = report.drained, failed:% = failed, took_ms = report.took.as_millis() as u64;
+            "wardgate stopped because {f}"
+        );
+        anyhow::bail!("{f}; stopped so that the service manager restarts wardgate")
+    }
+    if !report.failed.is_empty() {
+        anyhow::bail!("stages failed while stopping: {failed}")
+    }
     if report.drained {
         log::info!(
             readings = report.readings, took_ms = report.took.as_millis() as u64;
@@ -494,11 +669,6 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
         );
         Ok(())
     } else {
-        log::error!(
-            readings = report.readings, deadline_ms = deadline.as_millis() as u64;
-            "shutdown deadline (gateway.shutdown_timeout) reached before the pipeline drained; \
-             readings still in flight were not handled"
-        );
         anyhow::bail!("shutdown deadline of {deadline:?} reached")
     }
 }
@@ -574,21 +744,40 @@ fn strip_tls_files(l: &config::ListenersConfig) -> config::ListenersConfig {
     l
 }
 
-/// Ping the systemd watchdog at half its interval, if one is configured.
-fn start_watchdog() -> Option<JoinHandle<()>> {
-    let period = watchdog_interval(
-        std::env::var("WATCHDOG_USEC").ok().as_deref(),
-        std::env::var("WATCHDOG_PID").ok().as_deref(),
-        std::process::id(),
-    )? / 2;
-    log::info!(period_ms = period.as_millis() as u64; "systemd watchdog enabled");
-    Some(tokio::spawn(async move {
+/// Ping the systemd watchdog at half its interval, but only while every stage is alive and
+/// making progress ([`Supervisor::check`]); otherwise stop pinging, so systemd restarts the
+/// daemon once `WatchdogSec` has passed.
+fn start_watchdog(interval: Duration, supervisor: Supervisor) -> JoinHandle<()> {
+    let period = interval / 2;
+    log::info!(
+        period_ms = period.as_millis() as u64,
+        stall_after_ms = supervisor.stall_after().as_millis() as u64;
+        "systemd watchdog enabled"
+    );
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
+        let mut withheld = false;
         loop {
             tick.tick().await;
-            notify(&[sd_notify::NotifyState::Watchdog]);
+            let unhealthy = supervisor.check();
+            if unhealthy.is_empty() {
+                if withheld {
+                    log::info!(
+                        "every stage makes progress again: the systemd watchdog is fed again"
+                    );
+                    withheld = false;
+                }
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            } else if !withheld {
+                withheld = true;
+                let stages = unhealthy.join(", ");
+                log::error!(
+                    stages:% = stages;
+                    "the systemd watchdog is no longer fed: stage {stages} stalled or failed; systemd restarts wardgate after WatchdogSec unless it recovers"
+                );
+            }
         }
-    }))
+    })
 }
 
 #[cfg(test)]

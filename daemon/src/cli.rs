@@ -38,7 +38,8 @@ enum Command {
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Check the configuration: exit 0 when valid, 2 with every problem listed when not.
+    /// Check the configuration and load its TLS files: exit 0 when valid, 2 with every problem
+    /// listed when not.
     CheckConfig {
         /// Main configuration file [default: /etc/wardgate/wardgate.toml].
         #[arg(short = 'c', long = "config", value_name = "FILE")]
@@ -186,6 +187,31 @@ fn load_or_report(file: Option<PathBuf>) -> Result<(LoadOptions, config::Loaded)
 fn check_config(file: Option<PathBuf>) -> ExitCode {
     match load_or_report(file) {
         Ok((_, loaded)) => {
+            // The TLS files are loaded as `run` loads them, so a file that exists but cannot be
+            // used fails here (ExecStartPre) rather than after start-up.
+            let mut problems = Vec::new();
+            let c = &loaded.config;
+            if c.listeners.tls.enabled {
+                if let Err(e) = crate::gatekeeper::tls::load(&c.listeners.tls) {
+                    problems.push(e);
+                }
+            }
+            if c.upstream.enabled {
+                if let Err(e) = crate::uplink::load_tls(&c.upstream) {
+                    problems.push(e);
+                }
+            }
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("wardgate: {p}");
+                }
+                eprintln!(
+                    "wardgate: {} TLS file problem{}; fix the files named above",
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let files: Vec<String> = loaded
                 .files
                 .iter()

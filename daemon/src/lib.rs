@@ -20,6 +20,8 @@
 //! - [`queue`]: the durable offline queue (sled), on-disk format and invariants in its docs.
 //! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
+//! - [`supervisor`]: runs every long-running stage, notices one that ends or stops making
+//!   progress, restarts it or stops the daemon (per stage), and gates the systemd watchdog.
 //! - [`uplink`]: drains the queue to AWS IoT Core (mutual TLS, batches, quotas, a topic per
 //!   stream).
 //! - [`sim`]: the ward simulator (devices with their vendors' raw formats).
@@ -46,5 +48,6 @@ pub mod queue;
 pub mod registry;
 pub mod sim;
 pub mod status;
+pub mod supervisor;
 pub mod telemetry;
 pub mod uplink;

@@ -4,6 +4,10 @@
 //! A file (not a socket) because it needs no extra listener, survives the daemon for post-mortem
 //! reading, and is easy to collect by monitoring tools. It is written to a temporary file and
 //! renamed, so a reader never sees half of it.
+//!
+//! It shows every supervised stage ([`crate::supervisor`]): running, stalled, restarting,
+//! failed or stopped, its policy, how often it was restarted and its last failure. The file
+//! written at stop keeps that, so a daemon that exited because a stage failed says which.
 
 use crate::metering::{DeviceSnapshot, GatewayCountersSnapshot};
 use serde::{Deserialize, Serialize};
@@ -61,6 +65,9 @@ pub struct Status {
     /// The uplink (when the upstream is enabled).
     #[serde(default)]
     pub uplink: Option<UplinkStatus>,
+    /// Every supervised stage: state, policy, restarts, last failure.
+    #[serde(default)]
+    pub stages: Vec<crate::supervisor::StageStatus>,
 }
 
 /// The uplink at a glance.
@@ -137,6 +144,26 @@ pub fn render(s: &Status) -> String {
     );
     for l in &s.listeners {
         let _ = writeln!(out, "listener {:<6} {}", l.name, l.address);
+    }
+    for st in &s.stages {
+        let _ = write!(
+            out,
+            "stage {:<14} {:<10} ({} policy)",
+            st.name,
+            st.state.name(),
+            st.policy.name()
+        );
+        if st.restarts > 0 {
+            let _ = write!(out, "; restarted {} times", st.restarts);
+        }
+        if let Some(why) = &st.last_failure {
+            let _ = write!(
+                out,
+                "; last failure {}: {why}",
+                st.last_failure_at.as_deref().unwrap_or("")
+            );
+        }
+        let _ = writeln!(out);
     }
     let _ = writeln!(
         out,

@@ -10,6 +10,9 @@
 //! `max_segment_bytes × max_segment_count` (4 MiB with the defaults), and at most
 //! `max_outgoing_packets` queued towards any one subscriber.
 //!
+//! The broker's thread is watched ([`BrokerHandle::ended`]): if it ever ends, the gateway's
+//! supervisor stops the daemon (rumqttd cannot be restarted in-process).
+//!
 //! What must stay true: the internal port is loopback-only (checked by config validation) and
 //! refuses any CONNECT without the secret; the secret never leaves the process.
 
@@ -19,6 +22,7 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -54,6 +58,8 @@ pub struct BrokerHandle {
     addr: SocketAddr,
     secret: String,
     max_frame_bytes: usize,
+    /// Set once the broker's thread ended, with why.
+    ended: Arc<OnceLock<String>>,
 }
 
 impl std::fmt::Debug for BrokerHandle {
@@ -74,6 +80,12 @@ impl BrokerHandle {
     /// Largest MQTT frame (remaining length) either side may send.
     pub fn max_frame_bytes(&self) -> usize {
         self.max_frame_bytes
+    }
+
+    /// Why the broker's thread ended, once it has (it never should: rumqttd runs for the life
+    /// of the process). Watched by the [`crate::supervisor`].
+    pub fn ended(&self) -> Option<String> {
+        self.ended.get().cloned()
     }
 
     /// The login the gatekeeper puts into every relayed CONNECT.
@@ -128,13 +140,16 @@ pub async fn start(cfg: &BrokerConfig, limits: &LimitsConfig) -> Result<BrokerHa
         v4: Some(HashMap::from([("internal".to_owned(), server)])),
         ..Default::default()
     };
+    let ended = Arc::new(OnceLock::new());
+    let on_end = EndGuard(ended.clone());
     std::thread::Builder::new()
         .name("wardgate-broker".into())
         .spawn(move || {
+            let on_end = on_end;
             let mut broker = rumqttd::Broker::new(rconfig);
             // start() blocks for the life of the process (rumqttd has no shutdown).
             if let Err(e) = broker.start() {
-                log::error!(error:% = e; "internal broker stopped");
+                let _ = on_end.0.set(format!("stopped: {e}"));
             }
         })
         .map_err(BrokerError::Thread)?;
@@ -143,6 +158,7 @@ pub async fn start(cfg: &BrokerConfig, limits: &LimitsConfig) -> Result<BrokerHa
         addr,
         secret,
         max_frame_bytes,
+        ended,
     };
     let started = Instant::now();
     loop {
@@ -159,6 +175,20 @@ pub async fn start(cfg: &BrokerConfig, limits: &LimitsConfig) -> Result<BrokerHa
     }
     log::debug!(address:% = addr; "internal broker ready");
     Ok(handle)
+}
+
+/// Records the end of the broker's thread however it ends (returned, or unwinding a panic).
+struct EndGuard(Arc<OnceLock<String>>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        let why = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "returned"
+        };
+        let _ = self.0.set(why.to_owned());
+    }
 }
 
 /// Log in with the internal secret and log out again.

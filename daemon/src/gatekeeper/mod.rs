@@ -92,6 +92,7 @@ struct Context {
 pub struct Gatekeeper {
     listener: TcpListener,
     ctx: Arc<Context>,
+    beat: crate::supervisor::Heartbeat,
 }
 
 /// Counts connections per source address; a slot is released when dropped.
@@ -148,7 +149,14 @@ impl Gatekeeper {
                 accept_limits,
                 shared,
             }),
+            beat: crate::supervisor::Heartbeat::detached(),
         })
+    }
+
+    /// Beat `beat` on every accept and on an idle tick (see [`crate::supervisor`]).
+    pub fn with_heartbeat(mut self, beat: crate::supervisor::Heartbeat) -> Self {
+        self.beat = beat;
+        self
     }
 
     /// The bound address (the real port when bound to port 0).
@@ -167,9 +175,12 @@ impl Gatekeeper {
             address:% = self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             "listener up"
         );
+        let mut idle = crate::supervisor::Heartbeat::ticker();
         loop {
+            self.beat.beat();
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = idle.tick() => continue,
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {

@@ -15,7 +15,10 @@
 //! and only then, the device gets its PUBACK. (Shadows and rules hang off the same place.)
 //!
 //! What must stay true: the pipeline stops only when every sender is gone (all device
-//! connections closed), so a stop drains everything accepted so far, in order.
+//! connections closed), so a stop drains everything accepted so far, in order. It is a fatal
+//! stage of the [`crate::supervisor`]: it beats its heartbeat after every message and on an
+//! idle tick, so one message stuck for longer than the stall threshold (a queue writer that
+//! takes nothing) shows as a stalled pipeline and stops the watchdog.
 
 pub mod dead_letter;
 
@@ -166,6 +169,22 @@ pub struct Canonical<'a> {
 pub struct LocalPublisher {
     client: rumqttc::AsyncClient,
     task: tokio::task::JoinHandle<()>,
+    /// Set once its event loop task ended, with how.
+    ended: Arc<std::sync::OnceLock<String>>,
+}
+
+/// Records how the local publisher's event loop ended (returned, or unwinding a panic).
+struct EndGuard(Arc<std::sync::OnceLock<String>>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        let why = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "ended"
+        };
+        let _ = self.0.set(why.to_owned());
+    }
 }
 
 impl std::fmt::Debug for LocalPublisher {
@@ -196,7 +215,10 @@ impl LocalPublisher {
             broker.max_frame_bytes() + 1024,
         );
         let (client, mut el) = rumqttc::AsyncClient::new(o, 256);
+        let ended = Arc::new(std::sync::OnceLock::new());
+        let guard = EndGuard(ended.clone());
         let task = tokio::spawn(async move {
+            let _guard = guard;
             loop {
                 if let Err(e) = el.poll().await {
                     log::warn!(error:% = e; "local publisher lost the internal broker; reconnecting");
@@ -204,7 +226,18 @@ impl LocalPublisher {
                 }
             }
         });
-        Self { client, task }
+        Self {
+            client,
+            task,
+            ended,
+        }
+    }
+
+    /// Why its event loop ended, once it has (it runs until the publisher is dropped). For
+    /// [`crate::supervisor::Supervisor::watch_fatal`].
+    pub fn ended_probe(&self) -> impl Fn() -> Option<String> + Send + Sync + 'static {
+        let ended = self.ended.clone();
+        move || ended.get().map(|how| format!("event loop {how}"))
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>) {
@@ -255,6 +288,7 @@ pub struct Pipeline {
     stats: PipelineStats,
     stages: Stages,
     dead_letter_log: LogLimiter,
+    beat: crate::supervisor::Heartbeat,
 }
 
 impl Pipeline {
@@ -267,6 +301,7 @@ impl Pipeline {
                 stats: PipelineStats::default(),
                 stages,
                 dead_letter_log: LogLimiter::default(),
+                beat: crate::supervisor::Heartbeat::detached(),
             },
             tx,
         )
@@ -277,13 +312,21 @@ impl Pipeline {
         self.stats.clone()
     }
 
+    /// Beat `beat` after every message and on an idle tick (see [`crate::supervisor`]).
+    pub fn with_heartbeat(mut self, beat: crate::supervisor::Heartbeat) -> Self {
+        self.beat = beat;
+        self
+    }
+
     /// Run until every sender is dropped; returns how many readings were handled.
     pub async fn run(mut self) -> u64 {
         let mut handled = 0u64;
         let mut since_summary = 0u64;
         let mut summary = tokio::time::interval(SUMMARY_INTERVAL);
         summary.tick().await;
+        let mut idle = crate::supervisor::Heartbeat::ticker();
         loop {
+            self.beat.beat();
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(msg) => {
@@ -301,6 +344,7 @@ impl Pipeline {
                     );
                     since_summary = 0;
                 }
+                _ = idle.tick() => {}
             }
         }
         log::info!(readings = handled; "pipeline drained and stopped");

@@ -475,13 +475,21 @@ impl PluginHost {
         }
     }
 
-    /// Scan every `plugins.poll_interval` until `stop`.
-    pub async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+    /// Scan every `plugins.poll_interval` until `stop`, beating `beat` between scans (a scan
+    /// that hangs stops the beat; see [`crate::supervisor`]).
+    pub async fn watch(
+        self: Arc<Self>,
+        stop: tokio_util::sync::CancellationToken,
+        beat: crate::supervisor::Heartbeat,
+    ) {
         let mut tick = tokio::time::interval(self.cfg.poll_interval);
         tick.tick().await;
+        let mut idle = crate::supervisor::Heartbeat::ticker();
         loop {
+            beat.beat();
             tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = idle.tick() => {}
                 _ = tick.tick() => {
                     let me = self.clone();
                     let _ = tokio::task::spawn_blocking(move || me.scan()).await;

@@ -53,7 +53,9 @@
 
 mod writer;
 
-pub use writer::{spawn_writer, Enqueue, QueueCounters, QueueStatus, SharedQueue, MAX_GROUP};
+pub use writer::{
+    spawn_writer, writer, Enqueue, QueueCounters, QueueStatus, SharedQueue, MAX_GROUP,
+};
 
 use std::path::Path;
 

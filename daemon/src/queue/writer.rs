@@ -7,6 +7,11 @@
 //! records past `queue.max_bytes` is refused — not written, not confirmed (its device is
 //! disconnected and sends it again later) — because those records can never be evicted and the
 //! disk must stay bounded. Routine records are always admitted; the eviction policy makes room.
+//!
+//! Supervision: the writer is a fatal stage ([`crate::supervisor`]). It beats after every
+//! successful commit and when idle, never while readings wait behind failing commits, so a
+//! writer that cannot write shows as stalled (and stops the watchdog) instead of looking alive
+//! while no PUBACK is sent.
 
 use super::{Record, SledStore, Store};
 use crate::clock::now_ms;
@@ -122,17 +127,53 @@ impl Enqueue {
     }
 }
 
-/// Start the group-commit writer. It ends when every [`Enqueue`] is dropped, after committing
-/// what it has.
+/// Start the group-commit writer on its own task, unsupervised (see [`writer`]).
 pub fn spawn_writer(
     queue: SharedQueue,
     commit_interval: Duration,
     max_bytes: u64,
     max_age: Duration,
 ) -> (Enqueue, tokio::task::JoinHandle<()>) {
+    let (enqueue, w) = writer(
+        queue,
+        commit_interval,
+        max_bytes,
+        max_age,
+        crate::supervisor::Heartbeat::detached(),
+    );
+    (enqueue, tokio::spawn(w))
+}
+
+/// The group-commit writer and its entrance. The writer ends when every [`Enqueue`] is
+/// dropped, after committing what it has. It beats `beat` after every successful commit and
+/// on an idle tick when nothing waits; a writer whose commits keep failing while readings wait
+/// makes no progress and shows as stalled. A panic while writing is the writer's panic.
+pub fn writer(
+    queue: SharedQueue,
+    commit_interval: Duration,
+    max_bytes: u64,
+    max_age: Duration,
+    beat: crate::supervisor::Heartbeat,
+) -> (
+    Enqueue,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let (tx, mut rx) = mpsc::channel::<(Record, Option<Ack>)>(WRITER_CHANNEL_CAPACITY);
-    let task = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
+    let task = async move {
+        let mut idle = crate::supervisor::Heartbeat::ticker();
+        loop {
+            let first = tokio::select! {
+                // Waiting readings first: the idle tick beats only when there are none.
+                biased;
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = idle.tick() => {
+                    beat.beat();
+                    continue;
+                }
+            };
             let mut group = vec![first];
             let deadline = tokio::time::Instant::now() + commit_interval;
             while group.len() < MAX_GROUP {
@@ -161,6 +202,7 @@ pub fn spawn_writer(
             .await;
             match result {
                 Ok(Ok((admitted, evicted, len, bytes))) => {
+                    beat.beat();
                     use std::sync::atomic::Ordering::Relaxed;
                     let c = &queue.counters;
                     let refused = admitted.iter().filter(|ok| !**ok).count() as u64;
@@ -195,10 +237,14 @@ pub fn spawn_writer(
                     error:% = e;
                     "cannot write the queue: {} readings not acknowledged (devices will resend)", acks.len()
                 ),
-                Err(e) => log::error!(error:% = e; "queue writer task failed"),
+                // The store may be half-written: this is the writer's own panic.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => {
+                    log::error!(error:% = e; "queue write was cancelled: {} readings not acknowledged (devices will resend)", acks.len())
+                }
             }
         }
-    });
+    };
     (Enqueue(tx), task)
 }
 

@@ -30,13 +30,22 @@
 //! - Order: alarm and security records go first (oldest first among them), then the backlog
 //!   oldest first alongside live traffic.
 //!
+//! - TLS: the CA, client certificate and key are loaded by [`load_tls`] in `check-config` and
+//!   before READY=1, so a broken file stops the start with a message naming it; the loaded
+//!   configuration is reused for every session and every restart.
+//! - Supervision: the uplink is a restartable stage ([`crate::supervisor`]): if it ever ends
+//!   or panics, a new [`Uplink::run`] starts after a backoff and re-reads everything
+//!   unacknowledged from the queue.
+//!
 //! Producers queue records through [`crate::queue::Enqueue`] (the gateway hands one out as
 //! [`crate::app::Gateway::outbox`]); the uplink needs nothing else to forward a new stream.
 
 pub mod topics;
 
 use crate::config::UpstreamConfig;
+pub use crate::gatekeeper::tls::TlsError;
 use crate::queue::{Record, SharedQueue, Store, Stream};
+use crate::supervisor::Heartbeat;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -72,43 +81,136 @@ impl UplinkStats {
     }
 }
 
-/// Build the TLS client configuration from the configured files.
-pub fn tls_config(cfg: &UpstreamConfig) -> anyhow::Result<rustls::ClientConfig> {
-    use anyhow::Context;
-    let ca = cfg
-        .ca_file
-        .as_ref()
-        .context("upstream.ca_file is not set")?;
-    let cert = cfg
-        .cert_file
-        .as_ref()
-        .context("upstream.cert_file is not set")?;
-    let key = cfg
-        .key_file
-        .as_ref()
-        .context("upstream.key_file is not set")?;
+/// Load the upstream's CA, client certificate and key into a TLS client configuration, or say
+/// which file is wrong, what is wrong with it, and how to fix it. `check-config` runs this, and
+/// the gateway runs it before READY=1, so a broken file never surfaces after start-up.
+pub fn load_tls(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let file = |key: &'static str, p: &Option<std::path::PathBuf>| {
+        p.clone().ok_or_else(|| TlsError {
+            key,
+            path: Default::default(),
+            problem: "not set; it is required when upstream.enabled = true".into(),
+        })
+    };
+    let ca = file("upstream.ca_file", &cfg.ca_file)?;
+    let cert = file("upstream.cert_file", &cfg.cert_file)?;
+    let key = file("upstream.key_file", &cfg.key_file)?;
+    let bad = |key: &'static str, path: &std::path::Path, problem: String| TlsError {
+        key,
+        path: path.to_path_buf(),
+        problem,
+    };
     let mut roots = rustls::RootCertStore::empty();
-    for c in
-        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
-    {
-        roots
-            .add(c.with_context(|| format!("{} is not valid PEM", ca.display()))?)
-            .with_context(|| format!("{}: bad CA certificate", ca.display()))?;
+    for c in read_pem_certs("upstream.ca_file", &ca, "the CA that signed the endpoint's server certificate (for AWS IoT Core: AmazonRootCA1.pem)")? {
+        roots.add(c).map_err(|e| {
+            bad(
+                "upstream.ca_file",
+                &ca,
+                format!("not a usable CA certificate ({e}); use the CA that signed the endpoint's server certificate (for AWS IoT Core: AmazonRootCA1.pem)"),
+            )
+        })?;
     }
-    let chain = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading {}", cert.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{} is not valid PEM", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("{}: no usable private key", key.display()))?;
+    let chain = read_pem_certs(
+        "upstream.cert_file",
+        &cert,
+        "the gateway's client certificate registered with the endpoint (for AWS IoT Core: the thing's certificate.pem.crt)",
+    )?;
+    check_validity(&cert, &chain[0])?;
+    let private = PrivateKeyDer::from_pem_file(&key).map_err(|e| {
+        bad(
+            "upstream.key_file",
+            &key,
+            format!(
+                "no usable private key ({e}); it must hold the PEM private key (PKCS#8, PKCS#1 or SEC1) of upstream.cert_file, readable by the wardgate user"
+            ),
+        )
+    })?;
+    let provider = crate::gatekeeper::tls::provider();
+    // Parsed on its own first, so a broken key is not reported as a mismatch.
+    provider
+        .key_provider
+        .load_private_key(private.clone_key())
+        .map_err(|e| {
+            bad(
+                "upstream.key_file",
+                &key,
+                format!(
+                    "no usable private key ({e}); it must hold the PEM private key (PKCS#8, PKCS#1 or SEC1) of upstream.cert_file"
+                ),
+            )
+        })?;
     let mut config =
-        rustls::ClientConfig::builder_with_provider(crate::gatekeeper::tls::provider())
-            .with_safe_default_protocol_versions()?
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("upstream", std::path::Path::new(""), format!("no usable TLS versions: {e}")))?
             .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .context("upstream.cert_file and upstream.key_file do not match")?;
+            .with_client_auth_cert(chain, private)
+            .map_err(|e| {
+                bad(
+                    "upstream.key_file",
+                    &key,
+                    format!(
+                        "does not belong to upstream.cert_file ({}) or is unsupported ({e}); use the key the certificate was issued for",
+                        cert.display()
+                    ),
+                )
+            })?;
     config.alpn_protocols = cfg.alpn_protocols();
-    Ok(config)
+    Ok(Arc::new(config))
+}
+
+fn read_pem_certs(
+    key: &'static str,
+    path: &std::path::Path,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |problem: String| TlsError {
+        key,
+        path: path.to_path_buf(),
+        problem,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| {
+            bad(format!(
+                "cannot read it ({e}); it must be readable by the wardgate user"
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not valid PEM ({e}); it must hold {what}")))?;
+    if certs.is_empty() {
+        return Err(bad(format!(
+            "no CERTIFICATE block in it; it must hold {what}"
+        )));
+    }
+    Ok(certs)
+}
+
+/// The client certificate must parse and be within its validity period now: the endpoint
+/// would refuse it at every handshake otherwise.
+fn check_validity(path: &std::path::Path, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
+    use x509_parser::prelude::*;
+    let bad = |problem: String| TlsError {
+        key: "upstream.cert_file",
+        path: path.to_path_buf(),
+        problem,
+    };
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| bad(format!("the first certificate does not parse ({e})")))?;
+    let validity = parsed.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now > validity.not_after {
+        return Err(bad(format!(
+            "the certificate expired on {}; install a renewed certificate (and its key) for this gateway",
+            validity.not_after
+        )));
+    }
+    if now < validity.not_before {
+        return Err(bad(format!(
+            "the certificate is not valid before {}; check the gateway's clock, or install a certificate valid now",
+            validity.not_before
+        )));
+    }
+    Ok(())
 }
 
 /// Token buckets for the per-second quotas.
@@ -144,47 +246,72 @@ impl Quota {
     }
 }
 
-/// Drain `queue` to the upstream until `stop`.
-pub async fn run(
-    cfg: UpstreamConfig,
-    gateway_id: String,
-    queue: SharedQueue,
-    stats: Arc<UplinkStats>,
-    stop: CancellationToken,
-) {
-    let tls = match tls_config(&cfg) {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
-            log::error!(error:% = format!("{e:#}"); "uplink cannot start: {e:#}; readings stay queued");
-            return;
-        }
-    };
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let started = Instant::now();
-        let outcome = session(&cfg, &gateway_id, tls.clone(), &queue, &stats, &stop).await;
+/// The uplink stage: everything one run needs (cloned for every restart; see
+/// [`crate::supervisor`]: a new run re-reads every unacknowledged record from the queue).
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    /// Upstream settings.
+    pub cfg: UpstreamConfig,
+    /// The thing name (client id).
+    pub gateway_id: String,
+    /// TLS material, loaded before start ([`load_tls`]).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The durable queue it drains.
+    pub queue: SharedQueue,
+    /// Counters.
+    pub stats: Arc<UplinkStats>,
+}
+
+impl Uplink {
+    /// Drain the queue to the upstream until `stop`, beating `beat` on every event, on an
+    /// idle tick while connected, and while waiting to reconnect. (A connection attempt is
+    /// never interrupted for a beat: rumqttc would start it over; it is bounded by rumqttc's
+    /// connection timeout.)
+    pub async fn run(self, stop: CancellationToken, beat: Heartbeat) {
+        let Uplink {
+            cfg,
+            gateway_id,
+            tls,
+            queue,
+            stats,
+        } = self;
+        // A restarted run starts without a session, whatever the last one left here.
         stats.connected.store(false, Ordering::Relaxed);
-        if stop.is_cancelled() {
-            return;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let started = Instant::now();
+            let outcome =
+                session(&cfg, &gateway_id, tls.clone(), &queue, &stats, &stop, &beat).await;
+            stats.connected.store(false, Ordering::Relaxed);
+            if stop.is_cancelled() {
+                return;
+            }
+            stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_secs(1);
+            }
+            let jitter = 0.75 + rand::random::<f64>() * 0.5;
+            let wait = backoff.mul_f64(jitter);
+            let q = queue_status(&queue).await;
+            log::warn!(
+                endpoint:% = cfg.endpoint, error:% = outcome, retry_in_ms = wait.as_millis() as u64,
+                queued = q.depth, queued_bytes = q.bytes, oldest_age_s = q.oldest_age_s,
+                evicted = q.evicted_over_bytes + q.evicted_over_age;
+                "upstream connection lost or refused; {} records stay queued (oldest {} s)", q.depth, q.oldest_age_s
+            );
+            let pause = tokio::time::sleep(wait);
+            tokio::pin!(pause);
+            let mut idle = Heartbeat::ticker();
+            loop {
+                beat.beat();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = &mut pause => break,
+                    _ = idle.tick() => {}
+                }
+            }
+            backoff = (backoff * 2).min(cfg.max_backoff);
         }
-        stats.connection_errors.fetch_add(1, Ordering::Relaxed);
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_secs(1);
-        }
-        let jitter = 0.75 + rand::random::<f64>() * 0.5;
-        let wait = backoff.mul_f64(jitter);
-        let q = queue_status(&queue).await;
-        log::warn!(
-            endpoint:% = cfg.endpoint, error:% = outcome, retry_in_ms = wait.as_millis() as u64,
-            queued = q.depth, queued_bytes = q.bytes, oldest_age_s = q.oldest_age_s,
-            evicted = q.evicted_over_bytes + q.evicted_over_age;
-            "upstream connection lost or refused; {} records stay queued (oldest {} s)", q.depth, q.oldest_age_s
-        );
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        backoff = (backoff * 2).min(cfg.max_backoff);
     }
 }
 
@@ -204,6 +331,7 @@ async fn session(
     queue: &SharedQueue,
     stats: &UplinkStats,
     stop: &CancellationToken,
+    beat: &Heartbeat,
 ) -> String {
     let mut o = MqttOptions::new(gateway_id, cfg.endpoint.clone(), cfg.port);
     o.set_keep_alive(Duration::from_secs(30));
@@ -230,9 +358,13 @@ async fn session(
     let mut backlog: Option<(Instant, usize)> = None;
     let mut linger = tokio::time::interval(cfg.max_linger.max(Duration::from_millis(1)));
     linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle = Heartbeat::ticker();
     loop {
+        beat.beat();
         let room = connected && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize;
         tokio::select! {
+            // Only while connected: interrupting rumqttc's connection attempt restarts it.
+            _ = idle.tick(), if connected => {}
             _ = stop.cancelled() => {
                 let _ = client.try_disconnect();
                 return "stopping".into();
