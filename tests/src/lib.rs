@@ -606,6 +606,7 @@ impl Rig {
 }
 
 pub mod pki;
+pub mod upstream;
 
 /// A hand-driven MQTT client over any stream: exact control of every byte sent.
 #[derive(Debug)]

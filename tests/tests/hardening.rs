@@ -538,24 +538,21 @@ async fn a_topic_with_a_newline_or_nul_cannot_forge_a_log_line() {
     }
 }
 
+/// Log in as `id` on the daemon and return the "device connected" line it logged.
+async fn logged_login(d: &Daemon, id: &str, password: &str) -> String {
+    assert_eq!(
+        login(d.addr, id, password).await,
+        Some(ConnectReturnCode::Success)
+    );
+    d.until("device connected").pop().unwrap()
+}
+
 #[tokio::test]
 async fn reload_empties_the_credential_cache() {
     let d = Daemon::start(vec![device("pm-a", "pacemaker", "pw")]);
-    assert_eq!(
-        login(d.addr, "pm-a", "pw").await,
-        Some(ConnectReturnCode::Success)
-    );
-    let lines = d.until("device connected");
-    assert!(
-        lines.last().unwrap().contains("credential_cache=miss"),
-        "{lines:?}"
-    );
-    assert_eq!(
-        login(d.addr, "pm-a", "pw").await,
-        Some(ConnectReturnCode::Success)
-    );
-    let lines = d.until("device connected");
-    let line = lines.last().unwrap();
+    let line = logged_login(&d, "pm-a", "pw").await;
+    assert!(line.contains("credential_cache=miss"), "{line}");
+    let line = logged_login(&d, "pm-a", "pw").await;
     assert!(line.contains("credential_cache=hit"), "{line}");
     assert!(line.contains("auth=password"), "{line}");
     nix::sys::signal::kill(
@@ -563,19 +560,9 @@ async fn reload_empties_the_credential_cache() {
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-    let lines = d.until("credential cache emptied");
-    assert!(
-        lines.last().unwrap().contains("credentials_forgotten=1"),
-        "{lines:?}"
-    );
+    let line = d.until("credential cache emptied").pop().unwrap();
+    assert!(line.contains("credentials_forgotten=1"), "{line}");
     d.until("configuration reloaded");
-    assert_eq!(
-        login(d.addr, "pm-a", "pw").await,
-        Some(ConnectReturnCode::Success)
-    );
-    let lines = d.until("device connected");
-    assert!(
-        lines.last().unwrap().contains("credential_cache=miss"),
-        "{lines:?}"
-    );
+    let line = logged_login(&d, "pm-a", "pw").await;
+    assert!(line.contains("credential_cache=miss"), "{line}");
 }
