@@ -673,12 +673,14 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     }
 }
 
-/// SIGHUP: re-read the configuration; apply the device registry and log level, keep the rest.
+/// SIGHUP: lift plugin containment of devices; re-read the configuration; apply the device
+/// registry and log level, keep the rest.
 fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
     let monotonic = sd_notify::NotifyState::monotonic_usec_now().ok();
     let mut states = vec![sd_notify::NotifyState::Reloading];
     states.extend(monotonic);
     notify(&states);
+    gw.plugins().clear_containment();
     match config::load(opts) {
         Ok(loaded) => {
             let new = loaded.config;

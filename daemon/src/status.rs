@@ -247,7 +247,23 @@ pub fn render(s: &Status) -> String {
                 p.name,
                 p.version,
                 &p.digest[..16.min(p.digest.len())],
-                if p.failed { "  FAILED" } else { "" }
+                match p.contained.len() {
+                    0 => String::new(),
+                    n => format!("  {n} device(s) CONTAINED"),
+                }
+            );
+            for c in &p.contained {
+                let _ = writeln!(
+                    out,
+                    "  contained {:<24} since {} after {} traps in a row; last: {}",
+                    c.device_id, c.since, c.traps, c.reason
+                );
+            }
+        }
+        if s.plugins.iter().any(|p| !p.contained.is_empty()) {
+            let _ = writeln!(
+                out,
+                "  (contained devices' messages go to the dead-letter store; `wardgate reload` lifts containment)"
             );
         }
     }

@@ -267,18 +267,18 @@ fn misbehaving_guests_are_contained() {
         Err(Failure::InvalidOutput(_)) => {}
         other => panic!("nonsense output must be refused, got {other:?}"),
     }
-    // A plugin that keeps trapping is marked failed.
+    // A device that keeps trapping a plugin is contained for it.
     for _ in 0..2 {
         assert!(matches!(
             call(&h, "test-panic", b"x", &none),
             Err(Failure::Trap(_))
         ));
     }
-    assert!(h.get("test-panic").unwrap().is_failed());
-    assert_eq!(
+    assert_eq!(h.get("test-panic").unwrap().contained().len(), 1);
+    assert!(matches!(
         call(&h, "test-panic", b"x", &none),
-        Err(Failure::PluginFailed("test-panic".into()))
-    );
+        Err(Failure::Contained { .. })
+    ));
     assert_eq!(call(&h, "pacemaker", good, &none).unwrap().len(), 1);
 }
 
@@ -415,16 +415,16 @@ async fn a_bad_plugin_never_costs_another_device_a_reading() {
             "{id}: every message in the dead-letter store"
         );
     }
-    // Each bad guest trapped until it was marked failed; the loop hit the deadline. (Whether
+    // Each bad guest trapped until its device was contained; the loop hit the deadline. (Whether
     // the allocator hits the memory cap or the 5 ms deadline first depends on the machine's
     // load; `misbehaving_guests_are_contained` pins each cause down.)
     assert!(dead
         .iter()
-        .all(|d| matches!(d.reason_kind.as_str(), "trap" | "plugin-failed")));
+        .all(|d| matches!(d.reason_kind.as_str(), "trap" | "device-contained")));
     assert!(dead
         .iter()
         .any(|d| d.device_id == "bad-loop" && d.reason.contains("deadline")));
-    assert!(dead.iter().any(|d| d.reason_kind == "plugin-failed"));
+    assert!(dead.iter().any(|d| d.reason_kind == "device-contained"));
 }
 
 async fn futures_join<F: std::future::Future>(fs: [F; 3]) -> Vec<F::Output> {

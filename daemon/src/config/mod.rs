@@ -268,12 +268,17 @@ pub struct PluginsConfig {
     /// How often the directory is checked for changes.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// Longest one plugin call may run before it is interrupted.
+    /// CPU time one plugin call may spend before it is stopped (a trap charged to the device
+    /// that sent the message). Time spent waiting for a core does not count; in wall time a
+    /// call is stopped at 20 × this (at least 1 s) whatever its CPU time (charged to no one).
     #[serde(with = "humantime_serde")]
     pub call_deadline: Duration,
     /// Most linear memory one plugin instance may use, in bytes.
     pub max_memory_bytes: usize,
-    /// Traps in a row after which a plugin is marked failed (until a new file replaces it).
+    /// Traps in a row from one device after which that device is contained for its plugin:
+    /// its messages go to the dead-letter store without calling the plugin, until a new
+    /// version of the plugin is loaded or the configuration is reloaded. Other devices are
+    /// never affected.
     pub max_consecutive_traps: u32,
 }
 

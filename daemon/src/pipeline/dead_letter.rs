@@ -28,7 +28,8 @@ pub struct DeadLetter {
     pub plugin: String,
     /// MQTT topic.
     pub topic: String,
-    /// Failure class (`malformed`, `out-of-range`, `unsupported`, `trap`, `no-plugin`, ...).
+    /// Failure class (`malformed`, `out-of-range`, `unsupported`, `invalid-output`, `trap`,
+    /// `device-contained`, `overloaded`, `host-error`, `no-plugin`).
     pub reason_kind: String,
     /// Failure explanation.
     pub reason: String,

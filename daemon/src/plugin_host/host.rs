@@ -1,36 +1,105 @@
-//! What a plugin may call: `log`, `now-ms`, `device-setting`. Nothing else is linked.
+//! What a plugin may call: `log`, `now-ms`, `device-setting`. Nothing else is linked. Also the
+//! state of one store: which device its instance serves (fixed at creation), the call in
+//! progress, and limits that count the instance's linear memory.
 
 use super::bindings;
 use super::bindings::wardgate::plugin::host::LogLevel;
+use super::budget::CallClock;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::StoreLimits;
+use wasmtime::{ResourceLimiter, StoreLimits};
 
 /// Longest log message a plugin may write, in bytes (longer ones are cut).
 const MAX_LOG_BYTES: usize = 1024;
 
-/// Per-store state: limits and the call in progress.
+/// Per-store state: limits, the device the instance serves, and the call in progress.
 pub(super) struct HostState {
-    pub(super) limits: StoreLimits,
+    pub(super) limits: Limits,
+    /// CPU time the call in progress may spend.
+    pub(super) budget: Duration,
+    /// When the call in progress began (the epoch callback measures from here).
+    pub(super) clock: CallClock,
     plugin: Arc<str>,
     device_id: String,
     settings: Arc<BTreeMap<String, String>>,
 }
 
 impl HostState {
-    pub(super) fn new(plugin: Arc<str>, limits: StoreLimits) -> Self {
+    /// State for an instance of `plugin` that serves `device_id` only.
+    pub(super) fn new(plugin: Arc<str>, limits: StoreLimits, device_id: &str) -> Self {
         Self {
-            limits,
+            limits: Limits {
+                inner: limits,
+                memory_bytes: 0,
+            },
+            budget: Duration::ZERO,
+            clock: CallClock::start(),
             plugin,
-            device_id: String::new(),
+            device_id: device_id.to_owned(),
             settings: Arc::default(),
         }
     }
 
-    pub(super) fn set_call(&mut self, device_id: &str, settings: Arc<BTreeMap<String, String>>) {
-        device_id.clone_into(&mut self.device_id);
+    /// A call begins now, with `budget` of CPU time and the device's current settings.
+    pub(super) fn begin_call(&mut self, budget: Duration, settings: Arc<BTreeMap<String, String>>) {
+        self.budget = budget;
         self.settings = settings;
+        self.clock = CallClock::start();
+    }
+}
+
+/// The store's limits, counting the linear memory they let the instance have.
+pub(super) struct Limits {
+    inner: StoreLimits,
+    /// Linear memory of the store's instances, in bytes (initial sizes and growth allowed).
+    pub(super) memory_bytes: usize,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allow = self.inner.memory_growing(current, desired, maximum)?;
+        if allow {
+            self.memory_bytes = self
+                .memory_bytes
+                .saturating_add(desired.saturating_sub(current));
+        }
+        Ok(allow)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
     }
 }
 

@@ -7,10 +7,31 @@
 //! What must stay true:
 //! - a plugin cannot reach anything but the three host functions: no WASI, no files, no
 //!   network, no clock of its own;
-//! - every call runs under an epoch deadline (`plugins.call_deadline`) and every instance under a
-//!   memory cap (`plugins.max_memory_bytes`); a trap (deadline, memory, panic) discards that
-//!   instance, never the process; `plugins.max_consecutive_traps` traps in a row mark the plugin
-//!   failed (journal ERROR) until a new file replaces it;
+//! - **an instance serves one device only.** Each device's messages run on an instance made
+//!   for it (a store of its own), kept between its calls (see `instances`) and never handed to
+//!   another device. So what a plugin keeps in its memory (a static, a cache, a leftover
+//!   buffer) can reach later messages of the same device, never another device's — another
+//!   patient's — call. A trap, a new plugin version, or memory pressure among kept instances
+//!   (least recently used first, [`KEPT_MEMORY_BYTES`] per plugin) drops a device's instance;
+//!   its next message gets a fresh one. Chosen over a fresh instance per call by measurement
+//!   (`cargo xtask bench`): a call on a kept instance costs a few µs, one on a fresh instance
+//!   tens of µs (instantiation plus the page faults of a new memory), an order of magnitude
+//!   more for every reading, for a guarantee — no state between two messages of the same
+//!   device — that the device's own reading stream does not need;
+//! - every call runs under a CPU-time budget (`plugins.call_deadline` per 32 KiB of payload,
+//!   see `budget`), capped in wall time at [`wall_cap`] (the longer of 20 × that and 1 s), and
+//!   under a memory cap (`plugins.max_memory_bytes`). A trap (CPU budget, memory, panic) ends
+//!   that call and drops that instance, never the process;
+//! - **a trap is charged to the device whose message caused it** (exact: its instance has
+//!   seen that device's messages and no other's): `plugins.max_consecutive_traps` traps in a
+//!   row contain that device for that
+//!   plugin (journal WARN; its messages go to the dead-letter store as `device-contained`
+//!   without calling the plugin; shown by `wardgate status`). No device's traps ever stop the
+//!   plugin for another device. A stop by the wall-clock cap (the machine was too busy) and a
+//!   failure to make an instance are charged to no one. Containment ends with a new version of
+//!   the plugin or with [`PluginHost::clear_containment`] (reload: SIGHUP, `wardgate reload`).
+//!   [`MANY_CONTAINED`] devices contained for one plugin raise one journal ERROR (the plugin
+//!   itself is suspect) and stop nothing;
 //! - whatever a plugin returns is checked (finite values, sane metrics, units and times) before
 //!   it becomes a reading; anything a plugin fails or refuses goes to the dead-letter store
 //!   with the reason (the pipeline's job) — never silently dropped;
@@ -18,33 +39,52 @@
 //!   replaces the old one in one pointer swap; a broken file is rejected and the previous
 //!   version keeps serving. Readings handled after the swap use the new version.
 //!
-//! Instances are pooled per plugin and reused (a fresh instance costs ~20 µs, a call well under
-//! 2 µs). Compiled components are cached in `<state_dir>/plugin-cache/<engine hash>/` keyed by the
+//! Compiled components are cached in `<state_dir>/plugin-cache/<engine hash>/` keyed by the
 //! file's SHA-256, so a restart does not recompile.
 
 pub mod bindings;
+mod budget;
+mod containment;
 mod host;
+mod instances;
+
+pub use budget::{call_budget, wall_cap, BUDGET_BYTES, WALL_CAP_FACTOR, WALL_CAP_FLOOR};
+pub use containment::ContainedDevice;
 
 use crate::config::PluginsConfig;
 use bindings::wardgate::plugin::types::{NormalizeError, Quality};
 use bindings::{DevicePlugin, DevicePluginPre};
+use budget::{Stopped, Verdict};
+use containment::{Charged, Ledger};
 use host::HostState;
+use instances::Kept;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, Store, StoreLimitsBuilder};
+use wasmtime::{Engine, Store, StoreLimitsBuilder, UpdateDeadline};
 
-/// Epoch tick: the granularity of call deadlines.
+/// Epoch tick: how often a running call's budget is looked at, at the earliest.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Most readings one message may produce.
 const MAX_READINGS_PER_MESSAGE: usize = 64;
-/// Instances kept per plugin for reuse.
-const POOL_SIZE: usize = 4;
+/// Linear memory of the instances one plugin keeps for its devices between calls (see
+/// `instances`): 64 MiB is ~50 devices' instances of the ward's plugins (~1.1 MiB each, most of
+/// it the untouched stack reservation, so far less is resident). Beyond it the least recently
+/// used are dropped and re-made on their device's next message.
+pub const KEPT_MEMORY_BYTES: usize = 64 << 20;
+/// Core module instances, memories and tables one store may have. Components made by
+/// `wit-component` from one Rust module need fewer.
+const CORE_INSTANCES_PER_STORE: usize = 4;
+const MEMORIES_PER_STORE: usize = 2;
+const TABLES_PER_STORE: usize = 16;
+/// This many devices contained for one plugin at once means the plugin, not the devices, is
+/// likely at fault: one journal ERROR (calls for other devices go on).
+pub const MANY_CONTAINED: usize = 3;
 
 /// Why a plugin file could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +101,23 @@ pub struct LoadError {
 pub enum Failure {
     /// No plugin of that name is loaded.
     NoPlugin(String),
-    /// The plugin is marked failed after repeated traps.
-    PluginFailed(String),
-    /// The call trapped (deadline, memory cap, panic); the instance was discarded.
+    /// The sending device is contained for this plugin after repeated traps; the plugin was not
+    /// called.
+    Contained {
+        /// The plugin.
+        plugin: String,
+        /// Traps in a row that contained the device.
+        traps: u32,
+        /// Why the last of them trapped.
+        reason: String,
+    },
+    /// The call trapped (CPU budget, memory cap, panic); charged to the sending device.
     Trap(String),
+    /// The wall-clock cap stopped the call before it spent its CPU budget: the gateway was
+    /// overloaded. Charged to no device.
+    Overloaded(String),
+    /// The host could not make an instance for the call. Charged to no device.
+    Host(String),
     /// The plugin refused the message (its own typed error).
     Rejected {
         /// `malformed`, `out-of-range` or `unsupported`.
@@ -81,8 +134,10 @@ impl Failure {
     pub fn kind(&self) -> &'static str {
         match self {
             Failure::NoPlugin(_) => "no-plugin",
-            Failure::PluginFailed(_) => "plugin-failed",
+            Failure::Contained { .. } => "device-contained",
             Failure::Trap(_) => "trap",
+            Failure::Overloaded(_) => "overloaded",
+            Failure::Host(_) => "host-error",
             Failure::Rejected { kind, .. } => kind,
             Failure::InvalidOutput(_) => "invalid-output",
         }
@@ -93,8 +148,14 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::NoPlugin(p) => write!(f, "no plugin `{p}` is loaded"),
-            Failure::PluginFailed(p) => write!(f, "plugin `{p}` is marked failed"),
+            Failure::Contained { plugin, traps, reason } => write!(
+                f,
+                "device contained for plugin `{plugin}` after {traps} traps in a row (last: {reason}); \
+                 the plugin is not called for it until a new version is loaded or the configuration is reloaded (`wardgate reload`)"
+            ),
             Failure::Trap(e) => write!(f, "plugin trapped: {e}"),
+            Failure::Overloaded(e) => write!(f, "plugin call stopped: {e}"),
+            Failure::Host(e) => write!(f, "plugin not called: {e}"),
             Failure::Rejected { kind, message } => write!(f, "{kind}: {message}"),
             Failure::InvalidOutput(e) => write!(f, "invalid plugin output: {e}"),
         }
@@ -144,6 +205,7 @@ pub struct Input<'a> {
     pub settings: &'a Arc<BTreeMap<String, String>>,
 }
 
+/// An instance and the store it lives in, made for one device.
 struct Instance {
     store: Store<HostState>,
     plugin: DevicePlugin,
@@ -155,9 +217,10 @@ pub struct Plugin {
     version: Arc<str>,
     digest: String,
     pre: DevicePluginPre<HostState>,
-    pool: Mutex<Vec<Instance>>,
-    consecutive_traps: AtomicU32,
-    failed: AtomicBool,
+    /// Instances kept between calls, by device.
+    kept: Mutex<Kept<Instance>>,
+    /// Trap counts and containment of this version's devices.
+    ledger: Ledger,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -186,9 +249,14 @@ impl Plugin {
         &self.digest
     }
 
-    /// Whether it is marked failed.
-    pub fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+    /// The devices contained for it, sorted by id.
+    pub fn contained(&self) -> Vec<ContainedDevice> {
+        self.ledger.contained()
+    }
+
+    /// Instances kept for devices between calls, and their linear memory in bytes.
+    pub fn kept_instances(&self) -> (usize, usize) {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).usage()
     }
 }
 
@@ -201,8 +269,9 @@ pub struct PluginStatus {
     pub version: String,
     /// SHA-256 of the file.
     pub digest: String,
-    /// Marked failed.
-    pub failed: bool,
+    /// Devices contained for it (their messages go to the dead-letter store).
+    #[serde(default)]
+    pub contained: Vec<ContainedDevice>,
 }
 
 /// The plugin host.
@@ -281,22 +350,47 @@ impl PluginHost {
         }))
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        (self.cfg.call_deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
-    }
-
-    fn new_store(&self, plugin: &Arc<str>) -> Store<HostState> {
+    /// A new instance of `p` for `device_id`.
+    fn instantiate(&self, p: &Plugin, device_id: &str) -> wasmtime::Result<Instance> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.cfg.max_memory_bytes)
-            .instances(4)
-            .tables(16)
-            .memories(2)
+            .instances(CORE_INSTANCES_PER_STORE)
+            .tables(TABLES_PER_STORE)
+            .memories(MEMORIES_PER_STORE)
             .trap_on_grow_failure(true)
             .build();
-        let mut store = Store::new(&self.engine, HostState::new(plugin.clone(), limits));
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(p.name.clone(), limits, device_id),
+        );
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store
+        store.epoch_deadline_callback(|ctx| {
+            let s = ctx.data();
+            let (cpu, wall) = s.clock.used();
+            match budget::verdict(s.budget, cpu, wall, EPOCH_TICK) {
+                Verdict::Continue(ticks) => Ok(UpdateDeadline::Continue(ticks)),
+                Verdict::CpuSpent => Err(wasmtime::Error::new(Stopped::CpuSpent {
+                    cpu,
+                    wall,
+                    budget: s.budget,
+                })),
+                Verdict::WallCap => Err(wasmtime::Error::new(Stopped::WallCap { cpu, wall })),
+            }
+        });
+        // Instantiation runs under the budget of a small call.
+        Self::begin_call(&mut store, self.cfg.call_deadline, Arc::default());
+        let plugin = p.pre.instantiate(&mut store)?;
+        Ok(Instance { store, plugin })
+    }
+
+    /// Start the clock of a call with `budget` of CPU time.
+    fn begin_call(
+        store: &mut Store<HostState>,
+        budget: Duration,
+        settings: Arc<BTreeMap<String, String>>,
+    ) {
+        store.data_mut().begin_call(budget, settings);
+        store.set_epoch_deadline(budget::ticks(budget, EPOCH_TICK));
     }
 
     /// Compile (or load from cache) a component from `bytes`.
@@ -369,29 +463,36 @@ impl PluginHost {
             ))
         })?;
         let name: Arc<str> = name.into();
-        let mut store = self.new_store(&name);
-        store.set_epoch_deadline(self.deadline_ticks() * 10);
-        let plugin = pre
-            .instantiate(&mut store)
+        let mut loaded = Plugin {
+            name: name.clone(),
+            version: "".into(),
+            digest,
+            pre,
+            kept: Mutex::new(Kept::new(KEPT_MEMORY_BYTES)),
+            ledger: Ledger::default(),
+        };
+        // A test call on an instance of its own (made for no device, then dropped).
+        let mut probe = self
+            .instantiate(&loaded, "")
             .map_err(|e| err(format!("cannot be instantiated: {e:#}")))?;
-        let info = plugin
-            .call_describe(&mut store)
+        Self::begin_call(
+            &mut probe.store,
+            self.cfg.call_deadline.saturating_mul(10),
+            Arc::default(),
+        );
+        let info = probe
+            .plugin
+            .call_describe(&mut probe.store)
             .map_err(|e| err(format!("`describe` trapped: {e:#}")))?;
+        drop(probe);
         if info.name != *name {
             log::warn!(
                 plugin:% = name, described_as:% = info.name;
                 "plugin file name and its own name differ; the file name is used"
             );
         }
-        let loaded = Arc::new(Plugin {
-            name: name.clone(),
-            version: info.version.as_str().into(),
-            digest,
-            pre,
-            pool: Mutex::new(vec![Instance { store, plugin }]),
-            consecutive_traps: AtomicU32::new(0),
-            failed: AtomicBool::new(false),
-        });
+        loaded.version = info.version.as_str().into();
+        let loaded = Arc::new(loaded);
         let previous = self
             .plugins
             .write()
@@ -403,6 +504,17 @@ impl PluginHost {
             replaced:% = previous.as_ref().map(|p| p.version.to_string()).unwrap_or_default();
             "plugin {} {}", if previous.is_some() { "replaced" } else { "loaded" }, name
         );
+        if let Some(old) = previous {
+            let lifted = old.ledger.clear();
+            if !lifted.is_empty() {
+                log::info!(
+                    plugin:% = name, version:% = info.version, devices:% = lifted.join(","),
+                    count = lifted.len();
+                    "containment lifted by the new version of plugin {name} for {} device(s): {}; their next messages are normalised again",
+                    lifted.len(), lifted.join(", ")
+                );
+            }
+        }
         Ok(loaded)
     }
 
@@ -518,38 +630,63 @@ impl PluginHost {
                 name: p.name.to_string(),
                 version: p.version.to_string(),
                 digest: p.digest.clone(),
-                failed: p.is_failed(),
+                contained: p.ledger.contained(),
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
-    /// Run `plugin` on one message.
+    /// Lift every device's containment, for every plugin (reload), and start every trap
+    /// count over. One journal INFO per plugin that had contained devices. Returns how many
+    /// devices were released.
+    pub fn clear_containment(&self) -> usize {
+        let plugins: Vec<Arc<Plugin>> = self
+            .plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut released = 0;
+        for p in plugins {
+            let lifted = p.ledger.clear();
+            if !lifted.is_empty() {
+                log::info!(
+                    plugin:% = p.name, devices:% = lifted.join(","), count = lifted.len();
+                    "containment lifted by reload for {} device(s) of plugin {}: {}; their next messages are normalised again",
+                    lifted.len(), p.name, lifted.join(", ")
+                );
+                released += lifted.len();
+            }
+        }
+        released
+    }
+
+    /// Run `plugin` on one message, on the instance of the message's device.
     pub fn normalize(&self, plugin: &str, input: Input<'_>) -> Result<Normalized, Failure> {
         let p = self
             .get(plugin)
             .ok_or_else(|| Failure::NoPlugin(plugin.to_owned()))?;
-        if p.is_failed() {
-            return Err(Failure::PluginFailed(plugin.to_owned()));
+        if let Some((traps, reason)) = p.ledger.containment(input.device_id) {
+            return Err(Failure::Contained {
+                plugin: p.name.to_string(),
+                traps,
+                reason,
+            });
         }
-        let pooled = p.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut inst = match pooled {
+        let kept = p
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(input.device_id);
+        let mut inst = match kept {
             Some(i) => i,
-            None => {
-                let mut store = self.new_store(&p.name);
-                store.set_epoch_deadline(self.deadline_ticks());
-                let plugin = p
-                    .pre
-                    .instantiate(&mut store)
-                    .map_err(|e| Failure::Trap(format!("instantiation failed: {e:#}")))?;
-                Instance { store, plugin }
-            }
+            None => self.instantiate(&p, input.device_id).map_err(|e| {
+                log::warn!(plugin:% = p.name, device_id = input.device_id, error:% = format!("{e:#}"); "cannot make a plugin instance; message not normalised");
+                Failure::Host(format!("cannot make an instance of the plugin: {e:#}"))
+            })?,
         };
-        inst.store
-            .data_mut()
-            .set_call(input.device_id, input.settings.clone());
-        inst.store.set_epoch_deadline(self.deadline_ticks());
         let msg = bindings::wardgate::plugin::types::RawMessage {
             device_id: input.device_id.to_owned(),
             kind: input.kind.to_owned(),
@@ -557,59 +694,88 @@ impl PluginHost {
             payload: input.payload.to_vec(),
             received_at_ms: input.received_at_ms,
         };
-        let result = inst.plugin.call_normalize(&mut inst.store, &msg);
-        match result {
-            Err(trap) => {
-                // The instance is poisoned: drop it; the next call instantiates afresh.
-                let n = p.consecutive_traps.fetch_add(1, Ordering::Relaxed) + 1;
-                let reason = trap_reason(&trap);
-                if n >= self.cfg.max_consecutive_traps && !p.failed.swap(true, Ordering::Relaxed) {
+        Self::begin_call(
+            &mut inst.store,
+            budget::call_budget(self.cfg.call_deadline, input.payload.len()),
+            input.settings.clone(),
+        );
+        let out = match inst.plugin.call_normalize(&mut inst.store, &msg) {
+            Ok(out) => out,
+            // The instance is poisoned: it is dropped here, the next call makes a new one.
+            Err(e) => return Err(self.trapped(&p, input.device_id, &e)),
+        };
+        let bytes = inst.store.data().limits.memory_bytes;
+        p.kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(input.device_id, inst, bytes);
+        p.ledger.completed(input.device_id);
+        match out {
+            Ok(readings) => Ok(Normalized {
+                readings: check_readings(readings, input.received_at_ms)?,
+                plugin: p.name.clone(),
+                version: p.version.clone(),
+            }),
+            Err(e) => Err(match e {
+                NormalizeError::Malformed(m) => Failure::Rejected {
+                    kind: "malformed",
+                    message: m,
+                },
+                NormalizeError::OutOfRange(m) => Failure::Rejected {
+                    kind: "out-of-range",
+                    message: m,
+                },
+                NormalizeError::Unsupported(m) => Failure::Rejected {
+                    kind: "unsupported",
+                    message: m,
+                },
+            }),
+        }
+    }
+
+    /// A call for `device` ended in `e`: charge it (or not) and say what it was.
+    fn trapped(&self, p: &Plugin, device: &str, e: &wasmtime::Error) -> Failure {
+        let reason = trap_reason(e);
+        if matches!(e.downcast_ref::<Stopped>(), Some(Stopped::WallCap { .. })) {
+            return Failure::Overloaded(reason);
+        }
+        match p
+            .ledger
+            .trapped(device, &reason, self.cfg.max_consecutive_traps)
+        {
+            Charged::Counted(n) => log::warn!(
+                plugin:% = p.name, device_id = device, traps = n, reason:% = reason;
+                "plugin trapped on a message of {device} ({n} in a row): {reason}"
+            ),
+            Charged::Contained(n) => {
+                log::warn!(
+                    device_id = device, plugin:% = p.name, traps = n, reason:% = reason;
+                    "device {device} contained for plugin {} after {n} traps in a row (last: {reason}); \
+                     its messages go to the dead-letter store without calling the plugin, other devices are not affected; \
+                     lift with `wardgate reload` or a new version of the plugin", p.name
+                );
+                let contained = p.ledger.contained();
+                if contained.len() == MANY_CONTAINED {
                     log::error!(
-                        plugin:% = p.name, device_id = input.device_id, traps = n, error:% = reason;
-                        "plugin marked failed after {n} traps in a row; its devices' messages go to the dead-letter store until a new version is dropped in"
+                        plugin:% = p.name, version:% = p.version, count = contained.len(),
+                        devices:% = contained.iter().map(|c| c.device_id.as_str()).collect::<Vec<_>>().join(",");
+                        "{} devices are contained for plugin {} {}: the plugin itself may be broken; check their dead letters and replace the plugin; other devices are still served",
+                        contained.len(), p.name, p.version
                     );
-                } else {
-                    log::warn!(plugin:% = p.name, device_id = input.device_id, error:% = reason; "plugin trapped; instance discarded");
-                }
-                Err(Failure::Trap(reason))
-            }
-            Ok(out) => {
-                p.consecutive_traps.store(0, Ordering::Relaxed);
-                let mut pool = p.pool.lock().unwrap_or_else(|e| e.into_inner());
-                if pool.len() < POOL_SIZE {
-                    pool.push(inst);
-                }
-                drop(pool);
-                match out {
-                    Ok(readings) => Ok(Normalized {
-                        readings: check_readings(readings, input.received_at_ms)?,
-                        plugin: p.name.clone(),
-                        version: p.version.clone(),
-                    }),
-                    Err(e) => Err(match e {
-                        NormalizeError::Malformed(m) => Failure::Rejected {
-                            kind: "malformed",
-                            message: m,
-                        },
-                        NormalizeError::OutOfRange(m) => Failure::Rejected {
-                            kind: "out-of-range",
-                            message: m,
-                        },
-                        NormalizeError::Unsupported(m) => Failure::Rejected {
-                            kind: "unsupported",
-                            message: m,
-                        },
-                    }),
                 }
             }
         }
+        Failure::Trap(reason)
     }
 }
 
 fn trap_reason(e: &wasmtime::Error) -> String {
+    if let Some(s) = e.downcast_ref::<Stopped>() {
+        return s.to_string();
+    }
     if let Some(t) = e.downcast_ref::<wasmtime::Trap>() {
         return match t {
-            wasmtime::Trap::Interrupt => "call deadline exceeded (plugins.call_deadline)".into(),
+            wasmtime::Trap::Interrupt => "call interrupted".into(),
             wasmtime::Trap::UnreachableCodeReached => {
                 "plugin panicked or aborted (unreachable)".into()
             }
