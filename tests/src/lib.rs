@@ -42,9 +42,6 @@ pub fn config(state_dir: &Path, devices: Vec<DeviceConfig>) -> Config {
     // the per-address login bounds are the gateway-wide ones (tests of the bounds set them).
     c.login.max_pending_per_address = c.login.max_pending;
     c.login.max_per_second_per_address = c.login.max_per_second;
-    // On a loaded machine the default 5 ms would now and then turn a good reading into a
-    // dead letter (acknowledged, never queued); tests of the deadline set their own.
-    c.plugins.call_deadline = Duration::from_secs(1);
     c.devices = devices;
     c
 }

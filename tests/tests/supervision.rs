@@ -61,6 +61,10 @@ fn spawn(cfg: &Config, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Daemon {
         }
     }
     cmd.env_remove("WG_FAULT");
+    // The injected panics print their message only: symbolising a backtrace of the debug
+    // binary can take most of a minute on a loaded machine, and the test waits for what
+    // follows the panic.
+    cmd.env("RUST_BACKTRACE", "0");
     for (k, v) in env {
         cmd.env(k, v);
     }
