@@ -17,7 +17,10 @@ use std::collections::HashMap;
 #[derive(Debug)]
 pub(super) struct Kept<T> {
     budget_bytes: usize,
-    by_device: HashMap<String, Slot<T>>,
+    /// `None` while the device's instance is out for a call (or was dropped by a trap): the key
+    /// stays, so putting it back allocates nothing. Keys are device ids that called, so there
+    /// are never more than the registry has devices.
+    by_device: HashMap<String, Option<Slot<T>>>,
     bytes: usize,
     uses: u64,
 }
@@ -42,7 +45,7 @@ impl<T> Kept<T> {
 
     /// The instance kept for `device`, taken out.
     pub(super) fn take(&mut self, device: &str) -> Option<T> {
-        let slot = self.by_device.remove(device)?;
+        let slot = self.by_device.get_mut(device)?.take()?;
         self.bytes -= slot.bytes;
         Some(slot.instance)
     }
@@ -59,7 +62,14 @@ impl<T> Kept<T> {
             bytes,
             last_used: self.uses,
         };
-        if let Some(old) = self.by_device.insert(device.to_owned(), slot) {
+        let old = match self.by_device.get_mut(device) {
+            Some(entry) => entry.replace(slot),
+            None => self
+                .by_device
+                .insert(device.to_owned(), Some(slot))
+                .flatten(),
+        };
+        if let Some(old) = old {
             self.bytes -= old.bytes;
         }
         self.bytes += bytes;
@@ -67,11 +77,12 @@ impl<T> Kept<T> {
             let oldest = self
                 .by_device
                 .iter()
-                .min_by_key(|(_, s)| s.last_used)
+                .filter_map(|(d, s)| s.as_ref().map(|s| (d, s.last_used)))
+                .min_by_key(|(_, used)| *used)
                 .map(|(d, _)| d.clone());
             // Never empty here: the bytes counted are those of the kept slots.
             let Some(oldest) = oldest else { break };
-            if let Some(s) = self.by_device.remove(&oldest) {
+            if let Some(s) = self.by_device.remove(&oldest).flatten() {
                 self.bytes -= s.bytes;
             }
         }
@@ -80,7 +91,8 @@ impl<T> Kept<T> {
 
     /// Instances kept, and their linear memory in bytes.
     pub(super) fn usage(&self) -> (usize, usize) {
-        (self.by_device.len(), self.bytes)
+        let kept = self.by_device.values().filter(|s| s.is_some()).count();
+        (kept, self.bytes)
     }
 }
 
