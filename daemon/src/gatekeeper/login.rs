@@ -564,8 +564,18 @@ impl LoginGate {
         peer: IpAddr,
     ) -> Outcome {
         let inner = &self.0;
-        let decision = registry.decide(client_id, cert_names, password.is_some());
-        let (device, phc, method) = match decision {
+        /// What the one argon2 check of a CONNECT with a password is made against.
+        enum Check {
+            /// The device's own hash: a match authenticates it.
+            Device {
+                device: Arc<Device>,
+                phc: String,
+                method: Method,
+            },
+            /// Already refused: the dummy hash, so the refusal costs what a check costs.
+            Dummy(AuthFailure),
+        }
+        let check = match registry.decide(client_id, cert_names, password.is_some()) {
             Decision::Accept(device) => {
                 return Outcome::Accepted {
                     device,
@@ -573,33 +583,41 @@ impl LoginGate {
                     cached: false,
                 }
             }
-            Decision::Refuse { why, .. } if password.is_none() => return Outcome::Refused(why),
-            Decision::Refuse { why } => (None, None, Err(why)),
+            Decision::Refuse { why } => Check::Dummy(why),
             Decision::CheckPassword {
                 device,
                 phc,
                 with_certificate,
-            } => {
-                let method = if with_certificate {
+            } => Check::Device {
+                device,
+                phc,
+                method: if with_certificate {
                     Method::CertificateAndPassword
                 } else {
                     Method::Password
-                };
-                (Some(device), Some(phc), Ok(method))
-            }
+                },
+            },
         };
-        // From here on a password was given.
-        let password = password.unwrap_or_default().to_owned();
-        if let (Some(device), Some(phc)) = (&device, &phc) {
+        let Some(password) = password else {
+            // No password, nothing to check: `decide` refuses a device that needs one.
+            return Outcome::Refused(match check {
+                Check::Dummy(why) => why,
+                Check::Device { .. } => AuthFailure::MissingPassword,
+            });
+        };
+        if let Check::Device {
+            device,
+            phc,
+            method,
+        } = &check
+        {
             if inner.cache.hit(&device.id, phc, password.as_bytes()) {
                 inner.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-                if let Ok(method) = method {
-                    return Outcome::Accepted {
-                        device: device.clone(),
-                        method,
-                        cached: true,
-                    };
-                }
+                return Outcome::Accepted {
+                    device: device.clone(),
+                    method: *method,
+                    cached: true,
+                };
             }
         }
         let slot = match inner.admission.admit(peer) {
@@ -610,34 +628,29 @@ impl LoginGate {
             }
         };
         inner.counters.checks.fetch_add(1, Ordering::Relaxed);
-        let check_phc = phc.clone();
-        let check_password = password.clone();
-        let verified = inner
+        let against = match &check {
+            Check::Device { phc, .. } => phc.clone(),
+            Check::Dummy(_) => crate::registry::dummy_hash().to_owned(),
+        };
+        let given = password.to_owned();
+        let matched = inner
             .pool
             .run(move |scratch| {
                 let _slot = slot;
-                match &check_phc {
-                    Some(phc) => {
-                        crate::registry::verify_phc(phc, check_password.as_bytes(), scratch)
-                    }
-                    None => {
-                        crate::registry::verify_phc(
-                            crate::registry::dummy_hash(),
-                            check_password.as_bytes(),
-                            scratch,
-                        );
-                        false
-                    }
-                }
+                crate::registry::verify_phc(&against, given.as_bytes(), scratch)
             })
             .await;
-        let Some(verified) = verified else {
+        let Some(matched) = matched else {
             self.refused(Busy::PoolGone, peer);
             return Outcome::Busy(Busy::PoolGone);
         };
-        match (device, phc, method) {
-            (_, _, Err(why)) => Outcome::Refused(why),
-            (Some(device), Some(phc), Ok(method)) if verified => {
+        match check {
+            Check::Dummy(why) => Outcome::Refused(why),
+            Check::Device {
+                device,
+                phc,
+                method,
+            } if matched => {
                 inner.cache.insert(&device.id, &phc, password.as_bytes());
                 Outcome::Accepted {
                     device,
@@ -645,7 +658,7 @@ impl LoginGate {
                     cached: false,
                 }
             }
-            _ => Outcome::Refused(AuthFailure::WrongPassword),
+            Check::Device { .. } => Outcome::Refused(AuthFailure::WrongPassword),
         }
     }
 
