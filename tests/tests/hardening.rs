@@ -431,7 +431,7 @@ async fn a_connect_with_the_reserved_flag_set_is_closed_without_connack() {
 /// The daemon binary with its stderr log readable line by line.
 struct Daemon {
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    log: wardgate_tests::Log,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -445,7 +445,6 @@ impl Drop for Daemon {
 
 impl Daemon {
     fn start(devices: Vec<DeviceConfig>) -> Daemon {
-        use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("state"), devices);
         let conf = dir.path().join("wardgate.toml");
@@ -459,54 +458,29 @@ impl Daemon {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = std::io::BufReader::new(stderr);
-            let mut buf = Vec::new();
-            // Raw bytes: a NUL in the log must be seen, not hidden by a lossy decode.
-            while r.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
-                let line =
-                    String::from_utf8(buf.clone()).unwrap_or_else(|e| format!("NOT UTF-8: {e}"));
-                if tx.send(line).is_err() {
-                    return;
-                }
-                buf.clear();
-            }
-        });
+        let log = wardgate_tests::Log::capture(&mut child);
         let ready = notify.wait_for("READY=1", WAIT).expect("READY=1");
         let addr = wardgate_tests::plain_addr_from_status(&ready).expect("plain listener address");
         Daemon {
             child,
-            lines,
+            log,
             addr,
             _dir: dir,
         }
     }
 
-    /// Lines until one contains `needle`; returns them all (that one last).
-    fn until(&self, needle: &str) -> Vec<String> {
-        let deadline = std::time::Instant::now() + WAIT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let hit = l.contains(needle);
-                    seen.push(l);
-                    if hit {
-                        return seen;
-                    }
-                }
-                Err(_) => panic!("no log line with `{needle}`; saw:\n{}", seen.join("")),
-            }
+    /// The next log line containing `needle`.
+    fn until(&mut self, needle: &str) -> String {
+        match self.log.wait_for(needle, WAIT) {
+            Some(line) => line,
+            None => panic!("no log line with `{needle}`; saw:\n{}", self.log.text()),
         }
     }
 }
 
 #[tokio::test]
 async fn a_topic_with_a_newline_or_nul_cannot_forge_a_log_line() {
-    let d = Daemon::start(vec![device("pm-a", "pacemaker", "pw")]);
+    let mut d = Daemon::start(vec![device("pm-a", "pacemaker", "pw")]);
     let (mut a, code) = connect_with_will(d.addr, "pm-a", "pw", None).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
     let forged = "ward/pm-a/telemetry\n2026-12-01T00:00:00.000Z ERROR gatekeeper: FORGED\u{0}";
@@ -517,20 +491,20 @@ async fn a_topic_with_a_newline_or_nul_cannot_forge_a_log_line() {
         a.closed_within(WAIT).await,
         "a topic with a NUL disconnects"
     );
-    let lines = d.until("FORGED");
-    let last = lines.last().unwrap();
+    let line = d.until("FORGED");
     assert!(
-        last.contains("device disconnected"),
-        "the refusal names the topic: {last}"
+        line.contains("device disconnected"),
+        "the refusal names the topic: {line}"
     );
     assert!(
-        last.contains("\\n2026-12-01T00:00:00.000Z"),
-        "newline escaped: {last}"
+        line.contains("\\n2026-12-01T00:00:00.000Z"),
+        "newline escaped: {line}"
     );
-    assert!(last.contains("\\u{0}"), "NUL escaped: {last}");
-    for l in &lines {
-        assert_eq!(l.matches('\n').count(), 1, "{l:?}");
-        assert!(!l.contains('\0'), "a raw NUL reached the log: {l:?}");
+    assert!(line.contains("\\u{0}"), "NUL escaped: {line}");
+    // Every line of the log so far: none forged, no raw NUL.
+    let log = d.log.text();
+    assert!(!log.contains('\0'), "a raw NUL reached the log: {log:?}");
+    for l in log.lines() {
         assert!(
             !l.starts_with("2026-12-01T00:00:00.000Z"),
             "a forged line: {l:?}"
@@ -539,20 +513,20 @@ async fn a_topic_with_a_newline_or_nul_cannot_forge_a_log_line() {
 }
 
 /// Log in as `id` on the daemon and return the "device connected" line it logged.
-async fn logged_login(d: &Daemon, id: &str, password: &str) -> String {
+async fn logged_login(d: &mut Daemon, id: &str, password: &str) -> String {
     assert_eq!(
         login(d.addr, id, password).await,
         Some(ConnectReturnCode::Success)
     );
-    d.until("device connected").pop().unwrap()
+    d.until("device connected")
 }
 
 #[tokio::test]
 async fn reload_empties_the_credential_cache() {
-    let d = Daemon::start(vec![device("pm-a", "pacemaker", "pw")]);
-    let line = logged_login(&d, "pm-a", "pw").await;
+    let mut d = Daemon::start(vec![device("pm-a", "pacemaker", "pw")]);
+    let line = logged_login(&mut d, "pm-a", "pw").await;
     assert!(line.contains("credential_cache=miss"), "{line}");
-    let line = logged_login(&d, "pm-a", "pw").await;
+    let line = logged_login(&mut d, "pm-a", "pw").await;
     assert!(line.contains("credential_cache=hit"), "{line}");
     assert!(line.contains("auth=password"), "{line}");
     nix::sys::signal::kill(
@@ -560,9 +534,9 @@ async fn reload_empties_the_credential_cache() {
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-    let line = d.until("credential cache emptied").pop().unwrap();
+    let line = d.until("credential cache emptied");
     assert!(line.contains("credentials_forgotten=1"), "{line}");
     d.until("configuration reloaded");
-    let line = logged_login(&d, "pm-a", "pw").await;
+    let line = logged_login(&mut d, "pm-a", "pw").await;
     assert!(line.contains("credential_cache=miss"), "{line}");
 }
