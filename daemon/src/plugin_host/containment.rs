@@ -1,8 +1,8 @@
 //! Trap accounting per device, for one loaded plugin version.
 //!
-//! A trap is charged to the device whose message was being normalised: every call runs on an
-//! instance of its own (see the module above), so nothing another device sent can have caused
-//! it. `plugins.max_consecutive_traps` traps in a row from one device contain that device for
+//! A trap is charged to the device whose message was being normalised: a device's calls run on
+//! an instance that only ever served that device (see `instances`), so nothing another device
+//! sent can have caused it. `plugins.max_consecutive_traps` traps in a row from one device contain that device for
 //! this plugin: its messages go to the dead-letter store without calling the plugin. Other
 //! devices of the same plugin are not affected in any way.
 //!

@@ -24,9 +24,9 @@
 //!   that call and drops that instance, never the process;
 //! - **a trap is charged to the device whose message caused it** (exact: its instance has
 //!   seen that device's messages and no other's): `plugins.max_consecutive_traps` traps in a
-//!   row contain that device for that
-//!   plugin (journal WARN; its messages go to the dead-letter store as `device-contained`
-//!   without calling the plugin; shown by `wardgate status`). No device's traps ever stop the
+//!   row contain that device for that plugin (journal WARN; its messages go to the dead-letter
+//!   store as `device-contained` without calling the plugin; shown by `wardgate status`; see
+//!   `containment`). No device's traps ever stop the
 //!   plugin for another device. A stop by the wall-clock cap (the machine was too busy) and a
 //!   failure to make an instance are charged to no one. Containment ends with a new version of
 //!   the plugin or with [`PluginHost::clear_containment`] (reload: SIGHUP, `wardgate reload`).
