@@ -188,9 +188,9 @@ pub async fn cloud_subscriber(
         while let Some((_, payload)) = raw.recv().await {
             let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
             assert_eq!(v["gateway_id"], "test-gateway");
-            for r in v["records"].as_array().unwrap() {
-                let hr = r["message"]["readings"][0]["value"].as_f64().unwrap();
-                let _ = tx.send((r["seq"].as_u64().unwrap(), hr));
+            for (seq, m) in wardgate::uplink::batch::expand(&v).unwrap() {
+                let hr = m["readings"][0]["value"].as_f64().unwrap();
+                let _ = tx.send((seq, hr));
             }
         }
     });

@@ -480,12 +480,13 @@ async fn every_stream_reaches_its_own_topic_and_undeliverable_records_are_set_as
     };
     let readings = one("wardgate/test-gateway/readings");
     assert_eq!(readings["gateway_id"], "test-gateway");
-    assert_eq!(readings["records"][0]["message"]["device_id"], "pm-01");
+    let readings = wardgate::uplink::batch::expand(readings).unwrap();
+    assert_eq!(readings[0].1["device_id"], "pm-01");
     let alerts = one("wardgate/test-gateway/alerts");
     assert_eq!(alerts["gateway_id"], "test-gateway");
-    assert!(alerts["records"][0]["seq"].is_u64());
+    let alerts = wardgate::uplink::batch::expand(alerts).unwrap();
     assert_eq!(
-        alerts["records"][0]["message"],
+        alerts[0].1,
         serde_json::from_str::<serde_json::Value>(alert).unwrap()
     );
     let sh = one("$aws/things/test-gateway/shadow/name/pm-01/update");
@@ -584,8 +585,8 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(v["gateway_id"], "test-gateway");
-        for r in v["records"].as_array().unwrap() {
-            seen.insert(r["seq"].as_u64().unwrap(), r["message"].clone());
+        for (seq, m) in wardgate::uplink::batch::expand(&v).unwrap() {
+            seen.insert(seq, m);
         }
     }
     assert_eq!(seen.len() as u64, queued);

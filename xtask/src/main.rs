@@ -11,7 +11,7 @@
 //!   installed; otherwise Debian's `rustc-web` toolchain with `-Zbuild-std` (installed with apt
 //!   when missing), because the std of that target cannot be downloaded for rustup here.
 //! - `bench`: the benchmarks (release build): per-reading plugin cost, end-to-end gateway
-//!   throughput and PUBACK latency, store and forward to a local mosquitto (sustained rate,
+//!   throughput and PUBACK latency, the spine to a local mosquitto next to a mosquitto bridge (latency,
 //!   latency, backlog drain rate against IoT Core's quotas), logins (the gateway's RSS through
 //!   rounds of parallel wrong-password CONNECTs and 500 devices logging in and reconnecting at
 //!   once).
@@ -276,7 +276,7 @@ fn test() -> Result<()> {
 fn bench() -> Result<()> {
     let components = plugins()?;
     install_packages(&["mosquitto", "openssl"])?;
-    for bench in ["plugin", "gateway", "forward", "logins"] {
+    for bench in ["plugin", "gateway", "spine", "logins"] {
         run(cargo()
             .args(["bench", "-p", "wardgate", "--bench", bench])
             .env("WARDGATE_COMPONENTS", &components))?;

@@ -469,8 +469,11 @@ pub struct UpstreamConfig {
     /// Topic per stream (`[upstream.topics]`).
     pub topics: TopicsConfig,
     /// Largest upstream message, in bytes (readings are batched up to this; IoT Core: 128 KB).
+    /// It is also the byte pacing's burst: a backlog drains at `max_bytes_per_second` minus
+    /// this (see [`crate::uplink::pace`]).
     pub max_batch_bytes: usize,
-    /// Longest a reading waits for a batch to fill before it is sent anyway.
+    /// How often the uplink looks at the queue even without a wake-up. No reading waits for a
+    /// batch to fill: it goes as soon as the quotas allow, with whatever piled up meanwhile.
     #[serde(with = "humantime_serde")]
     pub max_linger: Duration,
     /// Unacknowledged upstream publishes at once (IoT Core allows 100).
@@ -506,7 +509,7 @@ impl Default for UpstreamConfig {
             key_file: None,
             alpn: None,
             topics: TopicsConfig::default(),
-            max_batch_bytes: 64 * 1024,
+            max_batch_bytes: 32 * 1024,
             max_linger: Duration::from_millis(200),
             max_inflight: 20,
             max_publishes_per_second: 100,

@@ -378,16 +378,17 @@ pub(super) fn validate(
             "must be between 1 and 100 (AWS IoT Core's limit)".into(),
         );
     }
-    if !(1..=100).contains(&u.max_publishes_per_second) {
+    if !(2..=100).contains(&u.max_publishes_per_second) {
         err(
             "upstream.max_publishes_per_second",
-            "must be between 1 and 100 (AWS IoT Core's limit)".into(),
+            "must be between 2 and 100 (AWS IoT Core's limit is 100; the pacing keeps a tenth of it as burst)".into(),
         );
     }
-    if u.max_bytes_per_second < u.max_batch_bytes as u64 || u.max_bytes_per_second > 512 * 1024 {
+    if u.max_bytes_per_second < 2 * u.max_batch_bytes as u64 || u.max_bytes_per_second > 512 * 1024
+    {
         err(
             "upstream.max_bytes_per_second",
-            "must be at least upstream.max_batch_bytes and at most 524288 (AWS IoT Core's limit)"
+            "must be at least twice upstream.max_batch_bytes (one largest message is the pacing's burst, the rest its steady rate) and at most 524288 (AWS IoT Core's limit)"
                 .into(),
         );
     }

@@ -40,12 +40,16 @@
 //! Producers queue records through [`crate::queue::Enqueue`] (the gateway hands one out as
 //! [`crate::app::Gateway::outbox`]); the uplink needs nothing else to forward a new stream.
 
+pub mod batch;
+pub mod pace;
 pub mod topics;
 
 use crate::config::UpstreamConfig;
 pub use crate::gatekeeper::tls::TlsError;
 use crate::queue::{Record, SharedQueue, Store, Stream};
 use crate::supervisor::Heartbeat;
+use batch::{Added, Builder};
+use pace::Pace;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -213,39 +217,6 @@ fn check_validity(path: &std::path::Path, cert: &CertificateDer<'_>) -> Result<(
     Ok(())
 }
 
-/// Token buckets for the per-second quotas.
-struct Quota {
-    window_start: Instant,
-    publishes: u32,
-    bytes: u64,
-}
-
-impl Quota {
-    fn roll(&mut self) {
-        if self.window_start.elapsed() >= Duration::from_secs(1) {
-            self.window_start = Instant::now();
-            self.publishes = 0;
-            self.bytes = 0;
-        }
-    }
-
-    fn publishes_left(&mut self, cfg: &UpstreamConfig) -> usize {
-        self.roll();
-        cfg.max_publishes_per_second.saturating_sub(self.publishes) as usize
-    }
-
-    fn allows(&mut self, cfg: &UpstreamConfig, bytes: usize) -> bool {
-        self.roll();
-        self.publishes < cfg.max_publishes_per_second
-            && self.bytes + bytes as u64 <= cfg.max_bytes_per_second
-    }
-
-    fn spend(&mut self, bytes: usize) {
-        self.publishes += 1;
-        self.bytes += bytes as u64;
-    }
-}
-
 /// The uplink stage: everything one run needs (cloned for every restart; see
 /// [`crate::supervisor`]: a new run re-reads every unacknowledged record from the queue).
 #[derive(Debug, Clone)]
@@ -348,20 +319,49 @@ async fn session(
     let mut cursor: Option<u64> = None;
     // Records handed to rumqttc in this session and not yet acknowledged.
     let mut sent: HashSet<u64> = HashSet::new();
-    let mut quota = Quota {
-        window_start: Instant::now(),
-        publishes: 0,
-        bytes: 0,
-    };
+    let mut pace = Pace::new(
+        cfg.max_publishes_per_second,
+        cfg.max_bytes_per_second,
+        cfg.max_batch_bytes,
+    );
     let mut connected = false;
     // (connected at, records queued then) until the queue first runs empty.
     let mut backlog: Option<(Instant, usize)> = None;
+    // Whether the queue may hold records not yet handed to rumqttc in this session.
+    let mut pending = true;
+    // When the pace allows the next message (armed only while records wait for it).
+    let paced = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(paced);
+    let mut paced_armed = false;
+    // A safety net: look at the queue at least this often even if no wake-up came.
     let mut linger = tokio::time::interval(cfg.max_linger.max(Duration::from_millis(1)));
     linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle = Heartbeat::ticker();
     loop {
         beat.beat();
         let room = connected && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize;
+        if room && pending && !paced_armed {
+            let sent_now = send_ready(
+                cfg,
+                gateway_id,
+                &client,
+                queue,
+                &mut cursor,
+                &mut sent,
+                &mut awaiting_pkid,
+                &inflight,
+                &mut pace,
+            )
+            .await;
+            match sent_now {
+                Ready::Drained => pending = false,
+                Ready::Window => {}
+                Ready::Paced(wait) => {
+                    paced.as_mut().reset(tokio::time::Instant::now() + wait);
+                    paced_armed = true;
+                }
+            }
+        }
         tokio::select! {
             // Only while connected: interrupting rumqttc's connection attempt restarts it.
             _ = idle.tick(), if connected => {}
@@ -396,10 +396,11 @@ async fn session(
                         let q = queue.clone();
                         let n = seqs.len() as u64;
                         let removed = tokio::task::spawn_blocking(move || {
-                            // Synced at once: a removal lost in a crash means a duplicate upstream.
+                            // Not synced here: the next group commit or sled's own flush
+                            // (every 500 ms) makes it durable. A removal lost in a crash only
+                            // means a duplicate upstream, with the same sequence number.
                             q.with(|s| {
                                 seqs.iter().try_for_each(|seq| s.remove(*seq).map(|_| ()))?;
-                                s.sync()?;
                                 Ok::<_, crate::queue::QueueError>(s.is_empty())
                             })
                         })
@@ -417,6 +418,8 @@ async fn session(
                                 );
                             }
                         }
+                        // A free place in the window: more may go now.
+                        pending = pending || !now_empty;
                         stats.batches_acked.fetch_add(1, Ordering::Relaxed);
                         stats.records_delivered.fetch_add(n, Ordering::Relaxed);
                         stats.delivered_by_stream[stream as usize].fetch_add(n, Ordering::Relaxed);
@@ -425,17 +428,15 @@ async fn session(
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
             },
-            _ = queue.appended.notified(), if room => {
-                cursor = send_batches(cfg, gateway_id, &client, queue, cursor, &mut sent, &mut awaiting_pkid, &inflight, &mut quota).await;
-            }
-            _ = linger.tick(), if room => {
-                cursor = send_batches(cfg, gateway_id, &client, queue, cursor, &mut sent, &mut awaiting_pkid, &inflight, &mut quota).await;
-            }
+            // These, too, only while connected.
+            _ = queue.appended.notified(), if connected => pending = true,
+            _ = &mut paced, if connected && paced_armed => paced_armed = false,
+            _ = linger.tick(), if connected => pending = true,
         }
     }
 }
 
-/// One upstream message being built.
+/// One upstream message.
 struct Message {
     topic: String,
     stream: Stream,
@@ -443,92 +444,98 @@ struct Message {
     seqs: Vec<u64>,
 }
 
-/// The bytes a record contributes to its message: a batch entry, or the whole message body.
-/// `head` is the batch envelope's opening (see [`envelope_head`]). `Err` says why the record
-/// can never be delivered.
-fn body_of(
-    cfg: &UpstreamConfig,
-    thing: &str,
-    head: &[u8],
-    seq: u64,
-    r: &Record,
-) -> Result<Vec<u8>, String> {
-    let not_json = |e: serde_json::Error| format!("the record is not JSON ({e})");
-    let (body, size) = if r.stream.is_batched() {
-        // Embedded as it is: it must be one whole JSON value, or it would spoil the batch.
-        serde_json::from_slice::<serde::de::IgnoredAny>(&r.payload).map_err(not_json)?;
-        let entry = format!("{{\"seq\":{seq},\"message\":");
-        let mut v = Vec::with_capacity(entry.len() + r.payload.len() + 1);
-        v.extend_from_slice(entry.as_bytes());
-        v.extend_from_slice(&r.payload);
-        v.push(b'}');
-        let size = head.len() + v.len() + 2;
-        (v, size)
-    } else {
-        let doc: serde_json::Value = serde_json::from_slice(&r.payload).map_err(not_json)?;
-        let serde_json::Value::Object(mut doc) = doc else {
-            return Err(format!(
-                "a {} record must be a JSON object",
-                r.stream.name()
-            ));
-        };
-        if r.stream == Stream::Shadow && !doc.contains_key("clientToken") {
-            // IoT Core echoes it on .../update/accepted|rejected, so the cloud side can tie a
-            // shadow update (and a duplicate of it) to this record. At most 64 bytes.
-            let token = format!("{thing}:{seq}");
-            let token = if token.len() <= 64 {
-                token
-            } else {
-                seq.to_string()
-            };
-            doc.insert("clientToken".into(), token.into());
+/// A message being built: a batch, or a record that goes alone.
+enum Building {
+    Batch(Box<Builder>),
+    Alone(Vec<u8>, u64),
+}
+
+impl Building {
+    fn len(&self) -> usize {
+        match self {
+            Building::Batch(b) => b.len(),
+            Building::Alone(body, _) => body.len(),
         }
-        let v = serde_json::to_vec(&doc).map_err(|e| e.to_string())?;
-        let size = v.len();
-        (v, size)
-    };
-    if size > cfg.max_batch_bytes {
+    }
+}
+
+/// The whole message of a record of a stream that is not batched (shadow, defender): the
+/// document as queued (a shadow update gets a `clientToken` if it has none). `Err` says why it
+/// can never be delivered.
+fn body_of(cfg: &UpstreamConfig, thing: &str, seq: u64, r: &Record) -> Result<Vec<u8>, String> {
+    let not_json = |e: serde_json::Error| format!("the record is not JSON ({e})");
+    let doc: serde_json::Value = serde_json::from_slice(&r.payload).map_err(not_json)?;
+    let serde_json::Value::Object(mut doc) = doc else {
         return Err(format!(
-            "the message would be {size} bytes, over upstream.max_batch_bytes ({})",
+            "a {} record must be a JSON object",
+            r.stream.name()
+        ));
+    };
+    if r.stream == Stream::Shadow && !doc.contains_key("clientToken") {
+        // IoT Core echoes it on .../update/accepted|rejected, so the cloud side can tie a
+        // shadow update (and a duplicate of it) to this record. At most 64 bytes.
+        let token = format!("{thing}:{seq}");
+        let token = if token.len() <= 64 {
+            token
+        } else {
+            seq.to_string()
+        };
+        doc.insert("clientToken".into(), token.into());
+    }
+    let v = serde_json::to_vec(&doc).map_err(|e| e.to_string())?;
+    if v.len() > cfg.max_batch_bytes {
+        return Err(format!(
+            "the message would be {} bytes, over upstream.max_batch_bytes ({})",
+            v.len(),
             cfg.max_batch_bytes
         ));
     }
-    Ok(body)
+    Ok(v)
 }
 
-fn envelope_head(thing: &str) -> String {
-    format!(
-        "{{\"gateway_id\":{},\"records\":[",
-        serde_json::Value::from(thing)
-    )
+/// What one [`send_ready`] round ended on.
+enum Ready {
+    /// Everything queued is handed to rumqttc (or set aside).
+    Drained,
+    /// The in-flight window is full: a PUBACK makes room.
+    Window,
+    /// The quotas allow the next message after this long.
+    Paced(Duration),
 }
 
-/// Read the queue and publish as many messages as the window and quotas allow: alarm and
+/// Read the queue and publish what the in-flight window and the quotas allow now: alarm and
 /// security records first, then the backlog after `cursor`. Records of a batched stream share
-/// messages per topic; shadow and defender records go one per message. Returns the new cursor:
-/// the highest backlog sequence number below which every record was handed to rumqttc or set
-/// aside (records sent out of that order are tracked in `sent`, so none is skipped or sent
-/// twice in a session).
+/// messages per topic ([`batch`]); shadow and defender records go one per message. What does
+/// not fit in the budget now stays queued and is read again next round, with whatever piled up
+/// meanwhile, so waiting for the budget is what makes batches. `cursor` becomes the highest
+/// backlog sequence number below which every record was handed to rumqttc or set aside
+/// (records sent out of that order are tracked in `sent`, so none is skipped or sent twice in
+/// a session).
 #[allow(clippy::too_many_arguments)]
-async fn send_batches(
+async fn send_ready(
     cfg: &UpstreamConfig,
     thing: &str,
     client: &AsyncClient,
     queue: &SharedQueue,
-    mut cursor: Option<u64>,
+    cursor: &mut Option<u64>,
     sent: &mut HashSet<u64>,
     awaiting_pkid: &mut VecDeque<(Stream, Vec<u64>)>,
     inflight: &HashMap<u16, (Stream, Vec<u64>)>,
-    quota: &mut Quota,
-) -> Option<u64> {
-    let budget = (cfg.max_inflight as usize)
-        .saturating_sub(awaiting_pkid.len() + inflight.len())
-        .min(quota.publishes_left(cfg));
-    if budget == 0 {
-        return cursor;
+    pace: &mut Pace,
+) -> Ready {
+    let room = (cfg.max_inflight as usize).saturating_sub(awaiting_pkid.len() + inflight.len());
+    if room == 0 {
+        return Ready::Window;
     }
+    let now = Instant::now();
+    if let Err(wait) = pace.ready(now) {
+        return Ready::Paced(wait);
+    }
+    // Build no more than the next second's worth: what is left is read again next round.
+    let budget = room.min(pace.publishes(now).max(1));
+    let byte_budget = pace.bytes(now).max(cfg.max_batch_bytes);
     let q = queue.clone();
-    let after = cursor;
+    let after = *cursor;
     let read = tokio::task::spawn_blocking(move || {
         q.with(|s| -> Result<_, crate::queue::QueueError> {
             // (seq, record, found by the backlog scan)
@@ -547,24 +554,28 @@ async fn send_batches(
     })
     .await;
     let Ok(Ok(records)) = read else {
-        return cursor;
+        return Ready::Paced(cfg.max_linger);
     };
     let backlog: Vec<u64> = records
         .iter()
         .filter(|(_, _, b)| *b)
         .map(|(s, _, _)| *s)
         .collect();
-    let head = envelope_head(thing).into_bytes();
     let mut seen = HashSet::new();
-    let mut messages: Vec<Message> = Vec::new();
+    // Messages in the order of their first record; `open` maps a topic to its open batch.
+    let mut building: Vec<(String, Stream, Building)> = Vec::new();
     let mut open: HashMap<String, usize> = HashMap::new();
+    let mut built_bytes = 0usize;
     let mut undeliverable: Vec<(u64, Record, String)> = Vec::new();
+    let mut left_over = false;
     for (seq, r, _) in records {
-        if messages.len() >= budget && open.is_empty() {
-            break; // nothing more fits in this round
-        }
         if sent.contains(&seq) || !seen.insert(seq) {
             continue;
+        }
+        let full = building.len() >= budget || built_bytes >= byte_budget;
+        if full && open.is_empty() {
+            left_over = true;
+            break; // nothing more fits in this round
         }
         let topic = match topics::topic_for(&cfg.topics, r.stream, thing, &r.subject) {
             Ok(t) => t,
@@ -573,61 +584,99 @@ async fn send_batches(
                 continue;
             }
         };
-        let joins = r.stream.is_batched() && open.contains_key(&topic);
-        if !joins && messages.len() >= budget {
-            continue; // it needs a message of its own: a later round
-        }
-        let body = match body_of(cfg, thing, &head, seq, &r) {
-            Ok(b) => b,
-            Err(why) => {
-                undeliverable.push((seq, r, why));
-                continue;
+        if r.stream.is_batched() {
+            if let Some(&i) = open.get(&topic) {
+                let Building::Batch(b) = &mut building[i].2 else {
+                    unreachable!("open batches are batches")
+                };
+                let before = b.len();
+                match b.add(seq, &r.payload) {
+                    Ok(Added::Yes) => {
+                        built_bytes += b.len() - before;
+                        continue;
+                    }
+                    Ok(Added::Full) => {
+                        open.remove(&topic);
+                    }
+                    Err(why) => {
+                        undeliverable.push((seq, r, why.0));
+                        continue;
+                    }
+                }
             }
-        };
-        if joins {
-            let i = open[&topic];
-            let m = &mut messages[i];
-            if m.body.len() + 1 + body.len() + 2 <= cfg.max_batch_bytes {
-                m.body.push(b',');
-                m.body.extend_from_slice(&body);
-                m.seqs.push(seq);
-                continue;
+            if full {
+                left_over = true;
+                continue; // it needs a message of its own: a later round
             }
-            open.remove(&topic); // full
-            if messages.len() >= budget {
-                continue;
+            let mut b = Builder::new(thing, cfg.max_batch_bytes);
+            match b.add(seq, &r.payload) {
+                Ok(_) => {
+                    built_bytes += b.len();
+                    open.insert(topic.clone(), building.len());
+                    building.push((topic, r.stream, Building::Batch(Box::new(b))));
+                }
+                Err(why) => undeliverable.push((seq, r, why.0)),
             }
-        }
-        let body = if r.stream.is_batched() {
-            open.insert(topic.clone(), messages.len());
-            [head.as_slice(), &body].concat()
         } else {
-            body
-        };
-        messages.push(Message {
-            topic,
-            stream: r.stream,
-            body,
-            seqs: vec![seq],
-        });
-    }
-    for mut m in messages {
-        if m.stream.is_batched() {
-            m.body.extend_from_slice(b"]}");
+            if full {
+                left_over = true;
+                continue;
+            }
+            match body_of(cfg, thing, seq, &r) {
+                Ok(body) => {
+                    built_bytes += body.len();
+                    building.push((topic, r.stream, Building::Alone(body, seq)));
+                }
+                Err(why) => undeliverable.push((seq, r, why)),
+            }
         }
-        let len = m.body.len();
-        if !quota.allows(cfg, len) {
+    }
+    // A full read may not be all there is.
+    let more = left_over || backlog.len() >= READ_LIMIT;
+    let mut outcome = if more { Ready::Window } else { Ready::Drained };
+    for (topic, stream, m) in building {
+        if awaiting_pkid.len() + inflight.len() >= cfg.max_inflight as usize {
+            outcome = Ready::Window;
             break;
         }
+        if let Err(wait) = pace.try_take(m.len(), Instant::now()) {
+            outcome = Ready::Paced(wait);
+            break;
+        }
+        let m = match m {
+            Building::Batch(b) => Message {
+                topic,
+                stream,
+                seqs: b.seqs().to_vec(),
+                body: b.finish(),
+            },
+            Building::Alone(body, seq) => Message {
+                topic,
+                stream,
+                body,
+                seqs: vec![seq],
+            },
+        };
         if client
             .try_publish(m.topic, QoS::AtLeastOnce, false, m.body)
             .is_err()
         {
+            // rumqttc's request queue is full: the tokens are spent, the records stay queued.
+            outcome = Ready::Paced(Duration::from_millis(10));
             break;
         }
-        quota.spend(len);
         sent.extend(m.seqs.iter().copied());
         awaiting_pkid.push_back((m.stream, m.seqs));
+    }
+    if matches!(outcome, Ready::Window)
+        && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize
+    {
+        // Left over for lack of budget, not of window: try again as soon as the pace allows.
+        outcome = Ready::Paced(
+            pace.ready(Instant::now())
+                .err()
+                .unwrap_or(Duration::from_millis(1)),
+        );
     }
     let mut aside = HashSet::new();
     if !undeliverable.is_empty() {
@@ -663,20 +712,18 @@ async fn send_batches(
     }
     for seq in backlog {
         if sent.contains(&seq) || aside.contains(&seq) {
-            cursor = Some(cursor.map_or(seq, |c| c.max(seq)));
+            *cursor = Some(cursor.map_or(seq, |c| c.max(seq)));
         } else {
             break;
         }
     }
-    cursor
+    outcome
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::queue::Class;
-
-    const HEAD: &[u8] = br#"{"gateway_id":"gw","records":["#;
 
     fn rec(stream: Stream, payload: &str) -> Record {
         Record {
@@ -689,46 +736,31 @@ mod tests {
     }
 
     #[test]
-    fn batch_entries_carry_the_sequence_and_the_record_as_is() {
-        assert_eq!(envelope_head("gw").as_bytes(), HEAD);
-        let cfg = UpstreamConfig::default();
-        let b = body_of(&cfg, "gw", HEAD, 7, &rec(Stream::Telemetry, r#"{"a": 1}"#)).unwrap();
-        assert_eq!(b, br#"{"seq":7,"message":{"a": 1}}"#);
-        let err = body_of(&cfg, "gw", HEAD, 7, &rec(Stream::Alert, r#"{"a": 1"#)).unwrap_err();
-        assert!(err.contains("not JSON"), "{err}");
-        let err = body_of(&cfg, "gw", HEAD, 7, &rec(Stream::Telemetry, "1 2")).unwrap_err();
-        assert!(
-            err.contains("not JSON"),
-            "two values would spoil the batch: {err}"
-        );
-    }
-
-    #[test]
     fn shadow_updates_get_a_client_token_unless_they_have_one() {
         let cfg = UpstreamConfig::default();
         let doc = |b: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
         let shadow = rec(Stream::Shadow, r#"{"state":{"reported":{"hr":70}}}"#);
-        let b = doc(body_of(&cfg, "gw", HEAD, 9, &shadow).unwrap());
+        let b = doc(body_of(&cfg, "gw", 9, &shadow).unwrap());
         assert_eq!(b["clientToken"], "gw:9");
         assert_eq!(b["state"]["reported"]["hr"], 70);
         // A thing name too long for the 64-byte token: the sequence number alone.
         let long = "t".repeat(100);
         assert_eq!(
-            doc(body_of(&cfg, &long, HEAD, 9, &shadow).unwrap())["clientToken"],
+            doc(body_of(&cfg, &long, 9, &shadow).unwrap())["clientToken"],
             "9"
         );
         let own = rec(Stream::Shadow, r#"{"state":{},"clientToken":"mine"}"#);
         assert_eq!(
-            doc(body_of(&cfg, "gw", HEAD, 9, &own).unwrap())["clientToken"],
+            doc(body_of(&cfg, "gw", 9, &own).unwrap())["clientToken"],
             "mine"
         );
         let def = rec(Stream::Defender, r#"{"header":{"report_id":1}}"#);
-        let b = doc(body_of(&cfg, "gw", HEAD, 9, &def).unwrap());
+        let b = doc(body_of(&cfg, "gw", 9, &def).unwrap());
         assert!(
             b.get("clientToken").is_none(),
             "defender reports go as queued"
         );
-        assert!(body_of(&cfg, "gw", HEAD, 9, &rec(Stream::Defender, "[1]")).is_err());
+        assert!(body_of(&cfg, "gw", 9, &rec(Stream::Defender, "[1]")).is_err());
     }
 
     #[test]
@@ -738,9 +770,12 @@ mod tests {
             ..Default::default()
         };
         let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(1024));
-        for stream in Stream::ALL {
-            let err = body_of(&cfg, "gw", HEAD, 1, &rec(stream, &big)).unwrap_err();
+        for stream in [Stream::Shadow, Stream::Defender] {
+            let err = body_of(&cfg, "gw", 1, &rec(stream, &big)).unwrap_err();
             assert!(err.contains("max_batch_bytes"), "{err}");
         }
+        let mut b = Builder::new("gw", cfg.max_batch_bytes);
+        let err = b.add(1, big.as_bytes()).unwrap_err();
+        assert!(err.0.contains("max_batch_bytes"), "{err:?}");
     }
 }

@@ -1,0 +1,517 @@
+//! Benchmark: the spine, device → gateway → upstream, on the real binary, next to a mosquitto
+//! bridge doing the same relay in the same run.
+//!
+//! Set-up: an upstream mosquitto with mutual TLS (certificates from `packaging/pki/ward-pki`)
+//! stands in for AWS IoT Core; a "cloud" client subscribes there. `wardgate run` (release
+//! build, its three plugins, upstream enabled with IoT Core's quotas) serves 500 password
+//! devices; a second mosquitto with a bridge to the upstream (persistence every 1 s, the
+//! bridge at QoS 1) serves the same devices for comparison. Devices publish ~100-byte
+//! pacemaker payloads at QoS 1 carrying their send time (`ts`); the cloud side takes
+//! `arrival - ts` for every reading, from the expanded batch (gateway) or the relayed message
+//! (bridge).
+//!
+//! 1. Paced: 500 devices × 2 readings/s = 1 000 readings/s for 20 s → p50/p99/max device →
+//!    upstream, and the peak RSS of each process in that run.
+//! 2. Flat out: 50 devices, 100 publishes in flight each, for 5 s → readings acknowledged per
+//!    second (the gateway writes each to disk before its PUBACK; mosquitto persists every 1 s).
+//! 3. Drain: while and after that, the backlog goes upstream → readings/s delivered within one
+//!    connection's quotas (100 publishes/s, 512 KiB/s) and the KiB/s of MQTT payload used.
+//!
+//! Run with `cargo xtask bench` (or `cargo bench -p wardgate --bench spine`). Prints one line
+//! per figure and writes `target/bench/spine.json`. The clients share the two cores with the
+//! gateway (or the bridge), so the figures are floors for a dedicated gateway.
+
+mod load;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PACED_DEVICES: usize = 500;
+const PACED_RATE: f64 = 2.0;
+const PACED_RUN: Duration = Duration::from_secs(20);
+const FLAT_DEVICES: usize = 50;
+const FLAT_RUN: Duration = Duration::from_secs(5);
+const READINGS_TOPIC: &str = "wardgate/bench-gateway/readings";
+
+fn pki(dir: &Path, args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/pki/ward-pki");
+    let o = Command::new("sh")
+        .arg(script)
+        .arg(args[0])
+        .arg(dir)
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ward-pki {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A mosquitto with `conf`, once its port accepts connections.
+fn mosquitto(path: &Path, conf: &str, port: u16) -> Child {
+    std::fs::write(path, conf).unwrap();
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto installed");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Peak RSS (VmHWM) of `pid` in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reset the peak RSS of `pid` to its current RSS (Linux ≥ 4.0: write 5 to clear_refs).
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+fn now_ms() -> i64 {
+    wardgate::clock::now_ms()
+}
+
+/// What the cloud client saw.
+#[derive(Default)]
+struct Cloud {
+    /// device → upstream latency of every reading, ms.
+    latencies: Mutex<Vec<i64>>,
+    /// Readings and payload bytes received, and when the last came.
+    readings: AtomicU64,
+    bytes: AtomicU64,
+    last_ms: AtomicU64,
+    /// Whether latencies are being collected.
+    collecting: AtomicBool,
+}
+
+/// Subscribe on the upstream as the "cloud", with mutual TLS.
+async fn cloud(port: u16, pki: &Path, topics: &[&str]) -> Arc<Cloud> {
+    let upstream = wardgate::config::UpstreamConfig {
+        enabled: true,
+        endpoint: "localhost".into(),
+        port,
+        ca_file: Some(pki.join("ca.crt")),
+        cert_file: Some(pki.join("devices/bench-cloud.crt")),
+        key_file: Some(pki.join("devices/bench-cloud.key")),
+        ..Default::default()
+    };
+    let tls = wardgate::uplink::load_tls(&upstream).unwrap();
+    let mut o = MqttOptions::new("bench-cloud", "localhost", port);
+    o.set_transport(Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    o.set_max_packet_size(256 * 1024, 256 * 1024);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(o, 64);
+    for t in topics {
+        client.subscribe(*t, QoS::AtLeastOnce).await.unwrap();
+    }
+    let seen = Arc::new(Cloud::default());
+    let s = seen.clone();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let now = now_ms();
+                    let v: serde_json::Value = match serde_json::from_slice(&p.payload) {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    };
+                    // The device's send time of each reading in this message.
+                    let sent: Vec<i64> = if p.topic == READINGS_TOPIC {
+                        wardgate::uplink::batch::expand(&v)
+                            .unwrap()
+                            .iter()
+                            .map(|(_, m)| m["readings"][0]["observed_at_ms"].as_i64().unwrap())
+                            .collect()
+                    } else {
+                        vec![v["ts"].as_i64().unwrap_or(now)]
+                    };
+                    s.readings.fetch_add(sent.len() as u64, Ordering::Relaxed);
+                    s.bytes.fetch_add(p.payload.len() as u64, Ordering::Relaxed);
+                    s.last_ms.store(now as u64, Ordering::Relaxed);
+                    if s.collecting.load(Ordering::Relaxed) {
+                        s.latencies
+                            .lock()
+                            .unwrap()
+                            .extend(sent.iter().map(|t| now - t));
+                    }
+                }
+                Ok(_) => {}
+                // The upstream is stopped at the end of the run.
+                Err(_) => break,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("SUBACK from the upstream")
+        .unwrap();
+    seen
+}
+
+/// The payload of reading `k` of a device: about 100 bytes, with the send time.
+fn payload(k: u64) -> String {
+    format!(
+        r#"{{"heartbeat":{},"ts":{},"battery_pct":87,"mode":"DDD","lead_impedance_ohm":512,"n":{k:>8}}}"#,
+        60 + k % 60,
+        now_ms()
+    )
+}
+
+/// Connect `n` devices to `addr` (retrying CONNACK 3 as an SDK would); each publishes
+/// `rate` readings per second at QoS 1 for `run`, at a random phase. Returns the PUBACKs.
+async fn paced(addr: SocketAddr, n: usize, rate: f64, run: Duration) -> u64 {
+    let acked = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(tokio::sync::Semaphore::new(0));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let id = format!("pm-{i:03}");
+        let mut o = MqttOptions::new(id.clone(), addr.ip().to_string(), addr.port());
+        o.set_credentials(id.clone(), "pw");
+        o.set_keep_alive(Duration::from_secs(60));
+        let (client, mut el) = AsyncClient::new(o, 16);
+        let (acked, connected) = (acked.clone(), connected.clone());
+        let poller = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                        if a.code == rumqttc::ConnectReturnCode::Success {
+                            connected.add_permits(1);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    // Refused (busy) or dropped: rumqttc reconnects on the next poll.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100 + rand::random::<u64>() % 200))
+                            .await
+                    }
+                }
+            }
+        });
+        let go = go.clone();
+        let publisher = tokio::spawn(async move {
+            go.notified().await;
+            let period = Duration::from_secs_f64(1.0 / rate);
+            tokio::time::sleep(period.mul_f64(rand::random::<f64>())).await;
+            let mut tick = tokio::time::interval(period);
+            let end = Instant::now() + run;
+            let topic = format!("ward/{id}/telemetry");
+            let mut k = 0;
+            while Instant::now() < end {
+                tick.tick().await;
+                let _ = client
+                    .publish(&topic, QoS::AtLeastOnce, false, payload(k))
+                    .await;
+                k += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = client.disconnect().await;
+        });
+        tasks.push((publisher, poller));
+    }
+    let all = connected.acquire_many(n as u32);
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("every device connects within 120 s")
+        .unwrap()
+        .forget();
+    go.notify_waiters();
+    for (p, q) in tasks {
+        let _ = p.await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), q).await;
+    }
+    acked.load(Ordering::Relaxed)
+}
+
+fn pct(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return -1;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// One system under test: where devices connect, its process, and the cloud's view.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    pid: u32,
+    cloud: Arc<Cloud>,
+}
+
+async fn measure(t: &Target, report: &mut serde_json::Map<String, serde_json::Value>) {
+    // 1. Paced.
+    reset_peak(t.pid);
+    t.cloud.collecting.store(true, Ordering::Relaxed);
+    let acked = paced(t.addr, PACED_DEVICES, PACED_RATE, PACED_RUN).await;
+    // Wait for the last of them upstream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (t.cloud.latencies.lock().unwrap().len() as u64) < acked && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.cloud.collecting.store(false, Ordering::Relaxed);
+    let peak = peak_kib(t.pid);
+    let mut lat = std::mem::take(&mut *t.cloud.latencies.lock().unwrap());
+    lat.sort_unstable();
+    println!(
+        "spine [{}]: {PACED_DEVICES} devices x {PACED_RATE}/s for {PACED_RUN:?}: {acked} acknowledged, {} upstream; device -> upstream p50 {} ms, p99 {} ms, max {} ms; peak RSS {:.1} MiB",
+        t.name,
+        lat.len(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or(-1),
+        peak as f64 / 1024.0
+    );
+    report.insert(
+        format!("{}_paced", t.name),
+        serde_json::json!({
+            "devices": PACED_DEVICES, "readings_per_second": PACED_DEVICES as f64 * PACED_RATE,
+            "acknowledged": acked, "upstream": lat.len(),
+            "p50_ms": pct(&lat, 0.5), "p99_ms": pct(&lat, 0.99), "max_ms": lat.last(),
+            "peak_rss_kib": peak,
+        }),
+    );
+
+    // 2. Flat out, and 3. the drain.
+    let before = (
+        t.cloud.readings.load(Ordering::Relaxed),
+        t.cloud.bytes.load(Ordering::Relaxed),
+    );
+    let start_ms = now_ms();
+    let load = load::drive(t.addr, FLAT_DEVICES, FLAT_RUN, || {}).await;
+    let acked = load.latencies.len() as u64;
+    println!(
+        "spine [{}]: {FLAT_DEVICES} devices flat out (100 in flight each) for {FLAT_RUN:?}: {acked} acknowledged, {:.0} readings/s; PUBACK p50 {:.1} ms, p99 {:.1} ms",
+        t.name,
+        load.rate(),
+        load.pct(0.5).as_secs_f64() * 1e3,
+        load.pct(0.99).as_secs_f64() * 1e3,
+    );
+    // Until everything acknowledged is upstream (or no progress for 10 s).
+    let mut last = (0, Instant::now());
+    loop {
+        let got = t.cloud.readings.load(Ordering::Relaxed) - before.0;
+        if got >= acked {
+            break;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let readings = t.cloud.readings.load(Ordering::Relaxed) - before.0;
+    let bytes = t.cloud.bytes.load(Ordering::Relaxed) - before.1;
+    let secs = (t.cloud.last_ms.load(Ordering::Relaxed) as i64 - start_ms) as f64 / 1e3;
+    println!(
+        "spine [{}]: upstream during and after it: {readings} readings in {secs:.1} s = {:.0} readings/s, {:.0} KiB/s of MQTT payload (quota 512 KiB/s, 100 publishes/s)",
+        t.name,
+        readings as f64 / secs,
+        bytes as f64 / 1024.0 / secs
+    );
+    report.insert(
+        format!("{}_flat_out", t.name),
+        serde_json::json!({
+            "devices": FLAT_DEVICES, "acknowledged": acked, "acknowledged_per_second": load.rate(),
+            "puback_p50_ms": load.pct(0.5).as_secs_f64() * 1e3,
+            "puback_p99_ms": load.pct(0.99).as_secs_f64() * 1e3,
+            "upstream_readings": readings, "upstream_seconds": secs,
+            "upstream_readings_per_second": readings as f64 / secs,
+            "upstream_kib_per_second": bytes as f64 / 1024.0 / secs,
+        }),
+    );
+}
+
+fn main() {
+    let components = std::env::var("WARDGATE_COMPONENTS").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/target/components").into()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("pki");
+    pki(&p, &["init", "Bench upstream CA"]);
+    pki(
+        &p,
+        &["server", "localhost", "DNS:localhost", "IP:127.0.0.1"],
+    );
+    for who in ["bench-gateway", "bench-bridge", "bench-cloud"] {
+        pki(&p, &["device", who]);
+    }
+    let up = free_port();
+    let mut upstream = mosquitto(
+        &tmp.path().join("upstream.conf"),
+        &format!(
+            "user root\nper_listener_settings true\nlistener {up} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/server.crt\nkeyfile {p}/server.key\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\nmax_inflight_messages 100\nmax_queued_messages 1000000\nlog_dest file {log}\nlog_type all\n",
+            log = tmp.path().join("upstream.log").display(),
+            p = p.display()
+        ),
+        up,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = rt.block_on(run(components.into(), tmp.path(), up, &p));
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("spine.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(report)).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Start `wardgate run` on `tmp` with the upstream on `up`: the child, its listener, and the
+/// thread draining its log.
+fn start_gateway(
+    components: PathBuf,
+    tmp: &Path,
+    up: u16,
+    p: &Path,
+) -> (Child, SocketAddr, std::thread::JoinHandle<usize>) {
+    let mut cfg = wardgate::config::Config::default();
+    cfg.gateway.id = "bench-gateway".into();
+    cfg.gateway.state_dir = tmp.join("state");
+    cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
+    cfg.listeners.max_connections_per_address = 2 * PACED_DEVICES;
+    cfg.listeners.connect_timeout = Duration::from_secs(60);
+    cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.broker.max_connections = 2 * PACED_DEVICES;
+    cfg.plugins.dir = components;
+    cfg.login.max_pending_per_address = cfg.login.max_pending;
+    cfg.login.max_per_second_per_address = cfg.login.max_per_second;
+    cfg.upstream.enabled = true;
+    cfg.upstream.endpoint = "localhost".into();
+    cfg.upstream.port = up;
+    cfg.upstream.ca_file = Some(p.join("ca.crt"));
+    cfg.upstream.cert_file = Some(p.join("devices/bench-gateway.crt"));
+    cfg.upstream.key_file = Some(p.join("devices/bench-gateway.key"));
+    // Cheap hashes: this measures the spine, not argon2 (the logins bench does that).
+    cfg.devices = load::devices(PACED_DEVICES);
+    let conf = tmp.join("wardgate.toml");
+    std::fs::write(&conf, toml::to_string(&cfg).unwrap()).unwrap();
+    let sock_path = tmp.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
+        .arg("run")
+        .arg("-c")
+        .arg(&conf)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WARDGATE_LOG__FORMAT", "text")
+        .env("WARDGATE_LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the gateway");
+    let stderr = child.stderr.take().unwrap();
+    // Keep reading the log so the gateway never blocks on a full pipe.
+    let log = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().count());
+    let mut buf = vec![0u8; 4096];
+    let addr = loop {
+        let n = sock.recv(&mut buf).expect("READY=1 within 60 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.lines().any(|l| l == "READY=1") {
+            break msg
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("plain="))
+                .and_then(|a| a.trim_end_matches(';').parse().ok())
+                .expect("listener address in STATUS=");
+        }
+    };
+    (child, addr, log)
+}
+
+async fn run(
+    components: PathBuf,
+    tmp: &Path,
+    up: u16,
+    p: &Path,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut report = serde_json::Map::new();
+    let cloud_gw = cloud(up, p, &[READINGS_TOPIC, "ward/+/telemetry"]).await;
+    let (mut child, addr, log) = start_gateway(components, tmp, up, p);
+    let gateway = Target {
+        name: "wardgate",
+        addr,
+        pid: child.id(),
+        cloud: cloud_gw.clone(),
+    };
+    measure(&gateway, &mut report).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = child.wait().unwrap();
+    let _ = log.join();
+    assert!(status.success(), "gateway exited with {status}");
+    // The bridge starts now, so it meets the devices as fresh as the gateway did.
+    let bridge_port = free_port();
+    std::fs::create_dir_all(tmp.join("bridge-db")).unwrap();
+    let mut bridge = mosquitto(
+        &tmp.join("bridge.conf"),
+        &format!(
+            "user root\nper_listener_settings false\nallow_anonymous true\nlistener {bridge_port} 127.0.0.1\npersistence true\npersistence_location {db}/\nautosave_interval 1\nmax_queued_messages 1000000\n\
+             connection upstream\naddress 127.0.0.1:{up}\ntopic ward/# out 1\nbridge_cafile {p}/ca.crt\nbridge_certfile {p}/devices/bench-bridge.crt\nbridge_keyfile {p}/devices/bench-bridge.key\nremote_clientid bench-bridge\ncleansession false\nlog_dest file {log}\n",
+            log = tmp.join("bridge.log").display(),
+            db = tmp.join("bridge-db").display(),
+            p = p.display()
+        ),
+        bridge_port,
+    );
+    let target = Target {
+        name: "mosquitto-bridge",
+        addr: SocketAddr::from(([127, 0, 0, 1], bridge_port)),
+        pid: bridge.id(),
+        cloud: cloud_gw,
+    };
+    measure(&target, &mut report).await;
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+    report
+}
