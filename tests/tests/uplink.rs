@@ -662,3 +662,114 @@ async fn alpn_and_sni_are_offered_as_configured() {
     u.alpn = Some(vec![]);
     assert!(u.alpn_protocols().is_empty(), "`alpn = []` offers none");
 }
+
+/// The batch format as the cloud sees it: readings of three kinds of device share messages,
+/// grouped per device, and the decoder shipped in `packaging/examples/expand_batch.py` gives
+/// back the same records as the reference decoder, each with its device's values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_decode_with_the_shipped_python_example() {
+    let up = Upstream::new();
+    let _mq = up.broker();
+    let mut cloud = up.raw_subscriber(&["wardgate/test-gateway/readings"]).await;
+    let mut cfg = up.gateway_config();
+    cfg.devices
+        .push(wardgate_tests::device("gl-01", "glucose", "pw"));
+    cfg.devices
+        .push(wardgate_tests::device("bt-01", "bed-temperature", "pw"));
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let addr = gw.listener_addr("plain").unwrap();
+    let pm = connect(options(addr, "pm-01", "pw")).await;
+    let gl = connect(options(addr, "gl-01", "pw")).await;
+    let bt = connect(options(addr, "bt-01", "pw")).await;
+    let secs = wardgate_tests::now_ms() / 1000;
+    for i in 0..20u32 {
+        heartbeat(&pm.client, "ward/pm-01/telemetry", 60 + i).await;
+        gl.client
+            .publish(
+                "ward/gl-01/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!("SS1;{}.5;mmol/L;{secs}", 5 + i % 3),
+            )
+            .await
+            .unwrap();
+        bt.client
+            .publish(
+                "ward/bt-01/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!("bed=07 temp_c=36.{} ts={secs}", i % 10),
+            )
+            .await
+            .unwrap();
+    }
+    let mut lines = String::new();
+    let mut records = Vec::new();
+    while records.len() < 60 {
+        let (_, payload) = tokio::time::timeout(Duration::from_secs(20), cloud.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of 60 records arrived", records.len()))
+            .unwrap();
+        let batch: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(batch["format"], 2, "{batch}");
+        records.extend(wardgate::uplink::batch::expand(&batch).unwrap());
+        lines.push_str(std::str::from_utf8(&payload).unwrap());
+        lines.push('\n');
+    }
+    let _ = gw.stop(Duration::from_secs(10)).await;
+
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples/expand_batch.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let from_python: Vec<(u64, serde_json::Value)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["seq"].as_u64().unwrap(), v["message"].clone())
+        })
+        .collect();
+    assert_eq!(
+        from_python, records,
+        "the Python decoder agrees with the reference"
+    );
+
+    let mut by_device = BTreeMap::<String, Vec<f64>>::new();
+    for (_, m) in &records {
+        assert_eq!(m["gateway_id"], "test-gateway");
+        let id = m["device_id"].as_str().unwrap();
+        assert_eq!(m["topic"], format!("ward/{id}/telemetry"));
+        by_device
+            .entry(id.into())
+            .or_default()
+            .push(m["readings"][0]["value"].as_f64().unwrap());
+    }
+    let want_pm: Vec<f64> = (0..20).map(|i| f64::from(60 + i)).collect();
+    assert_eq!(by_device["pm-01"], want_pm);
+    assert_eq!(by_device["gl-01"].len(), 20);
+    let want_bt: Vec<f64> = (0..20)
+        .map(|i| format!("36.{}", i % 10).parse().unwrap())
+        .collect();
+    assert_eq!(by_device["bt-01"], want_bt);
+    let glucose = records
+        .iter()
+        .find(|(_, m)| m["device_id"] == "gl-01")
+        .unwrap();
+    assert_eq!(glucose.1["kind"], "glucose");
+    assert_eq!(glucose.1["readings"][0]["unit"], "mg/dL");
+    assert_eq!(glucose.1["readings"][0]["observed_at_ms"], secs * 1000);
+}

@@ -557,7 +557,9 @@ pub struct QueueConfig {
     /// Routine readings older than this are evicted.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
-    /// Longest a reading waits for its group commit (the extra latency before its PUBACK).
+    /// Shortest time between the starts of two group commits (bounds the disk's flush rate);
+    /// readings arriving meanwhile share the next flush. A quiet ward's reading is flushed at
+    /// once if the last flush started longer ago.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
 }
@@ -567,7 +569,7 @@ impl Default for QueueConfig {
         Self {
             max_bytes: 256 * 1024 * 1024,
             max_age: Duration::from_secs(7 * 24 * 3600),
-            commit_interval: Duration::from_millis(5),
+            commit_interval: Duration::from_millis(2),
         }
     }
 }

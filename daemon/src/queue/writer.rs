@@ -1,7 +1,10 @@
-//! Group commit: readings are appended in batches and synced once per batch, then every
-//! reading of the batch is confirmed (its device gets its PUBACK). A batch closes after
-//! `queue.commit_interval` or [`MAX_GROUP`] readings, whichever comes first, so the extra
-//! latency is bounded and the disk sees one flush per batch, not per reading.
+//! Group commit: readings are appended in groups and synced once per group, then every
+//! reading of the group is confirmed (its device gets its PUBACK). A group is whatever waits
+//! when the previous commit is done (at most [`MAX_GROUP`]), so it grows with the load instead
+//! of waiting for a timer: one reading and one flush when the ward is quiet, hundreds per flush
+//! under a burst. `queue.commit_interval` is the shortest time between the starts of two
+//! commits, which bounds the flush rate; a reading waits at most that, plus the commit in
+//! progress, plus its own.
 //!
 //! Admission: an alarm or security record that would take the queue's alarm and security
 //! records past `queue.max_bytes` is refused — not written, not confirmed (its device is
@@ -161,6 +164,7 @@ pub fn writer(
     let (tx, mut rx) = mpsc::channel::<(Record, Option<Ack>)>(WRITER_CHANNEL_CAPACITY);
     let task = async move {
         let mut idle = crate::supervisor::Heartbeat::ticker();
+        let mut last_start = tokio::time::Instant::now();
         loop {
             let first = tokio::select! {
                 // Waiting readings first: the idle tick beats only when there are none.
@@ -174,14 +178,22 @@ pub fn writer(
                     continue;
                 }
             };
+            // Everything already waiting joins this group; what arrives while it is written
+            // joins the next. So a group is one reading when the ward is quiet and grows with
+            // the load, and commits start at most once per `commit_interval`.
             let mut group = vec![first];
-            let deadline = tokio::time::Instant::now() + commit_interval;
+            let deadline = last_start + commit_interval;
             while group.len() < MAX_GROUP {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(item)) => group.push(item),
-                    Ok(None) | Err(_) => break,
+                match rx.try_recv() {
+                    Ok(item) => group.push(item),
+                    Err(_) if tokio::time::Instant::now() >= deadline => break,
+                    Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(item)) => group.push(item),
+                        Ok(None) | Err(_) => break,
+                    },
                 }
             }
+            last_start = tokio::time::Instant::now();
             let (records, acks): (Vec<Record>, Vec<Option<Ack>>) = group.into_iter().unzip();
             let q = queue.clone();
             let age_floor = now_ms() - max_age.as_millis() as i64;
