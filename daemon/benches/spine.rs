@@ -17,6 +17,9 @@
 //! 3. Drain: while and after that, the backlog goes upstream → readings/s delivered within one
 //!    connection's quotas (100 publishes/s, 512 KiB/s) and the KiB/s of MQTT payload used.
 //!
+//! `SPINE_ONLY=wardgate` skips the bridge. `SPINE_PERF=<file>` records a CPU profile (`perf record -g`) of each system while flat out,
+//! into `<file>.wardgate` and `<file>.mosquitto-bridge`.
+//!
 //! Run with `cargo xtask bench` (or `cargo bench -p wardgate --bench spine`). Prints one line
 //! per figure and writes `target/bench/spine.json`. The clients share the two cores with the
 //! gateway (or the bridge), so the figures are floors for a dedicated gateway.
@@ -319,7 +322,21 @@ async fn measure(t: &Target, report: &mut serde_json::Map<String, serde_json::Va
         t.cloud.bytes.load(Ordering::Relaxed),
     );
     let start_ms = now_ms();
+    // SPINE_PERF=<file>: record a CPU profile of the system under test while flat out.
+    let perf = std::env::var("SPINE_PERF").ok().map(|out| {
+        Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-o"])
+            .arg(format!("{out}.{}", t.name))
+            .args(["-p", &t.pid.to_string(), "--", "sleep", "4"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf installed")
+    });
     let load = load::drive(t.addr, FLAT_DEVICES, FLAT_RUN, || {}).await;
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+    }
     let acked = load.latencies.len() as u64;
     println!(
         "spine [{}]: {FLAT_DEVICES} devices flat out (100 in flight each) for {FLAT_RUN:?}: {acked} acknowledged, {:.0} readings/s; PUBACK p50 {:.1} ms, p99 {:.1} ms",
@@ -490,6 +507,9 @@ async fn run(
     let status = child.wait().unwrap();
     let _ = log.join();
     assert!(status.success(), "gateway exited with {status}");
+    if std::env::var("SPINE_ONLY").is_ok_and(|o| o == "wardgate") {
+        return report;
+    }
     // The bridge starts now, so it meets the devices as fresh as the gateway did.
     let bridge_port = free_port();
     std::fs::create_dir_all(tmp.join("bridge-db")).unwrap();

@@ -568,11 +568,16 @@ async fn send_ready(
     let mut built_bytes = 0usize;
     let mut undeliverable: Vec<(u64, Record, String)> = Vec::new();
     let mut left_over = false;
+    let mut byte_bound = false;
     for (seq, r, _) in records {
         if sent.contains(&seq) || !seen.insert(seq) {
             continue;
         }
         let full = building.len() >= budget || built_bytes >= byte_budget;
+        if built_bytes >= byte_budget {
+            // More than the byte tokens allow now: the next round waits for a full message's.
+            byte_bound = true;
+        }
         if full && open.is_empty() {
             left_over = true;
             break; // nothing more fits in this round
@@ -671,11 +676,12 @@ async fn send_ready(
     if matches!(outcome, Ready::Window)
         && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize
     {
-        // Left over for lack of budget, not of window: try again as soon as the pace allows.
+        // Left over for lack of budget, not of window: try again when the pace allows a
+        // publish — and, when bytes were the bound, a full message.
+        let bytes = if byte_bound { cfg.max_batch_bytes } else { 0 };
         outcome = Ready::Paced(
-            pace.ready(Instant::now())
-                .err()
-                .unwrap_or(Duration::from_millis(1)),
+            pace.wait(bytes, Instant::now())
+                .max(Duration::from_millis(1)),
         );
     }
     let mut aside = HashSet::new();

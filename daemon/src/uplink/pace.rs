@@ -83,6 +83,13 @@ impl Pace {
         self.bytes.tokens.max(0.0).floor() as usize
     }
 
+    /// How long until one publish of `bytes` is allowed (zero: now).
+    pub fn wait(&mut self, bytes: usize, now: Instant) -> Duration {
+        self.publishes.refill(now);
+        self.bytes.refill(now);
+        self.publishes.wait(1.0).max(self.bytes.wait(bytes as f64))
+    }
+
     /// `Ok` when a publish token is there; otherwise how long until one is.
     pub fn ready(&mut self, now: Instant) -> Result<(), Duration> {
         self.publishes.refill(now);
