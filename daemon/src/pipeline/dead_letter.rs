@@ -167,10 +167,17 @@ impl DeadLetters {
         Ok(())
     }
 
-    /// Every stored message, oldest file first.
+    /// Every stored message, oldest day file first (only regular `YYYY-MM-DD.jsonl` files are
+    /// read).
     pub fn read_all(&self) -> Vec<DeadLetter> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_str().and_then(day_of_file_name).is_some())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                    .map(|e| e.path())
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         files
