@@ -27,8 +27,9 @@
 //! ones. A file that has just received entries, and the newest day file, are never removed by
 //! the bound: a new dead letter is never dropped because of it (so the store can exceed
 //! `max_bytes` by at most the day file in use). The byte total is kept as files grow and go
-//! (the directory is read once, when the writer starts); the bound is applied at the start,
-//! after every group and every [`ENFORCE_INTERVAL`]. What it removes is counted (files,
+//! between readings of the directory (at the start and every [`ENFORCE_INTERVAL`], so files
+//! an operator removed are noticed), never recounted per write; the bound is applied at the
+//! start, after every group and every [`ENFORCE_INTERVAL`]. What it removes is counted (files,
 //! entries, bytes), shown by `wardgate status`, and logged as a WARN per file.
 
 use super::{Ack, Ingest};
@@ -52,7 +53,7 @@ use tokio::sync::mpsc;
 pub const CHANNEL_CAPACITY: usize = 1024;
 /// Most entries written (and synced) as one group.
 pub const MAX_GROUP: usize = 256;
-/// How often the age bound is applied when nothing is written.
+/// How often the directory is read again and the bound applied when nothing is written.
 pub const ENFORCE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One stored message.
@@ -424,7 +425,12 @@ impl Files {
         let bytes = self.days.get(day).copied().unwrap_or(0);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Removed by someone else (an operator clearing the store): not counted.
+                self.days.remove(day);
+                self.total -= bytes;
+                return true;
+            }
             Err(e) => {
                 log::error!(error:% = e, path:% = path.display(); "cannot remove a dead-letter file: the store stays over its bound (dead_letter.max_bytes, max_age)");
                 return false;
@@ -490,6 +496,8 @@ pub fn writer(
             let first = tokio::select! {
                 biased;
                 _ = tick.tick() => {
+                    // Read the directory again: an operator may have removed files.
+                    files.scanned = false;
                     files = blocking(&store, &bound, &counters, files, Vec::new()).await.0;
                     beat.beat();
                     continue;

@@ -503,17 +503,17 @@ impl Store for SledStore {
 
     fn evict(&mut self, max_bytes: u64, min_enqueued_at_ms: i64) -> Result<Evicted, QueueError> {
         let mut ev = Evicted::default();
-        loop {
-            let Some(item) = self.records.range(key(self.routine_front)..).next() else {
-                break;
-            };
+        let mut front = self.routine_front;
+        let mut doomed = sled::Batch::default();
+        let (mut removed, mut freed) = (0usize, 0u64);
+        for item in self.records.range(key(front)..) {
             let (k, v) = item?;
             let Some(seq) = seq_of(&k) else { break };
             #[cfg(test)]
             tests::count_touched();
             if self.priority.contains(&seq) {
                 // Never evicted, and nothing routine is in front of it: step over it for good.
-                self.routine_front = seq + 1;
+                front = seq + 1;
                 continue;
             }
             let Some(enqueued_at_ms) = header_time(&v) else {
@@ -521,14 +521,23 @@ impl Store for SledStore {
             };
             if enqueued_at_ms < min_enqueued_at_ms {
                 ev.over_age += 1;
-            } else if self.bytes > max_bytes {
+            } else if self.bytes - freed > max_bytes {
                 ev.over_bytes += 1;
             } else {
                 break;
             }
-            self.take(seq)?;
-            self.routine_front = seq + 1;
+            freed += v.len() as u64;
+            removed += 1;
+            front = seq + 1;
+            doomed.remove(k);
         }
+        // One batch for the whole pass; the counters change only once it is applied.
+        if removed > 0 {
+            self.records.apply_batch(doomed)?;
+            self.count -= removed;
+            self.bytes -= freed;
+        }
+        self.routine_front = front;
         Ok(ev)
     }
 
