@@ -146,7 +146,7 @@ fn prefill(dir: &Path, bytes: u64) -> (usize, u64, f64) {
             })
             .collect();
         q.append(&batch).unwrap();
-        if n % 50_000 == 0 {
+        if n.is_multiple_of(50_000) {
             q.sync().unwrap();
         }
     }
