@@ -18,7 +18,7 @@ use crate::broker::{self, BrokerHandle};
 use crate::config::{self, Config, LoadOptions};
 use crate::gatekeeper::{Gatekeeper, ListenerLimits, Shared, TlsState, Transport};
 use crate::metering::Metering;
-use crate::pipeline::{DeadLetters, LocalPublisher, Pipeline, PipelineStats, Stages};
+use crate::pipeline::{dead_letter, DeadLetters, LocalPublisher, Pipeline, PipelineStats, Stages};
 use crate::plugin_host::PluginHost;
 use crate::registry::{Registry, SharedRegistry};
 use crate::status::{self, ListenerStatus, Status};
@@ -48,6 +48,8 @@ pub struct Gateway {
     plugins: Arc<PluginHost>,
     plugin_watch: Stage<()>,
     queue_writer: Option<Stage<()>>,
+    /// Writes dead letters; ends after the pipeline (its only sender) is gone.
+    dead_letter_writer: Stage<()>,
     /// The queue's entrance for producers other than the pipeline (dropped first on stop, so
     /// the writer can finish).
     outbox: Option<crate::queue::Enqueue>,
@@ -67,6 +69,7 @@ struct StatusView {
     plugins: Arc<PluginHost>,
     login: crate::gatekeeper::login::LoginGate,
     queue: Option<crate::queue::SharedQueue>,
+    dead_letters: Arc<dead_letter::DeadLetterCounters>,
     uplink: Arc<crate::uplink::UplinkStats>,
     endpoint: String,
     gateway_id: String,
@@ -101,6 +104,7 @@ impl StatusView {
             devices: self.metering.snapshot(),
             plugins: self.plugins.status(),
             queue: self.queue.as_ref().map(|q| q.status()),
+            dead_letter: self.dead_letters.status(),
             uplink: self.queue.as_ref().map(|_| {
                 use std::sync::atomic::Ordering::Relaxed;
                 status::UplinkStatus {
@@ -248,10 +252,25 @@ impl Gateway {
         };
         let local = LocalPublisher::new(&broker);
         supervisor.watch_fatal("local-publisher", local.ended_probe());
+        let mut dead_letters = None;
+        let dead_letter_writer = {
+            let (store, bound) = (DeadLetters::new(&state_dir), config.dead_letter.clone());
+            supervisor.spawn_fatal("dead-letter-writer", |beat| {
+                let (tx, run) = dead_letter::writer(store, bound, beat);
+                dead_letters = Some(tx);
+                async move {
+                    run.await;
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            })
+        };
+        let dead_letters =
+            dead_letters.expect("the dead-letter writer's entrance is made with the writer");
+        let dead_letter_counters = dead_letters.counters().clone();
         let (pipeline, ingest) = Pipeline::new(Stages {
             gateway_id: config.gateway.id.clone(),
             plugins: plugins.clone(),
-            dead_letters: DeadLetters::new(&state_dir),
+            dead_letters,
             local: Some(local),
             queue,
         });
@@ -328,6 +347,7 @@ impl Gateway {
             plugins: plugins.clone(),
             login: login.clone(),
             queue: shared_queue,
+            dead_letters: dead_letter_counters,
             uplink: uplink_stats.clone(),
             endpoint: config.upstream.endpoint.clone(),
             gateway_id: config.gateway.id.clone(),
@@ -354,6 +374,7 @@ impl Gateway {
             plugins,
             plugin_watch,
             queue_writer,
+            dead_letter_writer,
             outbox,
             uplink,
             uplink_stop,
@@ -461,6 +482,7 @@ impl Gateway {
         let tasks = std::mem::take(&mut self.listener_tasks);
         let pipeline = &mut self.pipeline;
         let writer = self.queue_writer.take();
+        let dead_letter_writer = &mut self.dead_letter_writer;
         self.outbox = None;
         self.spare_ingest = None;
         let drain = async {
@@ -468,11 +490,13 @@ impl Gateway {
                 let _ = t.join().await;
             }
             let handled = pipeline.join().await;
-            // The pipeline's queue handle is gone with it: the writer commits what it has.
-            let written = match writer {
+            // The pipeline's queue and dead-letter handles are gone with it: the writers
+            // commit what they have.
+            let mut written = match writer {
                 Some(mut w) => w.join().await.is_ok(),
                 None => true,
             };
+            written &= dead_letter_writer.join().await.is_ok();
             (handled, written)
         };
         let result = tokio::time::timeout(deadline, drain).await;
@@ -709,6 +733,7 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
                 ),
                 ("broker", new.broker != running.broker),
                 ("upstream", new.upstream != running.upstream),
+                ("dead_letter", new.dead_letter != running.dead_letter),
             ] {
                 if changed {
                     log::warn!(section = section; "changes to [{section}] take effect after a restart");

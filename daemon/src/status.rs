@@ -62,6 +62,9 @@ pub struct Status {
     /// The offline queue (when the upstream is enabled).
     #[serde(default)]
     pub queue: Option<crate::queue::QueueStatus>,
+    /// The dead-letter store: its size and what its bound removed.
+    #[serde(default)]
+    pub dead_letter: crate::pipeline::dead_letter::DeadLetterStatus,
     /// The uplink (when the upstream is enabled).
     #[serde(default)]
     pub uplink: Option<UplinkStatus>,
@@ -97,7 +100,7 @@ pub struct PipelineDevice {
     pub messages: u64,
     /// Canonical readings produced.
     pub readings: u64,
-    /// Messages kept in the dead-letter store.
+    /// Messages handed to the dead-letter store.
     pub dead_letters: u64,
 }
 
@@ -267,6 +270,12 @@ pub fn render(s: &Status) -> String {
             );
         }
     }
+    let dl = &s.dead_letter;
+    let _ = writeln!(
+        out,
+        "dead-letter store {} day files, {} bytes; {} written since start ({} failed writes, {} refused while the writer was behind: not acknowledged); removed by dead_letter.max_bytes/max_age: {} files, {} messages, {} bytes",
+        dl.files, dl.bytes, dl.written, dl.failed, dl.refused_busy, dl.removed_files, dl.removed_entries, dl.removed_bytes
+    );
     let dead: Vec<&PipelineDevice> = s.pipeline.iter().filter(|d| d.dead_letters > 0).collect();
     if !dead.is_empty() {
         let _ = writeln!(out);

@@ -32,6 +32,7 @@ const SECTIONS: &[&str] = &[
     "devices",
     "upstream",
     "queue",
+    "dead_letter",
     "log",
 ];
 
@@ -308,6 +309,7 @@ fn extract(
     section(fig, "broker", &mut config.broker, errors);
     section(fig, "upstream", &mut config.upstream, errors);
     section(fig, "queue", &mut config.queue, errors);
+    section(fig, "dead_letter", &mut config.dead_letter, errors);
     section(fig, "log", &mut config.log, errors);
     config.devices = devices(fig, root.get("devices"), device_sources, errors);
     Some(config)

@@ -61,6 +61,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// The durable offline queue.
     pub queue: QueueConfig,
+    /// The dead-letter store's bound.
+    pub dead_letter: DeadLetterConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -570,6 +572,28 @@ impl Default for QueueConfig {
             max_bytes: 256 * 1024 * 1024,
             max_age: Duration::from_secs(7 * 24 * 3600),
             commit_interval: Duration::from_millis(2),
+        }
+    }
+}
+
+/// `[dead_letter]`: the bound of the dead-letter store (`<state_dir>/dead-letter/`, one file
+/// per UTC day), applied by removing whole day files, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// Most bytes of day files; above it the oldest day files are removed (the day file in use
+    /// is never removed, so a new dead letter is never dropped).
+    pub max_bytes: u64,
+    /// Day files whose every entry is older than this are removed.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+            max_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

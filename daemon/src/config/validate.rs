@@ -441,6 +441,19 @@ pub(super) fn validate(
             "must be between 1ms and 1s, e.g. \"5ms\"".into(),
         );
     }
+    if c.dead_letter.max_bytes == 0 {
+        err(
+            "dead_letter.max_bytes",
+            "must be at least 1 byte, e.g. 67108864 (64 MiB); the day file in use is always kept"
+                .into(),
+        );
+    }
+    if c.dead_letter.max_age < std::time::Duration::from_secs(24 * 3600) {
+        err(
+            "dead_letter.max_age",
+            "must be at least 1day, e.g. \"30days\" (the store keeps whole UTC day files)".into(),
+        );
+    }
     if c.upstream.port == 0 {
         err(
             "upstream.port",

@@ -9,10 +9,13 @@
 //!
 //! Stages, in `Pipeline::handle`: the device's plugin normalises the raw payload
 //! ([`crate::plugin_host`]); the readings are published on the local broker as canonical JSON on
-//! `ward/<device>/readings` for local consumers; a message the plugin fails or refuses goes to
-//! the [`DeadLetters`] store with the reason; with the upstream enabled, the canonical message
-//! goes into the durable queue ([`crate::queue`]), which confirms it once it is on disk. Then,
-//! and only then, the device gets its PUBACK. (Shadows and rules hang off the same place.)
+//! `ward/<device>/readings` for local consumers; a message the plugin fails or refuses is
+//! handed, with the reason and the device's `Ack`, to the dead-letter writer
+//! ([`dead_letter`]), which confirms it once it is on disk — the pipeline does not wait for
+//! that, so one device sending garbage does not hold up anyone else's readings; with the
+//! upstream enabled, the canonical message goes into the durable queue ([`crate::queue`]),
+//! which confirms it once it is on disk. Then, and only then, the device gets its PUBACK.
+//! (Shadows and rules hang off the same place.)
 //!
 //! What must stay true: the pipeline stops only when every sender is gone (all device
 //! connections closed), so a stop drains everything accepted so far, in order. It is a fatal
@@ -22,7 +25,7 @@
 
 pub mod dead_letter;
 
-pub use dead_letter::{DeadLetter, DeadLetters};
+pub use dead_letter::{DeadLetter, DeadLetterSender, DeadLetters};
 
 use crate::broker::BrokerHandle;
 use crate::plugin_host::{Input, Normalized, PluginHost};
@@ -99,7 +102,8 @@ pub struct DeviceCounts {
     pub bytes: u64,
     /// Canonical readings produced by its plugin.
     pub readings: u64,
-    /// Messages stored in the dead-letter store.
+    /// Messages handed to the dead-letter store (a write that then fails is logged as an
+    /// ERROR and counted in the store's counters; those messages are not acknowledged).
     pub dead_letters: u64,
 }
 
@@ -136,8 +140,8 @@ pub struct Stages {
     pub gateway_id: String,
     /// The plugin host.
     pub plugins: Arc<PluginHost>,
-    /// Where failed messages go.
-    pub dead_letters: DeadLetters,
+    /// Where failed messages go (the dead-letter writer).
+    pub dead_letters: DeadLetterSender,
     /// Publisher on the local broker (`None`: do not publish locally).
     pub local: Option<LocalPublisher>,
     /// The durable queue towards the upstream (`None`: upstream disabled).
@@ -388,19 +392,29 @@ impl Pipeline {
                 (n.readings.len() as u64, 0)
             }
             Err(failure) => {
-                let dl = self.stages.dead_letters.clone();
                 let entry = DeadLetters::entry(&msg, &failure);
-                let stored = tokio::task::spawn_blocking(move || dl.write(&entry))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                if let Err(e) = stored {
-                    // Not safe anywhere: withhold the acknowledgement so the device resends.
-                    log::error!(
-                        device_id:% = msg.device.id, plugin:% = msg.device.plugin, error:% = e,
-                        path:% = self.stages.dead_letters.dir().display();
-                        "cannot write the dead-letter store; message not acknowledged"
-                    );
-                    return;
+                // The writer confirms the device's Ack once the entry is on disk.
+                match self.stages.dead_letters.send(entry, msg.ack.take()) {
+                    Ok(()) => {}
+                    Err(dead_letter::Refused::Busy) => {
+                        if let Some(suppressed) = self.dead_letter_log.allow(&msg.device.id) {
+                            log::warn!(
+                                device_id:% = msg.device.id, plugin:% = msg.device.plugin,
+                                path:% = self.stages.dead_letters.dir().display(), suppressed = suppressed;
+                                "dead-letter store far behind: message not normalised and not acknowledged (the device resends it{})",
+                                if msg.qos == Qos::AtMostOnce { "; QoS 0: it is lost" } else { "" }
+                            );
+                        }
+                        return;
+                    }
+                    Err(dead_letter::Refused::Stopped) => {
+                        log::error!(
+                            device_id:% = msg.device.id, plugin:% = msg.device.plugin,
+                            path:% = self.stages.dead_letters.dir().display();
+                            "dead-letter writer stopped; message not acknowledged"
+                        );
+                        return;
+                    }
                 }
                 if let Some(suppressed) = self.dead_letter_log.allow(&msg.device.id) {
                     log::warn!(

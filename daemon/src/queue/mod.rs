@@ -38,10 +38,37 @@
 //!    moved aside; every intact record is still delivered.
 //! 5. Alarms and security records are never evicted; routine records are evicted oldest first
 //!    when the queue is over its byte bound, and when older than its age bound.
+//! 7. Eviction costs what it evicts, not what is queued: a group commit during a long outage
+//!    must cost the same with an empty queue and with hundreds of megabytes queued (see
+//!    *Eviction* below). The byte and record counters are kept as records come and go, never
+//!    recounted.
 //! 6. The disk stays bounded even so: alarm and security records are accepted only while they
 //!    fit in the byte bound by themselves ([`Store::priority_bytes`]). One that does not fit is
 //!    refused — never acknowledged, so its device keeps it and sends it again — rather than
 //!    accepted and dropped later.
+//!
+//! # Eviction
+//!
+//! Keys are sequence numbers, so key order is arrival order, and a routine record's
+//! `enqueued_at_ms` is the wall clock at its append: it grows with the key. Eviction therefore
+//! only ever looks at the *front* of the routine records. The store keeps a cursor,
+//! `routine_front`: no routine record has a smaller sequence number (records only leave
+//! `records`, and new ones get larger numbers, so the cursor stays true as it only moves
+//! forward; it starts at 0 on open). One eviction pass looks at the first record at or after
+//! the cursor: an alarm or security record (known from the in-memory `priority` set, without
+//! reading its value) is stepped over and the cursor moves past it for good; a routine record
+//! is judged from its header bytes alone (no CRC check, no copy of the payload: the value was
+//! checked when the queue was opened or written by this process) — evicted when it is older
+//! than the age bound, else when the queue is over its byte bound, else the pass ends. A pass
+//! therefore reads the records it evicts, plus each alarm or security record once in its life,
+//! plus one; records the uplink removed in the middle are never seen.
+//!
+//! If the wall clock steps back, records appended after the step carry smaller times than the
+//! ones before them. The pass stops at the first routine record that is not too old, so a
+//! record behind it that is already too old stays until the records in front of it are
+//! evicted or delivered: it is evicted *late*. It is never evicted *early*: a record is only
+//! evicted for age when its own time is below the bound, and for bytes only when it is the
+//! oldest routine record by arrival, exactly as without a clock step.
 //!
 //! The queue sits behind the [`Store`] trait so a model test can drive it with random
 //! push / remove / crash / reopen sequences against a plain in-memory model. (In that test a
@@ -260,6 +287,8 @@ fn encode(r: &Record) -> Vec<u8> {
 }
 
 fn decode(v: &[u8]) -> Option<Record> {
+    #[cfg(test)]
+    tests::count_decode();
     if v.len() < HEADER_V1 || !(1..=FORMAT_VERSION).contains(&v[0]) {
         return None;
     }
@@ -293,6 +322,12 @@ fn decode(v: &[u8]) -> Option<Record> {
     })
 }
 
+/// The `enqueued_at_ms` of a stored value, from its header alone (both format versions keep it
+/// at the same place); `None` for a value too short to hold it.
+fn header_time(v: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(v.get(6..14)?.try_into().ok()?))
+}
+
 fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
@@ -310,6 +345,8 @@ pub struct SledStore {
     undeliverable: sled::Tree,
     /// Sequence numbers of queued alarm and security records (rebuilt on open).
     priority: std::collections::BTreeSet<u64>,
+    /// No routine record in `records` has a smaller sequence number (see *Eviction*).
+    routine_front: u64,
     next_seq: u64,
     count: usize,
     bytes: u64,
@@ -365,6 +402,7 @@ impl SledStore {
                 meta,
                 undeliverable,
                 priority,
+                routine_front: 0,
                 next_seq,
                 count,
                 bytes,
@@ -465,29 +503,41 @@ impl Store for SledStore {
 
     fn evict(&mut self, max_bytes: u64, min_enqueued_at_ms: i64) -> Result<Evicted, QueueError> {
         let mut ev = Evicted::default();
-        let mut doomed = Vec::new();
-        let mut bytes = self.bytes;
-        for item in self.records.iter() {
+        let mut front = self.routine_front;
+        let mut doomed = sled::Batch::default();
+        let (mut removed, mut freed) = (0usize, 0u64);
+        for item in self.records.range(key(front)..) {
             let (k, v) = item?;
-            let Some(r) = decode(&v) else { continue };
-            if r.class.is_priority() {
+            let Some(seq) = seq_of(&k) else { break };
+            #[cfg(test)]
+            tests::count_touched();
+            if self.priority.contains(&seq) {
+                // Never evicted, and nothing routine is in front of it: step over it for good.
+                front = seq + 1;
                 continue;
             }
-            if r.enqueued_at_ms < min_enqueued_at_ms {
+            let Some(enqueued_at_ms) = header_time(&v) else {
+                break;
+            };
+            if enqueued_at_ms < min_enqueued_at_ms {
                 ev.over_age += 1;
-            } else if bytes > max_bytes {
+            } else if self.bytes - freed > max_bytes {
                 ev.over_bytes += 1;
             } else {
-                continue;
+                break;
             }
-            bytes -= v.len() as u64;
-            doomed.push(k);
+            freed += v.len() as u64;
+            removed += 1;
+            front = seq + 1;
+            doomed.remove(k);
         }
-        for k in doomed {
-            if let Some(seq) = seq_of(&k) {
-                self.remove(seq)?;
-            }
+        // One batch for the whole pass; the counters change only once it is applied.
+        if removed > 0 {
+            self.records.apply_batch(doomed)?;
+            self.count -= removed;
+            self.bytes -= freed;
         }
+        self.routine_front = front;
         Ok(ev)
     }
 
@@ -508,7 +558,62 @@ impl Store for SledStore {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+    use std::cell::Cell;
     use std::collections::BTreeMap;
+
+    thread_local! {
+        /// Values fully decoded on this thread.
+        static DECODES: Cell<u64> = const { Cell::new(0) };
+        /// Records eviction looked at on this thread.
+        static TOUCHED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub(super) fn count_decode() {
+        DECODES.with(|c| c.set(c.get() + 1));
+    }
+
+    pub(super) fn count_touched() {
+        TOUCHED.with(|c| c.set(c.get() + 1));
+    }
+
+    /// (decodes, records looked at by eviction) on this thread so far.
+    fn counted() -> (u64, u64) {
+        (DECODES.with(Cell::get), TOUCHED.with(Cell::get))
+    }
+
+    /// What eviction must do, on the model: walk the records in sequence order, skip alarms
+    /// and security records, evict routine ones while too old or while over the byte bound,
+    /// stop at the first routine record that is neither.
+    fn model_evict(live: &mut BTreeMap<u64, Record>, max_bytes: u64, floor: i64) -> Evicted {
+        let mut bytes: u64 = live.values().map(|r| r.stored_len() as u64).sum();
+        let mut ev = Evicted::default();
+        let mut doomed = Vec::new();
+        for (s, r) in live.iter() {
+            if r.class.is_priority() {
+                continue;
+            }
+            if r.enqueued_at_ms < floor {
+                ev.over_age += 1;
+            } else if bytes > max_bytes {
+                ev.over_bytes += 1;
+            } else {
+                break;
+            }
+            bytes -= r.stored_len() as u64;
+            doomed.push(*s);
+        }
+        for s in doomed {
+            live.remove(&s);
+        }
+        ev
+    }
+
+    fn model_bytes(live: &BTreeMap<u64, Record>, priority_only: bool) -> u64 {
+        live.values()
+            .filter(|r| !priority_only || r.class.is_priority())
+            .map(|r| r.stored_len() as u64)
+            .sum()
+    }
 
     fn rec(class: Class, at: i64, n: u32) -> Record {
         Record {
@@ -621,11 +726,15 @@ mod tests {
         SledStore::open(dir, 1 << 20).expect("queue reopens")
     }
 
-    /// Random push / sync / remove / crash / reopen against an in-memory model.
+    /// Random push / sync / remove / evict / crash / reopen against an in-memory model.
     ///
     /// Model: `synced` holds what must survive a crash; `live` what is in the queue now.
     /// After a crash the reopened queue must hold every synced, not-removed-and-synced record,
     /// nothing that was never appended, and every record intact and in sequence order.
+    /// Appends mix routine, alarm and security records; the uplink's removals come in any
+    /// order; eviction runs with random byte and age bounds and must take exactly what the
+    /// model's eviction takes. The record and byte counters must match the model after every
+    /// step.
     #[test]
     fn model_random_operations_with_crashes() {
         for seed in 0..12u64 {
@@ -637,13 +746,19 @@ mod tests {
             let mut ever: BTreeMap<u64, Record> = BTreeMap::new();
             let mut n = 0u32;
             let mut last_seq = 0;
-            for _ in 0..300 {
+            let (mut evicted_age, mut evicted_bytes) = (0, 0);
+            for _ in 0..400 {
                 match rng.gen_range(0..100) {
-                    0..=44 => {
-                        let batch: Vec<Record> = (0..rng.gen_range(1..5))
+                    0..=39 => {
+                        let batch: Vec<Record> = (0..rng.gen_range(1..6))
                             .map(|_| {
                                 n += 1;
-                                rec(Class::Routine, i64::from(n), n)
+                                let class = match rng.gen_range(0..10) {
+                                    0 => Class::Alarm,
+                                    1 => Class::Security,
+                                    _ => Class::Routine,
+                                };
+                                rec(class, i64::from(n), n)
                             })
                             .collect();
                         let seqs = q.append(&batch).unwrap();
@@ -654,15 +769,56 @@ mod tests {
                             ever.insert(s, r);
                         }
                     }
-                    45..=64 => {
+                    40..=54 => {
                         q.sync().unwrap();
                         durable = live.clone();
                     }
-                    65..=89 => {
+                    55..=64 => {
+                        // The uplink delivers the oldest record...
                         if let Some(&s) = live.keys().next() {
                             assert!(q.remove(s).unwrap());
                             live.remove(&s);
                         }
+                    }
+                    65..=74 => {
+                        // ...or one further back (priority records go first, batches
+                        // complete out of order).
+                        if !live.is_empty() {
+                            let i = rng.gen_range(0..live.len());
+                            let s = *live.keys().nth(i).unwrap();
+                            assert!(q.remove(s).unwrap());
+                            assert!(!q.remove(s).unwrap(), "removed once");
+                            live.remove(&s);
+                        }
+                    }
+                    75..=91 => {
+                        let bytes = q.bytes();
+                        let max_bytes = match rng.gen_range(0..3) {
+                            0 => u64::MAX,
+                            1 => bytes.saturating_sub(rng.gen_range(0..300)),
+                            _ => rng.gen_range(0..bytes.max(1)),
+                        };
+                        let floor = if rng.gen_bool(0.5) {
+                            i64::MIN
+                        } else {
+                            i64::from(n) - rng.gen_range(0..60)
+                        };
+                        let want = model_evict(&mut live, max_bytes, floor);
+                        let got = q.evict(max_bytes, floor).unwrap();
+                        assert_eq!(got, want, "seed {seed}: eviction took what the model took");
+                        evicted_age += got.over_age;
+                        evicted_bytes += got.over_bytes;
+                        let left: Vec<u64> = q
+                            .read_after(None, usize::MAX)
+                            .unwrap()
+                            .into_iter()
+                            .map(|(s, _)| s)
+                            .collect();
+                        assert_eq!(
+                            left,
+                            live.keys().copied().collect::<Vec<_>>(),
+                            "seed {seed}: the records the model kept"
+                        );
                     }
                     _ => {
                         // Crash: drop without syncing, reopen.
@@ -698,8 +854,102 @@ mod tests {
                         q.remove(s).unwrap();
                     }
                 }
+                assert_eq!(q.len(), live.len(), "seed {seed}: record count");
+                assert_eq!(q.bytes(), model_bytes(&live, false), "seed {seed}: bytes");
+                assert_eq!(
+                    q.priority_bytes(),
+                    model_bytes(&live, true),
+                    "seed {seed}: alarm and security bytes"
+                );
             }
+            assert!(
+                evicted_age > 0 && evicted_bytes > 0,
+                "seed {seed}: both bounds were exercised ({evicted_age} over age, {evicted_bytes} over bytes)"
+            );
         }
+    }
+
+    /// A long outage: a big backlog, and every group commit appends a few readings and evicts
+    /// as many. Eviction must not decode the queue, and must look only at the records it
+    /// evicts, the alarm and security records in front of them once, and one more per pass.
+    #[test]
+    fn eviction_reads_only_what_it_evicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, _) = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let mut n = 0u32;
+        let mut next = |class: Class| {
+            n += 1;
+            rec(class, i64::from(n), n)
+        };
+        // Alarms and security records at the front and among the routine backlog.
+        let mut backlog: Vec<Record> = (0..20).map(|_| next(Class::Alarm)).collect();
+        for i in 0..20_000 {
+            backlog.push(next(if i % 1000 == 0 {
+                Class::Security
+            } else {
+                Class::Routine
+            }));
+        }
+        for chunk in backlog.chunks(1000) {
+            q.append(chunk).unwrap();
+        }
+        let bound = q.bytes();
+        let priority = 20 + 20;
+        let (decodes_before, touched_before) = counted();
+        let (mut evicted, passes) = (0, 200u64);
+        for _ in 0..passes {
+            let group: Vec<Record> = (0..10).map(|_| next(Class::Routine)).collect();
+            q.append(&group).unwrap();
+            let ev = q.evict(bound, 0).unwrap();
+            assert_eq!(ev.over_age, 0);
+            assert!(ev.over_bytes >= 10, "made room for the group");
+            evicted += ev.over_bytes;
+        }
+        let (decodes, touched) = counted();
+        assert_eq!(decodes - decodes_before, 0, "eviction decoded records");
+        assert!(
+            touched - touched_before <= evicted + priority + passes,
+            "eviction looked at {} records to evict {evicted}",
+            touched - touched_before
+        );
+        assert!(q.bytes() <= bound);
+        // Age eviction from the front, the same way.
+        let (_, touched_before) = counted();
+        let ev = q.evict(u64::MAX, i64::from(n) - 100).unwrap();
+        let (_, touched) = counted();
+        assert!(ev.over_age > 0);
+        assert!(touched - touched_before <= ev.over_age + priority + 1);
+    }
+
+    /// With the wall clock stepped back, records queued after the step look older than the
+    /// ones before them: they are evicted late (once the ones in front are gone), never early.
+    #[test]
+    fn a_clock_step_back_evicts_late_never_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, _) = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let times = [100, 200, 50, 60, 300];
+        let records: Vec<Record> = times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| rec(Class::Routine, *t, i as u32))
+            .collect();
+        q.append(&records).unwrap();
+        let left = |q: &SledStore| -> Vec<i64> {
+            q.read_after(None, 10)
+                .unwrap()
+                .iter()
+                .map(|(_, r)| r.enqueued_at_ms)
+                .collect()
+        };
+        // 50 and 60 are already too old, but 100 in front of them is not: nothing goes.
+        assert_eq!(q.evict(u64::MAX, 80).unwrap(), Evicted::default());
+        assert_eq!(left(&q), times);
+        // 100 goes; 200 stops the pass; 50 and 60 wait behind it.
+        assert_eq!(q.evict(u64::MAX, 150).unwrap().over_age, 1);
+        assert_eq!(left(&q), [200, 50, 60, 300]);
+        // Once 200 is too old, the late ones go with it; 300 is not too old and stays.
+        assert_eq!(q.evict(u64::MAX, 250).unwrap().over_age, 3);
+        assert_eq!(left(&q), [300]);
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! disconnected and sends it again later) — because those records can never be evicted and the
 //! disk must stay bounded. Routine records are always admitted; the eviction policy makes room.
 //!
+//! Eviction (see [`super`]: it costs what it evicts) runs after every append; a WARN says so
+//! at most once per [`EVICTION_LOG_EVERY`], with the numbers since the previous line, so a
+//! long outage does not write a journal line per commit.
+//!
 //! Supervision: the writer is a fatal stage ([`crate::supervisor`]). It beats after every
 //! successful commit and when idle, never while readings wait behind failing commits, so a
 //! writer that cannot write shows as stalled (and stops the watchdog) instead of looking alive
@@ -27,6 +31,10 @@ use tokio::sync::{mpsc, Notify};
 pub const MAX_GROUP: usize = 1024;
 /// Readings waiting for their group commit; a full channel slows the pipeline down.
 const WRITER_CHANNEL_CAPACITY: usize = 4096;
+/// At most one "routine readings evicted" WARN per this long, with the totals since the last
+/// one: during a long outage every group commit evicts, and the journal must not get a line
+/// per commit (the counters in `wardgate status` stay exact).
+const EVICTION_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The queue shared by the writer (appends) and the uplink (reads, removes).
 #[derive(Debug, Clone)]
@@ -165,6 +173,8 @@ pub fn writer(
     let task = async move {
         let mut idle = crate::supervisor::Heartbeat::ticker();
         let mut last_start = tokio::time::Instant::now();
+        // Evictions not yet reported, and when the last report was written.
+        let (mut unreported, mut last_report) = (super::Evicted::default(), None);
         loop {
             let first = tokio::select! {
                 // Waiting readings first: the idle tick beats only when there are none.
@@ -223,12 +233,19 @@ pub fn writer(
                     c.evicted_over_bytes.fetch_add(evicted.over_bytes, Relaxed);
                     c.evicted_over_age.fetch_add(evicted.over_age, Relaxed);
                     c.refused_full.fetch_add(refused, Relaxed);
-                    if evicted.over_bytes + evicted.over_age > 0 {
+                    unreported.over_bytes += evicted.over_bytes;
+                    unreported.over_age += evicted.over_age;
+                    let due = last_report
+                        .is_none_or(|t: std::time::Instant| t.elapsed() >= EVICTION_LOG_EVERY);
+                    if unreported.over_bytes + unreported.over_age > 0 && due {
                         log::warn!(
-                            evicted_over_bytes = evicted.over_bytes, evicted_over_age = evicted.over_age,
+                            evicted_over_bytes = unreported.over_bytes, evicted_over_age = unreported.over_age,
                             queued = len, queued_bytes = bytes;
-                            "queue full: routine readings evicted (alarms and security records are kept)"
+                            "queue full: routine readings evicted (alarms and security records are kept); at most one such line per {}s",
+                            EVICTION_LOG_EVERY.as_secs()
                         );
+                        unreported = super::Evicted::default();
+                        last_report = Some(std::time::Instant::now());
                     }
                     if refused > 0 {
                         log::error!(
