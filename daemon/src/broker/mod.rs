@@ -16,6 +16,10 @@
 //! What must stay true: the internal port is loopback-only (checked by config validation) and
 //! refuses any CONNECT without the secret; the secret never leaves the process.
 
+mod relay;
+
+pub use relay::{Closed as RelayClosed, RelayLink, MAX_INFLIGHT as RELAY_MAX_INFLIGHT};
+
 use crate::config::{BrokerConfig, LimitsConfig};
 use crate::mqtt;
 use bytes::BytesMut;
@@ -60,6 +64,8 @@ pub struct BrokerHandle {
     max_frame_bytes: usize,
     /// Set once the broker's thread ended, with why.
     ended: Arc<OnceLock<String>>,
+    /// The one connection carrying every device's PUBLISH.
+    relay: RelayLink,
 }
 
 impl std::fmt::Debug for BrokerHandle {
@@ -86,6 +92,11 @@ impl BrokerHandle {
     /// of the process). Watched by the [`crate::supervisor`].
     pub fn ended(&self) -> Option<String> {
         self.ended.get().cloned()
+    }
+
+    /// The link that carries devices' publishes to the broker (see `relay`).
+    pub fn relay(&self) -> &RelayLink {
+        &self.relay
     }
 
     /// The login the gatekeeper puts into every relayed CONNECT.
@@ -154,15 +165,10 @@ pub async fn start(cfg: &BrokerConfig, limits: &LimitsConfig) -> Result<BrokerHa
         })
         .map_err(BrokerError::Thread)?;
 
-    let handle = BrokerHandle {
-        addr,
-        secret,
-        max_frame_bytes,
-        ended,
-    };
+    let login = Login::new(INTERNAL_USER, secret.clone());
     let started = Instant::now();
     loop {
-        match probe(&handle).await {
+        match probe(addr, &login, max_frame_bytes).await {
             Ok(()) => break,
             Err(e) if started.elapsed() > READY_TIMEOUT => {
                 return Err(BrokerError::NotReady {
@@ -173,6 +179,13 @@ pub async fn start(cfg: &BrokerConfig, limits: &LimitsConfig) -> Result<BrokerHa
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
+    let handle = BrokerHandle {
+        addr,
+        secret,
+        max_frame_bytes,
+        ended,
+        relay: RelayLink::start(addr, login, max_frame_bytes),
+    };
     log::debug!(address:% = addr; "internal broker ready");
     Ok(handle)
 }
@@ -192,12 +205,12 @@ impl Drop for EndGuard {
 }
 
 /// Log in with the internal secret and log out again.
-async fn probe(h: &BrokerHandle) -> std::io::Result<()> {
-    let mut s = TcpStream::connect(h.addr).await?;
+async fn probe(addr: SocketAddr, login: &Login, max_frame_bytes: usize) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
     let mut connect = Connect::new("wardgate-ready-probe");
     connect.keep_alive = 10;
-    connect.login = Some(h.internal_login());
-    mqtt::write_packet(&mut s, &Packet::Connect(connect), h.max_frame_bytes).await?;
+    connect.login = Some(login.clone());
+    mqtt::write_packet(&mut s, &Packet::Connect(connect), max_frame_bytes).await?;
     let mut rbuf = BytesMut::with_capacity(16);
     let ack = tokio::time::timeout(
         Duration::from_secs(2),

@@ -76,6 +76,66 @@ pub struct Shared {
     pub metering: Metering,
     /// Per-connection limits.
     pub limits: LimitsConfig,
+    /// The live connection of every connected device.
+    pub sessions: Sessions,
+}
+
+/// The one live connection of each device: a device that connects again takes over, and its
+/// older connection ends (MQTT 3.1.1 section 3.1.4). Kept here, not left to the broker,
+/// because most devices have no broker session of their own (see `broker::RelayLink`).
+#[derive(Debug, Default, Clone)]
+pub struct Sessions(Arc<Mutex<SessionMap>>);
+
+#[derive(Debug, Default)]
+struct SessionMap {
+    next: u64,
+    live: HashMap<String, (u64, CancellationToken)>,
+}
+
+/// A device's registration in [`Sessions`]; leaves it when dropped (unless taken over).
+struct SessionGuard {
+    sessions: Sessions,
+    device: String,
+    generation: u64,
+    token: CancellationToken,
+}
+
+impl Sessions {
+    /// Register `device`'s new connection; its previous one, if any, is told to end.
+    fn begin(&self, device: &str) -> SessionGuard {
+        let token = CancellationToken::new();
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.next += 1;
+        let generation = m.next;
+        if let Some((_, older)) = m
+            .live
+            .insert(device.to_owned(), (generation, token.clone()))
+        {
+            older.cancel();
+        }
+        SessionGuard {
+            sessions: self.clone(),
+            device: device.to_owned(),
+            generation,
+            token,
+        }
+    }
+}
+
+impl SessionGuard {
+    /// Cancelled when the device connects again.
+    fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut m = self.sessions.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.live.get(&self.device).map(|(g, _)| *g) == Some(self.generation) {
+            m.live.remove(&self.device);
+        }
+    }
 }
 
 /// Shared by every connection of one listener.
