@@ -344,7 +344,9 @@ impl Default for PlainListenerConfig {
 pub struct BrokerConfig {
     /// Internal listener; must be a loopback address. Port 0 picks a free port at start.
     pub address: SocketAddr,
-    /// Most connections the broker accepts (the gatekeeper opens one per device).
+    /// Most connections the broker accepts: one per device with a session of its own (a device
+    /// that subscribed, or asked for a persistent session), plus the gatekeeper's relay link
+    /// and the pipeline's publisher. Devices that only publish use the relay link.
     pub max_connections: usize,
     /// Size of one in-memory log segment per filter, in bytes.
     pub max_segment_bytes: usize,

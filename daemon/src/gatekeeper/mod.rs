@@ -3,8 +3,9 @@
 //! It accepts device connections (plain TCP, or TLS with optional client certificates), reads
 //! their MQTT CONNECT, authenticates it against the [`SharedRegistry`] (client id = device id;
 //! certificate CN/SAN and/or argon2 password, as the device's entry demands), and only then
-//! opens a relay to the internal broker, replacing the device's login with the internal secret.
-//! From then on it relays MQTT 3.1.1 packets both ways, parsing every one: it enforces the
+//! relays to the internal broker: every PUBLISH over the shared relay link, and a broker
+//! session of the device's own (logged in with the internal secret) once it subscribes or if
+//! it asked for a persistent session. From then on it relays MQTT 3.1.1 packets both ways, parsing every one: it enforces the
 //! device's topic policy and the connection limits, meters the traffic, hands every PUBLISH to
 //! the pipeline, and sends a QoS 1 PUBACK only when the pipeline has confirmed the reading.
 //!
