@@ -20,10 +20,7 @@ const T: Duration = Duration::from_secs(10);
 /// A broker allowing `broker_connections` connections and one plain gatekeeper listener whose
 /// readings are confirmed as they arrive. Returns the listener address and what must stay
 /// alive for it to keep serving.
-async fn gateway(
-    devices: Vec<DeviceConfig>,
-    broker_connections: usize,
-) -> (SocketAddr, impl Drop) {
+async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (SocketAddr, impl Drop) {
     use wardgate::gatekeeper::{Gatekeeper, ListenerLimits, Shared, Transport};
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), devices);
