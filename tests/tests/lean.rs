@@ -159,7 +159,7 @@ async fn devices_that_only_publish_need_no_broker_connection_of_their_own() {
     // publishing devices only fit if they do not each hold a broker connection.
     let mut devices = pacemakers(6);
     devices.push(monitor());
-    let (addr, _gw) = gateway(devices, 3).await;
+    let (addr, _gw) = gateway(devices, wardgate::broker::RELAY_CONNECTIONS + 2).await;
     let (mut mon, ack) = connect(addr, "monitor-01", "monitor-secret", true).await;
     assert_eq!(ack.code, ConnectReturnCode::Success);
     subscribe(&mut mon, "ward/+/telemetry", 1).await;
@@ -203,7 +203,7 @@ async fn devices_that_only_publish_need_no_broker_connection_of_their_own() {
 async fn without_a_broker_session_the_gatekeeper_answers_and_a_first_subscribe_opens_one() {
     let mut devices = pacemakers(1);
     devices.push(monitor());
-    let (addr, _gw) = gateway(devices, 8).await;
+    let (addr, _gw) = gateway(devices, 16).await;
     // A retained reading, published over the relay link, is there for a later subscriber.
     let (mut pm, _) = connect(addr, "pm-01", "pm-secret", true).await;
     pm.send(&publish("ward/pm-01/telemetry", 1, true, "retained"))
@@ -241,7 +241,7 @@ async fn without_a_broker_session_the_gatekeeper_answers_and_a_first_subscribe_o
 async fn a_persistent_session_is_the_brokers_from_connect() {
     let mut devices = pacemakers(1);
     devices.push(monitor());
-    let (addr, _gw) = gateway(devices, 8).await;
+    let (addr, _gw) = gateway(devices, 16).await;
     let (mut mon, ack) = connect(addr, "monitor-01", "monitor-secret", false).await;
     assert!(!ack.session_present, "first connection: no session yet");
     subscribe(&mut mon, "ward/+/telemetry", 1).await;
@@ -264,7 +264,7 @@ async fn a_persistent_session_is_the_brokers_from_connect() {
 
 #[tokio::test]
 async fn a_device_connecting_again_takes_over_its_older_connection() {
-    let (addr, _gw) = gateway(pacemakers(1), 8).await;
+    let (addr, _gw) = gateway(pacemakers(1), 16).await;
     let (mut old, _) = connect(addr, "pm-01", "pm-secret", true).await;
     let (mut new, ack) = connect(addr, "pm-01", "pm-secret", true).await;
     assert_eq!(ack.code, ConnectReturnCode::Success);

@@ -3,8 +3,8 @@
 //! rumqttd has no per-client topic ACLs, never sees certificates or peer addresses, and cannot
 //! be stopped. So devices never talk to it: it listens on a loopback port only, accepts exactly
 //! one login (an internal user with a secret generated at every start), and the gatekeeper
-//! relays authenticated devices to it: every device's PUBLISH over one shared connection, the
-//! [`RelayLink`] (see `relay`), and a connection of the device's own only for a device that
+//! relays authenticated devices to it: every device's PUBLISH over a few shared connections,
+//! the [`RelayLink`] (see `relay`), and a connection of the device's own only for a device that
 //! needs a session there (it subscribed, or asked for a persistent session). The rest of
 //! wardgate sees only [`BrokerHandle`]; no rumqttd type leaves this module.
 //!
@@ -27,7 +27,10 @@
 
 mod relay;
 
-pub use relay::{Closed as RelayClosed, RelayLink, MAX_INFLIGHT as RELAY_MAX_INFLIGHT};
+pub use relay::{
+    Closed as RelayClosed, RelayLink, CONNECTIONS as RELAY_CONNECTIONS,
+    MAX_INFLIGHT as RELAY_MAX_INFLIGHT,
+};
 
 use crate::config::{BrokerConfig, LimitsConfig};
 use crate::mqtt;

@@ -1,16 +1,18 @@
-//! The relay link: one connection to the internal broker that carries every device's PUBLISH.
+//! The relay link: a few connections to the internal broker ([`CONNECTIONS`]) that carry every
+//! device's PUBLISH.
 //!
 //! A device that only publishes (most ward devices) needs no session of its own in the broker:
 //! its messages are local subscribers' business, not its own. So the gatekeeper hands devices'
-//! publishes to this one link instead of keeping a broker connection per device — a broker
+//! publishes to this link instead of keeping a broker connection per device — a broker
 //! connection costs some 40 KiB of resident memory in rumqttd (its router-side buffers of 200
 //! packets, its network buffers, its task), per device. A device gets a broker connection of its
 //! own only when it needs a session there: when it subscribes, or when it asked for a
 //! persistent session (see `gatekeeper::connection`).
 //!
 //! What must stay true:
-//! - publishes are written in the order they were handed over (one task, one queue), so the
-//!   order of one device's messages is kept for every subscriber;
+//! - a device's publishes always use the same connection (by a hash of its id) and are written
+//!   in the order they were handed over (one task, one queue per connection), so the order of
+//!   one device's messages is kept for every subscriber;
 //! - a QoS 1 publish's confirmation resolves only on the broker's PUBACK for it: the broker has
 //!   the copy and local subscribers get it. If the link is lost first, the confirmation fails
 //!   (the sender is dropped) and the device is not acknowledged: it sends the message again;
@@ -34,8 +36,8 @@ use tokio::sync::{mpsc, oneshot};
 const QUEUE: usize = 1024;
 /// Unacknowledged publishes on the link at once (below the 65 535 packet ids MQTT has).
 pub const MAX_INFLIGHT: usize = 60_000;
-/// Client id of the link on the broker. Device ids cannot collide with it: the registry's ids
-/// are what devices connect with, and the broker never sees any other login.
+/// Client id of the link's connections on the broker (`-0`, `-1`, … appended). Device ids
+/// cannot take it over: the gatekeeper relays only registered devices, under their own ids.
 const CLIENT_ID: &str = "wardgate-relay";
 /// Keep-alive announced to the broker; a PINGREQ goes out at half of it.
 const KEEP_ALIVE_S: u16 = 60;
@@ -55,36 +57,49 @@ struct Request {
     acked: Option<oneshot::Sender<()>>,
 }
 
+/// Connections the relay link spreads devices over. One connection is read by rumqttd in
+/// batches of `limits.max_inflight` packets with a round trip to its router between them,
+/// which capped the gateway at a quarter of its throughput with a per-device connection
+/// (`cargo bench --bench gateway`); a few connections restore it for ~45 KiB each.
+pub const CONNECTIONS: usize = 4;
+
 /// Handle to the relay link (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct RelayLink {
-    tx: mpsc::Sender<Request>,
+    /// One queue per connection; a device always uses the same one (its order is kept).
+    tx: std::sync::Arc<[mpsc::Sender<Request>]>,
 }
 
 impl RelayLink {
     /// Start the link's task for the broker at `addr`, logging in with `login`. The task holds
     /// no [`super::BrokerHandle`], so it ends when the last `RelayLink` is dropped.
     pub(super) fn start(addr: SocketAddr, login: Login, max_frame_bytes: usize) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let target = Target {
-            addr,
-            connect: {
-                let mut c = Connect::new(CLIENT_ID);
-                c.keep_alive = KEEP_ALIVE_S;
-                c.login = Some(login);
-                c
-            },
-            max: max_frame_bytes,
-        };
-        tokio::spawn(run(target, rx));
-        Self { tx }
+        let tx: Vec<_> = (0..CONNECTIONS)
+            .map(|i| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                let target = Target {
+                    addr,
+                    connect: {
+                        let mut c = Connect::new(format!("{CLIENT_ID}-{i}"));
+                        c.keep_alive = KEEP_ALIVE_S;
+                        c.login = Some(login.clone());
+                        c
+                    },
+                    max: max_frame_bytes,
+                };
+                tokio::spawn(run(target, rx));
+                tx
+            })
+            .collect();
+        Self { tx: tx.into() }
     }
 
-    /// Hand `publish` to the broker (its packet id is replaced by one of the link's). For QoS 1
-    /// the receiver resolves when the broker acknowledged it, and fails if the link was lost
-    /// before; QoS 0 gets `None`. Waits while the link's queue is full.
+    /// Hand `device`'s `publish` to the broker (its packet id is replaced by one of the
+    /// link's). For QoS 1 the receiver resolves when the broker acknowledged it, and fails if
+    /// the link was lost before; QoS 0 gets `None`. Waits while the link's queue is full.
     pub async fn publish(
         &self,
+        device: &str,
         mut publish: Publish,
     ) -> Result<Option<oneshot::Receiver<()>>, Closed> {
         let (acked, rx) = if publish.qos == QoS::AtMostOnce {
@@ -95,7 +110,14 @@ impl RelayLink {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
         };
-        self.tx
+        let link = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            device.hash(&mut h);
+            // The remainder is below the number of connections, which fits a usize.
+            (h.finish() % self.tx.len() as u64) as usize
+        };
+        self.tx[link]
             .send(Request { publish, acked })
             .await
             .map_err(|_| Closed)?;

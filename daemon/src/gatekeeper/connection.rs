@@ -818,7 +818,14 @@ impl Relay<'_> {
                 }
                 let pkid = p.pkid;
                 // Local subscribers get their copy over the relay link (which renumbers it).
-                let relayed = match self.ctx.shared.broker.relay().publish(p).await {
+                let relayed = match self
+                    .ctx
+                    .shared
+                    .broker
+                    .relay()
+                    .publish(&self.dev.id, p)
+                    .await
+                {
                     Ok(r) => r,
                     Err(_) => return Err(End::BrokerClosed),
                 };
