@@ -284,6 +284,7 @@ impl Gateway {
             ingest,
             metering: metering.clone(),
             limits: config.limits.clone(),
+            sessions: Default::default(),
         };
         let accept_limits = ListenerLimits {
             connect_timeout: config.listeners.connect_timeout,

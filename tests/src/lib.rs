@@ -558,6 +558,7 @@ impl Rig {
                 ingest: tx,
                 metering: metering.clone(),
                 limits: o.limits.clone(),
+                sessions: Default::default(),
             },
         )
         .await

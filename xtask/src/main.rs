@@ -276,7 +276,7 @@ fn test() -> Result<()> {
 fn bench() -> Result<()> {
     let components = plugins()?;
     install_packages(&["mosquitto", "openssl"])?;
-    for bench in ["plugin", "gateway", "spine", "logins", "outage"] {
+    for bench in ["plugin", "gateway", "spine", "logins", "outage", "memory"] {
         run(cargo()
             .args(["bench", "-p", "wardgate", "--bench", bench])
             .env("WARDGATE_COMPONENTS", &components))?;

@@ -346,7 +346,10 @@ impl Default for PlainListenerConfig {
 pub struct BrokerConfig {
     /// Internal listener; must be a loopback address. Port 0 picks a free port at start.
     pub address: SocketAddr,
-    /// Most connections the broker accepts (the gatekeeper opens one per device).
+    /// Most connections the broker accepts: one per device with a session of its own (a device
+    /// that subscribed, or asked for a persistent session), plus the gatekeeper's relay link
+    /// (`broker::RELAY_CONNECTIONS`) and the pipeline's publisher. Devices that only publish
+    /// use the relay link.
     pub max_connections: usize,
     /// Size of one in-memory log segment per filter, in bytes.
     pub max_segment_bytes: usize,
@@ -663,6 +666,31 @@ mod tests {
         })
         .expect("shipped config is valid");
         assert_eq!(loaded.config, Config::default());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The gateway's own broker connections (the relay link's and the pipeline's) must fit.
+    #[test]
+    fn broker_connections_leave_room_for_a_device() {
+        let dir = std::env::temp_dir().join(format!("wardgate-cfg-bc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("wardgate.toml");
+        let load_with = |n: usize| {
+            let text = DEFAULT_CONFIG_TOML
+                .replace("max_connections = 512", &format!("max_connections = {n}"));
+            std::fs::write(&f, text).unwrap();
+            load(&LoadOptions {
+                file: Some(f.clone()),
+                ignore_env: true,
+            })
+        };
+        let internal = crate::broker::RELAY_CONNECTIONS + 1;
+        let refused = format!(
+            "{:?}",
+            load_with(internal).expect_err("no room for a device")
+        );
+        assert!(refused.contains("broker.max_connections"), "{refused}");
+        assert!(load_with(internal + 1).is_ok());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -262,8 +262,20 @@ pub(super) fn validate(
     if c.broker.max_segment_count == 0 {
         err("broker.max_segment_count", "must be at least 1".into());
     }
-    if c.broker.max_connections == 0 {
-        err("broker.max_connections", "must be at least 1".into());
+    // The relay link's connections and the pipeline's publisher, and room for one device
+    // session: with fewer, devices' publishes could not reach the broker at all.
+    let internal = crate::broker::RELAY_CONNECTIONS + 1;
+    if c.broker.max_connections <= internal {
+        err(
+            "broker.max_connections",
+            format!(
+                "{} leaves no room for a device: the gateway itself uses {internal} broker \
+                 connections (the relay link's {} and the pipeline's publisher); set at least {}",
+                c.broker.max_connections,
+                crate::broker::RELAY_CONNECTIONS,
+                internal + 1
+            ),
+        );
     }
     if c.broker.max_outgoing_packets == 0 {
         err("broker.max_outgoing_packets", "must be at least 1".into());

@@ -3,8 +3,9 @@
 //! It accepts device connections (plain TCP, or TLS with optional client certificates), reads
 //! their MQTT CONNECT, authenticates it against the [`SharedRegistry`] (client id = device id;
 //! certificate CN/SAN and/or argon2 password, as the device's entry demands), and only then
-//! opens a relay to the internal broker, replacing the device's login with the internal secret.
-//! From then on it relays MQTT 3.1.1 packets both ways, parsing every one: it enforces the
+//! relays to the internal broker: every PUBLISH over the shared relay link, and a broker
+//! session of the device's own (logged in with the internal secret) once it subscribes or if
+//! it asked for a persistent session. From then on it relays MQTT 3.1.1 packets both ways, parsing every one: it enforces the
 //! device's topic policy and the connection limits, meters the traffic, hands every PUBLISH to
 //! the pipeline, and sends a QoS 1 PUBACK only when the pipeline has confirmed the reading.
 //!
@@ -76,6 +77,66 @@ pub struct Shared {
     pub metering: Metering,
     /// Per-connection limits.
     pub limits: LimitsConfig,
+    /// The live connection of every connected device.
+    pub sessions: Sessions,
+}
+
+/// The one live connection of each device: a device that connects again takes over, and its
+/// older connection ends (MQTT 3.1.1 section 3.1.4). Kept here, not left to the broker,
+/// because most devices have no broker session of their own (see `broker::RelayLink`).
+#[derive(Debug, Default, Clone)]
+pub struct Sessions(Arc<Mutex<SessionMap>>);
+
+#[derive(Debug, Default)]
+struct SessionMap {
+    next: u64,
+    live: HashMap<String, (u64, CancellationToken)>,
+}
+
+/// A device's registration in [`Sessions`]; leaves it when dropped (unless taken over).
+struct SessionGuard {
+    sessions: Sessions,
+    device: String,
+    generation: u64,
+    token: CancellationToken,
+}
+
+impl Sessions {
+    /// Register `device`'s new connection; its previous one, if any, is told to end.
+    fn begin(&self, device: &str) -> SessionGuard {
+        let token = CancellationToken::new();
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.next += 1;
+        let generation = m.next;
+        if let Some((_, older)) = m
+            .live
+            .insert(device.to_owned(), (generation, token.clone()))
+        {
+            older.cancel();
+        }
+        SessionGuard {
+            sessions: self.clone(),
+            device: device.to_owned(),
+            generation,
+            token,
+        }
+    }
+}
+
+impl SessionGuard {
+    /// Cancelled when the device connects again.
+    fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut m = self.sessions.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.live.get(&self.device).map(|(g, _)| *g) == Some(self.generation) {
+            m.live.remove(&self.device);
+        }
+    }
 }
 
 /// Shared by every connection of one listener.
