@@ -319,6 +319,8 @@ async fn session(
     let mut cursor: Option<u64> = None;
     // Records handed to rumqttc in this session and not yet acknowledged.
     let mut sent: HashSet<u64> = HashSet::new();
+    // A large message built but waiting for its tokens (its records are in `sent`).
+    let mut held: Option<Message> = None;
     let mut pace = Pace::new(
         cfg.max_publishes_per_second,
         cfg.max_bytes_per_second,
@@ -351,6 +353,7 @@ async fn session(
                 &mut awaiting_pkid,
                 &inflight,
                 &mut pace,
+                &mut held,
             )
             .await;
             match sent_now {
@@ -522,10 +525,31 @@ async fn send_ready(
     awaiting_pkid: &mut VecDeque<(Stream, Vec<u64>)>,
     inflight: &HashMap<u16, (Stream, Vec<u64>)>,
     pace: &mut Pace,
+    held: &mut Option<Message>,
 ) -> Ready {
     let room = (cfg.max_inflight as usize).saturating_sub(awaiting_pkid.len() + inflight.len());
     if room == 0 {
         return Ready::Window;
+    }
+    // A large message built last round waits for its tokens as it is: rebuilding it on wake-up
+    // would leave the byte bucket full, and its refill lost, for as long as that takes.
+    if let Some(m) = held.take() {
+        if let Err(wait) = pace.try_take(m.body.len(), Instant::now()) {
+            *held = Some(m);
+            return Ready::Paced(wait);
+        }
+        let (stream, seqs) = (m.stream, m.seqs.clone());
+        if client
+            .try_publish(m.topic.clone(), QoS::AtLeastOnce, false, m.body.clone())
+            .is_err()
+        {
+            *held = Some(m);
+            return Ready::Paced(Duration::from_millis(10));
+        }
+        awaiting_pkid.push_back((stream, seqs));
+        if awaiting_pkid.len() + inflight.len() >= cfg.max_inflight as usize {
+            return Ready::Window;
+        }
     }
     let now = Instant::now();
     if let Err(wait) = pace.ready(now) {
@@ -644,8 +668,11 @@ async fn send_ready(
             outcome = Ready::Window;
             break;
         }
-        if let Err(wait) = pace.try_take(m.len(), Instant::now()) {
-            outcome = Ready::Paced(wait);
+        let paced = pace.try_take(m.len(), Instant::now());
+        let large = m.len() * 2 >= cfg.max_batch_bytes;
+        if paced.is_err() && !large {
+            // Rebuilt next round, with whatever arrives meanwhile.
+            outcome = Ready::Paced(paced.err().unwrap_or_default());
             break;
         }
         let m = match m {
@@ -662,6 +689,12 @@ async fn send_ready(
                 seqs: vec![seq],
             },
         };
+        if let Err(wait) = paced {
+            sent.extend(m.seqs.iter().copied());
+            *held = Some(m);
+            outcome = Ready::Paced(wait);
+            break;
+        }
         if client
             .try_publish(m.topic, QoS::AtLeastOnce, false, m.body)
             .is_err()
