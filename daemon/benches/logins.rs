@@ -16,11 +16,12 @@
 //! per step and writes `target/bench/logins.json`.
 
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Login, Packet};
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+
+mod real;
+use real::rss_kib;
 
 const DEVICES: usize = 500;
 const FLOOD: usize = 60;
@@ -32,20 +33,6 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(run());
-}
-
-/// (VmRSS, VmHWM) of `pid` in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn mib(kib: u64) -> f64 {
@@ -143,41 +130,8 @@ async fn run() {
             )
         })
         .collect();
-    let conf = dir.path().join("wardgate.toml");
-    std::fs::write(&conf, toml::to_string(&cfg).unwrap()).unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wardgate"))
-        .arg("run")
-        .arg("-c")
-        .arg(&conf)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WARDGATE_LOG__FORMAT", "text")
-        .env("WARDGATE_LOG__LEVEL", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the gateway");
-    let pid = child.id();
-    let stderr = child.stderr.take().unwrap();
-    // Keep reading the log so the gateway never blocks on a full pipe.
-    let log_lines = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().count());
-    let mut buf = vec![0u8; 4096];
-    let addr: SocketAddr = loop {
-        let n = sock.recv(&mut buf).expect("READY=1 within 60 s");
-        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if msg.lines().any(|l| l == "READY=1") {
-            let a = msg
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("plain="))
-                .and_then(|a| a.trim_end_matches(';').parse().ok())
-                .expect("listener address in STATUS=");
-            break a;
-        }
-    };
+    let gw = real::start(&cfg, dir.path(), "wardgate", Duration::from_secs(60));
+    let (pid, addr) = (gw.pid, gw.addr);
     let mut report = serde_json::Map::new();
     let (idle, _) = rss_kib(pid);
     println!(
@@ -247,13 +201,7 @@ async fn run() {
         serde_json::json!({"seconds": took.as_secs_f64(), "busy_retries": busy, "rss_kib": rss, "peak_rss_kib": hwm}),
     );
     drop(conns);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let status = child.wait().unwrap();
-    let _ = log_lines.join();
-    assert!(status.success(), "gateway exited with {status}");
+    gw.stop();
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(

@@ -39,6 +39,9 @@ const LOAD: Duration = Duration::from_secs(20);
 const SETTLE: Duration = Duration::from_secs(2);
 const MAX_FRAME: usize = 1 << 16;
 
+mod real;
+use real::rss_kib;
+
 fn main() {
     let components = std::env::var("WARDGATE_COMPONENTS").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/target/components").into()
@@ -48,20 +51,6 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(run(components.into()));
-}
-
-/// (VmRSS, VmHWM) of `pid` in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// The gateway's own pid: `child` itself, or its `wardgate` descendant when a wrapper

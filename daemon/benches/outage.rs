@@ -22,10 +22,8 @@
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,21 +39,8 @@ const BACKLOG_BYTES: u64 = 256 << 20;
 /// `queue.max_bytes` of cases 1 and 2: above the backlog.
 const ROOMY_BOUND: u64 = 512 << 20;
 
-fn pki(dir: &Path, args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/pki/ward-pki");
-    let o = Command::new("sh")
-        .arg(script)
-        .arg(args[0])
-        .arg(dir)
-        .args(&args[1..])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "ward-pki {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
+mod real;
+use real::pki;
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -200,47 +185,9 @@ async fn run_case(
     cfg.queue.max_bytes = max_bytes;
     cfg.metering.status_interval = Duration::from_secs(1);
     cfg.devices = registry();
-    let conf = tmp.join(format!(
-        "{}.toml",
-        state.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&conf, toml::to_string(&cfg).unwrap()).unwrap();
-    let sock_path = tmp.join("notify.sock");
-    let _ = std::fs::remove_file(&sock_path);
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(600)))
-        .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
-        .arg("run")
-        .arg("-c")
-        .arg(&conf)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WARDGATE_LOG__FORMAT", "text")
-        .env("WARDGATE_LOG__LEVEL", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the gateway");
-    let pid = child.id();
-    let stderr = child.stderr.take().unwrap();
-    // Keep reading the log so the gateway never blocks on a full pipe.
-    let log_lines = std::thread::spawn(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stderr).lines().count()
-    });
-    let mut buf = vec![0u8; 4096];
-    let addr: SocketAddr = loop {
-        let n = sock.recv(&mut buf).expect("READY=1 within 600 s");
-        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if msg.lines().any(|l| l == "READY=1") {
-            break msg
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("plain="))
-                .and_then(|a| a.trim_end_matches(';').parse().ok())
-                .expect("listener address in STATUS=");
-        }
-    };
+    let name_of = state.file_name().unwrap().to_string_lossy().into_owned();
+    let gw = real::start(&cfg, tmp, &name_of, Duration::from_secs(600));
+    let (pid, addr) = (gw.pid, gw.addr);
 
     let running = Arc::new(AtomicBool::new(true));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -326,13 +273,7 @@ async fn run_case(
         .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
         .map(|s| s["queue"].clone())
         .unwrap_or_default();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let status = child.wait().unwrap();
-    let _ = log_lines.join();
-    assert!(status.success(), "gateway exited with {status}");
+    gw.stop();
     let mut l = latencies.lock().unwrap().clone();
     l.sort();
     let pct = |p: f64| {

@@ -25,11 +25,10 @@
 //! gateway (or the bridge), so the figures are floors for a dedicated gateway.
 
 mod load;
+mod real;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,30 +41,6 @@ const PACED_RUN: Duration = Duration::from_secs(20);
 const FLAT_DEVICES: usize = 50;
 const FLAT_RUN: Duration = Duration::from_secs(5);
 const READINGS_TOPIC: &str = "wardgate/bench-gateway/readings";
-
-fn pki(dir: &Path, args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/pki/ward-pki");
-    let o = Command::new("sh")
-        .arg(script)
-        .arg(args[0])
-        .arg(dir)
-        .args(&args[1..])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "ward-pki {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A mosquitto with `conf`, once its port accepts connections.
 fn mosquitto(path: &Path, conf: &str, port: u16) -> Child {
@@ -81,17 +56,6 @@ fn mosquitto(path: &Path, conf: &str, port: u16) -> Child {
         std::thread::sleep(Duration::from_millis(20));
     }
     child
-}
-
-/// Peak RSS (VmHWM) of `pid` in KiB.
-fn peak_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Reset the peak RSS of `pid` to its current RSS (Linux ≥ 4.0: write 5 to clear_refs).
@@ -294,7 +258,7 @@ async fn measure(t: &Target, report: &mut serde_json::Map<String, serde_json::Va
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     t.cloud.collecting.store(false, Ordering::Relaxed);
-    let peak = peak_kib(t.pid);
+    let peak = real::rss_kib(t.pid).1;
     let mut lat = std::mem::take(&mut *t.cloud.latencies.lock().unwrap());
     lat.sort_unstable();
     println!(
@@ -387,15 +351,15 @@ fn main() {
     });
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("pki");
-    pki(&p, &["init", "Bench upstream CA"]);
-    pki(
+    real::pki(&p, &["init", "Bench upstream CA"]);
+    real::pki(
         &p,
         &["server", "localhost", "DNS:localhost", "IP:127.0.0.1"],
     );
     for who in ["bench-gateway", "bench-bridge", "bench-cloud"] {
-        pki(&p, &["device", who]);
+        real::pki(&p, &["device", who]);
     }
-    let up = free_port();
+    let up = real::free_port();
     let mut upstream = mosquitto(
         &tmp.path().join("upstream.conf"),
         &format!(
@@ -421,14 +385,8 @@ fn main() {
     .unwrap();
 }
 
-/// Start `wardgate run` on `tmp` with the upstream on `up`: the child, its listener, and the
-/// thread draining its log.
-fn start_gateway(
-    components: PathBuf,
-    tmp: &Path,
-    up: u16,
-    p: &Path,
-) -> (Child, SocketAddr, std::thread::JoinHandle<usize>) {
+/// Start `wardgate run` on `tmp` with the upstream on `up`.
+fn start_gateway(components: PathBuf, tmp: &Path, up: u16, p: &Path) -> real::Running {
     let mut cfg = wardgate::config::Config::default();
     cfg.gateway.id = "bench-gateway".into();
     cfg.gateway.state_dir = tmp.join("state");
@@ -448,40 +406,7 @@ fn start_gateway(
     cfg.upstream.key_file = Some(p.join("devices/bench-gateway.key"));
     // Cheap hashes: this measures the spine, not argon2 (the logins bench does that).
     cfg.devices = load::devices(PACED_DEVICES);
-    let conf = tmp.join("wardgate.toml");
-    std::fs::write(&conf, toml::to_string(&cfg).unwrap()).unwrap();
-    let sock_path = tmp.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
-        .arg("run")
-        .arg("-c")
-        .arg(&conf)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WARDGATE_LOG__FORMAT", "text")
-        .env("WARDGATE_LOG__LEVEL", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the gateway");
-    let stderr = child.stderr.take().unwrap();
-    // Keep reading the log so the gateway never blocks on a full pipe.
-    let log = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().count());
-    let mut buf = vec![0u8; 4096];
-    let addr = loop {
-        let n = sock.recv(&mut buf).expect("READY=1 within 60 s");
-        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if msg.lines().any(|l| l == "READY=1") {
-            break msg
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("plain="))
-                .and_then(|a| a.trim_end_matches(';').parse().ok())
-                .expect("listener address in STATUS=");
-        }
-    };
-    (child, addr, log)
+    real::start(&cfg, tmp, "wardgate", Duration::from_secs(60))
 }
 
 async fn run(
@@ -492,26 +417,20 @@ async fn run(
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut report = serde_json::Map::new();
     let cloud_gw = cloud(up, p, &[READINGS_TOPIC, "ward/+/telemetry"]).await;
-    let (mut child, addr, log) = start_gateway(components, tmp, up, p);
+    let gw = start_gateway(components, tmp, up, p);
     let gateway = Target {
         name: "wardgate",
-        addr,
-        pid: child.id(),
+        addr: gw.addr,
+        pid: gw.pid,
         cloud: cloud_gw.clone(),
     };
     measure(&gateway, &mut report).await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let status = child.wait().unwrap();
-    let _ = log.join();
-    assert!(status.success(), "gateway exited with {status}");
+    gw.stop();
     if std::env::var("SPINE_ONLY").is_ok_and(|o| o == "wardgate") {
         return report;
     }
     // The bridge starts now, so it meets the devices as fresh as the gateway did.
-    let bridge_port = free_port();
+    let bridge_port = real::free_port();
     std::fs::create_dir_all(tmp.join("bridge-db")).unwrap();
     let mut bridge = mosquitto(
         &tmp.join("bridge.conf"),
