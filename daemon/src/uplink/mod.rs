@@ -7,19 +7,24 @@
 //!   retry at once.
 //! - Streams and topics ([`topics`]): each record belongs to a stream with its own topic
 //!   template (`upstream.topics`). Telemetry and alerts are batched: records bound for the same
-//!   topic are packed into one upstream message of at most `upstream.max_batch_bytes` (waiting
-//!   at most `upstream.max_linger` for more), as
-//!   `{"gateway_id":..,"records":[{"seq":N,"message":<record>},..]}`; every record carries the
-//!   gateway id and its queue sequence number, so the cloud can drop duplicates (delivery is
-//!   at-least-once). Shadow updates and defender reports must arrive in AWS's own document
+//!   topic are packed into one upstream message of at most `upstream.max_batch_bytes`, in
+//!   batch format 2 ([`batch`]: what records share written once, readings grouped per
+//!   device); every record keeps its queue sequence number, so the cloud can drop duplicates
+//!   (delivery is at-least-once). Shadow updates and defender reports must arrive in AWS's own document
 //!   format, so each goes alone, as it was queued; a shadow update without a `clientToken`
 //!   gets `<thing>:<seq>` (IoT Core echoes it on `/accepted` and `/rejected`).
 //! - Undeliverable records (a topic IoT Core refuses, a message over `max_batch_bytes`, a
 //!   payload that is not JSON) would be refused forever — with IoT Core, by closing the
 //!   connection, which would stall everything behind them. They are set aside in the queue's
 //!   `undeliverable` tree with an ERROR naming the record, and counted.
-//! - Quotas: at most `upstream.max_inflight` unacknowledged publishes, `max_publishes_per_second`
-//!   publishes and `max_bytes_per_second` bytes per second (IoT Core: 100, 100/s, 512 KiB/s).
+//! - Quotas: at most `upstream.max_inflight` unacknowledged publishes, and token buckets
+//!   ([`pace`]) that keep every one-second window within `max_publishes_per_second` and
+//!   `max_bytes_per_second` (IoT Core: 100, 100/s, 512 KiB/s). A message goes as soon as its
+//!   tokens are there; the records that arrive while it waits share the next one, so waiting for
+//!   the budget is what makes batches (no timer holds a reading back). `max_linger` is only how
+//!   often the queue is looked at without a wake-up. A large batch that waits for its tokens
+//!   is kept as built ([`send_ready`]'s `held`), so the byte bucket's refill is not lost to a
+//!   rebuild.
 //! - Correlation: rumqttc reports `Outgoing::Publish(pkid)` in request order, so each batch's
 //!   sequence numbers are tied to its packet id; on `PubAck(pkid)` exactly those records are
 //!   removed from the queue. Nothing is removed any other way (except eviction by the queue's
