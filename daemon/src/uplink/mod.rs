@@ -23,7 +23,7 @@
 //!   tokens are there; the records that arrive while it waits share the next one, so waiting for
 //!   the budget is what makes batches (no timer holds a reading back). `max_linger` is only how
 //!   often the queue is looked at without a wake-up. A large batch that waits for its tokens
-//!   is kept as built ([`send_ready`]'s `held`), so the byte bucket's refill is not lost to a
+//!   is kept as built (`send_ready`'s `held`), so the byte bucket's refill is not lost to a
 //!   rebuild.
 //! - Correlation: rumqttc reports `Outgoing::Publish(pkid)` in request order, so each batch's
 //!   sequence numbers are tied to its packet id; on `PubAck(pkid)` exactly those records are
