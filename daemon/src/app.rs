@@ -61,6 +61,9 @@ pub struct Gateway {
     /// With no listener enabled, this keeps the pipeline's entrance open until the stop (the
     /// pipeline ends when its last sender is gone, which would otherwise be at once).
     spare_ingest: Option<crate::pipeline::IngestSender>,
+    /// Keeps the dead-letter writer's entrance open until the stop, so a pipeline that dies
+    /// does not make the writer end too and be reported as a second failure.
+    spare_dead_letters: Option<dead_letter::DeadLetterSender>,
 }
 
 /// What the status writer needs, detached from the [`Gateway`].
@@ -267,6 +270,7 @@ impl Gateway {
         let dead_letters =
             dead_letters.expect("the dead-letter writer's entrance is made with the writer");
         let dead_letter_counters = dead_letters.counters().clone();
+        let spare_dead_letters = Some(dead_letters.clone());
         let (pipeline, ingest) = Pipeline::new(Stages {
             gateway_id: config.gateway.id.clone(),
             plugins: plugins.clone(),
@@ -383,6 +387,7 @@ impl Gateway {
             monitor: supervisor.spawn_monitor(),
             supervisor,
             spare_ingest,
+            spare_dead_letters,
         };
         gw.status = Some(gw.spawn_status_writer(config.metering.status_interval));
         abandon.0 = None;
@@ -486,6 +491,7 @@ impl Gateway {
         let dead_letter_writer = &mut self.dead_letter_writer;
         self.outbox = None;
         self.spare_ingest = None;
+        self.spare_dead_letters = None;
         let drain = async {
             for mut t in tasks {
                 let _ = t.join().await;
