@@ -168,20 +168,12 @@ async fn run_case(
     queued_before: u64,
 ) -> Case {
     let mut cfg = wardgate::config::Config::default();
-    cfg.gateway.id = "bench-gateway".into();
     cfg.gateway.state_dir = state.to_path_buf();
     cfg.gateway.shutdown_timeout = Duration::from_secs(30);
     cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
     cfg.broker.address = "127.0.0.1:0".parse().unwrap();
     cfg.plugins.dir = components.to_path_buf();
-    cfg.login.max_pending_per_address = cfg.login.max_pending;
-    cfg.login.max_per_second_per_address = cfg.login.max_per_second;
-    cfg.upstream.enabled = true;
-    cfg.upstream.endpoint = "localhost".into();
-    cfg.upstream.port = closed_port;
-    cfg.upstream.ca_file = Some(pki_dir.join("ca.crt"));
-    cfg.upstream.cert_file = Some(pki_dir.join("devices/bench-gateway.crt"));
-    cfg.upstream.key_file = Some(pki_dir.join("devices/bench-gateway.key"));
+    real::bench_gateway(&mut cfg, closed_port, pki_dir);
     cfg.queue.max_bytes = max_bytes;
     cfg.metering.status_interval = Duration::from_secs(1);
     cfg.devices = registry();

@@ -388,7 +388,6 @@ fn main() {
 /// Start `wardgate run` on `tmp` with the upstream on `up`.
 fn start_gateway(components: PathBuf, tmp: &Path, up: u16, p: &Path) -> real::Running {
     let mut cfg = wardgate::config::Config::default();
-    cfg.gateway.id = "bench-gateway".into();
     cfg.gateway.state_dir = tmp.join("state");
     cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
     cfg.listeners.max_connections_per_address = 2 * PACED_DEVICES;
@@ -396,14 +395,7 @@ fn start_gateway(components: PathBuf, tmp: &Path, up: u16, p: &Path) -> real::Ru
     cfg.broker.address = "127.0.0.1:0".parse().unwrap();
     cfg.broker.max_connections = 2 * PACED_DEVICES;
     cfg.plugins.dir = components;
-    cfg.login.max_pending_per_address = cfg.login.max_pending;
-    cfg.login.max_per_second_per_address = cfg.login.max_per_second;
-    cfg.upstream.enabled = true;
-    cfg.upstream.endpoint = "localhost".into();
-    cfg.upstream.port = up;
-    cfg.upstream.ca_file = Some(p.join("ca.crt"));
-    cfg.upstream.cert_file = Some(p.join("devices/bench-gateway.crt"));
-    cfg.upstream.key_file = Some(p.join("devices/bench-gateway.key"));
+    real::bench_gateway(&mut cfg, up, p);
     // Cheap hashes: this measures the spine, not argon2 (the logins bench does that).
     cfg.devices = load::devices(PACED_DEVICES);
     real::start(&cfg, tmp, "wardgate", Duration::from_secs(60))

@@ -117,3 +117,18 @@ impl Running {
         lines
     }
 }
+
+/// Point `cfg`'s uplink at a mosquitto on 127.0.0.1:`port` (server name `localhost`), as the
+/// gateway `bench-gateway` of the `ward-pki` directory `pki`; and, since every bench client
+/// comes from 127.0.0.1, lift the per-address login bounds to the gateway-wide ones.
+pub fn bench_gateway(cfg: &mut wardgate::config::Config, port: u16, pki: &Path) {
+    cfg.gateway.id = "bench-gateway".into();
+    cfg.login.max_pending_per_address = cfg.login.max_pending;
+    cfg.login.max_per_second_per_address = cfg.login.max_per_second;
+    cfg.upstream.enabled = true;
+    cfg.upstream.endpoint = "localhost".into();
+    cfg.upstream.port = port;
+    cfg.upstream.ca_file = Some(pki.join("ca.crt"));
+    cfg.upstream.cert_file = Some(pki.join("devices/bench-gateway.crt"));
+    cfg.upstream.key_file = Some(pki.join("devices/bench-gateway.key"));
+}

@@ -132,8 +132,8 @@ pub struct Builder {
     messages: Vec<Vec<u8>>,
     seqs: Vec<u64>,
     len: usize,
-    /// Where the gateway id's JSON string starts in `head`.
-    gateway_at: usize,
+    /// The gateway id: canonical readings of another gateway go into `messages` as they are.
+    gateway_id: String,
 }
 
 /// What adding one record changes.
@@ -166,7 +166,6 @@ impl Builder {
     /// An empty batch from `gateway_id`, bounded to `max_bytes`.
     pub fn new(gateway_id: &str, max_bytes: usize) -> Self {
         let head = format!("{{\"format\":{FORMAT},\"gateway_id\":").into_bytes();
-        let gateway_at = head.len();
         let head = [head, json(gateway_id)].concat();
         let len = head.len() + 1;
         Self {
@@ -179,7 +178,7 @@ impl Builder {
             messages: Vec::new(),
             seqs: Vec::new(),
             len,
-            gateway_at,
+            gateway_id: gateway_id.to_owned(),
         }
     }
 
@@ -231,7 +230,7 @@ impl Builder {
     pub fn add(&mut self, seq: u64, payload: &[u8]) -> Result<Added, Undeliverable> {
         let canonical = serde_json::from_slice::<Canonical>(payload)
             .ok()
-            .filter(|c| json(&c.gateway_id) == self.head[self.gateway_at..])
+            .filter(|c| c.gateway_id == self.gateway_id)
             .and_then(|c| compact(&c).map(|r| (c, r)));
         let change = match canonical {
             Some((c, record)) => self.reading_change(seq, &c, record),

@@ -557,7 +557,8 @@ async fn send_ready(
         }
     }
     let now = Instant::now();
-    if let Err(wait) = pace.ready(now) {
+    let wait = pace.wait(0, now);
+    if !wait.is_zero() {
         return Ready::Paced(wait);
     }
     // Build no more than the next second's worth: what is left is read again next round.

@@ -90,33 +90,16 @@ impl Pace {
         self.publishes.wait(1.0).max(self.bytes.wait(bytes as f64))
     }
 
-    /// `Ok` when a publish token is there; otherwise how long until one is.
-    pub fn ready(&mut self, now: Instant) -> Result<(), Duration> {
-        self.publishes.refill(now);
-        match self.publishes.wait(1.0) {
-            w if w.is_zero() => Ok(()),
-            w => Err(w),
-        }
-    }
-
     /// Take the tokens of one message of `bytes` if both buckets have them; otherwise how long
     /// until they will.
     pub fn try_take(&mut self, bytes: usize, now: Instant) -> Result<(), Duration> {
-        self.publishes.refill(now);
-        self.bytes.refill(now);
-        let n = bytes as f64;
-        let wait = self.publishes.wait(1.0).max(self.bytes.wait(n));
+        let wait = self.wait(bytes, now);
         if !wait.is_zero() {
             return Err(wait);
         }
         self.publishes.tokens -= 1.0;
-        self.bytes.tokens -= n;
+        self.bytes.tokens -= bytes as f64;
         Ok(())
-    }
-
-    /// The drain rate of the byte bucket, bytes per second.
-    pub fn byte_rate(&self) -> f64 {
-        self.bytes.rate
     }
 }
 
