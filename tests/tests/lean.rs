@@ -1,8 +1,9 @@
 //! A connected device's footprint on the internal broker: devices that only publish share the
 //! gatekeeper's relay link and hold no broker connection of their own; a device gets one when
 //! it subscribes or asks for a persistent session; without one the gatekeeper answers PINGREQ
-//! and UNSUBSCRIBE itself; a device connecting again takes over its older connection. Real
-//! rumqttd, real gatekeeper, loopback only.
+//! and UNSUBSCRIBE itself; a device connecting again takes over its older connection; a
+//! message is copied to the broker only while a local subscription matches it, and every
+//! subscriber still gets what it subscribed to. Real rumqttd, real gatekeeper, loopback only.
 
 use rumqttc::mqttbytes::v4::{
     Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
@@ -20,7 +21,7 @@ const T: Duration = Duration::from_secs(10);
 /// A broker allowing `broker_connections` connections and one plain gatekeeper listener whose
 /// readings are confirmed as they arrive. Returns the listener address and what must stay
 /// alive for it to keep serving.
-async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (SocketAddr, impl Drop) {
+async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (SocketAddr, Running) {
     use wardgate::gatekeeper::{Gatekeeper, ListenerLimits, Shared, Transport};
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), devices);
@@ -29,6 +30,7 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
         .await
         .expect("broker starts");
     let (tx, mut rx) = tokio::sync::mpsc::channel::<wardgate::pipeline::Ingest>(64);
+    let interest = broker.interest().clone();
     let gk = Gatekeeper::bind(
         "plain",
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -68,6 +70,7 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
         Running {
             stop,
             tasks: vec![listener, pump],
+            interest,
             _dir: dir,
         },
     )
@@ -76,6 +79,8 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
 struct Running {
     stop: tokio_util::sync::CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The broker's index of local subscriptions.
+    interest: wardgate::broker::Interest,
     _dir: tempfile::TempDir,
 }
 
@@ -279,4 +284,103 @@ async fn a_device_connecting_again_takes_over_its_older_connection() {
         matches!(next(&mut new).await, Packet::PubAck(a) if a.pkid == 5),
         "the new connection serves"
     );
+}
+
+async fn unsubscribe(raw: &mut Raw<TcpStream>, filter: &str, pkid: u16) {
+    let mut u = Unsubscribe::new(filter);
+    u.pkid = pkid;
+    raw.send(&Packet::Unsubscribe(u)).await.unwrap();
+    assert!(matches!(next(raw).await, Packet::UnsubAck(a) if a.pkid == pkid));
+}
+
+/// Publish `payload` from `pm` as `pkid` and wait for its PUBACK.
+async fn send(pm: &mut Raw<TcpStream>, pkid: u16, payload: &str) {
+    pm.send(&publish("ward/pm-01/telemetry", pkid, false, payload))
+        .await
+        .unwrap();
+    assert!(matches!(next(pm).await, Packet::PubAck(a) if a.pkid == pkid));
+}
+
+/// The next PUBLISH `mon` gets, answering its PUBACK.
+async fn delivered(mon: &mut Raw<TcpStream>) -> String {
+    match next(mon).await {
+        Packet::Publish(p) => {
+            mon.send(&Packet::PubAck(PubAck::new(p.pkid)))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&p.payload).into_owned()
+        }
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_decide_what_is_copied_to_the_broker_and_every_subscriber_is_served() {
+    let mut devices = pacemakers(1);
+    devices.push(monitor());
+    let (addr, gw) = gateway(devices, 16).await;
+    let wanted = || gw.interest.wanted("ward/pm-01/telemetry");
+    let (mut pm, _) = connect(addr, "pm-01", "pm-secret", true).await;
+    // Nobody listens: acknowledged without a copy on the broker.
+    assert!(!wanted());
+    send(&mut pm, 1, "unheard").await;
+
+    let (mut mon, _) = connect(addr, "monitor-01", "monitor-secret", true).await;
+    subscribe(&mut mon, "ward/+/telemetry", 1).await;
+    assert!(wanted(), "the subscription is in the index once SUBACKed");
+    send(&mut pm, 2, "heard").await;
+    assert_eq!(delivered(&mut mon).await, "heard");
+
+    unsubscribe(&mut mon, "ward/+/telemetry", 2).await;
+    assert!(!wanted(), "gone with its UNSUBSCRIBE");
+    send(&mut pm, 3, "after unsubscribe").await;
+    subscribe(&mut mon, "ward/pm-01/telemetry", 3).await;
+    send(&mut pm, 4, "subscribed again").await;
+    assert_eq!(
+        delivered(&mut mon).await,
+        "subscribed again",
+        "nothing from while it was not subscribed, then the new subscription's"
+    );
+
+    // A clean session's subscriptions end with its connection, however it ends.
+    drop(mon);
+    let t0 = std::time::Instant::now();
+    while wanted() {
+        assert!(
+            t0.elapsed() < T,
+            "the closed connection's subscription stays in the index"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(gw.interest.is_empty());
+}
+
+#[tokio::test]
+async fn an_absent_persistent_sessions_subscriptions_stay_until_a_clean_session_replaces_it() {
+    let mut devices = pacemakers(1);
+    devices.push(monitor());
+    let (addr, gw) = gateway(devices, 16).await;
+    let (mut mon, _) = connect(addr, "monitor-01", "monitor-secret", false).await;
+    subscribe(&mut mon, "ward/+/telemetry", 1).await;
+    mon.send(&Packet::Disconnect).await.unwrap();
+    assert!(mon.closed_within(T).await);
+    assert!(
+        gw.interest.wanted("ward/pm-01/telemetry"),
+        "the broker keeps queueing for the absent session, so messages still go there"
+    );
+    let (mut pm, _) = connect(addr, "pm-01", "pm-secret", true).await;
+    send(&mut pm, 7, "while away").await;
+    // A clean session on the broker discards the persistent one, and its subscriptions.
+    let (mut mon, _) = connect(addr, "monitor-01", "monitor-secret", true).await;
+    assert!(
+        gw.interest.wanted("ward/pm-02/telemetry"),
+        "kept until the clean session reaches the broker"
+    );
+    subscribe(&mut mon, "ward/pm-01/telemetry", 2).await;
+    assert!(
+        !gw.interest.wanted("ward/pm-02/telemetry"),
+        "the persistent session's `ward/+/telemetry` is gone"
+    );
+    assert!(gw.interest.wanted("ward/pm-01/telemetry"));
 }

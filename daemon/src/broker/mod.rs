@@ -5,7 +5,10 @@
 //! one login (an internal user with a secret generated at every start), and the gatekeeper
 //! relays authenticated devices to it: every device's PUBLISH over a few shared connections,
 //! the [`RelayLink`] (see `relay`), and a connection of the device's own only for a device that
-//! needs a session there (it subscribed, or asked for a persistent session). The rest of
+//! needs a session there (it subscribed, or asked for a persistent session). A message goes to
+//! the broker at all only when it is retained or some local subscriber's filter matches it
+//! ([`Interest`], see `interest`): with nobody listening, the copy would cost most of the
+//! gateway's CPU per reading for nothing. The rest of
 //! wardgate sees only [`BrokerHandle`]; no rumqttd type leaves this module.
 //!
 //! Why not one broker connection per device (as before) or rumqttd's in-process links: each
@@ -25,7 +28,10 @@
 //! What must stay true: the internal port is loopback-only (checked by config validation) and
 //! refuses any CONNECT without the secret; the secret never leaves the process.
 
+mod interest;
 mod relay;
+
+pub use interest::{Interest, Listening, Owner};
 
 pub use relay::{
     Closed as RelayClosed, RelayLink, CONNECTIONS as RELAY_CONNECTIONS,
@@ -78,6 +84,8 @@ pub struct BrokerHandle {
     ended: Arc<OnceLock<String>>,
     /// The one connection carrying every device's PUBLISH.
     relay: RelayLink,
+    /// The filters local subscribers hold (see `interest`).
+    interest: Interest,
 }
 
 impl std::fmt::Debug for BrokerHandle {
@@ -109,6 +117,11 @@ impl BrokerHandle {
     /// The link that carries devices' publishes to the broker (see `relay`).
     pub fn relay(&self) -> &RelayLink {
         &self.relay
+    }
+
+    /// Who listens on the broker: a message no local filter matches is not copied there.
+    pub fn interest(&self) -> &Interest {
+        &self.interest
     }
 
     /// The login the gatekeeper puts into every relayed CONNECT.
@@ -197,6 +210,7 @@ pub async fn start(cfg: &BrokerConfig, limits: &LimitsConfig) -> Result<BrokerHa
         max_frame_bytes,
         ended,
         relay: RelayLink::start(addr, login, max_frame_bytes),
+        interest: Interest::default(),
     };
     log::debug!(address:% = addr; "internal broker ready");
     Ok(handle)

@@ -7,7 +7,10 @@
 //! PUBACK rule: a device's QoS 1 PUBLISH is answered only when (a) the pipeline confirmed the
 //! reading and (b) the broker acknowledged the relayed copy (so local subscribers have it too).
 //! The relayed copy goes over the shared relay link (`broker::RelayLink`), which renumbers it;
-//! the broker's PUBACK for it resolves (b) and is never forwarded.
+//! the broker's PUBACK for it resolves (b) and is never forwarded. A message is copied to the
+//! broker only when it is retained or a local subscriber's filter matches it
+//! (`broker::Interest`, kept here as SUBSCRIBEs and UNSUBSCRIBEs pass); otherwise (b) holds
+//! at once.
 //!
 //! Broker session: a device gets a broker connection of its own only when it needs one — at
 //! CONNECT if it asked for a persistent session (`clean_session = false`: the broker keeps its
@@ -24,6 +27,7 @@ use super::login::{Method, Outcome};
 use super::policy::{check_filter, check_topic};
 use super::tls::certificate_names;
 use super::{Context, Transport};
+use crate::broker::{Listening, Owner};
 use crate::metering::{DeviceMeter, GatewayCounters};
 use crate::mqtt::{self, ConnectProblem, FrameError};
 use crate::pipeline::{Ack, Ingest, Qos};
@@ -300,9 +304,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         "device connected"
     );
 
+    // Its subscriptions on the broker, in the index that decides what is copied there.
+    let interest = ctx.shared.broker.interest();
+    let listening = Listening::new(
+        interest.clone(),
+        interest.owner(&connect.client_id, connect.clean_session),
+    );
     let relay = Relay {
         ctx,
         dev: &dev,
+        listening: &listening,
         meter: &meter,
         max,
         keep_alive: Duration::from_secs(u64::from(broker_keep_alive(connect.keep_alive))) * 3 / 2,
@@ -399,7 +410,12 @@ async fn publish_will(ctx: &Context, dev: &Arc<Device>, meter: &DeviceMeter, wil
         topic: will.topic.clone(),
         payload: will.message.clone(),
     };
-    let relayed = relay_will(ctx, dev, publish).await;
+    // As any publish: copied to the broker when retained or when someone listens.
+    let relayed = if publish.retain || ctx.shared.broker.interest().wanted(&publish.topic) {
+        relay_will(ctx, dev, publish).await
+    } else {
+        Ok(())
+    };
     let stored = match confirmation {
         Some(rx) => tokio::time::timeout(WILL_CONFIRM_TIMEOUT, rx)
             .await
@@ -527,6 +543,8 @@ const KEEP_READ_BUFFER_BYTES: usize = 2048;
 struct Relay<'a> {
     ctx: &'a Context,
     dev: &'a Arc<Device>,
+    /// Its subscriptions in the broker's interest index.
+    listening: &'a Listening,
     meter: &'a DeviceMeter,
     max: usize,
     keep_alive: Duration,
@@ -722,6 +740,12 @@ impl Relay<'_> {
             }
             match open_broker_link(self.ctx, self.connect).await {
                 Ok((stream, _)) => {
+                    // A clean session on the broker discards the client's persistent one.
+                    self.ctx
+                        .shared
+                        .broker
+                        .interest()
+                        .forget(&Owner::Session(self.connect.client_id.as_str().into()));
                     let (r, w) = stream.into_split();
                     *session = Some(Session {
                         r,
@@ -738,7 +762,16 @@ impl Relay<'_> {
         };
         mqtt::write_packet(&mut s.w, &packet, max)
             .await
-            .map_err(End::BrokerWrite)
+            .map_err(End::BrokerWrite)?;
+        if let Packet::Unsubscribe(u) = &packet {
+            // Only now: a message accepted before the broker has the UNSUBSCRIBE still goes.
+            self.ctx
+                .shared
+                .broker
+                .interest()
+                .remove(self.listening.owner(), u.topics.iter().map(String::as_str));
+        }
+        Ok(())
     }
 
     /// Decide what to do with one packet from the device: `Ok(Some(p))` relays `p` to the
@@ -817,26 +850,31 @@ impl Relay<'_> {
                     return Err(End::PipelineClosed);
                 }
                 let pkid = p.pkid;
-                // Local subscribers get their copy over the relay link (which renumbers it).
-                let relayed = match self
-                    .ctx
-                    .shared
-                    .broker
-                    .relay()
-                    .publish(&self.dev.id, p)
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => return Err(End::BrokerClosed),
+                // Local subscribers get their copy over the relay link (which renumbers it);
+                // with none, and nothing to retain, the broker has nobody to give it to.
+                let broker = &self.ctx.shared.broker;
+                let relayed = if p.retain || broker.interest().wanted(&p.topic) {
+                    match broker.relay().publish(&self.dev.id, p).await {
+                        Ok(r) => r,
+                        Err(_) => return Err(End::BrokerClosed),
+                    }
+                } else {
+                    None
                 };
-                if let (Some(rx), Some(relayed)) = (confirmation, relayed) {
+                if let Some(rx) = confirmation {
                     inflight.open.insert(pkid);
                     inflight
                         .confirmations
                         .push_back(Box::pin(async move { (pkid, rx.await.is_ok()) }));
-                    inflight
-                        .relayed
-                        .push(Box::pin(async move { (pkid, relayed.await.is_ok()) }));
+                    match relayed {
+                        Some(relayed) => inflight
+                            .relayed
+                            .push(Box::pin(async move { (pkid, relayed.await.is_ok()) })),
+                        // Not relayed: only the pipeline's confirmation is owed.
+                        None => {
+                            inflight.broker_acked.insert(pkid);
+                        }
+                    }
                 }
                 Ok(None)
             }
@@ -884,6 +922,7 @@ impl Relay<'_> {
                 );
             }
         }
+        let interest = self.ctx.shared.broker.interest();
         if allowed.iter().all(|a| *a) {
             for f in &mut s.filters {
                 // IoT Core semantics: QoS 2 is granted as QoS 1.
@@ -891,6 +930,11 @@ impl Relay<'_> {
                     f.qos = QoS::AtLeastOnce;
                 }
             }
+            // Before the broker has it: whatever is accepted after the SUBACK finds it.
+            interest.add(
+                self.listening.owner(),
+                s.filters.iter().map(|f| f.path.as_str()),
+            );
             return Ok(Some(Packet::Subscribe(s)));
         }
         if !allowed.iter().any(|a| *a) {
@@ -911,6 +955,7 @@ impl Relay<'_> {
             }
         }
         sub_masks.insert(s.pkid, allowed);
+        interest.add(self.listening.owner(), kept.iter().map(|f| f.path.as_str()));
         s.filters = kept;
         Ok(Some(Packet::Subscribe(s)))
     }

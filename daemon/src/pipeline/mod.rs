@@ -9,7 +9,8 @@
 //!
 //! Stages, in `Pipeline::handle`: the device's plugin normalises the raw payload
 //! ([`crate::plugin_host`]); the readings are published on the local broker as canonical JSON on
-//! `ward/<device>/readings` for local consumers; a message the plugin fails or refuses is
+//! `ward/<device>/readings` for local consumers, when one subscribes to that topic
+//! ([`crate::broker::Interest`]); a message the plugin fails or refuses is
 //! handed, with the reason and the device's `Ack`, to the dead-letter writer
 //! ([`dead_letter`]), which confirms it once it is on disk — the pipeline does not wait for
 //! that, so one device sending garbage does not hold up anyone else's readings; with the
@@ -172,6 +173,8 @@ pub struct Canonical<'a> {
 /// A client of the local broker, logged in with the internal secret.
 pub struct LocalPublisher {
     client: rumqttc::AsyncClient,
+    /// Who listens on the broker: readings nobody subscribes to are not published.
+    interest: crate::broker::Interest,
     task: tokio::task::JoinHandle<()>,
     /// Set once its event loop task ended, with how.
     ended: Arc<std::sync::OnceLock<String>>,
@@ -232,6 +235,7 @@ impl LocalPublisher {
         });
         Self {
             client,
+            interest: broker.interest().clone(),
             task,
             ended,
         }
@@ -242,6 +246,11 @@ impl LocalPublisher {
     pub fn ended_probe(&self) -> impl Fn() -> Option<String> + Send + Sync + 'static {
         let ended = self.ended.clone();
         move || ended.get().map(|how| format!("event loop {how}"))
+    }
+
+    /// Whether a local subscriber listens on `topic`.
+    fn wanted(&self, topic: &str) -> bool {
+        self.interest.wanted(topic)
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>) {
@@ -372,9 +381,11 @@ impl Pipeline {
             Ok(n) => {
                 let json = self.canonical(&msg, &n, received_at_ms);
                 if let Some(local) = &self.stages.local {
-                    local
-                        .publish(format!("ward/{}/readings", msg.device.id), json.clone())
-                        .await;
+                    let topic = format!("ward/{}/readings", msg.device.id);
+                    // Nobody subscribed: the broker would have nobody to give them to.
+                    if local.wanted(&topic) {
+                        local.publish(topic, json.clone()).await;
+                    }
                 }
                 if let Some(queue) = &self.stages.queue {
                     let class = if msg.topic.ends_with("/alarm") {
