@@ -2,13 +2,29 @@
 //!
 //! # On-disk format (sled database `<state_dir>/queue`)
 //!
-//! Tree `records`: one entry per queued record.
-//! - key: the record's sequence number, 8 bytes big-endian (so key order = arrival order);
-//! - value, format version 2: `version (1 byte, = 2) | class (1 byte) | crc32 (4 bytes BE) |
+//! Tree `records`: queued records in **runs** — the records of one append (one group commit),
+//! cut into values of about [`RUN_BYTES`]. sled's cost is per value (an insert copies and
+//! re-sorts the tree node it lands in, and its page cache tracks every value), so a group
+//! commit of hundreds of readings writes a few values instead of hundreds; that was most of
+//! the queue's CPU per reading.
+//! - key: the sequence number of the run's first record, 8 bytes big-endian; every record in
+//!   the run has a number at or above it and below the next run's key, so key order is
+//!   arrival order;
+//! - value, run format (version 3): `3 (1 byte) | entries`, each entry `offset (4 bytes BE:
+//!   its sequence number minus the key) | length (4 bytes BE) | record`;
+//! - a record, format version 2: `version (1 byte, = 2) | class (1 byte) | crc32 (4 bytes BE) |
 //!   enqueued_at_ms (8 bytes BE, signed) | stream (1 byte) | subject length (1 byte) | subject
 //!   (UTF-8) | payload`; the CRC-32 (IEEE) covers every byte after the CRC, and the class byte.
-//! - Version 1 values (`version = 1 | class | crc32 | enqueued_at_ms | payload`, CRC over
-//!   `class | enqueued_at_ms | payload`) are still read: they are telemetry with no subject.
+//!   Each record keeps its own CRC, so damage costs only the records it touches.
+//! - Values that are a single record of version 2 or 1 (`version = 1 | class | crc32 |
+//!   enqueued_at_ms | payload`, CRC over `class | enqueued_at_ms | payload`; telemetry with
+//!   no subject), keyed by its sequence number — the format before runs — are still read, as
+//!   runs of one.
+//!
+//! When records leave (delivered, evicted, set aside), each run they were in is rewritten
+//! once without them ([`Store::remove_all`] takes all of one upstream PUBACK's records at
+//! once), or removed when empty; so a delivered record never comes back after a restart. The
+//! byte counters count records (the version 2 bytes), not the 8 bytes of framing each.
 //!
 //! `class` decides order and eviction; `stream` decides the upstream topic (telemetry, alerts,
 //! shadow, defender); `subject` is the device the record is about (empty: the gateway itself).
@@ -18,7 +34,9 @@
 //! Tree `meta`: `next_seq` → the next sequence number, 8 bytes BE, written with every append.
 //!
 //! Tree `corrupt`: records found damaged when the queue was opened, moved here untouched for
-//! forensics (never delivered, never deleted by the queue).
+//! forensics (never delivered, never deleted by the queue), keyed by their sequence number
+//! (a run cut short: what follows its last intact record, under the next number); the
+//! intact records of their run stay queued.
 //!
 //! Tree `undeliverable`: intact records the upstream can never take (a message over
 //! `upstream.max_batch_bytes`, or a topic IoT Core would refuse), moved here by the uplink with
@@ -49,19 +67,21 @@
 //!
 //! # Eviction
 //!
-//! Keys are sequence numbers, so key order is arrival order, and a routine record's
+//! Sequence numbers follow key order, so walking the runs is arrival order, and a routine record's
 //! `enqueued_at_ms` is the wall clock at its append: it grows with the key. Eviction therefore
 //! only ever looks at the *front* of the routine records. The store keeps a cursor,
 //! `routine_front`: no routine record has a smaller sequence number (records only leave
 //! `records`, and new ones get larger numbers, so the cursor stays true as it only moves
-//! forward; it starts at 0 on open). One eviction pass looks at the first record at or after
-//! the cursor: an alarm or security record (known from the in-memory `priority` set, without
+//! forward; it starts at 0 on open). One eviction pass walks from the run holding the cursor
+//! (records of that run below the cursor are skipped by their framing alone) and looks at the
+//! first record at or after the cursor: an alarm or security record (known from the in-memory `priority` set, without
 //! reading its value) is stepped over and the cursor moves past it for good; a routine record
 //! is judged from its header bytes alone (no CRC check, no copy of the payload: the value was
 //! checked when the queue was opened or written by this process) — evicted when it is older
 //! than the age bound, else when the queue is over its byte bound, else the pass ends. A pass
 //! therefore reads the records it evicts, plus each alarm or security record once in its life,
-//! plus one; records the uplink removed in the middle are never seen.
+//! plus one, and rewrites each run it evicted from once; records the uplink removed in the
+//! middle are never seen.
 //!
 //! If the wall clock steps back, records appended after the step carry smaller times than the
 //! ones before them. The pass stops at the first routine record that is not too old, so a
@@ -246,6 +266,15 @@ pub trait Store {
     fn read_priority(&self, limit: usize) -> Result<Vec<(u64, Record)>, QueueError>;
     /// Delete a record (after the upstream acknowledged it). `false` if it was not there.
     fn remove(&mut self, seq: u64) -> Result<bool, QueueError>;
+    /// Delete records (the ones one upstream PUBACK acknowledged); how many were there.
+    /// Cheaper than one [`Store::remove`] each: records stored together are rewritten once.
+    fn remove_all(&mut self, seqs: &[u64]) -> Result<usize, QueueError> {
+        let mut n = 0;
+        for &seq in seqs {
+            n += usize::from(self.remove(seq)?);
+        }
+        Ok(n)
+    }
     /// Move a record the upstream can never take out of the queue, kept for forensics.
     /// `false` if it was not there.
     fn set_aside(&mut self, seq: u64) -> Result<bool, QueueError>;
@@ -336,6 +365,87 @@ fn seq_of(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(k.try_into().ok()?))
 }
 
+/// Format version of a run value (see *On-disk format*).
+const RUN_VERSION: u8 = 3;
+/// Bytes in front of each record in a run: its offset from the run's key and its length.
+const ENTRY_HEADER: usize = 4 + 4;
+/// A run is closed once it holds this many bytes. Large enough that a group commit of
+/// hundreds of readings is a few sled values instead of hundreds (sled's cost is per value:
+/// each insert copies and re-sorts the tree node it lands in); small enough that rewriting a
+/// run when some of its records leave copies little.
+pub const RUN_BYTES: usize = 16 * 1024;
+
+/// One record's place in a stored value.
+#[derive(Debug, Clone, Copy)]
+struct Entry<'a> {
+    seq: u64,
+    /// The record, format version 1 or 2.
+    bytes: &'a [u8],
+}
+
+/// The records of the value stored under `run_key`: a run (version 3) or a single record of
+/// version 1 or 2 (key = its sequence number). The second part is what could not be framed
+/// (empty for an intact value): an unknown version, or a run cut short.
+fn entries(run_key: u64, v: &[u8]) -> (Vec<Entry<'_>>, &[u8]) {
+    match v.first() {
+        Some(1 | 2) => (
+            vec![Entry {
+                seq: run_key,
+                bytes: v,
+            }],
+            &[],
+        ),
+        Some(&RUN_VERSION) => {
+            let mut out = Vec::new();
+            let mut i = 1;
+            while i < v.len() {
+                let Some(head) = v.get(i..i + ENTRY_HEADER) else {
+                    return (out, &v[i..]);
+                };
+                let offset = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+                let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
+                let start = i + ENTRY_HEADER;
+                let Some(bytes) = start.checked_add(len).and_then(|end| v.get(start..end)) else {
+                    return (out, &v[i..]);
+                };
+                out.push(Entry {
+                    seq: run_key + u64::from(offset),
+                    bytes,
+                });
+                i = start + len;
+            }
+            (out, &[])
+        }
+        _ => (Vec::new(), v),
+    }
+}
+
+/// A run value holding `entries` (their sequence numbers at most `u32::MAX` above `run_key`,
+/// which holds for runs made from one append).
+fn encode_run<'a>(run_key: u64, entries: impl IntoIterator<Item = Entry<'a>>) -> Vec<u8> {
+    let mut v = vec![RUN_VERSION];
+    for e in entries {
+        push_entry(&mut v, run_key, e.seq, e.bytes);
+    }
+    v
+}
+
+fn push_entry(run: &mut Vec<u8>, run_key: u64, seq: u64, record: &[u8]) {
+    // Both fit: a run spans one append's sequence numbers, a record is below 4 GiB.
+    run.extend_from_slice(&((seq - run_key) as u32).to_be_bytes());
+    run.extend_from_slice(&(record.len() as u32).to_be_bytes());
+    run.extend_from_slice(record);
+}
+
+/// A value found damaged on open: what is left of it, and its damaged parts.
+struct Repair {
+    key: sled::IVec,
+    /// The intact records, as a run (`None`: nothing intact, the value goes).
+    left: Option<Vec<u8>>,
+    /// Damaged parts, by sequence number, for the `corrupt` tree.
+    damaged: Vec<(u64, Vec<u8>)>,
+}
+
 /// The sled-backed queue.
 #[derive(Debug)]
 pub struct SledStore {
@@ -343,6 +453,9 @@ pub struct SledStore {
     records: sled::Tree,
     meta: sled::Tree,
     undeliverable: sled::Tree,
+    /// Keys of the values in `records` (rebuilt on open): the run holding a sequence number
+    /// is the one with the greatest key at or below it.
+    runs: std::collections::BTreeSet<u64>,
     /// Sequence numbers of queued alarm and security records (rebuilt on open).
     priority: std::collections::BTreeSet<u64>,
     /// No routine record in `records` has a smaller sequence number (see *Eviction*).
@@ -367,27 +480,64 @@ impl SledStore {
         let undeliverable = db.open_tree("undeliverable")?;
         let mut report = OpenReport::default();
         let (mut count, mut bytes, mut priority_bytes, mut last) = (0usize, 0u64, 0u64, None);
-        let mut damaged = Vec::new();
+        let mut runs = std::collections::BTreeSet::new();
         let mut priority = std::collections::BTreeSet::new();
+        let mut repairs: Vec<Repair> = Vec::new();
         for item in records.iter() {
             let (k, v) = item?;
-            match (seq_of(&k), decode(&v)) {
-                (Some(seq), Some(r)) => {
-                    if r.class.is_priority() {
-                        priority.insert(seq);
-                        priority_bytes += v.len() as u64;
+            let Some(run_key) = seq_of(&k) else {
+                repairs.push(Repair {
+                    key: k,
+                    left: None,
+                    damaged: vec![(0, v.to_vec())],
+                });
+                continue;
+            };
+            let (found, tail) = entries(run_key, &v);
+            let (mut kept, mut damaged) = (Vec::new(), Vec::new());
+            for e in found {
+                match decode(e.bytes) {
+                    Some(r) => {
+                        let len = e.bytes.len() as u64;
+                        if r.class.is_priority() {
+                            priority.insert(e.seq);
+                            priority_bytes += len;
+                        }
+                        count += 1;
+                        bytes += len;
+                        last = last.max(Some(e.seq));
+                        kept.push(e);
                     }
-                    count += 1;
-                    bytes += v.len() as u64;
-                    last = Some(seq);
+                    None => damaged.push((e.seq, e.bytes.to_vec())),
                 }
-                _ => damaged.push((k, v)),
             }
+            if !tail.is_empty() {
+                let at = kept.last().map_or(run_key, |e| e.seq + 1);
+                damaged.push((at, tail.to_vec()));
+            }
+            if damaged.is_empty() && !kept.is_empty() {
+                runs.insert(run_key);
+                continue;
+            }
+            let left = (!kept.is_empty()).then(|| {
+                runs.insert(run_key);
+                encode_run(run_key, kept.iter().copied())
+            });
+            repairs.push(Repair {
+                key: k.clone(),
+                left,
+                damaged,
+            });
         }
-        for (k, v) in damaged {
-            corrupt.insert(&k, v)?;
-            records.remove(&k)?;
-            report.corrupt += 1;
+        for r in repairs {
+            for (seq, v) in r.damaged {
+                corrupt.insert(key(seq), v)?;
+                report.corrupt += 1;
+            }
+            match r.left {
+                Some(v) => records.insert(&r.key, v)?,
+                None => records.remove(&r.key)?,
+            };
         }
         if report.corrupt > 0 {
             db.flush()?;
@@ -401,6 +551,7 @@ impl SledStore {
                 records,
                 meta,
                 undeliverable,
+                runs,
                 priority,
                 routine_front: 0,
                 next_seq,
@@ -411,22 +562,63 @@ impl SledStore {
             report,
         ))
     }
-}
 
-impl SledStore {
-    /// Remove a record from `records`, keeping the counters true; its stored value, if it was
-    /// there.
-    fn take(&mut self, seq: u64) -> Result<Option<sled::IVec>, QueueError> {
-        let was_priority = self.priority.remove(&seq);
-        let v = self.records.remove(key(seq))?;
-        if let Some(v) = &v {
-            self.count -= 1;
-            self.bytes -= v.len() as u64;
-            if was_priority {
-                self.priority_bytes -= v.len() as u64;
+    /// Key of the run that holds `seq`, if any run could.
+    fn run_of(&self, seq: u64) -> Option<u64> {
+        self.runs.range(..=seq).next_back().copied()
+    }
+
+    /// Where a walk over the records from `seq` on starts: the run holding it, or the first
+    /// one after it.
+    fn walk_from(&self, seq: u64) -> [u8; 8] {
+        key(self.run_of(seq).unwrap_or(seq))
+    }
+
+    /// Take the records `seqs` (any order) out of `records`: each run they are in is
+    /// rewritten once without them, or removed when nothing is left in it. Keeps the
+    /// counters true; returns what was taken, as stored. Numbers not queued are ignored.
+    fn take_many(&mut self, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, QueueError> {
+        let mut by_run: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>> =
+            std::collections::BTreeMap::new();
+        for &seq in seqs {
+            if let Some(run_key) = self.run_of(seq) {
+                by_run.entry(run_key).or_default().insert(seq);
             }
         }
-        Ok(v)
+        let mut batch = sled::Batch::default();
+        let mut taken = Vec::new();
+        let mut emptied = Vec::new();
+        for (run_key, doomed) in by_run {
+            let Some(v) = self.records.get(key(run_key))? else {
+                continue;
+            };
+            let (found, _) = entries(run_key, &v);
+            let (gone, kept): (Vec<Entry>, Vec<Entry>) =
+                found.into_iter().partition(|e| doomed.contains(&e.seq));
+            if gone.is_empty() {
+                continue;
+            }
+            for e in &gone {
+                let len = e.bytes.len() as u64;
+                self.count -= 1;
+                self.bytes -= len;
+                if self.priority.remove(&e.seq) {
+                    self.priority_bytes -= len;
+                }
+                taken.push((e.seq, e.bytes.to_vec()));
+            }
+            if kept.is_empty() {
+                batch.remove(&key(run_key));
+                emptied.push(run_key);
+            } else {
+                batch.insert(&key(run_key), encode_run(run_key, kept));
+            }
+        }
+        self.records.apply_batch(batch)?;
+        for run_key in emptied {
+            self.runs.remove(&run_key);
+        }
+        Ok(taken)
     }
 }
 
@@ -434,17 +626,32 @@ impl Store for SledStore {
     fn append(&mut self, records: &[Record]) -> Result<Vec<u64>, QueueError> {
         let mut seqs = Vec::with_capacity(records.len());
         let mut batch = sled::Batch::default();
+        let (mut run, mut run_key) = (Vec::new(), 0);
         for r in records {
             let v = encode(r);
+            let seq = self.next_seq;
+            self.next_seq += 1;
             self.bytes += v.len() as u64;
             self.count += 1;
             if r.class.is_priority() {
-                self.priority.insert(self.next_seq);
+                self.priority.insert(seq);
                 self.priority_bytes += v.len() as u64;
             }
-            batch.insert(&key(self.next_seq), v);
-            seqs.push(self.next_seq);
-            self.next_seq += 1;
+            if run.is_empty() {
+                run.reserve(RUN_BYTES + v.len() + ENTRY_HEADER);
+                run.push(RUN_VERSION);
+                run_key = seq;
+            }
+            push_entry(&mut run, run_key, seq, &v);
+            if run.len() >= RUN_BYTES {
+                batch.insert(&key(run_key), std::mem::take(&mut run));
+                self.runs.insert(run_key);
+            }
+            seqs.push(seq);
+        }
+        if !run.is_empty() {
+            batch.insert(&key(run_key), run);
+            self.runs.insert(run_key);
         }
         self.records.apply_batch(batch)?;
         self.meta.insert("next_seq", &key(self.next_seq))?;
@@ -463,13 +670,22 @@ impl Store for SledStore {
     ) -> Result<Vec<(u64, Record)>, QueueError> {
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut out = Vec::new();
-        for item in self.records.range(key(start)..) {
+        for item in self.records.range(self.walk_from(start)..) {
             if out.len() >= limit {
                 break;
             }
             let (k, v) = item?;
-            if let (Some(seq), Some(r)) = (seq_of(&k), decode(&v)) {
-                out.push((seq, r));
+            let Some(run_key) = seq_of(&k) else { continue };
+            for e in entries(run_key, &v).0 {
+                if e.seq < start {
+                    continue;
+                }
+                if out.len() >= limit {
+                    break;
+                }
+                if let Some(r) = decode(e.bytes) {
+                    out.push((e.seq, r));
+                }
             }
         }
         Ok(out)
@@ -477,23 +693,35 @@ impl Store for SledStore {
 
     fn read_priority(&self, limit: usize) -> Result<Vec<(u64, Record)>, QueueError> {
         let mut out = Vec::new();
-        for seq in self.priority.iter().take(limit) {
-            if let Some(v) = self.records.get(key(*seq))? {
-                if let Some(r) = decode(&v) {
-                    out.push((*seq, r));
-                }
+        // Alarms raised together share a run: read each run once.
+        let mut run: Option<(u64, sled::IVec)> = None;
+        for &seq in self.priority.iter().take(limit) {
+            let Some(run_key) = self.run_of(seq) else {
+                continue;
+            };
+            if run.as_ref().map(|(k, _)| *k) != Some(run_key) {
+                run = self.records.get(key(run_key))?.map(|v| (run_key, v));
+            }
+            let Some((_, v)) = &run else { continue };
+            let found = entries(run_key, v).0.into_iter().find(|e| e.seq == seq);
+            if let Some(r) = found.and_then(|e| decode(e.bytes)) {
+                out.push((seq, r));
             }
         }
         Ok(out)
     }
 
     fn remove(&mut self, seq: u64) -> Result<bool, QueueError> {
-        Ok(self.take(seq)?.is_some())
+        Ok(!self.take_many(&[seq])?.is_empty())
+    }
+
+    fn remove_all(&mut self, seqs: &[u64]) -> Result<usize, QueueError> {
+        Ok(self.take_many(seqs)?.len())
     }
 
     fn set_aside(&mut self, seq: u64) -> Result<bool, QueueError> {
-        match self.take(seq)? {
-            Some(v) => {
+        match self.take_many(&[seq])?.pop() {
+            Some((seq, v)) => {
                 self.undeliverable.insert(key(seq), v)?;
                 Ok(true)
             }
@@ -504,38 +732,41 @@ impl Store for SledStore {
     fn evict(&mut self, max_bytes: u64, min_enqueued_at_ms: i64) -> Result<Evicted, QueueError> {
         let mut ev = Evicted::default();
         let mut front = self.routine_front;
-        let mut doomed = sled::Batch::default();
-        let (mut removed, mut freed) = (0usize, 0u64);
-        for item in self.records.range(key(front)..) {
+        let mut doomed = Vec::new();
+        let mut freed = 0u64;
+        'walk: for item in self.records.range(self.walk_from(front)..) {
             let (k, v) = item?;
-            let Some(seq) = seq_of(&k) else { break };
-            #[cfg(test)]
-            tests::count_touched();
-            if self.priority.contains(&seq) {
-                // Never evicted, and nothing routine is in front of it: step over it for good.
-                front = seq + 1;
-                continue;
+            let Some(run_key) = seq_of(&k) else { break };
+            for e in entries(run_key, &v).0 {
+                if e.seq < front {
+                    // Stepped over before (an alarm or security record), or evicted.
+                    continue;
+                }
+                #[cfg(test)]
+                tests::count_touched();
+                if self.priority.contains(&e.seq) {
+                    // Never evicted, and nothing routine is in front of it: step over it for good.
+                    front = e.seq + 1;
+                    continue;
+                }
+                let Some(enqueued_at_ms) = header_time(e.bytes) else {
+                    break 'walk;
+                };
+                if enqueued_at_ms < min_enqueued_at_ms {
+                    ev.over_age += 1;
+                } else if self.bytes - freed > max_bytes {
+                    ev.over_bytes += 1;
+                } else {
+                    break 'walk;
+                }
+                freed += e.bytes.len() as u64;
+                front = e.seq + 1;
+                doomed.push(e.seq);
             }
-            let Some(enqueued_at_ms) = header_time(&v) else {
-                break;
-            };
-            if enqueued_at_ms < min_enqueued_at_ms {
-                ev.over_age += 1;
-            } else if self.bytes - freed > max_bytes {
-                ev.over_bytes += 1;
-            } else {
-                break;
-            }
-            freed += v.len() as u64;
-            removed += 1;
-            front = seq + 1;
-            doomed.remove(k);
         }
-        // One batch for the whole pass; the counters change only once it is applied.
-        if removed > 0 {
-            self.records.apply_batch(doomed)?;
-            self.count -= removed;
-            self.bytes -= freed;
+        // One rewrite per run touched; the cursor moves only once that is applied.
+        if !doomed.is_empty() {
+            self.take_many(&doomed)?;
         }
         self.routine_front = front;
         Ok(ev)
@@ -1010,10 +1241,12 @@ mod tests {
                 rec(Class::Alarm, 3, 3),
             ])
             .unwrap();
-            // Damage record 2 behind the queue's back.
-            let mut bad = encode(&rec(Class::Routine, 2, 2));
-            bad[22] ^= 0xff;
-            q.records.insert(key(2), bad).unwrap();
+            // Damage record 2 behind the queue's back: all three share one run.
+            assert_eq!(q.runs.len(), 1);
+            let mut run = q.records.get(key(1)).unwrap().unwrap().to_vec();
+            let at = run.windows(9).position(|w| w == b"reading 2").unwrap();
+            run[at] ^= 0xff;
+            q.records.insert(key(1), run).unwrap();
             q.sync().unwrap();
         }
         let (q, report) = reopen(dir.path());
@@ -1036,5 +1269,94 @@ mod tests {
             1,
             "kept aside for forensics"
         );
+    }
+
+    fn reading(n: u32) -> Record {
+        Record {
+            payload: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(100)).into_bytes(),
+            ..rec(Class::Routine, i64::from(n), n)
+        }
+    }
+
+    #[test]
+    fn a_group_commit_is_a_few_runs_and_every_record_reads_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, _) = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let batch: Vec<Record> = (0..1000).map(reading).collect();
+        let seqs = q.append(&batch).unwrap();
+        let bytes: usize = batch.iter().map(Record::stored_len).sum();
+        assert_eq!(q.bytes(), bytes as u64);
+        assert!(
+            (bytes / RUN_BYTES..=bytes / RUN_BYTES + 1).contains(&q.runs.len()),
+            "{} runs for {bytes} bytes",
+            q.runs.len()
+        );
+        let all = q.read_after(None, usize::MAX).unwrap();
+        assert_eq!(all.iter().map(|(s, _)| *s).collect::<Vec<_>>(), seqs);
+        assert!(all.iter().zip(&batch).all(|((_, got), want)| got == want));
+        // From the middle of a run.
+        let some = q.read_after(Some(seqs[499]), 10).unwrap();
+        assert_eq!(
+            some.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            seqs[500..510]
+        );
+        // What one upstream PUBACK takes, across runs, and a gap in the middle.
+        let delivered: Vec<u64> = seqs[..600].iter().copied().filter(|s| s % 7 != 0).collect();
+        assert_eq!(q.remove_all(&delivered).unwrap(), delivered.len());
+        assert_eq!(q.remove_all(&delivered).unwrap(), 0, "removed once");
+        q.sync().unwrap();
+        drop(q);
+        let (q, report) = reopen(dir.path());
+        let left: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !delivered.contains(s))
+            .collect();
+        assert_eq!(report.records, left.len());
+        let got = q.read_after(None, usize::MAX).unwrap();
+        assert_eq!(got.iter().map(|(s, _)| *s).collect::<Vec<_>>(), left);
+        let want: u64 = left
+            .iter()
+            .map(|s| batch[(s - seqs[0]) as usize].stored_len() as u64)
+            .sum();
+        assert_eq!(q.bytes(), want);
+    }
+
+    #[test]
+    fn records_of_format_2_are_still_read_evicted_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (q, _) = SledStore::open(dir.path(), 1 << 20).unwrap();
+            // A queue written one value per record, as before runs.
+            for n in 1..=4u32 {
+                let class = if n == 2 { Class::Alarm } else { Class::Routine };
+                q.records
+                    .insert(key(u64::from(n)), encode(&rec(class, i64::from(n), n)))
+                    .unwrap();
+            }
+            q.db.flush().unwrap();
+        }
+        let (mut q, report) = reopen(dir.path());
+        assert_eq!(
+            report,
+            OpenReport {
+                records: 4,
+                corrupt: 0
+            }
+        );
+        let s = q.append(&[rec(Class::Routine, 10, 10)]).unwrap()[0];
+        assert_eq!(s, 5, "numbering goes on after the old records");
+        assert_eq!(q.read_priority(10).unwrap()[0].0, 2);
+        assert!(q.remove(3).unwrap());
+        // Age eviction steps over the old alarm and takes the old routine records.
+        assert_eq!(q.evict(u64::MAX, 5).unwrap().over_age, 2);
+        let left: Vec<u64> = q
+            .read_after(None, 10)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(left, [2, 5]);
+        assert_eq!(q.len(), 2);
     }
 }

@@ -408,7 +408,7 @@ async fn session(
                             // (every 500 ms) makes it durable. A removal lost in a crash only
                             // means a duplicate upstream, with the same sequence number.
                             q.with(|s| {
-                                seqs.iter().try_for_each(|seq| s.remove(*seq).map(|_| ()))?;
+                                s.remove_all(&seqs)?;
                                 Ok::<_, crate::queue::QueueError>(s.is_empty())
                             })
                         })
