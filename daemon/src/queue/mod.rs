@@ -208,7 +208,7 @@ pub struct Record {
 impl Record {
     /// Bytes it takes in the `records` tree (what the queue's byte bound counts).
     pub fn stored_len(&self) -> usize {
-        HEADER_V2 + self.subject.len().min(MAX_SUBJECT) + self.payload.len()
+        HEADER_V2 + subject_cut(&self.subject) + self.payload.len()
     }
 
     /// A telemetry record of `class` about `device`, queued now.
@@ -293,15 +293,37 @@ pub trait Store {
     fn priority_bytes(&self) -> u64;
 }
 
-fn encode(r: &Record) -> Vec<u8> {
-    // A subject longer than a length byte can say is cut at a character boundary (device ids
-    // are at most 128 bytes, so this never happens for records the gateway makes).
-    let mut cut = r.subject.len().min(MAX_SUBJECT);
-    while !r.subject.is_char_boundary(cut) {
+/// How many bytes of `subject` a record keeps: a subject longer than a length byte can say
+/// is cut at a character boundary (device ids are at most 128 bytes, so this never happens
+/// for records the gateway makes).
+fn subject_cut(subject: &str) -> usize {
+    let mut cut = subject.len().min(MAX_SUBJECT);
+    while !subject.is_char_boundary(cut) {
         cut -= 1;
     }
-    let subject = &r.subject.as_bytes()[..cut];
-    let mut v = Vec::with_capacity(HEADER_V2 + subject.len() + r.payload.len());
+    cut
+}
+
+/// The CRC of a record's bytes `v`: over the class byte and everything after the CRC.
+fn record_crc(v: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&v[1..2]);
+    h.update(&v[6..]);
+    h.finalize()
+}
+
+#[cfg(test)]
+fn encode(r: &Record) -> Vec<u8> {
+    let mut v = Vec::with_capacity(r.stored_len());
+    encode_into(r, &mut v);
+    v
+}
+
+/// Append the record's bytes (format version 2) to `out`.
+fn encode_into(r: &Record, out: &mut Vec<u8>) {
+    let subject = &r.subject.as_bytes()[..subject_cut(&r.subject)];
+    let begin = out.len();
+    let v = out;
     v.push(FORMAT_VERSION);
     v.push(r.class as u8);
     v.extend_from_slice(&[0; 4]);
@@ -310,9 +332,8 @@ fn encode(r: &Record) -> Vec<u8> {
     v.push(subject.len() as u8);
     v.extend_from_slice(subject);
     v.extend_from_slice(&r.payload);
-    let crc = crc32fast::hash(&[&v[1..2], &v[6..]].concat());
-    v[2..6].copy_from_slice(&crc.to_be_bytes());
-    v
+    let crc = record_crc(&v[begin..]);
+    v[begin + 2..begin + 6].copy_from_slice(&crc.to_be_bytes());
 }
 
 fn decode(v: &[u8]) -> Option<Record> {
@@ -323,7 +344,7 @@ fn decode(v: &[u8]) -> Option<Record> {
     }
     let class = Class::from_byte(v[1])?;
     let crc = u32::from_be_bytes(v[2..6].try_into().ok()?);
-    if crc32fast::hash(&[&v[1..2], &v[6..]].concat()) != crc {
+    if record_crc(v) != crc {
         return None;
     }
     let enqueued_at_ms = i64::from_be_bytes(v[6..14].try_into().ok()?);
@@ -628,21 +649,24 @@ impl Store for SledStore {
         let mut batch = sled::Batch::default();
         let (mut run, mut run_key) = (Vec::new(), 0);
         for r in records {
-            let v = encode(r);
+            let len = r.stored_len();
             let seq = self.next_seq;
             self.next_seq += 1;
-            self.bytes += v.len() as u64;
+            self.bytes += len as u64;
             self.count += 1;
             if r.class.is_priority() {
                 self.priority.insert(seq);
-                self.priority_bytes += v.len() as u64;
+                self.priority_bytes += len as u64;
             }
             if run.is_empty() {
-                run.reserve(RUN_BYTES + v.len() + ENTRY_HEADER);
+                run.reserve(RUN_BYTES + len + ENTRY_HEADER);
                 run.push(RUN_VERSION);
                 run_key = seq;
             }
-            push_entry(&mut run, run_key, seq, &v);
+            // The entry's framing, then the record written in place.
+            run.extend_from_slice(&((seq - run_key) as u32).to_be_bytes());
+            run.extend_from_slice(&(len as u32).to_be_bytes());
+            encode_into(r, &mut run);
             if run.len() >= RUN_BYTES {
                 batch.insert(&key(run_key), std::mem::take(&mut run));
                 self.runs.insert(run_key);
@@ -919,6 +943,7 @@ mod tests {
             subject: "é".repeat(200),
             ..rec(Class::Routine, 1, 1)
         };
+        assert_eq!(encode(&r).len(), r.stored_len());
         let back = decode(&encode(&r)).unwrap();
         assert_eq!(back.subject, "é".repeat(127));
         assert_eq!(back.payload, r.payload);
