@@ -34,6 +34,7 @@ use crate::pipeline::{Ack, Ingest, Qos};
 use crate::registry::Device;
 use bytes::BytesMut;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck, Subscribe,
     SubscribeReasonCode, UnsubAck,
@@ -623,17 +624,34 @@ impl Relay<'_> {
                 biased;
                 _ = stop.cancelled() => return End::Shutdown,
                 _ = self.taken_over.cancelled() => return End::TakenOver,
-                Some((pkid, ok)) = inflight.confirmations.next(), if !inflight.confirmations.is_empty() => {
-                    if !ok {
-                        return End::NotStored;
+                Some(first) = inflight.confirmations.next(), if !inflight.confirmations.is_empty() => {
+                    // A group commit confirms several of a device's readings at once: every
+                    // confirmation already in gets its PUBACK in one write. (Polling once
+                    // more without this task's waker is safe: the loop polls the stream
+                    // again, with it, before it waits.)
+                    let mut ready = vec![first];
+                    while let Some(Some(c)) = inflight.confirmations.next().now_or_never() {
+                        ready.push(c);
                     }
-                    if inflight.broker_acked.remove(&pkid) {
-                        inflight.open.remove(&pkid);
-                        if let Err(e) = write(&mut dw, &Packet::PubAck(PubAck::new(pkid)), max, self.meter).await {
-                            return End::DeviceWrite(e);
+                    let mut acks = Vec::with_capacity(ready.len());
+                    let mut stored = true;
+                    for (pkid, ok) in ready {
+                        if !ok {
+                            stored = false;
+                            break;
                         }
-                    } else {
-                        inflight.confirmed.insert(pkid);
+                        if inflight.broker_acked.remove(&pkid) {
+                            inflight.open.remove(&pkid);
+                            acks.push(pkid);
+                        } else {
+                            inflight.confirmed.insert(pkid);
+                        }
+                    }
+                    if let Err(e) = write_pubacks(&mut dw, &acks, max, self.meter).await {
+                        return End::DeviceWrite(e);
+                    }
+                    if !stored {
+                        return End::NotStored;
                     }
                 }
                 Some((pkid, ok)) = inflight.relayed.next(), if !inflight.relayed.is_empty() => {
@@ -989,6 +1007,30 @@ async fn write<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     mqtt::write_packet(w, packet, max).await?;
     meter.bytes_out(packet.size());
+    Ok(())
+}
+
+/// Write PUBACKs for `pkids` to the device in one write, and meter their bytes.
+async fn write_pubacks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pkids: &[u16],
+    max: usize,
+    meter: &DeviceMeter,
+) -> std::io::Result<()> {
+    if pkids.is_empty() {
+        return Ok(());
+    }
+    let mut out = BytesMut::with_capacity(4 * pkids.len());
+    let mut sizes = Vec::with_capacity(pkids.len());
+    for &pkid in pkids {
+        let p = Packet::PubAck(PubAck::new(pkid));
+        mqtt::encode(&p, &mut out, max)?;
+        sizes.push(p.size());
+    }
+    w.write_all(&out).await?;
+    for size in sizes {
+        meter.bytes_out(size);
+    }
     Ok(())
 }
 

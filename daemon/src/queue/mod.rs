@@ -49,7 +49,9 @@
 //!    eviction under the class policy ([`Store::evict`]), or by [`Store::set_aside`] (it can
 //!    never be delivered); all three are counted. A removal that had
 //!    not been synced before a crash may be undone — the record is then delivered again
-//!    (at-least-once; duplicates carry the same sequence number).
+//!    (at-least-once; duplicates carry the same sequence number). Evictions leave their run
+//!    lazily (rewritten once half of a run has gone, and at a clean stop): after a crash, routine readings evicted shortly
+//!    before it may be back, to be evicted again or delivered late — never lost early.
 //! 3. Sequence numbers only grow, across restarts too (`meta.next_seq`, and never below the last
 //!    stored key + 1).
 //! 4. Damage found on open (bad CRC, unknown version or class, short value) is reported and
