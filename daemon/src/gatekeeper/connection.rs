@@ -629,26 +629,29 @@ impl Relay<'_> {
                     // confirmation already in gets its PUBACK in one write. (Polling once
                     // more without this task's waker is safe: the loop polls the stream
                     // again, with it, before it waits.)
-                    let mut ready = vec![first];
-                    while let Some(Some(c)) = inflight.confirmations.next().now_or_never() {
-                        ready.push(c);
-                    }
-                    let mut acks = Vec::with_capacity(ready.len());
+                    let mut acks = BytesMut::new();
                     let mut stored = true;
-                    for (pkid, ok) in ready {
+                    let mut next = Some(first);
+                    while let Some((pkid, ok)) = next.take() {
                         if !ok {
                             stored = false;
                             break;
                         }
                         if inflight.broker_acked.remove(&pkid) {
                             inflight.open.remove(&pkid);
-                            acks.push(pkid);
+                            if let Err(e) = mqtt::encode(&Packet::PubAck(PubAck::new(pkid)), &mut acks, max) {
+                                return End::DeviceWrite(e);
+                            }
                         } else {
                             inflight.confirmed.insert(pkid);
                         }
+                        next = inflight.confirmations.next().now_or_never().flatten();
                     }
-                    if let Err(e) = write_pubacks(&mut dw, &acks, max, self.meter).await {
-                        return End::DeviceWrite(e);
+                    if !acks.is_empty() {
+                        if let Err(e) = dw.write_all(&acks).await {
+                            return End::DeviceWrite(e);
+                        }
+                        self.meter.bytes_out(acks.len());
                     }
                     if !stored {
                         return End::NotStored;
@@ -1007,30 +1010,6 @@ async fn write<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     mqtt::write_packet(w, packet, max).await?;
     meter.bytes_out(packet.size());
-    Ok(())
-}
-
-/// Write PUBACKs for `pkids` to the device in one write, and meter their bytes.
-async fn write_pubacks<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    pkids: &[u16],
-    max: usize,
-    meter: &DeviceMeter,
-) -> std::io::Result<()> {
-    if pkids.is_empty() {
-        return Ok(());
-    }
-    let mut out = BytesMut::with_capacity(4 * pkids.len());
-    let mut sizes = Vec::with_capacity(pkids.len());
-    for &pkid in pkids {
-        let p = Packet::PubAck(PubAck::new(pkid));
-        mqtt::encode(&p, &mut out, max)?;
-        sizes.push(p.size());
-    }
-    w.write_all(&out).await?;
-    for size in sizes {
-        meter.bytes_out(size);
-    }
     Ok(())
 }
 
