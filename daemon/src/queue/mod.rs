@@ -670,32 +670,10 @@ impl SledStore {
 
     /// Write out every pending removal (see [`SledStore::take_many`]).
     fn settle(&mut self) -> Result<(), QueueError> {
-        // They are already out of every count: only their runs are rewritten.
-        let runs: Vec<u64> = self.pending.keys().copied().collect();
-        let mut batch = sled::Batch::default();
-        let mut emptied = Vec::new();
-        for run_key in runs {
-            let Some(v) = self.records.get(key(run_key))? else {
-                continue;
-            };
-            let done = self.pending.remove(&run_key).unwrap_or_default();
-            let kept: Vec<Entry> = entries(run_key, &v)
-                .0
-                .into_iter()
-                .filter(|e| !done.contains(&e.seq))
-                .collect();
-            if kept.is_empty() {
-                batch.remove(&key(run_key));
-                emptied.push(run_key);
-            } else {
-                batch.insert(&key(run_key), encode_run(run_key, kept));
-            }
-        }
-        self.records.apply_batch(batch)?;
-        for run_key in emptied {
-            self.runs.remove(&run_key);
-        }
-        Ok(())
+        // Taking them again takes nothing (they are out of every count already) but rewrites
+        // their runs without them.
+        let pending: Vec<u64> = self.pending.values().flatten().copied().collect();
+        self.take_many(&pending, false).map(|_| ())
     }
 }
 
