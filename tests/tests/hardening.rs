@@ -512,13 +512,15 @@ async fn a_topic_with_a_newline_or_nul_cannot_forge_a_log_line() {
     }
 }
 
-/// Log in as `id` on the daemon and return the "device connected" line it logged.
+/// Log in as `id` on the daemon and return the "device connected" line it logged. (Matched
+/// by its `credential_cache` field: the line that ends an older connection of the same
+/// device, "the same device connected again", may come first.)
 async fn logged_login(d: &mut Daemon, id: &str, password: &str) -> String {
     assert_eq!(
         login(d.addr, id, password).await,
         Some(ConnectReturnCode::Success)
     );
-    d.until("device connected")
+    d.until("credential_cache=")
 }
 
 #[tokio::test]
