@@ -71,32 +71,32 @@ impl Node {
     }
 
     /// Add `delta` (±1) to the filter made of `levels`; prunes emptied branches.
-    fn adjust(&mut self, levels: &[&str], delta: isize) {
+    fn adjust<'a>(&mut self, mut levels: impl Iterator<Item = &'a str>, delta: isize) {
         let apply = |n: &mut usize| *n = n.saturating_add_signed(delta);
-        match levels.split_first() {
+        match levels.next() {
             None => apply(&mut self.count),
-            Some((&"#", _)) => apply(&mut self.hash),
-            Some((&"+", rest)) => {
+            Some("#") => apply(&mut self.hash),
+            Some("+") => {
                 let child = self.plus.get_or_insert_with(Box::default);
-                child.adjust(rest, delta);
+                child.adjust(levels, delta);
                 if child.is_empty() {
                     self.plus = None;
                 }
             }
-            Some((level, rest)) => {
-                let child = self.exact.entry((*level).to_owned()).or_default();
-                child.adjust(rest, delta);
+            Some(level) => {
+                let child = self.exact.entry(level.to_owned()).or_default();
+                child.adjust(levels, delta);
                 if child.is_empty() {
-                    self.exact.remove(*level);
+                    self.exact.remove(level);
                 }
             }
         }
     }
 
-    /// Whether a filter in this subtree matches the topic made of `levels`; `root` applies
-    /// the rule that wildcards at the first level do not match `$` topics.
-    fn matches(&self, levels: &[&str], root: bool) -> bool {
-        let Some((level, rest)) = levels.split_first() else {
+    /// Whether a filter in this subtree matches the topic made of the rest of `levels`;
+    /// `root` applies the rule that wildcards at the first level do not match `$` topics.
+    fn matches(&self, mut levels: std::str::Split<'_, char>, root: bool) -> bool {
+        let Some(level) = levels.next() else {
             // `a/#` also matches `a` itself.
             return self.count > 0 || self.hash > 0;
         };
@@ -104,13 +104,13 @@ impl Node {
         if wild && self.hash > 0 {
             return true;
         }
-        if let Some(child) = self.exact.get(*level) {
-            if child.matches(rest, false) {
+        if let Some(child) = self.exact.get(level) {
+            if child.matches(levels.clone(), false) {
                 return true;
             }
         }
         match &self.plus {
-            Some(child) if wild => child.matches(rest, false),
+            Some(child) if wild => child.matches(levels, false),
             _ => false,
         }
     }
@@ -143,7 +143,7 @@ impl Interest {
         for f in filters {
             let f = effective(f);
             if held.insert(f.to_owned()) {
-                trie.adjust(&f.split('/').collect::<Vec<_>>(), 1);
+                trie.adjust(f.split('/'), 1);
                 self.0.filters.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -159,7 +159,7 @@ impl Interest {
         for f in filters {
             let f = effective(f);
             if held.remove(f) {
-                trie.adjust(&f.split('/').collect::<Vec<_>>(), -1);
+                trie.adjust(f.split('/'), -1);
                 self.0.filters.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -175,7 +175,7 @@ impl Interest {
         let State { owners, trie } = &mut *s;
         if let Some(held) = owners.remove(owner) {
             for f in &held {
-                trie.adjust(&f.split('/').collect::<Vec<_>>(), -1);
+                trie.adjust(f.split('/'), -1);
             }
             self.0.filters.fetch_sub(held.len(), Ordering::Relaxed);
         }
@@ -186,9 +186,8 @@ impl Interest {
         if self.0.filters.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let levels: smallvec_levels::Levels = topic.split('/').collect();
         let s = self.0.state.read().unwrap_or_else(|e| e.into_inner());
-        s.trie.matches(&levels, true)
+        s.trie.matches(topic.split('/'), true)
     }
 
     /// Distinct (owner, filter) subscriptions held.
@@ -205,46 +204,6 @@ impl Interest {
         // The index stays consistent under each single call: a panic mid-call cannot leave
         // half an update behind that matters more than relaying too much.
         self.0.state.write().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A topic's levels without a heap allocation for the usual few.
-mod smallvec_levels {
-    /// Up to 8 levels on the stack, more on the heap.
-    pub struct Levels<'a>(LevelsInner<'a>);
-
-    enum LevelsInner<'a> {
-        Stack([&'a str; 8], usize),
-        Heap(Vec<&'a str>),
-    }
-
-    impl<'a> FromIterator<&'a str> for Levels<'a> {
-        fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
-            let mut stack = [""; 8];
-            let mut n = 0;
-            let mut it = iter.into_iter();
-            for level in it.by_ref() {
-                if n == stack.len() {
-                    let mut v = stack.to_vec();
-                    v.push(level);
-                    v.extend(it);
-                    return Levels(LevelsInner::Heap(v));
-                }
-                stack[n] = level;
-                n += 1;
-            }
-            Levels(LevelsInner::Stack(stack, n))
-        }
-    }
-
-    impl<'a> std::ops::Deref for Levels<'a> {
-        type Target = [&'a str];
-        fn deref(&self) -> &[&'a str] {
-            match &self.0 {
-                LevelsInner::Stack(s, n) => &s[..*n],
-                LevelsInner::Heap(v) => v,
-            }
-        }
     }
 }
 

@@ -248,9 +248,14 @@ impl LocalPublisher {
         move || ended.get().map(|how| format!("event loop {how}"))
     }
 
-    /// Whether a local subscriber listens on `topic`.
-    fn wanted(&self, topic: &str) -> bool {
-        self.interest.wanted(topic)
+    /// `ward/<device>/readings`, when a local subscriber listens on it (nothing is
+    /// formatted while nobody subscribes to anything).
+    fn readings_topic(&self, device_id: &str) -> Option<String> {
+        if self.interest.is_empty() {
+            return None;
+        }
+        let topic = format!("ward/{device_id}/readings");
+        self.interest.wanted(&topic).then_some(topic)
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>) {
@@ -381,9 +386,8 @@ impl Pipeline {
             Ok(n) => {
                 let json = self.canonical(&msg, &n, received_at_ms);
                 if let Some(local) = &self.stages.local {
-                    let topic = format!("ward/{}/readings", msg.device.id);
                     // Nobody subscribed: the broker would have nobody to give them to.
-                    if local.wanted(&topic) {
+                    if let Some(topic) = local.readings_topic(&msg.device.id) {
                         local.publish(topic, json.clone()).await;
                     }
                 }

@@ -454,10 +454,15 @@ fn encode_run<'a>(run_key: u64, entries: impl IntoIterator<Item = Entry<'a>>) ->
 }
 
 fn push_entry(run: &mut Vec<u8>, run_key: u64, seq: u64, record: &[u8]) {
+    push_entry_header(run, run_key, seq, record.len());
+    run.extend_from_slice(record);
+}
+
+/// An entry's framing: its offset from the run's key and the length of the record after it.
+fn push_entry_header(run: &mut Vec<u8>, run_key: u64, seq: u64, len: usize) {
     // Both fit: a run spans one append's sequence numbers, a record is below 4 GiB.
     run.extend_from_slice(&((seq - run_key) as u32).to_be_bytes());
-    run.extend_from_slice(&(record.len() as u32).to_be_bytes());
-    run.extend_from_slice(record);
+    run.extend_from_slice(&(len as u32).to_be_bytes());
 }
 
 /// A value found damaged on open: what is left of it, and its damaged parts.
@@ -708,8 +713,7 @@ impl Store for SledStore {
                 run_key = seq;
             }
             // The entry's framing, then the record written in place.
-            run.extend_from_slice(&((seq - run_key) as u32).to_be_bytes());
-            run.extend_from_slice(&(len as u32).to_be_bytes());
+            push_entry_header(&mut run, run_key, seq, len);
             encode_into(r, &mut run);
             if run.len() >= RUN_BYTES {
                 batch.insert(&key(run_key), std::mem::take(&mut run));
