@@ -1,8 +1,9 @@
 //! Builds every stage from a [`Config`], starts them, and stops them in pipeline order.
 //!
 //! Start order: internal broker → pipeline → listeners. Stop order is the flow of a reading:
-//! listeners stop accepting and close their connections (no new readings enter), then the
-//! pipeline drains what is already in its channel, all under `gateway.shutdown_timeout`.
+//! listeners stop accepting and close their connections (no new readings enter; a connection
+//! finishes the message it is handling), then the pipeline stage ends with the last of them and
+//! the queue writer commits what it has, all under `gateway.shutdown_timeout`.
 //!
 //! Every long-running stage runs under the gateway's [`Supervisor`] (per-stage policies and why
 //! in [`crate::supervisor`]). Everything that can fail on bad files fails in [`Gateway::start`],

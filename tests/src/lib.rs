@@ -555,7 +555,7 @@ impl Rig {
                 login: wardgate::gatekeeper::login::LoginGate::new(&cfg.login)
                     .expect("password-check threads start"),
                 broker: broker.clone(),
-                ingest: tx,
+                ingest: tx.into(),
                 metering: metering.clone(),
                 limits: o.limits.clone(),
                 sessions: Default::default(),

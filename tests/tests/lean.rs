@@ -47,7 +47,7 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
             login: wardgate::gatekeeper::login::LoginGate::new(&cfg.login)
                 .expect("password-check threads start"),
             broker,
-            ingest: tx,
+            ingest: tx.into(),
             metering: wardgate::metering::Metering::new(Duration::from_secs(300), 4),
             limits: cfg.limits.clone(),
             sessions: Default::default(),

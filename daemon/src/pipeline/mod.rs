@@ -1,13 +1,21 @@
-//! The pipeline: where every accepted device PUBLISH goes, in arrival order.
+//! The pipeline: what happens to every accepted device PUBLISH, in the device's order.
 //!
-//! The gatekeeper hands each PUBLISH over as an [`Ingest`] through a bounded channel
-//! ([`INGEST_CHANNEL_CAPACITY`]). A QoS 1 reading carries an [`Ack`]: the device gets its PUBACK
-//! only after the pipeline has confirmed the reading is safe: handled by the pipeline, and —
-//! when the upstream is enabled — written to disk by the durable queue. An `Ack` dropped without confirming means "not
-//! safe": no PUBACK, and the device resends. When the channel is full the gatekeeper stops
-//! reading from that device: backpressure, never loss.
+//! The gatekeeper hands each PUBLISH over as an [`Ingest`] through an [`IngestSender`]. A QoS 1
+//! reading carries an [`Ack`]: the device gets its PUBACK only after the pipeline has
+//! confirmed the reading is safe: handled by the pipeline, and — when the upstream is enabled —
+//! written to disk by the durable queue. An `Ack` dropped without confirming means "not safe":
+//! no PUBACK, and the device resends. When the queue writer cannot take more, the device's
+//! connection waits in [`IngestSender::send`] and is not read meanwhile: backpressure, never
+//! loss.
 //!
-//! Stages, in `Pipeline::handle`: the device's plugin normalises the raw payload
+//! Where it runs: in the connection's own task, not in a pipeline task of its own. A serial
+//! pipeline task held every device's readings to one core and cost two task switches per
+//! reading (connection → pipeline → queue writer); in-line, the stages of different devices run
+//! side by side on every core, one device's readings are still handled one after the other (its
+//! connection reads the next packet only when the last is handled), and the only hand-over left
+//! is the queue writer's group commit, which needs one.
+//!
+//! Stages, in `Core::handle`: the device's plugin normalises the raw payload
 //! ([`crate::plugin_host`]); the readings are published on the local broker as canonical JSON on
 //! `ward/<device>/readings` for local consumers, when one subscribes to that topic
 //! ([`crate::broker::Interest`]); a message the plugin fails or refuses is
@@ -18,11 +26,12 @@
 //! which confirms it once it is on disk. Then, and only then, the device gets its PUBACK.
 //! (Shadows and rules hang off the same place.)
 //!
-//! What must stay true: the pipeline stops only when every sender is gone (all device
-//! connections closed), so a stop drains everything accepted so far, in order. It is a fatal
-//! stage of the [`crate::supervisor`]: it beats its heartbeat after every message and on an
-//! idle tick, so one message stuck for longer than the stall threshold (a queue writer that
-//! takes nothing) shows as a stalled pipeline and stops the watchdog.
+//! What must stay true: the pipeline stage ([`Pipeline::run`]) ends only when every entrance is
+//! gone (all device connections closed), so a stop has handled everything accepted so far, and
+//! the queue writer ends after it. It is a fatal stage of the [`crate::supervisor`]: it beats
+//! its heartbeat while messages finish or none waits, so one message stuck for longer than the
+//! stall threshold (a queue writer that takes nothing) shows as a stalled pipeline and stops the
+//! watchdog.
 
 pub mod dead_letter;
 
@@ -38,10 +47,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
-/// Readings buffered between the gatekeeper and the pipeline. At 1 000 readings/s this is about
-/// one second of traffic: enough to absorb bursts, small enough that backpressure reaches
-/// devices quickly and a stop drains fast.
-pub const INGEST_CHANNEL_CAPACITY: usize = 1024;
 /// How often the pipeline writes a one-line summary to the log.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -90,9 +95,6 @@ impl Ack {
         let _ = self.0.send(());
     }
 }
-
-/// Sending half, held by the gatekeeper's connections.
-pub type IngestSender = mpsc::Sender<Ingest>;
 
 /// Counters per device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -299,29 +301,102 @@ impl LogLimiter {
     }
 }
 
-/// The pipeline task.
+/// The entrance to the pipeline, held by the gatekeeper's connections (cheap to clone).
+///
+/// In the gateway it runs the stages in the caller's task ([`Pipeline::new`]): each device
+/// connection normalises and queues its own readings, so the work spreads over every core
+/// while one device's readings stay in the order it sent them, and a reading reaches the
+/// queue writer without waiting for a task switch. A channel entrance
+/// ([`From<mpsc::Sender<Ingest>>`]) hands messages to whoever reads the channel instead (test
+/// rigs that look at what the gatekeeper accepted).
+#[derive(Debug, Clone)]
+pub struct IngestSender(Entrance);
+
+#[derive(Debug, Clone)]
+enum Entrance {
+    Inline(Arc<Core>),
+    Channel(mpsc::Sender<Ingest>),
+}
+
+/// The pipeline has stopped: nothing more is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+impl IngestSender {
+    /// Hand one message over. In-line, this returns once the message is handled (normalised,
+    /// queued or dead-lettered; its `Ack` confirms later, once it is on disk); a full queue
+    /// waits here, so a device whose readings cannot be taken is not read meanwhile.
+    pub async fn send(&self, msg: Ingest) -> Result<(), Closed> {
+        match &self.0 {
+            Entrance::Inline(core) => {
+                core.handle(msg).await;
+                Ok(())
+            }
+            Entrance::Channel(tx) => tx.send(msg).await.map_err(|_| Closed),
+        }
+    }
+}
+
+impl From<mpsc::Sender<Ingest>> for IngestSender {
+    fn from(tx: mpsc::Sender<Ingest>) -> Self {
+        Self(Entrance::Channel(tx))
+    }
+}
+
+/// Messages started and finished, over the pipeline's life: its heartbeat and its count.
+#[derive(Debug, Default)]
+struct Progress {
+    started: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+}
+
+/// What every entrance shares: the stages and the counters.
 #[derive(Debug)]
-pub struct Pipeline {
-    rx: mpsc::Receiver<Ingest>,
+struct Core {
     stats: PipelineStats,
     stages: Stages,
     dead_letter_log: LogLimiter,
+    progress: Arc<Progress>,
+    /// Dropped with the last entrance: tells the pipeline stage that nothing can come any more.
+    _open: mpsc::Sender<()>,
+}
+
+/// The pipeline's supervised stage: it owns no message (the connections run the stages), it
+/// watches them. It writes the periodic summary, beats its heartbeat while messages are
+/// handled or none is waiting (so a message stuck for longer than the stall threshold, behind
+/// a queue writer that takes nothing, shows as a stalled pipeline and stops the watchdog), and
+/// ends once every entrance is gone: then every message accepted has been handled, and the
+/// queue's and dead-letter store's entrances are dropped with the stages, so their writers
+/// commit what they have and end.
+#[derive(Debug)]
+pub struct Pipeline {
+    open: mpsc::Receiver<()>,
+    stats: PipelineStats,
+    progress: Arc<Progress>,
     beat: crate::supervisor::Heartbeat,
 }
 
 impl Pipeline {
-    /// A pipeline and the sender its producers use.
+    /// A pipeline and the entrance its producers use.
     pub fn new(stages: Stages) -> (Self, IngestSender) {
-        let (tx, rx) = mpsc::channel(INGEST_CHANNEL_CAPACITY);
+        let (open_tx, open) = mpsc::channel(1);
+        let stats = PipelineStats::default();
+        let progress = Arc::new(Progress::default());
+        let core = Arc::new(Core {
+            stats: stats.clone(),
+            stages,
+            dead_letter_log: LogLimiter::default(),
+            progress: progress.clone(),
+            _open: open_tx,
+        });
         (
             Self {
-                rx,
-                stats: PipelineStats::default(),
-                stages,
-                dead_letter_log: LogLimiter::default(),
+                open,
+                stats,
+                progress,
                 beat: crate::supervisor::Heartbeat::detached(),
             },
-            tx,
+            IngestSender(Entrance::Inline(core)),
         )
     }
 
@@ -330,46 +405,68 @@ impl Pipeline {
         self.stats.clone()
     }
 
-    /// Beat `beat` after every message and on an idle tick (see [`crate::supervisor`]).
+    /// Beat `beat` while messages make progress (see [`crate::supervisor`]).
     pub fn with_heartbeat(mut self, beat: crate::supervisor::Heartbeat) -> Self {
         self.beat = beat;
         self
     }
 
-    /// Run until every sender is dropped; returns how many readings were handled.
+    /// Run until every entrance is dropped; returns how many messages were handled.
     pub async fn run(mut self) -> u64 {
-        let mut handled = 0u64;
-        let mut since_summary = 0u64;
+        use std::sync::atomic::Ordering::Relaxed;
         let mut summary = tokio::time::interval(SUMMARY_INTERVAL);
         summary.tick().await;
         let mut idle = crate::supervisor::Heartbeat::ticker();
+        let mut at_summary = 0u64;
+        let mut at_tick = 0u64;
         loop {
-            self.beat.beat();
             tokio::select! {
-                msg = self.rx.recv() => match msg {
-                    Some(msg) => {
-                        self.handle(msg).await;
-                        handled += 1;
-                        since_summary += 1;
-                    }
-                    None => break,
-                },
+                // Nothing is ever sent: this returns when the last entrance is dropped.
+                _ = self.open.recv() => break,
                 _ = summary.tick() => {
+                    let done = self.progress.done.load(Relaxed);
+                    let since = done - at_summary;
+                    at_summary = done;
                     log::info!(
-                        readings = since_summary,
+                        readings = since,
                         devices = self.stats.lock().len();
-                        "pipeline: {since_summary} readings in the last {}s", SUMMARY_INTERVAL.as_secs()
+                        "pipeline: {since} readings in the last {}s", SUMMARY_INTERVAL.as_secs()
                     );
-                    since_summary = 0;
                 }
-                _ = idle.tick() => {}
+                _ = idle.tick() => {
+                    // Read `done` first: a message finished after it counts as waiting.
+                    let done = self.progress.done.load(Relaxed);
+                    let started = self.progress.started.load(Relaxed);
+                    if done != at_tick || started == done {
+                        self.beat.beat();
+                    }
+                    at_tick = done;
+                }
             }
         }
+        let handled = self.progress.done.load(Relaxed);
         log::info!(readings = handled; "pipeline drained and stopped");
         handled
     }
+}
 
+/// Counts a message as finished however `handle` leaves (returned early, or dropped).
+struct Finished<'a>(&'a Progress);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0
+            .done
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Core {
     async fn handle(&self, mut msg: Ingest) {
+        self.progress
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _finished = Finished(&self.progress);
         let received_at_ms = crate::clock::epoch_ms(msg.received_at);
         let result = self.stages.plugins.normalize(
             &msg.device.plugin,
