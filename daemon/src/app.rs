@@ -51,6 +51,9 @@ pub struct Gateway {
     queue_writer: Option<Stage<()>>,
     /// Writes dead letters; ends after the pipeline (its only sender) is gone.
     dead_letter_writer: Stage<()>,
+    /// Answers device shadow requests; ends after the pipeline (its only sender) is gone.
+    shadows: Stage<()>,
+    shadow_stats: Arc<crate::shadow::ShadowStats>,
     /// The queue's entrance for producers other than the pipeline (dropped first on stop, so
     /// the writer can finish).
     outbox: Option<crate::queue::Enqueue>,
@@ -254,8 +257,20 @@ impl Gateway {
         } else {
             (None, None, None)
         };
-        let local = LocalPublisher::new(&broker);
+        let local = Arc::new(LocalPublisher::new(&broker));
         supervisor.watch_fatal("local-publisher", local.ended_probe());
+        let shadow_dir = state_dir.join("shadows");
+        let shadow_store = crate::shadow::Store::open(&shadow_dir)
+            .with_context(|| format!("opening the shadow store in {}", shadow_dir.display()))?;
+        let mut shadows = None;
+        let shadow_stage = supervisor.spawn_fatal("shadows", |beat| {
+            let (tx, run) = crate::shadow::service(shadow_store, local.clone(), beat);
+            shadows = Some(tx);
+            async move {
+                run.await;
+                Ok::<_, std::convert::Infallible>(())
+            }
+        });
         let mut dead_letters = None;
         let dead_letter_writer = {
             let (store, bound) = (DeadLetters::new(&state_dir), config.dead_letter.clone());
@@ -272,11 +287,16 @@ impl Gateway {
             dead_letters.expect("the dead-letter writer's entrance is made with the writer");
         let dead_letter_counters = dead_letters.counters().clone();
         let spare_dead_letters = Some(dead_letters.clone());
+        let shadow_stats = shadows
+            .as_ref()
+            .map(|s| s.stats())
+            .expect("the shadow service's entrance is made with the service");
         let (pipeline, ingest) = Pipeline::new(Stages {
             gateway_id: config.gateway.id.clone(),
             plugins: plugins.clone(),
             dead_letters,
             local: Some(local),
+            shadows,
             queue,
         });
         let stats = pipeline.stats();
@@ -381,6 +401,8 @@ impl Gateway {
             plugin_watch,
             queue_writer,
             dead_letter_writer,
+            shadows: shadow_stage,
+            shadow_stats,
             outbox,
             uplink,
             uplink_stop,
@@ -465,6 +487,11 @@ impl Gateway {
         self.broker.addr()
     }
 
+    /// Shadow service counters.
+    pub fn shadow_stats(&self) -> crate::shadow::ShadowCounts {
+        self.shadow_stats.snapshot()
+    }
+
     /// Pipeline counters.
     pub fn stats(&self) -> PipelineStats {
         self.stats.clone()
@@ -490,6 +517,7 @@ impl Gateway {
         let pipeline = &mut self.pipeline;
         let writer = self.queue_writer.take();
         let dead_letter_writer = &mut self.dead_letter_writer;
+        let shadows = &mut self.shadows;
         self.outbox = None;
         self.spare_ingest = None;
         self.spare_dead_letters = None;
@@ -505,6 +533,7 @@ impl Gateway {
                 None => true,
             };
             written &= dead_letter_writer.join().await.is_ok();
+            written &= shadows.join().await.is_ok();
             (handled, written)
         };
         let result = tokio::time::timeout(deadline, drain).await;

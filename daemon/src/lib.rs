@@ -15,8 +15,10 @@
 //!   later, the defender).
 //! - [`status`]: the status file behind `wardgate status`.
 //! - [`mqtt`]: MQTT 3.1.1 framing shared by the gatekeeper and the broker probe.
-//! - [`pipeline`]: the ingest point every accepted reading flows through: plugin, local
+//! - [`pipeline`]: the ingest point every accepted PUBLISH flows through, in its device's
+//!   connection task: shadow requests to [`shadow`], everything else to the plugin, local
 //!   publication, dead-letter store, durable queue.
+//! - [`shadow`]: AWS IoT device shadows (classic and named), answered locally and kept in sled.
 //! - [`queue`]: the durable offline queue (sled), on-disk format and invariants in its docs.
 //! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
@@ -29,8 +31,8 @@
 //! - [`cli`]: the `wardgate` command line.
 //!
 //! ## The life of one reading
-//! device → gatekeeper (authenticated identity, topic policy, limits, meters) → pipeline channel
-//! (bounded; a full channel stops reading from the device) → plugin → canonical JSON on the
+//! device → gatekeeper (authenticated identity, topic policy, limits, meters) → pipeline, in the
+//! device's connection task (a queue that cannot take more stops reading from the device) → plugin → canonical JSON on the
 //! local broker → durable queue (on disk) → pipeline confirms → PUBACK to the device → uplink
 //! → IoT Core's PUBACK → removed from the queue.
 
@@ -46,6 +48,7 @@ pub mod pipeline;
 pub mod plugin_host;
 pub mod queue;
 pub mod registry;
+pub mod shadow;
 pub mod sim;
 pub mod status;
 pub mod supervisor;

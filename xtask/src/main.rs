@@ -15,7 +15,8 @@
 //!   latency, backlog drain rate against IoT Core's quotas), logins (the gateway's RSS through
 //!   rounds of parallel wrong-password CONNECTs and 500 devices logging in and reconnecting at
 //!   once).
-//! - `deps`: only install the system packages the tests need.
+//! - `deps`: only install what the tests need: Debian packages, and the AWS IoT Device SDKs for
+//!   Python in `target/py`.
 //!
 //! Each task installs what it needs itself (Debian packages via apt-get when missing), so a
 //! fresh Debian 12 machine with a Rust toolchain needs nothing else.
@@ -29,7 +30,14 @@ mod lint_times;
 /// Debian packages the test suite uses: `systemd` (systemd-analyze, systemd-journald,
 /// journalctl) and `util-linux` (unshare) for the journal and unit tests, `openssl` for the
 /// ward-pki script test, `mosquitto` as the stand-in for AWS IoT Core.
-const TEST_PACKAGES: &[&str] = &["systemd", "util-linux", "openssl", "mosquitto"];
+const TEST_PACKAGES: &[&str] = &[
+    "systemd",
+    "util-linux",
+    "openssl",
+    "mosquitto",
+    "python3",
+    "python3-venv",
+];
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -41,7 +49,7 @@ fn main() -> Result<()> {
         "lint-times" => lint_times(),
         "plugins" => plugins().map(|_| ()),
         "bench" => bench(),
-        "deps" => install_packages(TEST_PACKAGES),
+        "deps" => install_packages(TEST_PACKAGES).and_then(|()| python_sdks()),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -51,7 +59,7 @@ fn main() -> Result<()> {
                  lint-times   fail on hard-coded epoch times in test code\n  \
                  plugins      build the WebAssembly plugins into components\n  \
                  bench        build the plugins and run the benchmarks (release build)\n  \
-                 deps         install the Debian packages the tests need"
+                 deps         install what the tests need (Debian packages, the AWS IoT SDKs for Python)"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())
@@ -246,6 +254,7 @@ fn test() -> Result<()> {
     // Before anything is installed or built: a date-bound test fails here, by name and line.
     lint_times()?;
     install_packages(TEST_PACKAGES)?;
+    python_sdks()?;
     plugins()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
@@ -270,6 +279,33 @@ fn test() -> Result<()> {
         eprintln!("xtask: cargo-nextest not found; using cargo test");
         run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     }
+    Ok(())
+}
+
+/// The AWS IoT Device SDKs for Python the integration tests drive (pinned in
+/// `tests/python/requirements.txt`), in the virtualenv `target/py`; remade when the
+/// requirements change.
+fn python_sdks() -> Result<()> {
+    let venv = root().join("target/py");
+    let requirements = root().join("tests/python/requirements.txt");
+    let stamp = venv.join("requirements.installed");
+    let wanted = std::fs::read(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    if std::fs::read(&stamp).is_ok_and(|had| had == wanted) {
+        return Ok(());
+    }
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    run(Command::new(python)
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check", "-r"])
+        .arg(&requirements))?;
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))?;
     Ok(())
 }
 

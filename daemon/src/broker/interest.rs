@@ -181,6 +181,16 @@ impl Interest {
         }
     }
 
+    /// Whether `owner` holds a filter that matches `topic`, by MQTT's rules (a filter starting
+    /// with a wildcard does not match a `$` topic).
+    pub fn holds_match(&self, owner: &Owner, topic: &str) -> bool {
+        let s = self.0.state.read().unwrap_or_else(|e| e.into_inner());
+        s.owners.get(owner).is_some_and(|held| {
+            held.iter()
+                .any(|f| crate::gatekeeper::policy::topic_matches(f, topic))
+        })
+    }
+
     /// Whether some local subscriber's filter matches `topic`.
     pub fn wanted(&self, topic: &str) -> bool {
         if self.0.filters.load(Ordering::Relaxed) == 0 {

@@ -25,6 +25,16 @@
 //! The broker's thread is watched ([`BrokerHandle::ended`]): if it ever ends, the gateway's
 //! supervisor stops the daemon (rumqttd cannot be restarted in-process).
 //!
+//! AWS's reserved topics (`$aws/things/<thing>/shadow/...`, Device Defender's
+//! `$aws/things/<thing>/defender/...`) must work for devices as on IoT Core, but rumqttd refuses
+//! every filter that starts with `$` (other than `$share/`) and closes the connection that sent
+//! it. So inside the broker they travel as [`AWS_INSIDE`]`...` ([`inside`]; [`outside`] back);
+//! everything else in wardgate — policy, the [`Interest`] index, the shadow service, the journal
+//! — sees the `$aws/...` names devices use. The gatekeeper never lets a device name the inside
+//! prefix itself, and delivers an inside topic to a device only when one of that device's own
+//! `$aws` filters matches it (MQTT 3.1.1 §4.7.2: `#` and `+/...` never match `$` topics, but on
+//! the broker they would match the inside name).
+//!
 //! What must stay true: the internal port is loopback-only (checked by config validation) and
 //! refuses any CONNECT without the secret; the secret never leaves the process.
 
@@ -47,6 +57,30 @@ use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+
+/// Where `$aws/...` topics live inside the broker (see the module docs). Devices can never
+/// publish or subscribe to it themselves (the policy denies it whatever it says).
+pub const AWS_INSIDE: &str = "_wardgate/aws";
+
+/// The broker's name for `topic` (a topic or a filter): `$aws/...` becomes
+/// `_wardgate/aws/...`; every other topic is its own name.
+pub fn inside(topic: &str) -> std::borrow::Cow<'_, str> {
+    match topic.strip_prefix("$aws") {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+            std::borrow::Cow::Owned(format!("{AWS_INSIDE}{rest}"))
+        }
+        _ => std::borrow::Cow::Borrowed(topic),
+    }
+}
+
+/// The device's name for a topic the broker delivers: `Some("$aws/...")` for an inside name,
+/// `None` for a topic that is its own name.
+pub fn outside(topic: &str) -> Option<String> {
+    match topic.strip_prefix(AWS_INSIDE) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => Some(format!("$aws{rest}")),
+        _ => None,
+    }
+}
 
 /// User name the gatekeeper presents to the internal broker.
 pub const INTERNAL_USER: &str = "wardgate-gatekeeper";

@@ -408,11 +408,11 @@ async fn publish_will(ctx: &Context, dev: &Arc<Device>, meter: &DeviceMeter, wil
         qos: will.qos,
         retain: will.retain,
         pkid: u16::from(will.qos != QoS::AtMostOnce),
-        topic: will.topic.clone(),
+        topic: crate::broker::inside(&will.topic).into_owned(),
         payload: will.message.clone(),
     };
     // As any publish: copied to the broker when retained or when someone listens.
-    let relayed = if publish.retain || ctx.shared.broker.interest().wanted(&publish.topic) {
+    let relayed = if publish.retain || ctx.shared.broker.interest().wanted(&will.topic) {
         relay_will(ctx, dev, publish).await
     } else {
         Ok(())
@@ -722,7 +722,23 @@ impl Relay<'_> {
                         // device's is waiting for a PUBACK here.
                         Packet::PubAck(_) => continue,
                         Packet::SubAck(ack) => Packet::SubAck(merge_suback(ack, &mut sub_masks)),
-                        Packet::Publish(p) => {
+                        Packet::Publish(mut p) => {
+                            if let Some(topic) = crate::broker::outside(&p.topic) {
+                                // Only the device's own `$aws` filters match `$aws` topics; on
+                                // the broker a `#` or `+/...` of its matched the inside name.
+                                let ours = self.ctx.shared.broker.interest().holds_match(self.listening.owner(), &topic);
+                                if !ours {
+                                    if p.qos != QoS::AtMostOnce {
+                                        if let Some(s) = &mut session {
+                                            if let Err(e) = mqtt::write_packet(&mut s.w, &Packet::PubAck(PubAck::new(p.pkid)), max).await {
+                                                return End::BrokerWrite(e);
+                                            }
+                                        }
+                                    }
+                                    continue;
+                                }
+                                p.topic = topic;
+                            }
                             self.meter.message_received();
                             Packet::Publish(p)
                         }
@@ -781,9 +797,17 @@ impl Relay<'_> {
         let Some(s) = session else {
             return Err(End::BrokerClosed);
         };
-        mqtt::write_packet(&mut s.w, &packet, max)
-            .await
-            .map_err(End::BrokerWrite)?;
+        let written = match &packet {
+            Packet::Unsubscribe(u) if u.topics.iter().any(|t| t.starts_with("$aws")) => {
+                let mut inside = u.clone();
+                for t in &mut inside.topics {
+                    *t = crate::broker::inside(t).into_owned();
+                }
+                mqtt::write_packet(&mut s.w, &Packet::Unsubscribe(inside), max).await
+            }
+            _ => mqtt::write_packet(&mut s.w, &packet, max).await,
+        };
+        written.map_err(End::BrokerWrite)?;
         if let Packet::Unsubscribe(u) = &packet {
             // Only now: a message accepted before the broker has the UNSUBSCRIBE still goes.
             self.ctx
@@ -875,6 +899,10 @@ impl Relay<'_> {
                 // with none, and nothing to retain, the broker has nobody to give it to.
                 let broker = &self.ctx.shared.broker;
                 let relayed = if p.retain || broker.interest().wanted(&p.topic) {
+                    let mut p = p;
+                    if let std::borrow::Cow::Owned(t) = crate::broker::inside(&p.topic) {
+                        p.topic = t;
+                    }
                     match broker.relay().publish(&self.dev.id, p).await {
                         Ok(r) => r,
                         Err(_) => return Err(End::BrokerClosed),
@@ -956,6 +984,7 @@ impl Relay<'_> {
                 self.listening.owner(),
                 s.filters.iter().map(|f| f.path.as_str()),
             );
+            inside_filters(&mut s.filters);
             return Ok(Some(Packet::Subscribe(s)));
         }
         if !allowed.iter().any(|a| *a) {
@@ -978,7 +1007,18 @@ impl Relay<'_> {
         sub_masks.insert(s.pkid, allowed);
         interest.add(self.listening.owner(), kept.iter().map(|f| f.path.as_str()));
         s.filters = kept;
+        inside_filters(&mut s.filters);
         Ok(Some(Packet::Subscribe(s)))
+    }
+}
+
+/// The broker's names of a SUBSCRIBE's filters (`$aws/...` lives inside it under another name;
+/// see [`crate::broker::inside`]).
+fn inside_filters(filters: &mut [rumqttc::mqttbytes::v4::SubscribeFilter]) {
+    for f in filters {
+        if let std::borrow::Cow::Owned(path) = crate::broker::inside(&f.path) {
+            f.path = path;
+        }
     }
 }
 

@@ -8,13 +8,15 @@
 //! - A SUBSCRIBE filter is allowed when *every* topic it could match is matched by one subscribe
 //!   pattern ([`filter_covered`]): `ward/pm-01/#` is inside `ward/${device}/#`, `#` is inside
 //!   nothing but `#`.
-//! - `$SYS/...` is never reachable, whatever the policy says, and wildcards at the first level
+//! - `$SYS/...` and `_wardgate/...` (where the broker keeps `$aws/...`) are never reachable,
+//!   whatever the policy says, and wildcards at the first level
 //!   never match topics starting with `$` (MQTT 3.1.1 §4.7.2).
 
 use crate::config::LimitsConfig;
 
-/// Topic prefixes no device may ever publish or subscribe to.
-const ALWAYS_DENIED: &[&str] = &["$SYS"];
+/// Topic prefixes no device may ever publish or subscribe to: the broker's own topics, and
+/// the broker's inside name of `$aws/...` ([`crate::broker::AWS_INSIDE`]'s first level).
+const ALWAYS_DENIED: &[&str] = &["$SYS", "_wardgate"];
 
 /// A topic or filter that breaks a limit or MQTT's syntax.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -277,6 +279,9 @@ mod tests {
         assert!(p.may_subscribe("#"));
         assert!(!p.may_publish("$SYS/x"));
         assert!(!p.may_subscribe("$SYS/#"));
+        // Where the broker keeps `$aws/...`: never a device's to name.
+        assert!(!p.may_subscribe("_wardgate/#"));
+        assert!(!p.may_publish("_wardgate/aws/things/x/shadow/update"));
     }
 
     #[test]

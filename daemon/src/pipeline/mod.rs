@@ -146,7 +146,10 @@ pub struct Stages {
     /// Where failed messages go (the dead-letter writer).
     pub dead_letters: DeadLetterSender,
     /// Publisher on the local broker (`None`: do not publish locally).
-    pub local: Option<LocalPublisher>,
+    pub local: Option<Arc<LocalPublisher>>,
+    /// The shadow service: device shadow requests go there, never to a plugin (`None`: they
+    /// are relayed to local subscribers only).
+    pub shadows: Option<crate::shadow::Shadows>,
     /// The durable queue towards the upstream (`None`: upstream disabled).
     pub queue: Option<crate::queue::Enqueue>,
 }
@@ -268,6 +271,17 @@ impl LocalPublisher {
         {
             log::warn!(error:% = e; "cannot publish readings on the local broker");
         }
+    }
+
+    /// Publish `payload` on `topic` (as devices name it; `$aws/...` included) when a local
+    /// subscriber's filter matches it; whether it was published.
+    pub async fn publish_wanted(&self, topic: &str, payload: Vec<u8>) -> bool {
+        if !self.interest.wanted(topic) {
+            return false;
+        }
+        self.publish(crate::broker::inside(topic).into_owned(), payload)
+            .await;
+        true
     }
 }
 
@@ -467,6 +481,9 @@ impl Core {
             .started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _finished = Finished(&self.progress);
+        if msg.topic.starts_with("$aws/") {
+            return self.reserved(msg).await;
+        }
         let received_at_ms = crate::clock::epoch_ms(msg.received_at);
         let result = self.stages.plugins.normalize(
             &msg.device.plugin,
@@ -560,6 +577,38 @@ impl Core {
         );
         if let Some(ack) = msg.ack.take() {
             ack.confirm();
+        }
+    }
+
+    /// A PUBLISH to an AWS reserved topic: a shadow request goes to the shadow service, which
+    /// confirms it once answered; anything else there (a reply topic, a Defender report while
+    /// no service owns it) was relayed to local subscribers by the gatekeeper and has nothing
+    /// more to do here — it is never a plugin's business.
+    async fn reserved(&self, mut msg: Ingest) {
+        let address = crate::shadow::Address::parse(&msg.topic);
+        {
+            let mut stats = self.stats.lock();
+            let c = stats.entry(msg.device.id.clone()).or_default();
+            c.messages += 1;
+            c.bytes += msg.payload.len() as u64;
+        }
+        match (address, &self.stages.shadows) {
+            (Some(address), Some(shadows)) => {
+                let ack = msg.ack.take();
+                if shadows
+                    .submit(address, msg.payload.clone(), msg.device.id.clone(), ack)
+                    .await
+                    .is_err()
+                {
+                    log::error!(device_id:% = msg.device.id, topic:% = msg.topic; "shadow service stopped; request not acknowledged");
+                }
+            }
+            _ => {
+                log::debug!(device_id:% = msg.device.id, topic:% = msg.topic; "reserved topic: relayed only");
+                if let Some(ack) = msg.ack.take() {
+                    ack.confirm();
+                }
+            }
         }
     }
 

@@ -1,0 +1,527 @@
+//! Device shadows, answered by the gateway itself: AWS IoT's classic and named shadows on the
+//! local broker, online or offline.
+//!
+//! A device's PUBLISH to `$aws/things/<thing>/shadow[/name/<shadow>]/<update|get|delete>` is
+//! routed here by the pipeline (never to a plugin). The service applies it to the stored
+//! document ([`document`]: merge, `null` deletes, version, metadata, delta, AWS's limits and
+//! error replies), keeps the result in sled (`<state_dir>/shadows`), and publishes the replies
+//! devices expect on the local broker: `/accepted` or `/rejected` (with the request's
+//! `clientToken`), `/update/delta` and `/update/documents`. Replies nobody subscribes to are
+//! not published.
+//!
+//! Requests are handled by one task in arrival order, in groups: every request waiting when
+//! the task wakes is applied, the changed documents are written and flushed to disk once, and
+//! only then are the replies published and the QoS 1 requests acknowledged. So an
+//! `/update/accepted` (and a PUBACK) always means the new document survives a kill -9, and a
+//! burst of updates costs one flush, not one each.
+//!
+//! Bounds: a document's state is at most 8 KB and 6 levels deep (AWS's limits); a thing has at
+//! most [`MAX_NAMED_PER_THING`] named shadows; requests wait in a channel of
+//! [`REQUEST_CHANNEL_CAPACITY`], and a full channel holds up the devices sending them (their
+//! connections are not read meanwhile), never anyone else's readings.
+//!
+//! Versions: a classic shadow's version survives its deletion (a recreated shadow continues
+//! the numbering, as on IoT Core within 48 h). A deleted *named* shadow is forgotten
+//! altogether, so that creating and deleting names cannot grow the store without bound;
+//! recreated, it starts again at version 1.
+//!
+//! What must stay true: a rejected request changes nothing; an accepted one is on disk before
+//! anyone hears of it; errors in one thing's requests never affect another's.
+
+pub mod document;
+
+pub use document::{Document, Limits, Rejection, Updated};
+
+use crate::pipeline::{Ack, LocalPublisher};
+use bytes::Bytes;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Named shadows one thing may have at a time.
+pub const MAX_NAMED_PER_THING: usize = 16;
+/// Requests waiting for the shadow task.
+pub const REQUEST_CHANNEL_CAPACITY: usize = 256;
+/// Requests applied under one flush at most.
+const MAX_GROUP: usize = 64;
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `/update`.
+    Update,
+    /// `/get`.
+    Get,
+    /// `/delete`.
+    Delete,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Update => "update",
+            Op::Get => "get",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// A shadow request's address, from its topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// Thing name.
+    pub thing: String,
+    /// Named shadow (`None`: the classic shadow).
+    pub name: Option<String>,
+    /// The operation.
+    pub op: Op,
+}
+
+impl Address {
+    /// The request a topic names: `Some` for `$aws/things/<thing>/shadow/<op>` and
+    /// `$aws/things/<thing>/shadow/name/<name>/<op>`, `None` for any other topic (replies such
+    /// as `/update/accepted` included).
+    pub fn parse(topic: &str) -> Option<Self> {
+        let rest = topic.strip_prefix("$aws/things/")?;
+        let mut levels = rest.split('/');
+        let thing = levels.next()?;
+        if levels.next()? != "shadow" {
+            return None;
+        }
+        let (name, op) = match (levels.next()?, levels.next(), levels.next(), levels.next()) {
+            (op, None, None, None) => (None, op),
+            ("name", Some(name), Some(op), None) => (Some(name.to_owned()), op),
+            _ => return None,
+        };
+        let op = match op {
+            "update" => Op::Update,
+            "get" => Op::Get,
+            "delete" => Op::Delete,
+            _ => return None,
+        };
+        Some(Self {
+            thing: thing.to_owned(),
+            name,
+            op,
+        })
+    }
+
+    /// The topic prefix of this shadow: `$aws/things/<thing>/shadow[/name/<name>]`.
+    pub fn prefix(&self) -> String {
+        match &self.name {
+            None => format!("$aws/things/{}/shadow", self.thing),
+            Some(n) => format!("$aws/things/{}/shadow/name/{n}", self.thing),
+        }
+    }
+
+    /// Name used in a 404's message: the shadow's name, or the thing's for the classic one.
+    fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.thing)
+    }
+
+    /// The store's key: `<thing>` NUL `<name>` (empty for the classic shadow).
+    fn key(&self) -> Vec<u8> {
+        let mut k = self.thing.as_bytes().to_vec();
+        k.push(0);
+        if let Some(n) = &self.name {
+            k.extend_from_slice(n.as_bytes());
+        }
+        k
+    }
+
+    /// A thing name of 1–128 `[a-zA-Z0-9:_-]`, a shadow name of 1–64 `[$a-zA-Z0-9:_-]`
+    /// (AWS's rules); `Err` with the 400 message otherwise.
+    fn check(&self) -> Result<(), String> {
+        let ok = |s: &str, max: usize, extra: &[u8]| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":_-".contains(&b) || extra.contains(&b))
+        };
+        if !ok(&self.thing, 128, b"") {
+            return Err(
+                "Invalid thing name: 1 to 128 characters of a-z, A-Z, 0-9, ':', '_', '-'".into(),
+            );
+        }
+        if let Some(n) = &self.name {
+            if !ok(n, 64, b"$") {
+                return Err(
+                    "Invalid shadow name: 1 to 64 characters of a-z, A-Z, 0-9, '$', ':', '_', '-'"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One request for the shadow task.
+#[derive(Debug)]
+struct Job {
+    address: Address,
+    payload: Bytes,
+    device_id: Arc<str>,
+    ack: Option<Ack>,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShadowCounts {
+    /// Requests accepted.
+    pub accepted: u64,
+    /// Requests rejected (any code).
+    pub rejected: u64,
+    /// Store writes that failed.
+    pub store_errors: u64,
+}
+
+/// Counters, readable from anywhere.
+#[derive(Debug, Default)]
+pub struct ShadowStats {
+    /// Requests accepted.
+    pub accepted: std::sync::atomic::AtomicU64,
+    /// Requests rejected (any code).
+    pub rejected: std::sync::atomic::AtomicU64,
+    /// Store writes that failed (those requests got a 500 and no PUBACK).
+    pub store_errors: std::sync::atomic::AtomicU64,
+}
+
+impl ShadowStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> ShadowCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        ShadowCounts {
+            accepted: self.accepted.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            store_errors: self.store_errors.load(Relaxed),
+        }
+    }
+}
+
+/// The entrance to the shadow service (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Shadows {
+    tx: mpsc::Sender<Job>,
+    stats: Arc<ShadowStats>,
+}
+
+/// The service has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+impl Shadows {
+    /// Hand a request over; its `ack` is confirmed once the request was answered (an accepted
+    /// change on disk first). Waits while the service is [`REQUEST_CHANNEL_CAPACITY`] behind.
+    pub async fn submit(
+        &self,
+        address: Address,
+        payload: Bytes,
+        device_id: Arc<str>,
+        ack: Option<Ack>,
+    ) -> Result<(), Stopped> {
+        self.tx
+            .send(Job {
+                address,
+                payload,
+                device_id,
+                ack,
+            })
+            .await
+            .map_err(|_| Stopped)
+    }
+
+    /// The counters (shared: they outlive this entrance).
+    pub fn stats(&self) -> Arc<ShadowStats> {
+        self.stats.clone()
+    }
+}
+
+/// Errors opening the store.
+#[derive(Debug, thiserror::Error)]
+#[error("shadow store: {0}")]
+pub struct StoreError(#[from] sled::Error);
+
+/// The stored shadows (sled, one value per shadow: its [`Document`] as JSON).
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(1 << 20)
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(None)
+            .open()?;
+        let tree = db.open_tree("shadows")?;
+        Ok(Self { db, tree })
+    }
+
+    /// The stored document of a shadow (`Default` when there is none, or it cannot be read:
+    /// that is logged, and the next accepted update replaces it).
+    pub fn load(&self, thing: &str, name: Option<&str>) -> Document {
+        let address = Address {
+            thing: thing.to_owned(),
+            name: name.map(str::to_owned),
+            op: Op::Get,
+        };
+        self.get(&address)
+    }
+
+    fn get(&self, address: &Address) -> Document {
+        match self.tree.get(address.key()) {
+            Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_else(|e| {
+                log::error!(thing:% = address.thing, shadow:% = address.display_name(), error:% = e;
+                    "stored shadow cannot be read; it is treated as absent and the next update replaces it");
+                Document::default()
+            }),
+            Ok(None) => Document::default(),
+            Err(e) => {
+                log::error!(thing:% = address.thing, error:% = e; "shadow store read failed");
+                Document::default()
+            }
+        }
+    }
+
+    /// Named shadows of `thing` that exist now.
+    fn named_count(&self, thing: &str) -> usize {
+        let mut prefix = thing.as_bytes().to_vec();
+        prefix.push(0);
+        self.tree
+            .scan_prefix(&prefix)
+            .keys()
+            .filter(|k| k.as_ref().is_ok_and(|k| k.len() > prefix.len()))
+            .count()
+    }
+}
+
+/// One reply to publish.
+struct Reply {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// The shadow task and its entrance. The task ends when every entrance is gone; it beats
+/// `beat` after every group and on an idle tick (a store flush that hangs shows as a stall).
+pub fn service(
+    store: Store,
+    publisher: Arc<LocalPublisher>,
+    beat: crate::supervisor::Heartbeat,
+) -> (Shadows, impl std::future::Future<Output = ()>) {
+    let (tx, rx) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
+    let stats = Arc::new(ShadowStats::default());
+    let run = run(store, publisher, rx, stats.clone(), beat);
+    (Shadows { tx, stats }, run)
+}
+
+async fn run(
+    store: Store,
+    publisher: Arc<LocalPublisher>,
+    mut rx: mpsc::Receiver<Job>,
+    stats: Arc<ShadowStats>,
+    beat: crate::supervisor::Heartbeat,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let limits = Limits::default();
+    let mut jobs = Vec::with_capacity(MAX_GROUP);
+    let mut idle = crate::supervisor::Heartbeat::ticker();
+    loop {
+        beat.beat();
+        tokio::select! {
+            // Cancel-safe: nothing is taken from the channel unless it returns.
+            n = rx.recv_many(&mut jobs, MAX_GROUP) => if n == 0 { break },
+            _ = idle.tick() => continue,
+        }
+        let now_s = crate::clock::epoch_ms(std::time::SystemTime::now()) / 1000;
+        // Documents changed by this group, by key (a later request sees an earlier one's
+        // change), and the replies, published only once the changes are on disk.
+        let mut changed: std::collections::HashMap<Vec<u8>, Option<Document>> =
+            std::collections::HashMap::new();
+        let mut replies = Vec::new();
+        let mut acks = Vec::new();
+        for job in jobs.drain(..) {
+            let key = job.address.key();
+            let current = match changed.get(&key) {
+                Some(Some(d)) => d.clone(),
+                Some(None) => Document::default(),
+                None => store.get(&job.address),
+            };
+            match answer(&store, &job, current, now_s, &limits) {
+                Ok((doc, out)) => {
+                    stats.accepted.fetch_add(1, Relaxed);
+                    if let Some(doc) = doc {
+                        changed.insert(key, doc);
+                    }
+                    replies.extend(out);
+                }
+                Err(rejection) => {
+                    stats.rejected.fetch_add(1, Relaxed);
+                    log::info!(
+                        device_id:% = job.device_id, thing:% = job.address.thing,
+                        shadow:% = job.address.display_name(), op = job.address.op.as_str(),
+                        code = rejection.code, reason:% = rejection.message;
+                        "shadow {} rejected: {} {}", job.address.op.as_str(), rejection.code, rejection.message
+                    );
+                    replies.push(Reply {
+                        topic: format!(
+                            "{}/{}/rejected",
+                            job.address.prefix(),
+                            job.address.op.as_str()
+                        ),
+                        payload: rejection.to_json(now_s).to_string().into_bytes(),
+                    });
+                }
+            }
+            acks.extend(job.ack);
+        }
+        if !changed.is_empty() {
+            if let Err(e) = write(&store, changed).await {
+                // Nothing of this group is confirmed: the QoS 1 requests are resent, and the
+                // devices hear nothing they could take for accepted.
+                stats.store_errors.fetch_add(1, Relaxed);
+                log::error!(error:% = e, path:% = "shadows"; "shadow store write failed: the group's requests are not acknowledged (QoS 1 devices resend them)");
+                continue;
+            }
+        }
+        for r in replies {
+            publisher.publish_wanted(&r.topic, r.payload).await;
+        }
+        for a in acks {
+            a.confirm();
+        }
+    }
+    if let Err(e) = store.db.flush_async().await {
+        log::error!(error:% = e; "shadow store: final flush failed");
+    }
+}
+
+async fn write(
+    store: &Store,
+    changed: std::collections::HashMap<Vec<u8>, Option<Document>>,
+) -> Result<(), sled::Error> {
+    let mut batch = sled::Batch::default();
+    for (k, doc) in changed {
+        match doc {
+            // Plain data with string keys: serialising it cannot fail.
+            Some(d) => batch.insert(k, serde_json::to_vec(&d).unwrap_or_default()),
+            None => batch.remove(k),
+        }
+    }
+    store.tree.apply_batch(batch)?;
+    store.db.flush_async().await?;
+    Ok(())
+}
+
+/// A document to store (`Some(None)`: remove it) and the replies of one request.
+type Answer = (Option<Option<Document>>, Vec<Reply>);
+
+fn answer(
+    store: &Store,
+    job: &Job,
+    mut doc: Document,
+    now_s: i64,
+    limits: &Limits,
+) -> Result<Answer, Rejection> {
+    let a = &job.address;
+    let token = || client_token(&job.payload);
+    a.check().map_err(|message| Rejection {
+        code: 400,
+        message,
+        client_token: token(),
+    })?;
+    let prefix = a.prefix();
+    let reply = |suffix: &str, v: &serde_json::Value| Reply {
+        topic: format!("{prefix}/{suffix}"),
+        payload: v.to_string().into_bytes(),
+    };
+    match a.op {
+        Op::Get => {
+            let v = doc.get(&job.payload, now_s, a.display_name(), limits)?;
+            Ok((None, vec![reply("get/accepted", &v)]))
+        }
+        Op::Delete => {
+            let v = doc.delete(&job.payload, now_s, a.display_name(), limits)?;
+            let keep = if a.name.is_some() { None } else { Some(doc) };
+            Ok((Some(keep), vec![reply("delete/accepted", &v)]))
+        }
+        Op::Update => {
+            if a.name.is_some()
+                && !doc.exists()
+                && store.named_count(&a.thing) >= MAX_NAMED_PER_THING
+            {
+                return Err(Rejection {
+                    code: 400,
+                    message: format!(
+                        "Too many named shadows for thing '{}': the limit is {MAX_NAMED_PER_THING}; delete one first",
+                        a.thing
+                    ),
+                    client_token: token(),
+                });
+            }
+            let Updated {
+                accepted,
+                delta,
+                documents,
+            } = doc.update(&job.payload, now_s, limits)?;
+            let mut out = vec![reply("update/accepted", &accepted)];
+            if let Some(d) = delta {
+                out.push(reply("update/delta", &d));
+            }
+            out.push(reply("update/documents", &documents));
+            Ok((Some(Some(doc)), out))
+        }
+    }
+}
+
+/// The request's `clientToken`, when it is a JSON object with a string one.
+fn client_token(payload: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    v.get("clientToken")?.as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_topics_parse_and_replies_do_not() {
+        let a = Address::parse("$aws/things/pm-01/shadow/update").unwrap();
+        assert_eq!(
+            (a.thing.as_str(), a.name.as_deref(), a.op),
+            ("pm-01", None, Op::Update)
+        );
+        let a = Address::parse("$aws/things/pm-01/shadow/name/config/get").unwrap();
+        assert_eq!(
+            (a.thing.as_str(), a.name.as_deref(), a.op),
+            ("pm-01", Some("config"), Op::Get)
+        );
+        assert_eq!(a.prefix(), "$aws/things/pm-01/shadow/name/config");
+        for t in [
+            "$aws/things/pm-01/shadow/update/accepted",
+            "$aws/things/pm-01/shadow/get/rejected",
+            "$aws/things/pm-01/shadow/name/config/update/delta",
+            "$aws/things/pm-01/shadow/name/config",
+            "$aws/things/pm-01/defender/metrics/json",
+            "$aws/things/pm-01/shadow/frobnicate",
+            "ward/pm-01/telemetry",
+        ] {
+            assert_eq!(Address::parse(t), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn names_follow_aws_rules() {
+        let ok = Address::parse("$aws/things/Pacemaker-IoT:1_a/shadow/name/$x-1/update").unwrap();
+        assert!(ok.check().is_ok());
+        let long = format!("$aws/things/{}/shadow/update", "a".repeat(129));
+        assert!(Address::parse(&long).unwrap().check().is_err());
+        let bad = Address::parse("$aws/things/pm 01/shadow/update").unwrap();
+        assert!(bad.check().unwrap_err().contains("thing name"));
+        let bad = Address::parse("$aws/things/pm/shadow/name/a.b/update").unwrap();
+        assert!(bad.check().unwrap_err().contains("shadow name"));
+    }
+}
