@@ -54,6 +54,7 @@ pub struct Gateway {
     /// Answers device shadow requests; ends after the pipeline (its only sender) is gone.
     shadows: Stage<()>,
     shadow_stats: Arc<crate::shadow::ShadowStats>,
+    rule_counters: crate::rules::CountersView,
     /// The queue's entrance for producers other than the pipeline (dropped first on stop, so
     /// the writer can finish).
     outbox: Option<crate::queue::Enqueue>,
@@ -262,9 +263,18 @@ impl Gateway {
         let shadow_dir = state_dir.join("shadows");
         let shadow_store = crate::shadow::Store::open(&shadow_dir)
             .with_context(|| format!("opening the shadow store in {}", shadow_dir.display()))?;
+        let rules = Arc::new(crate::rules::Rules::new(
+            &config.rules,
+            crate::rules::Sinks {
+                local: Some(local.clone()),
+                queue: queue.clone(),
+            },
+        ));
+        let rule_counters = rules.counters();
         let mut shadows = None;
         let shadow_stage = supervisor.spawn_fatal("shadows", |beat| {
-            let (tx, run) = crate::shadow::service(shadow_store, local.clone(), beat);
+            let (tx, run) =
+                crate::shadow::service(shadow_store, local.clone(), rules.clone(), beat);
             shadows = Some(tx);
             async move {
                 run.await;
@@ -297,6 +307,7 @@ impl Gateway {
             dead_letters,
             local: Some(local),
             shadows,
+            rules: rules.clone(),
             queue,
         });
         let stats = pipeline.stats();
@@ -403,6 +414,7 @@ impl Gateway {
             dead_letter_writer,
             shadows: shadow_stage,
             shadow_stats,
+            rule_counters,
             outbox,
             uplink,
             uplink_stop,
@@ -485,6 +497,11 @@ impl Gateway {
     /// The internal broker's address (loopback).
     pub fn broker_addr(&self) -> SocketAddr {
         self.broker.addr()
+    }
+
+    /// Every rule's counters, in configuration order.
+    pub fn rule_counts(&self) -> Vec<crate::rules::RuleCounts> {
+        self.rule_counters.counts()
     }
 
     /// Shadow service counters.

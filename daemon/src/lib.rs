@@ -48,6 +48,7 @@ pub mod pipeline;
 pub mod plugin_host;
 pub mod queue;
 pub mod registry;
+pub mod rules;
 pub mod shadow;
 pub mod sim;
 pub mod status;

@@ -30,6 +30,7 @@ const SECTIONS: &[&str] = &[
     "plugins",
     "broker",
     "devices",
+    "rules",
     "upstream",
     "queue",
     "dead_letter",
@@ -188,7 +189,10 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigErrors> {
                 .iter()
                 .find(|(p, _)| *p == pos)
                 .and_then(|(_, s)| s.clone()),
-            None => source_of_key(&fig, key),
+            None => match rule_index(key) {
+                Some(i) => rule_source(&fig, i),
+                None => source_of_key(&fig, key),
+            },
         };
         super::validate::validate(config, &positions, &source_of, &mut errors);
     }
@@ -312,6 +316,7 @@ fn extract(
     section(fig, "dead_letter", &mut config.dead_letter, errors);
     section(fig, "log", &mut config.log, errors);
     config.devices = devices(fig, root.get("devices"), device_sources, errors);
+    config.rules = rules(fig, root.get("rules"), errors);
     Some(config)
 }
 
@@ -418,6 +423,58 @@ fn devices(
         }
     }
     out
+}
+
+/// Extract `[[rules]]` one entry at a time; entries that fail are reported and left out.
+fn rules(
+    fig: &Figment,
+    value: Option<&Value>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<super::RuleConfig> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let Some(items) = value.as_array() else {
+        errors.push(ConfigError::new(
+            source_of_tag(fig, value, &["rules".into()]),
+            Some("rules".into()),
+            "must be an array of tables: write each rule as a `[[rules]]` block".into(),
+        ));
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match item.deserialize::<super::RuleConfig>() {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                for e in e {
+                    let mut key = format!("rules[{i}]");
+                    for p in &e.path {
+                        key.push('.');
+                        key.push_str(p);
+                    }
+                    errors.push(ConfigError::new(
+                        source_of_tag(fig, item, &[]),
+                        Some(key),
+                        describe_kind(&e.kind),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `rules[3].sql` → 3.
+fn rule_index(key: &str) -> Option<usize> {
+    key.strip_prefix("rules[")?.split(']').next()?.parse().ok()
+}
+
+/// Where `[[rules]]` entry `i` came from (for messages about its SQL).
+fn rule_source(fig: &Figment, i: usize) -> Option<Source> {
+    let items = fig.find_value("rules").ok()?;
+    let item = items.as_array()?.get(i)?;
+    source_of_tag(fig, item, &[])
 }
 
 fn push_figment_errors(fig: &Figment, e: figment::Error, errors: &mut Vec<ConfigError>) {

@@ -57,6 +57,9 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// The device registry: who may connect, and what kind of device it is.
     pub devices: Vec<DeviceConfig>,
+    /// Edge rules (AWS IoT SQL), evaluated on the gateway even while offline.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleConfig>,
     /// Forwarding to AWS IoT Core.
     pub upstream: UpstreamConfig,
     /// The durable offline queue.
@@ -371,6 +374,68 @@ impl Default for BrokerConfig {
     }
 }
 
+/// One `[[rules]]` entry, shaped like an AWS IoT topic rule so that one can be copied from the
+/// console: a name, an IoT SQL statement and the actions to take when it fires.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Name (1–128 of `[a-zA-Z0-9_]`, as AWS's rule names): `RULE=` in the journal.
+    pub name: String,
+    /// `SELECT ... FROM '<topic filter>' [WHERE ...]`.
+    pub sql: String,
+    /// What to do with the rule's output when it fires.
+    #[serde(default)]
+    pub actions: Vec<ActionConfig>,
+    /// At most one firing per device within this long while the condition keeps holding
+    /// (further matches are counted as debounced). None: every match fires.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub debounce: Option<Duration>,
+    /// Free text for operators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// One action of a rule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ActionConfig {
+    /// Publish the output on the local broker.
+    Republish {
+        /// Topic; `${...}` templates allowed (`alerts/${topic(3)}`).
+        topic: String,
+        /// 0 or 1.
+        #[serde(default = "one")]
+        qos: u8,
+    },
+    /// Queue the output for IoT Core on the alerts stream, as an alarm: never evicted, sent
+    /// before routine readings.
+    Upstream {
+        /// Only `alerts` for now.
+        #[serde(default = "alerts")]
+        stream: String,
+    },
+    /// Write a journal entry with `RULE=` and `DEVICE_ID=`.
+    Journal {
+        /// `emerg` … `debug` (syslog names); `warning` by default.
+        #[serde(default = "warning")]
+        priority: String,
+    },
+}
+
+fn one() -> u8 {
+    1
+}
+fn alerts() -> String {
+    "alerts".into()
+}
+fn warning() -> String {
+    "warning".into()
+}
+
 /// One `[[devices]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -666,6 +731,31 @@ mod tests {
         })
         .expect("shipped config is valid");
         assert_eq!(loaded.config, Config::default());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The commented `[[rules]]` example of the shipped file is a valid rule as written.
+    #[test]
+    fn the_shipped_rule_example_is_valid() {
+        let start = DEFAULT_CONFIG_TOML
+            .find("# [[rules]]")
+            .expect("rule example");
+        let example: String = DEFAULT_CONFIG_TOML[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or("")))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("wardgate-cfg-rule-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("wardgate.toml");
+        std::fs::write(&f, &example).unwrap();
+        let loaded = load(&LoadOptions {
+            file: Some(f),
+            ignore_env: true,
+        })
+        .unwrap_or_else(|e| panic!("{e:?}\n{example}"));
+        assert_eq!(loaded.config.rules.len(), 1);
+        assert_eq!(loaded.config.rules[0].actions.len(), 3);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -472,4 +472,7 @@ pub(super) fn validate(
             "must be 8883 or 443 (or another non-zero port)".into(),
         );
     }
+    for problem in crate::rules::check(&c.rules) {
+        err(&problem.key, problem.message);
+    }
 }

@@ -79,20 +79,101 @@ pub struct Ingest {
 }
 
 /// The pipeline's promise to tell the gatekeeper when a QoS 1 reading is safe.
+///
+/// A message with more than one durable consequence (its reading, and the alert a rule raised
+/// on it) [`Ack::split`]s its promise: the device is confirmed once every part is, and never
+/// when one part is dropped unconfirmed.
 #[derive(Debug)]
-pub struct Ack(tokio::sync::oneshot::Sender<()>);
+pub struct Ack(AckInner);
+
+#[derive(Debug)]
+enum AckInner {
+    Whole(tokio::sync::oneshot::Sender<()>),
+    Part(Part),
+}
+
+/// The promise shared by the parts of a split [`Ack`].
+#[derive(Debug)]
+struct Joint {
+    whole: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    parts_left: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Part {
+    joint: Arc<Joint>,
+    confirmed: bool,
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        if !self.confirmed {
+            // Not safe: the whole is never confirmed (its receiver sees the sender go).
+            drop(
+                self.joint
+                    .whole
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(),
+            );
+        }
+    }
+}
 
 impl Ack {
     /// A new promise and the receiver the gatekeeper waits on.
     pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (Self(tx), rx)
+        (Self(AckInner::Whole(tx)), rx)
+    }
+
+    /// Two promises in place of this one: the device is confirmed once both are.
+    pub fn split(self) -> (Ack, Ack) {
+        use std::sync::atomic::Ordering::AcqRel;
+        let joint = match self.0 {
+            AckInner::Whole(tx) => Arc::new(Joint {
+                whole: Mutex::new(Some(tx)),
+                parts_left: std::sync::atomic::AtomicUsize::new(2),
+            }),
+            AckInner::Part(mut p) => {
+                // This part becomes two.
+                p.joint.parts_left.fetch_add(1, AcqRel);
+                p.confirmed = true;
+                p.joint.clone()
+            }
+        };
+        let part = |joint: Arc<Joint>| {
+            Ack(AckInner::Part(Part {
+                joint,
+                confirmed: false,
+            }))
+        };
+        (part(joint.clone()), part(joint))
     }
 
     /// The reading is safe: the device may get its PUBACK.
     pub fn confirm(self) {
-        // The connection may be gone; then the device resends and nothing is lost.
-        let _ = self.0.send(());
+        use std::sync::atomic::Ordering::AcqRel;
+        match self.0 {
+            // The connection may be gone; then the device resends and nothing is lost.
+            AckInner::Whole(tx) => {
+                let _ = tx.send(());
+            }
+            AckInner::Part(mut p) => {
+                p.confirmed = true;
+                if p.joint.parts_left.fetch_sub(1, AcqRel) == 1 {
+                    let whole = p
+                        .joint
+                        .whole
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    if let Some(tx) = whole {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -150,6 +231,8 @@ pub struct Stages {
     /// The shadow service: device shadow requests go there, never to a plugin (`None`: they
     /// are relayed to local subscribers only).
     pub shadows: Option<crate::shadow::Shadows>,
+    /// Edge rules: they see every message and every canonical reading.
+    pub rules: Arc<crate::rules::Rules>,
     /// The durable queue towards the upstream (`None`: upstream disabled).
     pub queue: Option<crate::queue::Enqueue>,
 }
@@ -273,14 +356,26 @@ impl LocalPublisher {
         }
     }
 
-    /// Publish `payload` on `topic` (as devices name it; `$aws/...` included) when a local
-    /// subscriber's filter matches it; whether it was published.
+    /// Publish `payload` on `topic` (as devices name it; `$aws/...` included) at QoS 1 when a
+    /// local subscriber's filter matches it; whether it was published.
     pub async fn publish_wanted(&self, topic: &str, payload: Vec<u8>) -> bool {
+        self.publish_wanted_qos(topic, payload, 1).await
+    }
+
+    /// [`LocalPublisher::publish_wanted`] at QoS `qos` (0, or 1 for anything else).
+    pub async fn publish_wanted_qos(&self, topic: &str, payload: Vec<u8>, qos: u8) -> bool {
         if !self.interest.wanted(topic) {
             return false;
         }
-        self.publish(crate::broker::inside(topic).into_owned(), payload)
-            .await;
+        let qos = if qos == 0 {
+            rumqttc::QoS::AtMostOnce
+        } else {
+            rumqttc::QoS::AtLeastOnce
+        };
+        let topic = crate::broker::inside(topic).into_owned();
+        if let Err(e) = self.client.publish(topic, qos, false, payload).await {
+            log::warn!(error:% = e; "cannot publish on the local broker");
+        }
         true
     }
 }
@@ -481,10 +576,19 @@ impl Core {
             .started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _finished = Finished(&self.progress);
+        let received_at_ms = crate::clock::epoch_ms(msg.received_at);
+        if !self.stages.rules.is_empty() {
+            let m = crate::rules::Message {
+                topic: &msg.topic,
+                payload: &msg.payload,
+                device_id: &msg.device.id,
+                received_at_ms,
+            };
+            self.stages.rules.apply(m, &mut msg.ack).await;
+        }
         if msg.topic.starts_with("$aws/") {
             return self.reserved(msg).await;
         }
-        let received_at_ms = crate::clock::epoch_ms(msg.received_at);
         let result = self.stages.plugins.normalize(
             &msg.device.plugin,
             Input {
@@ -499,6 +603,19 @@ impl Core {
         let (readings, dead) = match result {
             Ok(n) => {
                 let json = self.canonical(&msg, &n, received_at_ms);
+                if !self.stages.rules.is_empty() {
+                    let topic = format!("ward/{}/readings", msg.device.id);
+                    let m = crate::rules::Message {
+                        topic: &topic,
+                        payload: &json,
+                        device_id: &msg.device.id,
+                        received_at_ms,
+                    };
+                    self.stages.rules.apply(m, &mut msg.ack).await;
+                }
+                if let Some(shadows) = &self.stages.shadows {
+                    shadows.report(&msg.device.id, &n.readings);
+                }
                 if let Some(local) = &self.stages.local {
                     // Nobody subscribed: the broker would have nobody to give them to.
                     if let Some(topic) = local.readings_topic(&msg.device.id) {

@@ -223,6 +223,17 @@ impl Record {
             payload,
         }
     }
+
+    /// An alert raised by an edge rule about `device`: an alarm on the alerts stream.
+    pub fn alert(device: &str, payload: Vec<u8>) -> Self {
+        Self {
+            class: Class::Alarm,
+            stream: Stream::Alert,
+            subject: device.to_owned(),
+            enqueued_at_ms: crate::clock::now_ms(),
+            payload,
+        }
+    }
 }
 
 /// Queue errors.

@@ -15,6 +15,10 @@
 //! `/update/accepted` (and a PUBACK) always means the new document survives a kill -9, and a
 //! burst of updates costs one flush, not one each.
 //!
+//! Readings feed the shadow: a plugin's canonical readings update the device's classic shadow
+//! (reported state, see [`Shadows::report`]), so rules written for shadow topics see plugin
+//! devices too.
+//!
 //! Bounds: a document's state is at most 8 KB and 6 levels deep (AWS's limits); a thing has at
 //! most [`MAX_NAMED_PER_THING`] named shadows; requests wait in a channel of
 //! [`REQUEST_CHANNEL_CAPACITY`], and a full channel holds up the devices sending them (their
@@ -173,6 +177,8 @@ pub struct ShadowCounts {
     pub rejected: u64,
     /// Store writes that failed.
     pub store_errors: u64,
+    /// Reported-state updates made from readings.
+    pub reports: u64,
 }
 
 /// Counters, readable from anywhere.
@@ -182,8 +188,10 @@ pub struct ShadowStats {
     pub accepted: std::sync::atomic::AtomicU64,
     /// Requests rejected (any code).
     pub rejected: std::sync::atomic::AtomicU64,
-    /// Store writes that failed (those requests got a 500 and no PUBACK).
+    /// Store writes that failed (those requests got no reply and no PUBACK).
     pub store_errors: std::sync::atomic::AtomicU64,
+    /// Reported-state updates made from readings.
+    pub reports: std::sync::atomic::AtomicU64,
 }
 
 impl ShadowStats {
@@ -194,6 +202,7 @@ impl ShadowStats {
             accepted: self.accepted.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
             store_errors: self.store_errors.load(Relaxed),
+            reports: self.reports.load(Relaxed),
         }
     }
 }
@@ -203,6 +212,16 @@ impl ShadowStats {
 pub struct Shadows {
     tx: mpsc::Sender<Job>,
     stats: Arc<ShadowStats>,
+    reports: Arc<Reports>,
+}
+
+/// Reported state from readings, waiting for the service: one merged entry per device.
+#[derive(Debug, Default)]
+struct Reports {
+    pending: std::sync::Mutex<
+        std::collections::HashMap<Arc<str>, serde_json::Map<String, serde_json::Value>>,
+    >,
+    ready: tokio::sync::Notify,
 }
 
 /// The service has stopped.
@@ -228,6 +247,37 @@ impl Shadows {
             })
             .await
             .map_err(|_| Stopped)
+    }
+
+    /// A device's canonical readings, as its classic shadow's reported state: each metric
+    /// becomes a key with `-` turned into `_` (`heart-rate` → `heart_rate`), its value the
+    /// reading's value (the last reading of a metric wins). Rules see the resulting
+    /// `/update/accepted`, so one rule can watch a shadow device and a plugin device alike.
+    ///
+    /// Never waits, never drops: reports wait in a map with one entry per device, merged
+    /// until the service takes them all at its next wake (at most one pending update per
+    /// device, so the map is bounded by the registry and a burst of readings costs one
+    /// update per device, not one per reading). The reading itself is queued for the upstream
+    /// regardless.
+    pub fn report(&self, device_id: &Arc<str>, readings: &[crate::plugin_host::Reading]) {
+        let mut fields = serde_json::Map::new();
+        for r in readings {
+            if let Some(n) = serde_json::Number::from_f64(r.value) {
+                fields.insert(r.metric.replace('-', "_"), serde_json::Value::Number(n));
+            }
+        }
+        if fields.is_empty() {
+            return;
+        }
+        {
+            let mut pending = self
+                .reports
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            pending.entry(device_id.clone()).or_default().extend(fields);
+        }
+        self.reports.ready.notify_one();
     }
 
     /// The counters (shared: they outlive this entrance).
@@ -310,40 +360,90 @@ struct Reply {
 pub fn service(
     store: Store,
     publisher: Arc<LocalPublisher>,
+    rules: Arc<crate::rules::Rules>,
     beat: crate::supervisor::Heartbeat,
 ) -> (Shadows, impl std::future::Future<Output = ()>) {
     let (tx, rx) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
     let stats = Arc::new(ShadowStats::default());
-    let run = run(store, publisher, rx, stats.clone(), beat);
-    (Shadows { tx, stats }, run)
+    let reports = Arc::new(Reports::default());
+    let run = run(
+        Service {
+            store,
+            publisher,
+            rules,
+            stats: stats.clone(),
+            reports: reports.clone(),
+        },
+        rx,
+        beat,
+    );
+    (Shadows { tx, stats, reports }, run)
 }
 
-async fn run(
+/// What the shadow task works with.
+struct Service {
     store: Store,
     publisher: Arc<LocalPublisher>,
-    mut rx: mpsc::Receiver<Job>,
+    rules: Arc<crate::rules::Rules>,
     stats: Arc<ShadowStats>,
-    beat: crate::supervisor::Heartbeat,
-) {
+    reports: Arc<Reports>,
+}
+
+async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervisor::Heartbeat) {
+    let Service {
+        store,
+        publisher,
+        rules,
+        stats,
+        reports,
+    } = service;
     use std::sync::atomic::Ordering::Relaxed;
     let limits = Limits::default();
     let mut jobs = Vec::with_capacity(MAX_GROUP);
     let mut idle = crate::supervisor::Heartbeat::ticker();
     loop {
         beat.beat();
+        let mut closed = false;
         tokio::select! {
             // Cancel-safe: nothing is taken from the channel unless it returns.
-            n = rx.recv_many(&mut jobs, MAX_GROUP) => if n == 0 { break },
+            n = rx.recv_many(&mut jobs, MAX_GROUP) => closed = n == 0,
+            () = reports.ready.notified() => {}
             _ = idle.tick() => continue,
+        }
+        // Reported state from readings, one update per device (after the requests that were
+        // waiting, which came first).
+        let pending =
+            std::mem::take(&mut *reports.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for (device_id, fields) in pending {
+            stats.reports.fetch_add(1, Relaxed);
+            jobs.push(Job {
+                address: Address {
+                    thing: device_id.to_string(),
+                    name: None,
+                    op: Op::Update,
+                },
+                payload: Bytes::from(
+                    serde_json::json!({"state": {"reported": fields}}).to_string(),
+                ),
+                device_id,
+                ack: None,
+            });
+        }
+        if jobs.is_empty() {
+            if closed {
+                break;
+            }
+            continue;
         }
         let now_s = crate::clock::epoch_ms(std::time::SystemTime::now()) / 1000;
         // Documents changed by this group, by key (a later request sees an earlier one's
         // change), and the replies, published only once the changes are on disk.
         let mut changed: std::collections::HashMap<Vec<u8>, Option<Document>> =
             std::collections::HashMap::new();
-        let mut replies = Vec::new();
-        let mut acks = Vec::new();
+        // Per request: its replies, its device and its promise.
+        let mut answered = Vec::new();
         for job in jobs.drain(..) {
+            let mut replies = Vec::new();
             let key = job.address.key();
             let current = match changed.get(&key) {
                 Some(Some(d)) => d.clone(),
@@ -376,7 +476,7 @@ async fn run(
                     });
                 }
             }
-            acks.extend(job.ack);
+            answered.push((replies, job.device_id, job.ack));
         }
         if !changed.is_empty() {
             if let Err(e) = write(&store, changed).await {
@@ -387,11 +487,30 @@ async fn run(
                 continue;
             }
         }
-        for r in replies {
-            publisher.publish_wanted(&r.topic, r.payload).await;
+        // Rules see the replies as AWS rules see the shadow service's messages; an alert a
+        // rule queues joins the request's acknowledgement.
+        let at_ms = now_s * 1000;
+        for (replies, device_id, mut ack) in answered {
+            for r in replies {
+                rules
+                    .apply(
+                        crate::rules::Message {
+                            topic: &r.topic,
+                            payload: &r.payload,
+                            device_id: &device_id,
+                            received_at_ms: at_ms,
+                        },
+                        &mut ack,
+                    )
+                    .await;
+                publisher.publish_wanted(&r.topic, r.payload).await;
+            }
+            if let Some(a) = ack {
+                a.confirm();
+            }
         }
-        for a in acks {
-            a.confirm();
+        if closed {
+            break;
         }
     }
     if let Err(e) = store.db.flush_async().await {

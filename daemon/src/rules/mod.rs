@@ -1,0 +1,491 @@
+//! Edge rules: AWS IoT topic rules (an IoT SQL subset, [`sql`]) evaluated on the gateway, so a
+//! ward's alarms do not depend on the internet.
+//!
+//! Rules see what AWS rules see: every PUBLISH a device is allowed to send (its raw payload),
+//! the shadow service's own messages (`/update/accepted`, `/update/documents`,
+//! `/update/delta`, `/get/accepted`, the `/rejected` replies, ...), the canonical readings the
+//! pipeline publishes on `ward/<device>/readings`, and messages republished by rules.
+//!
+//! Where rules run, and why: in the task that produced the message (a device's connection, or
+//! the shadow service), not behind a queue of their own. Evaluating a statement costs
+//! microseconds, and a rule that fell behind in a queue could only block the devices or drop
+//! messages — and a dropped message can be a dropped alarm. In-line, no alarm is ever lost to a
+//! full queue, and a rule's durable action (`upstream`) joins the triggering message's PUBACK:
+//! a QoS 1 message that fired a rule is acknowledged only once the alert is on disk too.
+//!
+//! Actions:
+//! - `republish`: the rule's output on a local topic (a `${...}` template), QoS 0 or 1, when a
+//!   local subscriber listens. The republished message is evaluated by the rules again (a rule
+//!   may watch another's output, as on AWS), at most [`MAX_HOPS`] times: AWS has no loop
+//!   protection, so a wildcard rule republishing into its own filter would loop for ever; here
+//!   the chain stops, is counted (`loops_stopped`) and logged once per rule per minute.
+//! - `upstream`: the output, with the rule's name, device and topic, as an alarm record on the
+//!   alerts stream: never evicted, sent before routine readings when the uplink returns.
+//! - `journal`: one entry at the configured priority, with `RULE=` and `DEVICE_ID=` fields.
+//!
+//! `debounce` keeps a rule from firing for the same device more than once per interval while its
+//! condition holds; matches in between are counted as `debounced`.
+//!
+//! What must stay true: one rule's failure (a template that renders a bad topic, a queue that
+//! refuses) is counted on that rule and never stops the others; a rule fires only when its
+//! WHERE is true (Undefined never fires).
+
+pub mod sql;
+
+use crate::config::{ActionConfig, RuleConfig};
+use crate::pipeline::{Ack, LocalPublisher};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How many times a republished message may be evaluated again (see the module docs).
+pub const MAX_HOPS: u8 = 3;
+/// At most one "rule loop stopped" line per rule per this long.
+const LOOP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// A problem with one rule's configuration: the dotted key and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `rules[2].sql`, `rules[0].actions[1].republish.topic`, ...
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Every problem of every rule (all reported, none hides another).
+pub fn check(rules: &[RuleConfig]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut seen = HashMap::new();
+    for (i, r) in rules.iter().enumerate() {
+        if let Some(first) = seen.insert(r.name.as_str(), i) {
+            problems.push(Problem {
+                key: format!("rules[{i}].name"),
+                message: format!("rule name `{}` is already used by rules[{first}]", r.name),
+            });
+        }
+        if let Err(mut p) = Rule::compile(i, r) {
+            problems.append(&mut p);
+        }
+    }
+    problems
+}
+
+#[derive(Debug)]
+enum Action {
+    Republish { topic: sql::Template, qos: u8 },
+    Upstream,
+    Journal { level: log::Level, priority: String },
+}
+
+/// Per-rule counters.
+#[derive(Debug, Default)]
+pub struct RuleCounters {
+    /// Messages whose topic matched the rule's FROM.
+    pub matched: AtomicU64,
+    /// Times the rule fired (WHERE true, not debounced).
+    pub fired: AtomicU64,
+    /// Matches held back by `debounce`.
+    pub debounced: AtomicU64,
+    /// Actions that failed.
+    pub action_failures: AtomicU64,
+    /// Republish chains stopped at [`MAX_HOPS`].
+    pub loops_stopped: AtomicU64,
+}
+
+/// A copy of one rule's counters, for `wardgate status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuleCounts {
+    /// The rule's name.
+    pub name: String,
+    /// Messages whose topic matched.
+    pub matched: u64,
+    /// Times it fired.
+    pub fired: u64,
+    /// Matches held back by `debounce`.
+    pub debounced: u64,
+    /// Actions that failed.
+    pub action_failures: u64,
+    /// Republish chains stopped.
+    pub loops_stopped: u64,
+}
+
+/// Every rule's counters, by name, in configuration order (cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct CountersView(Arc<Vec<(Arc<str>, Arc<RuleCounters>)>>);
+
+impl CountersView {
+    /// The counters now.
+    pub fn counts(&self) -> Vec<RuleCounts> {
+        self.0
+            .iter()
+            .map(|(name, c)| RuleCounts {
+                name: name.to_string(),
+                matched: c.matched.load(Relaxed),
+                fired: c.fired.load(Relaxed),
+                debounced: c.debounced.load(Relaxed),
+                action_failures: c.action_failures.load(Relaxed),
+                loops_stopped: c.loops_stopped.load(Relaxed),
+            })
+            .collect()
+    }
+}
+
+/// One compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    name: Arc<str>,
+    statement: sql::Statement,
+    actions: Vec<Action>,
+    debounce: Option<Duration>,
+    counters: Arc<RuleCounters>,
+}
+
+fn level_of(priority: &str) -> Option<log::Level> {
+    // The journal logger maps these levels back to syslog priorities.
+    Some(match priority {
+        "emerg" | "alert" | "crit" | "err" | "error" => log::Level::Error,
+        "warning" | "warn" => log::Level::Warn,
+        "notice" | "info" => log::Level::Info,
+        "debug" => log::Level::Debug,
+        _ => return None,
+    })
+}
+
+impl Rule {
+    /// Compile `[[rules]]` entry `i`; every problem it has when it has any.
+    pub fn compile(i: usize, r: &RuleConfig) -> Result<Rule, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let name_ok = !r.name.is_empty()
+            && r.name.len() <= 128
+            && r.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name_ok {
+            problems.push(Problem {
+                key: format!("rules[{i}].name"),
+                message: format!(
+                    "`{}` is not a valid rule name: use 1–128 letters, digits or `_` (as AWS IoT rule names)",
+                    r.name
+                ),
+            });
+        }
+        let statement = match sql::Statement::parse(&r.sql) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                problems.push(Problem {
+                    key: format!("rules[{i}].sql"),
+                    message: format!("rule `{}`: SQL error at {e}", r.name),
+                });
+                None
+            }
+        };
+        let mut actions = Vec::new();
+        for (j, a) in r.actions.iter().enumerate() {
+            let key = |field: &str| format!("rules[{i}].actions[{j}].{field}");
+            match a {
+                ActionConfig::Republish { topic, qos } => {
+                    if *qos > 1 {
+                        problems.push(Problem {
+                            key: key("republish.qos"),
+                            message: format!("QoS {qos}: use 0 or 1"),
+                        });
+                    }
+                    if topic.contains('+') || topic.contains('#') || topic.is_empty() {
+                        problems.push(Problem {
+                            key: key("republish.topic"),
+                            message: format!(
+                                "`{topic}` is not a topic to publish to: no `+` or `#`, not empty"
+                            ),
+                        });
+                    }
+                    match sql::Template::parse(topic) {
+                        Ok(t) => actions.push(Action::Republish {
+                            topic: t,
+                            qos: *qos,
+                        }),
+                        Err(e) => problems.push(Problem {
+                            key: key("republish.topic"),
+                            message: format!("rule `{}`: template error at {e}", r.name),
+                        }),
+                    }
+                }
+                ActionConfig::Upstream { stream } => {
+                    if stream == "alerts" {
+                        actions.push(Action::Upstream);
+                    } else {
+                        problems.push(Problem {
+                            key: key("upstream.stream"),
+                            message: format!("stream `{stream}`: only `alerts` is supported"),
+                        });
+                    }
+                }
+                ActionConfig::Journal { priority } => match level_of(priority) {
+                    Some(level) => actions.push(Action::Journal {
+                        level,
+                        priority: priority.clone(),
+                    }),
+                    None => problems.push(Problem {
+                        key: key("journal.priority"),
+                        message: format!(
+                            "`{priority}`: use one of emerg, alert, crit, err, warning, notice, info, debug"
+                        ),
+                    }),
+                },
+            }
+        }
+        if r.debounce.is_some_and(|d| d.is_zero()) {
+            problems.push(Problem {
+                key: format!("rules[{i}].debounce"),
+                message: "must be more than 0 (leave it out to fire on every match)".into(),
+            });
+        }
+        match statement {
+            Some(statement) if problems.is_empty() => Ok(Rule {
+                name: r.name.as_str().into(),
+                statement,
+                actions,
+                debounce: r.debounce,
+                counters: Arc::default(),
+            }),
+            _ => Err(problems),
+        }
+    }
+}
+
+/// What a rule sees of one message.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    /// Topic, as devices name it.
+    pub topic: &'a str,
+    /// Payload as published.
+    pub payload: &'a [u8],
+    /// The device it came from, or that the gateway's message is about (`clientid()`).
+    pub device_id: &'a str,
+    /// When the gateway received it, ms since the epoch.
+    pub received_at_ms: i64,
+}
+
+/// Where actions go.
+#[derive(Debug, Clone, Default)]
+pub struct Sinks {
+    /// The local broker (republish).
+    pub local: Option<Arc<LocalPublisher>>,
+    /// The durable queue (upstream alerts); `None`: upstream disabled.
+    pub queue: Option<crate::queue::Enqueue>,
+}
+
+/// The compiled rules and their sinks (cheap to share: `Arc<Rules>`).
+#[derive(Debug, Default)]
+pub struct Rules {
+    rules: Vec<Rule>,
+    sinks: Sinks,
+    /// Last firing per (rule, device), for debounce.
+    last: Mutex<HashMap<(usize, Arc<str>), Instant>>,
+    /// Last "loop stopped" line per rule.
+    loop_logged: Mutex<HashMap<usize, Instant>>,
+}
+
+impl Rules {
+    /// Compile every rule (the configuration was validated: a rule that still fails to
+    /// compile is logged and left out, the others run).
+    pub fn new(configs: &[RuleConfig], sinks: Sinks) -> Self {
+        let mut rules = Vec::new();
+        for (i, c) in configs.iter().enumerate() {
+            match Rule::compile(i, c) {
+                Ok(r) => rules.push(r),
+                Err(problems) => {
+                    for p in problems {
+                        log::error!(rule:% = c.name, key:% = p.key; "rule not loaded: {}", p.message);
+                    }
+                }
+            }
+        }
+        if !rules.is_empty() {
+            log::info!(rules = rules.len(); "{} edge rules loaded", rules.len());
+        }
+        Self {
+            rules,
+            sinks,
+            ..Self::default()
+        }
+    }
+
+    /// No rules: nothing to evaluate.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// A view of every rule's counters that does not keep the rules (and their sinks) alive.
+    pub fn counters(&self) -> CountersView {
+        CountersView(Arc::new(
+            self.rules
+                .iter()
+                .map(|r| (r.name.clone(), r.counters.clone()))
+                .collect(),
+        ))
+    }
+
+    /// Evaluate every rule on `msg` and run the actions of those that fire. A durable action
+    /// takes a part of `ack`: the message is confirmed only once its alert is on disk too.
+    pub async fn apply(&self, msg: Message<'_>, ack: &mut Option<Ack>) {
+        if !self.rules.is_empty() {
+            self.apply_at(msg, ack, 0).await;
+        }
+    }
+
+    fn apply_at<'a>(
+        &'a self,
+        msg: Message<'a>,
+        ack: &'a mut Option<Ack>,
+        hops: u8,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            if self.rules.is_empty() {
+                return;
+            }
+            let mut payload: Option<Option<serde_json::Value>> = None;
+            for (i, rule) in self.rules.iter().enumerate() {
+                if !rule.statement.matches_topic(msg.topic) {
+                    continue;
+                }
+                rule.counters.matched.fetch_add(1, Relaxed);
+                let doc = payload
+                    .get_or_insert_with(|| serde_json::from_slice(msg.payload).ok())
+                    .as_ref();
+                let ctx = sql::Context {
+                    topic: msg.topic,
+                    client_id: msg.device_id,
+                    timestamp_ms: msg.received_at_ms,
+                    payload: doc,
+                };
+                let Some(output) = rule.statement.evaluate(&ctx) else {
+                    continue;
+                };
+                if self.debounced(i, rule, msg.device_id) {
+                    rule.counters.debounced.fetch_add(1, Relaxed);
+                    continue;
+                }
+                rule.counters.fired.fetch_add(1, Relaxed);
+                self.fire(i, rule, &msg, &ctx, &output, ack, hops).await;
+            }
+        })
+    }
+
+    /// Whether `rule` fired for `device` within its debounce interval (if not, this firing
+    /// is recorded).
+    fn debounced(&self, i: usize, rule: &Rule, device: &str) -> bool {
+        let Some(every) = rule.debounce else {
+            return false;
+        };
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (i, Arc::<str>::from(device));
+        match last.get(&key) {
+            Some(at) if now.duration_since(*at) < every => true,
+            _ => {
+                last.insert(key, now);
+                false
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fire(
+        &self,
+        i: usize,
+        rule: &Rule,
+        msg: &Message<'_>,
+        ctx: &sql::Context<'_>,
+        output: &serde_json::Value,
+        ack: &mut Option<Ack>,
+        hops: u8,
+    ) {
+        let body = output.to_string();
+        for action in &rule.actions {
+            match action {
+                Action::Journal { level, priority } => {
+                    log::log!(
+                        *level,
+                        rule:% = rule.name, device_id:% = msg.device_id, topic:% = msg.topic,
+                        priority:% = priority, output:% = body;
+                        "rule {} fired for {}: {body}", rule.name, msg.device_id
+                    );
+                }
+                Action::Upstream => {
+                    let Some(queue) = &self.sinks.queue else {
+                        // Upstream disabled: nothing to forward to (the configuration says so).
+                        continue;
+                    };
+                    let alert = serde_json::json!({
+                        "rule": &*rule.name,
+                        "device_id": msg.device_id,
+                        "topic": msg.topic,
+                        "fired_at_ms": crate::clock::now_ms(),
+                        "output": output,
+                    });
+                    let record =
+                        crate::queue::Record::alert(msg.device_id, alert.to_string().into_bytes());
+                    let part = match ack.take() {
+                        Some(a) => {
+                            let (mine, theirs) = a.split();
+                            *ack = Some(mine);
+                            Some(theirs)
+                        }
+                        None => None,
+                    };
+                    if !queue.push(record, part).await {
+                        rule.counters.action_failures.fetch_add(1, Relaxed);
+                        log::error!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: the queue writer stopped; alert not queued", rule.name);
+                    }
+                }
+                Action::Republish { topic, qos } => {
+                    let topic = topic.render(ctx);
+                    if topic.is_empty()
+                        || topic.contains(['+', '#', '\0'])
+                        || topic.starts_with("_wardgate")
+                        || topic.starts_with("$SYS")
+                    {
+                        rule.counters.action_failures.fetch_add(1, Relaxed);
+                        log::warn!(rule:% = rule.name, device_id:% = msg.device_id, topic:% = topic; "rule {}: republish topic `{topic}` is not one to publish to; action skipped", rule.name);
+                        continue;
+                    }
+                    if let Some(local) = &self.sinks.local {
+                        local
+                            .publish_wanted_qos(&topic, body.clone().into_bytes(), *qos)
+                            .await;
+                    }
+                    if hops + 1 >= MAX_HOPS {
+                        rule.counters.loops_stopped.fetch_add(1, Relaxed);
+                        self.log_loop(i, rule, &topic);
+                        continue;
+                    }
+                    let next = Message {
+                        topic: &topic,
+                        payload: body.as_bytes(),
+                        device_id: msg.device_id,
+                        received_at_ms: msg.received_at_ms,
+                    };
+                    self.apply_at(next, ack, hops + 1).await;
+                }
+            }
+        }
+    }
+
+    fn log_loop(&self, i: usize, rule: &Rule, topic: &str) {
+        let now = Instant::now();
+        let mut logged = self.loop_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged
+            .get(&i)
+            .is_some_and(|at| now.duration_since(*at) < LOOP_LOG_EVERY)
+        {
+            return;
+        }
+        logged.insert(i, now);
+        log::warn!(
+            rule:% = rule.name, topic:% = topic, hops = MAX_HOPS;
+            "rule {}: republished on `{topic}` after {MAX_HOPS} rule hops; not evaluated again (a rule loop?)",
+            rule.name
+        );
+    }
+}
