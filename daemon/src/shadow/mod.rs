@@ -11,8 +11,11 @@
 //!
 //! Requests are handled by one task in arrival order, in groups: every request waiting when
 //! the task wakes is applied, the changed documents are written and flushed to disk once, and
-//! only then are the replies published and the QoS 1 requests acknowledged. So an
-//! `/update/accepted` (and a PUBACK) always means the new document survives a kill -9, and a
+//! only then are the replies published and the QoS 1 requests acknowledged. (A group made only
+//! of updates from readings is written without waiting for a flush: sled flushes it within
+//! a second, and the readings themselves are already durable in the queue.) So the
+//! `/update/accepted` a device's request gets (and its PUBACK) always means the new document
+//! survives a kill -9, and a
 //! burst of updates costs one flush, not one each.
 //!
 //! Readings feed the shadow: a plugin's canonical readings update the device's classic shadow
@@ -46,6 +49,10 @@ use tokio::sync::mpsc;
 pub const MAX_NAMED_PER_THING: usize = 16;
 /// Requests waiting for the shadow task.
 pub const REQUEST_CHANNEL_CAPACITY: usize = 256;
+/// How long an update made from readings alone may wait for its flush (the readings
+/// themselves are durable in the queue; a kill -9 loses at most this much of the reported
+/// state, which the device's next reading restores).
+const REPORT_FLUSH_MS: u64 = 1000;
 /// Requests applied under one flush at most.
 const MAX_GROUP: usize = 64;
 
@@ -166,6 +173,8 @@ struct Job {
     payload: Bytes,
     device_id: Arc<str>,
     ack: Option<Ack>,
+    /// Made by the gateway from the device's readings, not sent by a device.
+    from_readings: bool,
 }
 
 /// A copy of the counters at one moment.
@@ -244,6 +253,7 @@ impl Shadows {
                 payload,
                 device_id,
                 ack,
+                from_readings: false,
             })
             .await
             .map_err(|_| Stopped)
@@ -305,7 +315,9 @@ impl Store {
             .path(dir)
             .cache_capacity(1 << 20)
             .mode(sled::Mode::LowSpace)
-            .flush_every_ms(None)
+            // Groups with device requests flush before they answer; updates made from
+            // readings alone are flushed with the next such group or within this interval.
+            .flush_every_ms(Some(REPORT_FLUSH_MS))
             .open()?;
         let tree = db.open_tree("shadows")?;
         Ok(Self { db, tree })
@@ -427,6 +439,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                 ),
                 device_id,
                 ack: None,
+                from_readings: true,
             });
         }
         if jobs.is_empty() {
@@ -442,6 +455,8 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
             std::collections::HashMap::new();
         // Per request: its replies, its device and its promise.
         let mut answered = Vec::new();
+        // Only device requests are promised an answer after the disk.
+        let requests = jobs.iter().any(|j| !j.from_readings);
         for job in jobs.drain(..) {
             let mut replies = Vec::new();
             let key = job.address.key();
@@ -479,7 +494,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
             answered.push((replies, job.device_id, job.ack));
         }
         if !changed.is_empty() {
-            if let Err(e) = write(&store, changed).await {
+            if let Err(e) = write(&store, changed, requests).await {
                 // Nothing of this group is confirmed: the QoS 1 requests are resent, and the
                 // devices hear nothing they could take for accepted.
                 stats.store_errors.fetch_add(1, Relaxed);
@@ -521,6 +536,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
 async fn write(
     store: &Store,
     changed: std::collections::HashMap<Vec<u8>, Option<Document>>,
+    flush: bool,
 ) -> Result<(), sled::Error> {
     let mut batch = sled::Batch::default();
     for (k, doc) in changed {
@@ -531,7 +547,9 @@ async fn write(
         }
     }
     store.tree.apply_batch(batch)?;
-    store.db.flush_async().await?;
+    if flush {
+        store.db.flush_async().await?;
+    }
     Ok(())
 }
 
