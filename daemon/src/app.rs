@@ -87,6 +87,8 @@ struct StatusView {
     metering: Metering,
     state_dir: std::path::PathBuf,
     supervisor: Supervisor,
+    shadows: Arc<crate::shadow::ShadowStats>,
+    rules: crate::rules::CountersView,
 }
 
 impl StatusView {
@@ -142,6 +144,8 @@ impl StatusView {
                 })
                 .collect(),
             stages: self.supervisor.snapshot(),
+            shadows: self.shadows.snapshot(),
+            rules: self.rules.counts(),
         }
     }
 }
@@ -394,6 +398,8 @@ impl Gateway {
             metering: metering.clone(),
             state_dir,
             supervisor: supervisor.clone(),
+            shadows: shadow_stats.clone(),
+            rules: rule_counters.clone(),
         });
         let mut gw = Self {
             shutdown,

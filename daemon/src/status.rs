@@ -71,6 +71,12 @@ pub struct Status {
     /// Every supervised stage: state, policy, restarts, last failure.
     #[serde(default)]
     pub stages: Vec<crate::supervisor::StageStatus>,
+    /// The shadow service's counters.
+    #[serde(default)]
+    pub shadows: crate::shadow::ShadowCounts,
+    /// Every edge rule's counters, in configuration order.
+    #[serde(default)]
+    pub rules: Vec<crate::rules::RuleCounts>,
 }
 
 /// The uplink at a glance.
@@ -212,6 +218,19 @@ pub fn render(s: &Status) -> String {
             c.connection_attempts,
             c.disconnects,
             d.peer.map(|p| p.to_string()).unwrap_or_default()
+        );
+    }
+    let sh = &s.shadows;
+    let _ = writeln!(
+        out,
+        "shadows: {} requests accepted, {} rejected; {} reported-state updates from readings; {} store write failures",
+        sh.accepted, sh.rejected, sh.reports, sh.store_errors
+    );
+    for r in &s.rules {
+        let _ = writeln!(
+            out,
+            "rule {:<24} matched {:>9}  fired {:>7}  debounced {:>7}  action failures {:>5}  loops stopped {:>4}",
+            r.name, r.matched, r.fired, r.debounced, r.action_failures, r.loops_stopped
         );
     }
     if let Some(u) = &s.uplink {

@@ -225,6 +225,7 @@ async fn a_rule_loop_is_stopped_and_debounce_holds_back_repeats() {
     let mut pm = device("pm-02", "pacemaker", "pw");
     pm.publish = Some(vec!["loop/start".into(), "ward/pm-02/telemetry".into()]);
     cfg.devices.push(pm);
+    cfg.metering.status_interval = Duration::from_millis(200);
     let mut debounced = rule(
         "every_reading",
         "SELECT * FROM 'ward/+/telemetry'",
@@ -289,6 +290,24 @@ async fn a_rule_loop_is_stopped_and_debounce_holds_back_repeats() {
     assert_eq!(
         (loop_msgs, alerts),
         (1 + wardgate::rules::MAX_HOPS as usize, 1)
+    );
+    // `wardgate status` shows each rule's counters.
+    let state = cfg.gateway.state_dir.clone();
+    until(
+        "the status file shows the rules",
+        Duration::from_secs(20),
+        || {
+            wardgate::status::read(&state).is_ok_and(|s| {
+                s.rules.len() == 2 && s.rules[0].loops_stopped == 1 && s.rules[1].debounced == 2
+            })
+        },
+    )
+    .await;
+    let text = wardgate::status::render(&wardgate::status::read(&state).unwrap());
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("rule every_reading") && l.contains("debounced       2")),
+        "{text}"
     );
     gw.stop(Duration::from_secs(10)).await;
 }

@@ -11,10 +11,11 @@
 //!   installed; otherwise Debian's `rustc-web` toolchain with `-Zbuild-std` (installed with apt
 //!   when missing), because the std of that target cannot be downloaded for rustup here.
 //! - `bench`: the benchmarks (release build): per-reading plugin cost, end-to-end gateway
-//!   throughput and PUBACK latency, the spine to a local mosquitto next to a mosquitto bridge (latency,
-//!   latency, backlog drain rate against IoT Core's quotas), logins (the gateway's RSS through
+//!   throughput and PUBACK latency, the spine to a local mosquitto next to a mosquitto bridge
+//!   (latency, backlog drain rate against IoT Core's quotas), logins (the gateway's RSS through
 //!   rounds of parallel wrong-password CONNECTs and 500 devices logging in and reconnecting at
-//!   once).
+//!   once), an outage, memory, and edge rules (evaluation rate with 50 rules, and what they add
+//!   to a reading's PUBACK).
 //! - `deps`: only install what the tests need: Debian packages, and the AWS IoT Device SDKs for
 //!   Python in `target/py`.
 //!
@@ -312,7 +313,9 @@ fn python_sdks() -> Result<()> {
 fn bench() -> Result<()> {
     let components = plugins()?;
     install_packages(&["mosquitto", "openssl"])?;
-    for bench in ["plugin", "gateway", "spine", "logins", "outage", "memory"] {
+    for bench in [
+        "plugin", "gateway", "spine", "logins", "outage", "memory", "rules",
+    ] {
         run(cargo()
             .args(["bench", "-p", "wardgate", "--bench", bench])
             .env("WARDGATE_COMPONENTS", &components))?;

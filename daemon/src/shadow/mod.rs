@@ -53,6 +53,8 @@ pub const REQUEST_CHANNEL_CAPACITY: usize = 256;
 /// themselves are durable in the queue; a kill -9 loses at most this much of the reported
 /// state, which the device's next reading restores).
 const REPORT_FLUSH_MS: u64 = 1000;
+/// Reported state from readings is applied at most this often.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Requests applied under one flush at most.
 const MAX_GROUP: usize = 64;
 
@@ -265,10 +267,10 @@ impl Shadows {
     /// `/update/accepted`, so one rule can watch a shadow device and a plugin device alike.
     ///
     /// Never waits, never drops: reports wait in a map with one entry per device, merged
-    /// until the service takes them all at its next wake (at most one pending update per
-    /// device, so the map is bounded by the registry and a burst of readings costs one
-    /// update per device, not one per reading). The reading itself is queued for the upstream
-    /// regardless.
+    /// until the service takes them all, at most every 100 ms (at most one pending update
+    /// per device, so the map is bounded by the registry and a flood of readings costs one
+    /// update per device per 100 ms, not one per reading). The reading itself is queued for
+    /// the upstream regardless.
     pub fn report(&self, device_id: &Arc<str>, readings: &[crate::plugin_host::Reading]) {
         let mut fields = serde_json::Map::new();
         for r in readings {
@@ -413,19 +415,35 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
     let limits = Limits::default();
     let mut jobs = Vec::with_capacity(MAX_GROUP);
     let mut idle = crate::supervisor::Heartbeat::ticker();
+    // When the waiting reports are taken: at most every REPORT_EVERY, so a flood of readings
+    // costs one update per device per interval (and none waits longer than it).
+    let mut reports_due: Option<tokio::time::Instant> = None;
+    let mut reports_taken = tokio::time::Instant::now() - REPORT_EVERY;
     loop {
         beat.beat();
         let mut closed = false;
+        let mut take_reports = false;
         tokio::select! {
             // Cancel-safe: nothing is taken from the channel unless it returns.
             n = rx.recv_many(&mut jobs, MAX_GROUP) => closed = n == 0,
-            () = reports.ready.notified() => {}
+            () = reports.ready.notified(), if reports_due.is_none() => {
+                reports_due = Some(reports_taken + REPORT_EVERY);
+                continue;
+            }
+            () = tokio::time::sleep_until(reports_due.unwrap_or_else(tokio::time::Instant::now)), if reports_due.is_some() => {
+                take_reports = true;
+            }
             _ = idle.tick() => continue,
         }
         // Reported state from readings, one update per device (after the requests that were
         // waiting, which came first).
-        let pending =
-            std::mem::take(&mut *reports.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let pending = if take_reports || closed {
+            reports_due = None;
+            reports_taken = tokio::time::Instant::now();
+            std::mem::take(&mut *reports.pending.lock().unwrap_or_else(|e| e.into_inner()))
+        } else {
+            Default::default()
+        };
         for (device_id, fields) in pending {
             stats.reports.fetch_add(1, Relaxed);
             jobs.push(Job {
