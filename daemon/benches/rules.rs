@@ -6,7 +6,8 @@
 //! 2. What they add to a reading's PUBACK: 50 password devices each publishing one pacemaker
 //!    reading (QoS 1) every 50 ms — 1 000 readings/s — through a running gateway for 10 s,
 //!    with no rules and with the same 50 rules (which see every reading and its canonical
-//!    form; none fires); PUBACK latency p50 / p99 / max of each round.
+//!    form; none fires); PUBACK latency p50 / p99 / max of each round, three alternating
+//!    pairs of rounds, and the median of what the rules added to the p99.
 //!
 //! Run with `cargo xtask bench` (or `cargo bench -p wardgate --bench rules`).
 
@@ -69,13 +70,23 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let without = puback_round(&components, Vec::new()).await;
-        let with = puback_round(&components, rules()).await;
+        // Alternating rounds, so a noisy minute on a shared machine does not land on one side.
+        let mut added = Vec::new();
+        for pair in 1..=3 {
+            let without = puback_round(&components, Vec::new()).await;
+            let with = puback_round(&components, rules()).await;
+            let d = ms(pct(&with, 0.99)) - ms(pct(&without, 0.99));
+            added.push(d);
+            println!(
+                "rules: PUBACK latency at 1000 readings/s from {DEVICES} devices, pair {pair}: no rules p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; 50 rules p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; added p99 {d:+.2} ms",
+                ms(pct(&without, 0.5)), ms(pct(&without, 0.99)), ms(*without.last().unwrap()),
+                ms(pct(&with, 0.5)), ms(pct(&with, 0.99)), ms(*with.last().unwrap()),
+            );
+        }
+        added.sort_by(f64::total_cmp);
         println!(
-            "rules: PUBACK latency at 1000 readings/s from {DEVICES} devices: no rules p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; 50 rules p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; added p99 {:+.2} ms",
-            ms(pct(&without, 0.5)), ms(pct(&without, 0.99)), ms(*without.last().unwrap()),
-            ms(pct(&with, 0.5)), ms(pct(&with, 0.99)), ms(*with.last().unwrap()),
-            ms(pct(&with, 0.99)) - ms(pct(&without, 0.99)),
+            "rules: added PUBACK p99 with 50 rules, median of 3 pairs: {:+.2} ms",
+            added[1]
         );
     });
 }
@@ -154,6 +165,9 @@ async fn puback_round(components: &str, rules: Vec<RuleConfig>) -> Vec<Duration>
         })
         .collect();
     cfg.rules = rules;
+    // Every device logs in from 127.0.0.1 at once: the per-address bounds are the whole ward's.
+    cfg.login.max_pending_per_address = cfg.login.max_pending;
+    cfg.login.max_per_second_per_address = cfg.login.max_per_second;
     let gw = Gateway::start(&cfg).await.unwrap();
     let addr = gw.listener_addr("plain").unwrap();
     let mut tasks = Vec::new();
