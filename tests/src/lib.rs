@@ -24,6 +24,24 @@ pub fn pacemaker_reading(hr: u32) -> String {
     format!(r#"{{"heartbeat":{hr},"ts":{}}}"#, now_ms())
 }
 
+/// The workspace root.
+pub fn workspace() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The virtualenv's python with the AWS IoT Device SDKs (`tests/python/requirements.txt`);
+/// panics with how to make it.
+pub fn sdk_python() -> std::path::PathBuf {
+    let py = workspace().join("target/py/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run `cargo xtask test`, or `python3 -m venv target/py && \
+         target/py/bin/pip install -r tests/python/requirements.txt`",
+        py.display()
+    );
+    py
+}
+
 /// A registered test device.
 pub fn device(id: &str, kind: &str, password: &str) -> DeviceConfig {
     DeviceConfig::with_password(id, kind, wardgate::registry::hash_password_demo(password))

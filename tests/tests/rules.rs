@@ -6,28 +6,12 @@
 
 use rumqttc::QoS;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use wardgate::app::Gateway;
 use wardgate::config::{ActionConfig, AuthMode, DeviceConfig, RuleConfig};
 use wardgate_tests::pki::{Ca, ListenerFiles};
 use wardgate_tests::upstream::Upstream;
-use wardgate_tests::{connect, device, options, pacemaker_reading};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> PathBuf {
-    let py = workspace().join("target/py/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: run `cargo xtask test`, or `python3 -m venv target/py && \
-         target/py/bin/pip install -r tests/python/requirements.txt`",
-        py.display()
-    );
-    py
-}
+use wardgate_tests::{connect, device, options, pacemaker_reading, sdk_python, workspace};
 
 fn rule(name: &str, sql: &str, actions: Vec<ActionConfig>) -> RuleConfig {
     RuleConfig {
@@ -105,7 +89,7 @@ async fn the_ward_alarm_fires_offline_and_reaches_the_cloud_when_it_returns() {
     let mut nurse = connect(options(plain, "nurse-01", "nurse-pw")).await;
     nurse.subscribe("alerts/#").await;
 
-    let mut sdk = tokio::process::Command::new(python())
+    let mut sdk = tokio::process::Command::new(sdk_python())
         .arg(workspace().join("tests/python/shadow_sdk_v1.py"))
         .args([
             "127.0.0.1",

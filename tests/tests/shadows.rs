@@ -13,25 +13,9 @@ use std::time::Duration;
 use wardgate::app::Gateway;
 use wardgate::config::{AuthMode, Config, DeviceConfig};
 use wardgate_tests::pki::{Ca, Issued, ListenerFiles};
-use wardgate_tests::{config, connect, device, options};
+use wardgate_tests::{config, connect, device, options, sdk_python, workspace};
 
 const THING: &str = "Pacemaker-IoT";
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The virtualenv's python with the SDKs; panics with how to make it.
-fn python() -> PathBuf {
-    let py = workspace().join("target/py/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: run `cargo xtask test`, or `python3 -m venv target/py && \
-         target/py/bin/pip install -r tests/python/requirements.txt`",
-        py.display()
-    );
-    py
-}
 
 struct Ward {
     gw: Gateway,
@@ -98,7 +82,7 @@ fn run_sdk(
     tokio::sync::mpsc::UnboundedReceiver<Value>,
 ) {
     use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(python())
+    let mut child = tokio::process::Command::new(sdk_python())
         .arg(workspace().join("tests/python").join(script))
         .args(["127.0.0.1", &w.tls_port().to_string()])
         .args([&w.ca_file, &w.cert_file, &w.key_file])

@@ -1106,25 +1106,13 @@ fn validate_filter(filter: &str, char_pos: &[Pos], literal_pos: Pos) -> Result<(
     Ok(())
 }
 
-/// Does the MQTT topic filter `filter` match the publish topic `topic`?
+/// Does the MQTT topic filter `filter` match the publish topic `topic`? (The gateway's one
+/// matcher, [`crate::gatekeeper::policy::topic_matches`], with the `$` rule; a "topic" that is
+/// empty or holds a wildcard is no publish topic and matches nothing.)
 fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.is_empty() || topic.contains(['+', '#']) {
-        return false;
-    }
-    if filter.starts_with(['+', '#']) && topic.starts_with('$') {
-        return false;
-    }
-    let mut filter_levels = filter.split('/');
-    let mut topic_levels = topic.split('/');
-    loop {
-        match (filter_levels.next(), topic_levels.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(f), Some(t)) if f == t => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
+    !topic.is_empty()
+        && !topic.contains(['+', '#'])
+        && crate::gatekeeper::policy::topic_matches(filter, topic)
 }
 
 // ---------------------------------------------------------------------------------------------
