@@ -440,7 +440,32 @@ pub fn demo_config(ward: &[sim::SimDevice], plugins: PathBuf) -> Config {
     c.login.max_pending_per_address = c.login.max_pending;
     c.login.max_per_second_per_address = c.login.max_per_second;
     c.devices = sim::registry_entries(ward);
+    c.rules = vec![demo_rule()];
     c
+}
+
+/// The demo's edge rule: the ward's tachycardia alarm on the reported state that plugin
+/// readings feed (`heart-rate` → `heart_rate`), so the simulated alarm pacemaker's 141 bpm
+/// trips it; the alert goes to the journal (printed by the demo) and, with an upstream, to
+/// the alerts stream.
+pub fn demo_rule() -> crate::config::RuleConfig {
+    use crate::config::ActionConfig;
+    crate::config::RuleConfig {
+        name: "tachycardia".into(),
+        sql: "SELECT state.reported.heart_rate AS heart_rate, topic(3) AS device \
+              FROM '$aws/things/+/shadow/update/accepted' WHERE state.reported.heart_rate > 140"
+            .into(),
+        actions: vec![
+            ActionConfig::Journal {
+                priority: "warning".into(),
+            },
+            ActionConfig::Upstream {
+                stream: "alerts".into(),
+            },
+        ],
+        debounce: Some(Duration::from_secs(60)),
+        description: Some("demo: heart rate above 140/min".into()),
+    }
 }
 
 async fn demo(

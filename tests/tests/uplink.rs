@@ -530,8 +530,20 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
     use std::sync::atomic::Ordering::SeqCst;
     let up = Upstream::new();
     let _mq = up.broker();
-    let mut cloud = up.raw_subscriber(&["wardgate/test-gateway/readings"]).await;
+    // One cloud client for both topics (a second one with the same client id would take its
+    // session over).
+    let mut cloud = up
+        .raw_subscriber(&[
+            "wardgate/test-gateway/readings",
+            "wardgate/test-gateway/alerts",
+        ])
+        .await;
+    let mut alerts = Vec::new();
     let ward = wardgate::sim::ward(2);
+    let alarms = ward
+        .iter()
+        .filter(|d| d.id.starts_with("pacemaker-alarm"))
+        .count();
     let mut cfg = wardgate::cli::demo_config(&ward, wardgate_tests::components_dir());
     let up_cfg = up.gateway_config();
     cfg.gateway.id = up_cfg.gateway.id.clone();
@@ -562,9 +574,11 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
             .values()
             .map(|c| c.messages - c.dead_letters)
             .sum();
+        // The demo rule's alerts are queued too (one per alarm pacemaker: debounced).
+        let fired = gw.rule_counts()[0].fired;
         let q = gw.queue_status().expect("queue enabled");
-        if q.depth == 0 && q.appended == normalized {
-            break q.appended;
+        if q.depth == 0 && q.appended == normalized + fired && fired == alarms as u64 {
+            break q.appended - fired;
         }
         assert!(
             Instant::now() < deadline,
@@ -578,12 +592,22 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
 
     // The cloud sees every queued record, once per sequence number, in order per device.
     let mut seen = BTreeMap::<u64, serde_json::Value>::new();
-    while (seen.len() as u64) < queued {
-        let (_, payload) = tokio::time::timeout(Duration::from_secs(20), cloud.recv())
+    while (seen.len() as u64) < queued || alerts.len() < alarms {
+        let (topic, payload) = tokio::time::timeout(Duration::from_secs(20), cloud.recv())
             .await
-            .unwrap_or_else(|_| panic!("{} of {queued} readings arrived", seen.len()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} of {queued} readings and {} of {alarms} alerts arrived",
+                    seen.len(),
+                    alerts.len()
+                )
+            })
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        if topic.ends_with("/alerts") {
+            alerts.extend(v["messages"].as_array().unwrap().iter().cloned());
+            continue;
+        }
         assert_eq!(v["gateway_id"], "test-gateway");
         for (seq, m) in wardgate::uplink::batch::expand(&v).unwrap() {
             seen.insert(seq, m);
@@ -605,6 +629,16 @@ async fn the_simulated_ward_reaches_the_upstream_reading_for_reading() {
             last_seen_at.keys()
         );
     }
+    // Each alarm pacemaker tripped the demo's tachycardia rule once; its alert reached the
+    // alerts topic.
+    assert_eq!(gw.rule_counts()[0].fired, alarms as u64);
+    let mut alerted = std::collections::BTreeSet::new();
+    for m in &alerts {
+        assert_eq!(m["message"]["rule"], "tachycardia");
+        assert_eq!(m["message"]["output"]["heart_rate"], 141.0);
+        alerted.insert(m["message"]["device_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(alerted.len(), alarms, "{alerts:?}");
     // The rogue agents' random strings are dead letters, never forwarded.
     assert!(!last_seen_at.keys().any(|id| id.starts_with("rogue")));
     eprintln!(
