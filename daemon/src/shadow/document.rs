@@ -207,6 +207,22 @@ impl Document {
         self.apply(&request, token, now_s, limits)
     }
 
+    /// Check a get/delete request against an existing shadow; its `clientToken`.
+    fn existing_request(
+        &self,
+        payload: &[u8],
+        shadow_name: &str,
+        limits: &Limits,
+    ) -> Result<Option<String>, Rejection> {
+        let request = parse_optional_object(payload, limits)?;
+        let token = match &request {
+            Some(request) => client_token(request, limits)?,
+            None => None,
+        };
+        self.require_existing(shadow_name, token)?;
+        Ok(token.map(str::to_owned))
+    }
+
     /// Answer a `/get` request: the `/get/accepted` payload. `shadow_name` is the thing name for the classic shadow or the named shadow's name (used in the 404 message).
     pub fn get(
         &self,
@@ -215,12 +231,8 @@ impl Document {
         shadow_name: &str,
         limits: &Limits,
     ) -> Result<Value, Rejection> {
-        let request = parse_optional_object(payload, limits)?;
-        let token = match &request {
-            Some(request) => client_token(request, limits)?,
-            None => None,
-        };
-        self.require_existing(shadow_name, token)?;
+        let token = self.existing_request(payload, shadow_name, limits)?;
+        let token = token.as_deref();
 
         let mut state = self.sections();
         if let Some(desired) = &self.desired {
@@ -246,12 +258,8 @@ impl Document {
         shadow_name: &str,
         limits: &Limits,
     ) -> Result<Value, Rejection> {
-        let request = parse_optional_object(payload, limits)?;
-        let token = match &request {
-            Some(request) => client_token(request, limits)?,
-            None => None,
-        };
-        self.require_existing(shadow_name, token)?;
+        let token = self.existing_request(payload, shadow_name, limits)?;
+        let token = token.as_deref();
 
         let mut out = Map::new();
         out.insert("version".into(), Value::from(self.version));
