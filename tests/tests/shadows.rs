@@ -330,3 +330,71 @@ async fn shadows_survive_a_restart() {
         assert!(gw.stop(Duration::from_secs(10)).await.drained);
     }
 }
+
+/// A thing has at most 16 named shadows, also when the creations arrive together (one group
+/// of the shadow service) and when some of them were deleted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_shadows_are_bounded_per_thing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), vec![device("pm-01", "pacemaker", "pw")]);
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let addr = gw.listener_addr("plain").unwrap();
+    let mut pm = connect(options(addr, "pm-01", "pw")).await;
+    pm.subscribe("$aws/things/pm-01/shadow/name/+/+/+").await;
+    let max = wardgate::shadow::MAX_NAMED_PER_THING;
+    let client = pm.client.clone();
+    let update = |name: String| {
+        let c = client.clone();
+        async move {
+            c.publish(
+                format!("$aws/things/pm-01/shadow/name/{name}/update"),
+                QoS::AtLeastOnce,
+                false,
+                json!({"state": {"reported": {"n": 1}}}).to_string(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    for i in 0..=max {
+        update(format!("s{i}")).await;
+    }
+    let mut replies = std::collections::BTreeMap::<String, Value>::new();
+    while replies.len() <= max {
+        let (t, p) = pm
+            .next(Duration::from_secs(10))
+            .await
+            .expect("a reply each");
+        if t.ends_with("/update/accepted") || t.ends_with("/update/rejected") {
+            replies.insert(t, serde_json::from_slice(&p).unwrap());
+        }
+    }
+    let rejected: Vec<_> = replies
+        .iter()
+        .filter(|(t, _)| t.ends_with("rejected"))
+        .collect();
+    assert_eq!(rejected.len(), 1, "{replies:?}");
+    assert_eq!(rejected[0].1["code"], 400);
+    assert!(rejected[0].1["message"]
+        .as_str()
+        .unwrap()
+        .contains("Too many named shadows"));
+    // Deleting one makes room for one.
+    pm.client
+        .publish(
+            "$aws/things/pm-01/shadow/name/s0/delete",
+            QoS::AtLeastOnce,
+            false,
+            "",
+        )
+        .await
+        .unwrap();
+    update("again".into()).await;
+    let mut accepted_again = false;
+    while !accepted_again {
+        let (t, _) = pm.next(Duration::from_secs(10)).await.expect("replies");
+        assert!(!t.ends_with("again/update/rejected"), "{t}");
+        accepted_again = t == "$aws/things/pm-01/shadow/name/again/update/accepted";
+    }
+    gw.stop(Duration::from_secs(10)).await;
+}

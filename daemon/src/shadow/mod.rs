@@ -172,12 +172,23 @@ impl Address {
 #[derive(Debug)]
 struct Job {
     address: Address,
-    payload: Bytes,
+    body: Body,
     device_id: Arc<str>,
     ack: Option<Ack>,
-    /// Made by the gateway from the device's readings, not sent by a device.
-    from_readings: bool,
 }
+
+/// What a job asks.
+#[derive(Debug)]
+enum Body {
+    /// A device's request payload, as published.
+    Request(Bytes),
+    /// Reported state the gateway made from the device's readings (an update, merged as
+    /// [`Document::report`] merges it: no payload to parse).
+    Report(serde_json::Map<String, serde_json::Value>),
+}
+
+/// Documents changed by the group being applied, by store key (`None`: removed).
+type Changed = std::collections::HashMap<Vec<u8>, Option<Document>>;
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -252,10 +263,9 @@ impl Shadows {
         self.tx
             .send(Job {
                 address,
-                payload,
+                body: Body::Request(payload),
                 device_id,
                 ack,
-                from_readings: false,
             })
             .await
             .map_err(|_| Stopped)
@@ -327,15 +337,6 @@ impl Store {
 
     /// The stored document of a shadow (`Default` when there is none, or it cannot be read:
     /// that is logged, and the next accepted update replaces it).
-    pub fn load(&self, thing: &str, name: Option<&str>) -> Document {
-        let address = Address {
-            thing: thing.to_owned(),
-            name: name.map(str::to_owned),
-            op: Op::Get,
-        };
-        self.get(&address)
-    }
-
     fn get(&self, address: &Address) -> Document {
         match self.tree.get(address.key()) {
             Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_else(|e| {
@@ -351,15 +352,28 @@ impl Store {
         }
     }
 
-    /// Named shadows of `thing` that exist now.
-    fn named_count(&self, thing: &str) -> usize {
+    /// Named shadows of `thing` that exist now: those stored, as the group being applied
+    /// (`changed`, not yet written) leaves them.
+    fn named_count(&self, thing: &str, changed: &Changed) -> usize {
         let mut prefix = thing.as_bytes().to_vec();
         prefix.push(0);
-        self.tree
+        let named = |k: &[u8]| k.len() > prefix.len() && k.starts_with(&prefix);
+        let mut names: std::collections::HashSet<Vec<u8>> = self
+            .tree
             .scan_prefix(&prefix)
             .keys()
-            .filter(|k| k.as_ref().is_ok_and(|k| k.len() > prefix.len()))
-            .count()
+            .filter_map(Result::ok)
+            .filter(|k| named(k))
+            .map(|k| k.to_vec())
+            .collect();
+        for (k, doc) in changed.iter().filter(|(k, _)| named(k)) {
+            if doc.as_ref().is_some_and(Document::exists) {
+                names.insert(k.clone());
+            } else {
+                names.remove(k);
+            }
+        }
+        names.len()
     }
 }
 
@@ -452,12 +466,9 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                     name: None,
                     op: Op::Update,
                 },
-                payload: Bytes::from(
-                    serde_json::json!({"state": {"reported": fields}}).to_string(),
-                ),
+                body: Body::Report(fields),
                 device_id,
                 ack: None,
-                from_readings: true,
             });
         }
         if jobs.is_empty() {
@@ -469,13 +480,12 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
         let now_s = crate::clock::epoch_ms(std::time::SystemTime::now()) / 1000;
         // Documents changed by this group, by key (a later request sees an earlier one's
         // change), and the replies, published only once the changes are on disk.
-        let mut changed: std::collections::HashMap<Vec<u8>, Option<Document>> =
-            std::collections::HashMap::new();
+        let mut changed = Changed::new();
         // Per request: its replies, its device and its promise.
         let mut answered = Vec::new();
         // Only device requests are promised an answer after the disk.
-        let requests = jobs.iter().any(|j| !j.from_readings);
-        for job in jobs.drain(..) {
+        let requests = jobs.iter().any(|j| matches!(j.body, Body::Request(_)));
+        for mut job in jobs.drain(..) {
             let mut replies = Vec::new();
             let key = job.address.key();
             let current = match changed.get(&key) {
@@ -483,7 +493,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                 Some(None) => Document::default(),
                 None => store.get(&job.address),
             };
-            match answer(&store, &job, current, now_s, &limits) {
+            match answer(&store, &changed, &mut job, current, now_s, &limits) {
                 Ok((doc, out)) => {
                     stats.accepted.fetch_add(1, Relaxed);
                     if let Some(doc) = doc {
@@ -551,11 +561,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
     }
 }
 
-async fn write(
-    store: &Store,
-    changed: std::collections::HashMap<Vec<u8>, Option<Document>>,
-    flush: bool,
-) -> Result<(), sled::Error> {
+async fn write(store: &Store, changed: Changed, flush: bool) -> Result<(), sled::Error> {
     let mut batch = sled::Batch::default();
     for (k, doc) in changed {
         match doc {
@@ -576,13 +582,18 @@ type Answer = (Option<Option<Document>>, Vec<Reply>);
 
 fn answer(
     store: &Store,
-    job: &Job,
+    changed: &Changed,
+    job: &mut Job,
     mut doc: Document,
     now_s: i64,
     limits: &Limits,
 ) -> Result<Answer, Rejection> {
     let a = &job.address;
-    let token = || client_token(&job.payload);
+    let payload: &[u8] = match &job.body {
+        Body::Request(p) => p,
+        Body::Report(_) => &[],
+    };
+    let token = || client_token(payload);
     a.check().map_err(|message| Rejection {
         code: 400,
         message,
@@ -595,18 +606,18 @@ fn answer(
     };
     match a.op {
         Op::Get => {
-            let v = doc.get(&job.payload, now_s, a.display_name(), limits)?;
+            let v = doc.get(payload, now_s, a.display_name(), limits)?;
             Ok((None, vec![reply("get/accepted", &v)]))
         }
         Op::Delete => {
-            let v = doc.delete(&job.payload, now_s, a.display_name(), limits)?;
+            let v = doc.delete(payload, now_s, a.display_name(), limits)?;
             let keep = if a.name.is_some() { None } else { Some(doc) };
             Ok((Some(keep), vec![reply("delete/accepted", &v)]))
         }
         Op::Update => {
             if a.name.is_some()
                 && !doc.exists()
-                && store.named_count(&a.thing) >= MAX_NAMED_PER_THING
+                && store.named_count(&a.thing, changed) >= MAX_NAMED_PER_THING
             {
                 return Err(Rejection {
                     code: 400,
@@ -621,7 +632,10 @@ fn answer(
                 accepted,
                 delta,
                 documents,
-            } = doc.update(&job.payload, now_s, limits)?;
+            } = match &mut job.body {
+                Body::Request(p) => doc.update(p, now_s, limits)?,
+                Body::Report(fields) => doc.report(std::mem::take(fields), now_s, limits)?,
+            };
             let mut out = vec![reply("update/accepted", &accepted)];
             if let Some(d) = delta {
                 out.push(reply("update/delta", &d));
