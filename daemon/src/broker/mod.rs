@@ -73,6 +73,13 @@ pub fn inside(topic: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Rename `topic` (a topic or a filter) in place to the broker's name for it ([`inside`]).
+pub fn to_inside(topic: &mut String) {
+    if let std::borrow::Cow::Owned(t) = inside(topic) {
+        *topic = t;
+    }
+}
+
 /// The device's name for a topic the broker delivers: `Some("$aws/...")` for an inside name,
 /// `None` for a topic that is its own name.
 pub fn outside(topic: &str) -> Option<String> {

@@ -801,7 +801,7 @@ impl Relay<'_> {
             Packet::Unsubscribe(u) if u.topics.iter().any(|t| t.starts_with("$aws")) => {
                 let mut inside = u.clone();
                 for t in &mut inside.topics {
-                    *t = crate::broker::inside(t).into_owned();
+                    crate::broker::to_inside(t);
                 }
                 mqtt::write_packet(&mut s.w, &Packet::Unsubscribe(inside), max).await
             }
@@ -900,9 +900,7 @@ impl Relay<'_> {
                 let broker = &self.ctx.shared.broker;
                 let relayed = if p.retain || broker.interest().wanted(&p.topic) {
                     let mut p = p;
-                    if let std::borrow::Cow::Owned(t) = crate::broker::inside(&p.topic) {
-                        p.topic = t;
-                    }
+                    crate::broker::to_inside(&mut p.topic);
                     match broker.relay().publish(&self.dev.id, p).await {
                         Ok(r) => r,
                         Err(_) => return Err(End::BrokerClosed),
@@ -1016,9 +1014,7 @@ impl Relay<'_> {
 /// see [`crate::broker::inside`]).
 fn inside_filters(filters: &mut [rumqttc::mqttbytes::v4::SubscribeFilter]) {
     for f in filters {
-        if let std::borrow::Cow::Owned(path) = crate::broker::inside(&f.path) {
-            f.path = path;
-        }
+        crate::broker::to_inside(&mut f.path);
     }
 }
 

@@ -346,13 +346,10 @@ impl LocalPublisher {
         self.interest.wanted(&topic).then_some(topic)
     }
 
-    async fn publish(&self, topic: String, payload: Vec<u8>) {
-        if let Err(e) = self
-            .client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-            .await
-        {
-            log::warn!(error:% = e; "cannot publish readings on the local broker");
+    /// Publish on the broker's own name of a topic (see [`crate::broker::inside`]).
+    async fn publish(&self, topic: String, payload: Vec<u8>, qos: rumqttc::QoS) {
+        if let Err(e) = self.client.publish(topic, qos, false, payload).await {
+            log::warn!(error:% = e; "cannot publish on the local broker");
         }
     }
 
@@ -372,10 +369,8 @@ impl LocalPublisher {
         } else {
             rumqttc::QoS::AtLeastOnce
         };
-        let topic = crate::broker::inside(topic).into_owned();
-        if let Err(e) = self.client.publish(topic, qos, false, payload).await {
-            log::warn!(error:% = e; "cannot publish on the local broker");
-        }
+        self.publish(crate::broker::inside(topic).into_owned(), payload, qos)
+            .await;
         true
     }
 }
@@ -577,15 +572,13 @@ impl Core {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _finished = Finished(&self.progress);
         let received_at_ms = crate::clock::epoch_ms(msg.received_at);
-        if !self.stages.rules.is_empty() {
-            let m = crate::rules::Message {
-                topic: &msg.topic,
-                payload: &msg.payload,
-                device_id: &msg.device.id,
-                received_at_ms,
-            };
-            self.stages.rules.apply(m, &mut msg.ack).await;
-        }
+        let m = crate::rules::Message {
+            topic: &msg.topic,
+            payload: &msg.payload,
+            device_id: &msg.device.id,
+            received_at_ms,
+        };
+        self.stages.rules.apply(m, &mut msg.ack).await;
         if msg.topic.starts_with("$aws/") {
             return self.reserved(msg).await;
         }
@@ -619,7 +612,9 @@ impl Core {
                 if let Some(local) = &self.stages.local {
                     // Nobody subscribed: the broker would have nobody to give them to.
                     if let Some(topic) = local.readings_topic(&msg.device.id) {
-                        local.publish(topic, json.clone()).await;
+                        local
+                            .publish(topic, json.clone(), rumqttc::QoS::AtLeastOnce)
+                            .await;
                     }
                 }
                 if let Some(queue) = &self.stages.queue {
@@ -674,14 +669,7 @@ impl Core {
                 (0, 1)
             }
         };
-        {
-            let mut stats = self.stats.lock();
-            let c = stats.entry(msg.device.id.clone()).or_default();
-            c.messages += 1;
-            c.bytes += msg.payload.len() as u64;
-            c.readings += readings;
-            c.dead_letters += dead;
-        }
+        self.count(&msg, readings, dead);
         log::debug!(
             device_id:% = msg.device.id,
             kind:% = msg.device.kind,
@@ -703,12 +691,7 @@ impl Core {
     /// more to do here — it is never a plugin's business.
     async fn reserved(&self, mut msg: Ingest) {
         let address = crate::shadow::Address::parse(&msg.topic);
-        {
-            let mut stats = self.stats.lock();
-            let c = stats.entry(msg.device.id.clone()).or_default();
-            c.messages += 1;
-            c.bytes += msg.payload.len() as u64;
-        }
+        self.count(&msg, 0, 0);
         match (address, &self.stages.shadows) {
             (Some(address), Some(shadows)) => {
                 let ack = msg.ack.take();
@@ -727,6 +710,16 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Count a handled message, its readings and its dead letters on its device.
+    fn count(&self, msg: &Ingest, readings: u64, dead_letters: u64) {
+        let mut stats = self.stats.lock();
+        let c = stats.entry(msg.device.id.clone()).or_default();
+        c.messages += 1;
+        c.bytes += msg.payload.len() as u64;
+        c.readings += readings;
+        c.dead_letters += dead_letters;
     }
 
     fn canonical(&self, msg: &Ingest, n: &Normalized, received_at_ms: i64) -> Vec<u8> {
