@@ -53,6 +53,8 @@ pub struct Gateway {
     dead_letter_writer: Stage<()>,
     /// Answers device shadow requests; ends after the pipeline (its only sender) is gone.
     shadows: Stage<()>,
+    /// Delivers the rules' webhooks (when a rule has an `http` action); ends after the rules.
+    webhooks: Option<Stage<()>>,
     shadow_stats: Arc<crate::shadow::ShadowStats>,
     rule_counters: crate::rules::CountersView,
     /// The queue's entrance for producers other than the pipeline (dropped first on stop, so
@@ -89,6 +91,7 @@ struct StatusView {
     supervisor: Supervisor,
     shadows: Arc<crate::shadow::ShadowStats>,
     rules: crate::rules::CountersView,
+    webhooks: Option<Arc<crate::rules::webhook::WebhookStats>>,
 }
 
 impl StatusView {
@@ -146,6 +149,11 @@ impl StatusView {
             stages: self.supervisor.snapshot(),
             shadows: self.shadows.snapshot(),
             rules: self.rules.counts(),
+            webhooks: self
+                .webhooks
+                .as_ref()
+                .map(|w| w.snapshot())
+                .unwrap_or_default(),
         }
     }
 }
@@ -267,11 +275,30 @@ impl Gateway {
         let shadow_dir = state_dir.join("shadows");
         let shadow_store = crate::shadow::Store::open(&shadow_dir)
             .with_context(|| format!("opening the shadow store in {}", shadow_dir.display()))?;
+        // The webhook outbox exists only when a rule has an `http` action.
+        let mut webhooks = None;
+        let webhook_stage = if crate::rules::wants_webhooks(&config.rules) {
+            let dir = state_dir.join("webhooks");
+            let outbox = crate::rules::webhook::Outbox::open(&dir)
+                .with_context(|| format!("opening the webhook outbox in {}", dir.display()))?;
+            Some(supervisor.spawn_fatal("webhooks", |beat| {
+                let (tx, run) = crate::rules::webhook::service(outbox, beat);
+                webhooks = Some(tx);
+                async move {
+                    run.await;
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            }))
+        } else {
+            None
+        };
+        let webhook_stats = webhooks.as_ref().map(|w| w.stats().clone());
         let rules = Arc::new(crate::rules::Rules::new(
             &config.rules,
             crate::rules::Sinks {
                 local: Some(local.clone()),
                 queue: queue.clone(),
+                webhooks,
             },
         ));
         let rule_counters = rules.counters();
@@ -400,6 +427,7 @@ impl Gateway {
             supervisor: supervisor.clone(),
             shadows: shadow_stats.clone(),
             rules: rule_counters.clone(),
+            webhooks: webhook_stats,
         });
         let mut gw = Self {
             shutdown,
@@ -419,6 +447,7 @@ impl Gateway {
             queue_writer,
             dead_letter_writer,
             shadows: shadow_stage,
+            webhooks: webhook_stage,
             shadow_stats,
             rule_counters,
             outbox,
@@ -505,6 +534,11 @@ impl Gateway {
         self.broker.addr()
     }
 
+    /// What `wardgate status` would show now.
+    pub fn status_snapshot(&self) -> status::Status {
+        self.view.snapshot(true)
+    }
+
     /// Every rule's counters, in configuration order.
     pub fn rule_counts(&self) -> Vec<crate::rules::RuleCounts> {
         self.rule_counters.counts()
@@ -541,6 +575,7 @@ impl Gateway {
         let writer = self.queue_writer.take();
         let dead_letter_writer = &mut self.dead_letter_writer;
         let shadows = &mut self.shadows;
+        let webhooks = &mut self.webhooks;
         self.outbox = None;
         self.spare_ingest = None;
         self.spare_dead_letters = None;
@@ -557,6 +592,10 @@ impl Gateway {
             };
             written &= dead_letter_writer.join().await.is_ok();
             written &= shadows.join().await.is_ok();
+            // Ends once the rules (held by the pipeline and the shadow service) are gone.
+            if let Some(w) = webhooks {
+                written &= w.join().await.is_ok();
+            }
             (handled, written)
         };
         let result = tokio::time::timeout(deadline, drain).await;

@@ -77,6 +77,9 @@ pub struct Status {
     /// Every edge rule's counters, in configuration order.
     #[serde(default)]
     pub rules: Vec<crate::rules::RuleCounts>,
+    /// The rules' webhook receivers, per origin.
+    #[serde(default)]
+    pub webhooks: Vec<crate::rules::webhook::WebhookCounts>,
 }
 
 /// The uplink at a glance.
@@ -231,6 +234,21 @@ pub fn render(s: &Status) -> String {
             out,
             "rule {:<24} matched {:>9}  fired {:>7}  debounced {:>7}  action failures {:>5}  loops stopped {:>4}",
             r.name, r.matched, r.fired, r.debounced, r.action_failures, r.loops_stopped
+        );
+    }
+    for w in &s.webhooks {
+        let _ = writeln!(
+            out,
+            "webhook {:<32} pending {:>6}  delivered {:>7}  failed attempts {:>5}  given up {:>4}{}",
+            w.origin,
+            w.pending,
+            w.delivered,
+            w.failed_attempts,
+            w.dropped,
+            w.last_error
+                .as_deref()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default()
         );
     }
     if let Some(u) = &s.uplink {

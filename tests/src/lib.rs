@@ -623,6 +623,7 @@ impl Rig {
 
 pub mod pki;
 pub mod upstream;
+pub mod webhook;
 
 /// A hand-driven MQTT client over any stream: exact control of every byte sent.
 #[derive(Debug)]

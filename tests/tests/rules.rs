@@ -11,6 +11,7 @@ use wardgate::app::Gateway;
 use wardgate::config::{ActionConfig, AuthMode, DeviceConfig, RuleConfig};
 use wardgate_tests::pki::{Ca, ListenerFiles};
 use wardgate_tests::upstream::Upstream;
+use wardgate_tests::webhook::Receiver;
 use wardgate_tests::{connect, device, options, pacemaker_reading, sdk_python, workspace};
 
 fn rule(name: &str, sql: &str, actions: Vec<ActionConfig>) -> RuleConfig {
@@ -23,7 +24,7 @@ fn rule(name: &str, sql: &str, actions: Vec<ActionConfig>) -> RuleConfig {
     }
 }
 
-fn tachycardia() -> RuleConfig {
+fn tachycardia(webhook: String) -> RuleConfig {
     rule(
         "tachycardia",
         "SELECT state.reported.heartbeat AS heartbeat, topic(3) AS device \
@@ -35,6 +36,13 @@ fn tachycardia() -> RuleConfig {
             },
             ActionConfig::Upstream {
                 stream: "alerts".into(),
+            },
+            ActionConfig::Http {
+                url: webhook,
+                timeout: Duration::from_secs(2),
+                headers: Default::default(),
+                max_age: Duration::from_secs(3600),
+                ca_file: None,
             },
             ActionConfig::Journal {
                 priority: "warning".into(),
@@ -83,7 +91,8 @@ async fn the_ward_alarm_fires_offline_and_reaches_the_cloud_when_it_returns() {
     cfg.devices.push(sdk_device);
     cfg.devices.push(nurse_station());
     cfg.listeners.tls = files.config();
-    cfg.rules = vec![tachycardia()];
+    let mut webhook = Receiver::start(&[]).await;
+    cfg.rules = vec![tachycardia(webhook.url("/nurse-call"))];
     let gw = Gateway::start(&cfg).await.unwrap();
     let plain = gw.listener_addr("plain").unwrap();
     let mut nurse = connect(options(plain, "nurse-01", "nurse-pw")).await;
@@ -117,6 +126,13 @@ async fn the_ward_alarm_fires_offline_and_reaches_the_cloud_when_it_returns() {
     assert_eq!(topic, "alerts/Pacemaker-IoT");
     let alert: Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(alert, json!({"heartbeat": 141, "device": "Pacemaker-IoT"}));
+    // ... and the webhook gets one POST of it.
+    let post = webhook
+        .next(Duration::from_secs(30))
+        .await
+        .expect("the webhook receives the alert");
+    assert_eq!(post.json(), alert);
+    assert_eq!(post.path, "/nurse-call");
     let line = tokio::time::timeout(Duration::from_secs(30), first)
         .await
         .expect("the SDK reports its update")
@@ -145,6 +161,7 @@ async fn the_ward_alarm_fires_offline_and_reaches_the_cloud_when_it_returns() {
     assert_eq!(m["rule"], "tachycardia");
     assert_eq!(m["device_id"], "Pacemaker-IoT");
     assert_eq!(m["output"]["heartbeat"], 141);
+    assert!(webhook.taken_now().is_empty(), "one POST per alert");
     gw.stop(Duration::from_secs(10)).await;
 }
 

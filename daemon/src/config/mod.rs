@@ -424,6 +424,30 @@ pub enum ActionConfig {
         #[serde(default = "warning")]
         priority: String,
     },
+    /// POST the output (JSON) to a webhook, at least once across failures and restarts.
+    Http {
+        /// `http://` or `https://` URL; `${...}` templates allowed.
+        url: String,
+        /// How long one attempt may take (connect, send, answer).
+        #[serde(default = "two_seconds", with = "humantime_serde")]
+        timeout: Duration,
+        /// Extra request headers (`Authorization = "Bearer ..."`); values may use templates.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        headers: BTreeMap<String, String>,
+        /// Given up (logged, counted) when not delivered this long after firing.
+        #[serde(default = "one_day", with = "humantime_serde")]
+        max_age: Duration,
+        /// CA bundle that signed an `https` receiver's certificate (default: the system's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<PathBuf>,
+    },
+}
+
+fn two_seconds() -> Duration {
+    Duration::from_secs(2)
+}
+fn one_day() -> Duration {
+    Duration::from_secs(86_400)
 }
 
 fn one() -> u8 {
@@ -755,7 +779,7 @@ mod tests {
         })
         .unwrap_or_else(|e| panic!("{e:?}\n{example}"));
         assert_eq!(loaded.config.rules.len(), 1);
-        assert_eq!(loaded.config.rules[0].actions.len(), 3);
+        assert_eq!(loaded.config.rules[0].actions.len(), 4);
         let _ = std::fs::remove_dir_all(dir);
     }
 

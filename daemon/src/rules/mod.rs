@@ -22,6 +22,8 @@
 //! - `upstream`: the output, with the rule's name, device and topic, as an alarm record on the
 //!   alerts stream: never evicted, sent before routine readings when the uplink returns.
 //! - `journal`: one entry at the configured priority, with `RULE=` and `DEVICE_ID=` fields.
+//! - `http`: the output POSTed to a webhook, stored first and delivered at least once across
+//!   receiver failures and restarts ([`webhook`]); like `upstream`, it joins the message's PUBACK.
 //!
 //! `debounce` keeps a rule from firing for the same device more than once per interval while its
 //! condition holds; matches in between are counted as `debounced`.
@@ -31,6 +33,7 @@
 //! WHERE is true (Undefined never fires).
 
 pub mod sql;
+pub mod webhook;
 
 use crate::config::{ActionConfig, RuleConfig};
 use crate::pipeline::{Ack, LocalPublisher};
@@ -76,6 +79,16 @@ enum Action {
     Republish { topic: sql::Template, qos: u8 },
     Upstream,
     Journal { level: log::Level, priority: String },
+    Http(Box<HttpAction>),
+}
+
+#[derive(Debug)]
+struct HttpAction {
+    url: sql::Template,
+    headers: Vec<(String, sql::Template)>,
+    timeout: Duration,
+    max_age: Duration,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// Per-rule counters.
@@ -115,6 +128,13 @@ pub struct RuleCounts {
 pub struct CountersView(Arc<Vec<(Arc<str>, Arc<RuleCounters>)>>);
 
 impl CountersView {
+    /// Count an action failure (found after the firing, as a webhook given up) on `rule`.
+    pub fn failed(&self, rule: &str) {
+        if let Some((_, c)) = self.0.iter().find(|(n, _)| &**n == rule) {
+            c.action_failures.fetch_add(1, Relaxed);
+        }
+    }
+
     /// The counters now.
     pub fn counts(&self) -> Vec<RuleCounts> {
         self.0
@@ -220,6 +240,81 @@ impl Rule {
                         });
                     }
                 }
+                ActionConfig::Http {
+                    url,
+                    timeout,
+                    headers,
+                    max_age,
+                    ca_file,
+                } => {
+                    let mut ok = true;
+                    let mut bad = |field: &str, message: String| {
+                        ok = false;
+                        problems.push(Problem {
+                            key: key(field),
+                            message,
+                        });
+                    };
+                    let url_template = match sql::Template::parse(url) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            bad(
+                                "http.url",
+                                format!("rule `{}`: template error at {e}", r.name),
+                            );
+                            None
+                        }
+                    };
+                    // A template is checked once rendered; a literal URL now.
+                    if !url.contains("${") {
+                        if let Err(e) = webhook::check_url(url) {
+                            bad("http.url", e);
+                        }
+                    } else if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        bad(
+                            "http.url",
+                            format!("`{url}`: start it with http:// or https:// (templates may follow)"),
+                        );
+                    }
+                    if timeout.is_zero() || *timeout > Duration::from_secs(60) {
+                        bad(
+                            "http.timeout",
+                            "use more than 0 and at most 60s per attempt".into(),
+                        );
+                    }
+                    if max_age.is_zero() {
+                        bad("http.max_age", "must be more than 0".into());
+                    }
+                    if ca_file.is_some() && !url.starts_with("https://") {
+                        bad(
+                            "http.ca_file",
+                            "only used with an https:// URL; remove it or use https".into(),
+                        );
+                    }
+                    let mut hs = Vec::new();
+                    for (name, value) in headers {
+                        if let Err(e) = webhook::check_header(name) {
+                            bad(&format!("http.headers.{name}"), e);
+                            continue;
+                        }
+                        match sql::Template::parse(value) {
+                            Ok(t) => hs.push((name.clone(), t)),
+                            Err(e) => bad(
+                                &format!("http.headers.{name}"),
+                                format!("rule `{}`: template error at {e}", r.name),
+                            ),
+                        }
+                    }
+                    if let (true, Some(url)) = (ok, url_template) {
+                        actions.push(Action::Http(Box::new(HttpAction {
+                            url,
+                            headers: hs,
+                            timeout: *timeout,
+                            max_age: *max_age,
+                            ca_file: ca_file.clone(),
+                        })));
+                    }
+                }
                 ActionConfig::Journal { priority } => match level_of(priority) {
                     Some(level) => actions.push(Action::Journal {
                         level,
@@ -273,6 +368,16 @@ pub struct Sinks {
     pub local: Option<Arc<LocalPublisher>>,
     /// The durable queue (upstream alerts); `None`: upstream disabled.
     pub queue: Option<crate::queue::Enqueue>,
+    /// The webhook outbox (`http` actions); `None` when no rule has one.
+    pub webhooks: Option<webhook::Webhooks>,
+}
+
+/// Whether any rule has an `http` action (then the gateway opens the webhook outbox).
+pub fn wants_webhooks(configs: &[RuleConfig]) -> bool {
+    configs
+        .iter()
+        .flat_map(|r| &r.actions)
+        .any(|a| matches!(a, ActionConfig::Http { .. }))
 }
 
 /// The compiled rules and their sinks (cheap to share: `Arc<Rules>`).
@@ -304,11 +409,15 @@ impl Rules {
         if !rules.is_empty() {
             log::info!(rules = rules.len(); "{} edge rules loaded", rules.len());
         }
-        Self {
+        let rules = Self {
             rules,
             sinks,
             ..Self::default()
+        };
+        if let Some(w) = &rules.sinks.webhooks {
+            w.stats().attach(rules.counters());
         }
+        rules
     }
 
     /// No rules: nothing to evaluate.
@@ -426,17 +535,44 @@ impl Rules {
                     });
                     let record =
                         crate::queue::Record::alert(msg.device_id, alert.to_string().into_bytes());
-                    let part = match ack.take() {
-                        Some(a) => {
-                            let (mine, theirs) = a.split();
-                            *ack = Some(mine);
-                            Some(theirs)
-                        }
-                        None => None,
-                    };
+                    let part = split_ack(ack);
                     if !queue.push(record, part).await {
                         rule.counters.action_failures.fetch_add(1, Relaxed);
                         log::error!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: the queue writer stopped; alert not queued", rule.name);
+                    }
+                }
+                Action::Http(h) => {
+                    let Some(webhooks) = &self.sinks.webhooks else {
+                        rule.counters.action_failures.fetch_add(1, Relaxed);
+                        log::error!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: no webhook outbox in this gateway; http action skipped", rule.name);
+                        continue;
+                    };
+                    let url = h.url.render(ctx);
+                    if let Err(e) = webhook::check_url(&url) {
+                        rule.counters.action_failures.fetch_add(1, Relaxed);
+                        log::warn!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: http action skipped: {e}", rule.name);
+                        continue;
+                    }
+                    let delivery = webhook::Delivery {
+                        format: 1,
+                        url,
+                        headers: h
+                            .headers
+                            .iter()
+                            .map(|(n, v)| (n.clone(), v.render(ctx)))
+                            .collect(),
+                        timeout_ms: h.timeout.as_millis() as u64,
+                        max_age_ms: h.max_age.as_millis() as u64,
+                        ca_file: h.ca_file.clone(),
+                        rule: rule.name.to_string(),
+                        device_id: msg.device_id.to_string(),
+                        fired_at_ms: crate::clock::now_ms(),
+                        body: body.clone(),
+                    };
+                    let part = split_ack(ack);
+                    if !webhooks.submit(delivery, part).await {
+                        rule.counters.action_failures.fetch_add(1, Relaxed);
+                        log::error!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: the webhook service stopped; delivery not stored", rule.name);
                     }
                 }
                 Action::Republish { topic, qos } => {
@@ -486,6 +622,60 @@ impl Rules {
             rule:% = rule.name, topic:% = topic, hops = MAX_HOPS;
             "rule {}: republished on `{topic}` after {MAX_HOPS} rule hops; not evaluated again (a rule loop?)",
             rule.name
+        );
+    }
+}
+
+/// A part of `ack` for a durable action (none when the message needs no acknowledgement).
+fn split_ack(ack: &mut Option<Ack>) -> Option<Ack> {
+    let (mine, theirs) = ack.take()?.split();
+    *ack = Some(mine);
+    Some(theirs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(actions: &str) -> Vec<Problem> {
+        let text = format!("name = \"r\"\nsql = \"SELECT * FROM 'a/+'\"\nactions = [{actions}]\n");
+        let rule: RuleConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        check(&[rule])
+    }
+
+    #[test]
+    fn http_actions_are_checked_field_by_field() {
+        assert!(problems(r#"{ http = { url = "http://127.0.0.1:8080/nurse-call" } }"#).is_empty());
+        assert!(problems(
+            r#"{ http = { url = "https://pager/${topic(2)}", headers = { Authorization = "Bearer ${clientid()}" }, ca_file = "/etc/ssl/ward.pem", timeout = "5s", max_age = "1h" } }"#
+        )
+        .is_empty());
+        let keys = |actions: &str| -> Vec<String> {
+            problems(actions).into_iter().map(|p| p.key).collect()
+        };
+        assert_eq!(
+            keys(r#"{ http = { url = "ftp://x/" } }"#),
+            ["rules[0].actions[0].http.url"]
+        );
+        assert_eq!(
+            keys(r#"{ http = { url = "pager/${topic(2)}" } }"#),
+            ["rules[0].actions[0].http.url"]
+        );
+        assert_eq!(
+            keys(r#"{ http = { url = "http://x/", timeout = "2m" } }"#),
+            ["rules[0].actions[0].http.timeout"]
+        );
+        assert_eq!(
+            keys(r#"{ http = { url = "http://x/", ca_file = "/ca.pem" } }"#),
+            ["rules[0].actions[0].http.ca_file"]
+        );
+        assert_eq!(
+            keys(r#"{ http = { url = "http://x/", headers = { Host = "y" } } }"#),
+            ["rules[0].actions[0].http.headers.Host"]
+        );
+        assert_eq!(
+            keys(r#"{ journal = {} }, { http = { url = "http://x/${topic(" } }"#),
+            ["rules[0].actions[1].http.url"]
         );
     }
 }
