@@ -14,7 +14,7 @@
 //! [`SETTLE`]). The idle figure is that of a restart (plugins loaded from the compiled cache);
 //! the first start, which compiles them, is reported beside it. Before devices are counted,
 //! four logins give the argon2 pool threads their kept memory (a cost of the gateway, reported
-//! on its own). "Per device" is the growth from there divided by the devices added; "for each
+//! on its own), and their readings page in the code a connection runs. "Per device" is the growth from there divided by the devices added; "for each
 //! of the last 450" is the growth from 50 to 500. Run with
 //! `cargo xtask bench` (or `cargo bench -p wardgate --bench memory`). Prints one line per step
 //! and writes `target/bench/memory.json`.
@@ -363,17 +363,19 @@ async fn run(components: std::path::PathBuf) {
         mib(idle_first)
     );
     // The first password logins give each argon2 pool thread the memory area it keeps for
-    // every later check (`login.argon2_threads` × the hashes' m_cost): a cost of the gateway,
-    // not of a device, so it is taken before the devices are counted.
+    // every later check (`login.argon2_threads` × the hashes' m_cost), and their readings page
+    // in the code a connection and a reading run (released after start-up, see
+    // `wardgate::footprint`): costs of the gateway, not of a device, so they are taken before
+    // the devices are counted. The four then disconnect.
     let warm: Vec<_> = (0..4)
-        .map(|k| tokio::spawn(connect(addr, DEVICES - 1 - k, false)))
+        .map(|k| tokio::spawn(connect(addr, DEVICES - 1 - k, true)))
         .collect();
     for w in warm {
         drop(w.await.unwrap());
     }
     let logged_in = settled_rss(pid).await;
     println!(
-        "memory: after the first logins (argon2 areas of the login pool): RSS {:.1} MiB",
+        "memory: after the first logins and readings (argon2 areas of the login pool, the code they run): RSS {:.1} MiB",
         mib(logged_in)
     );
     let mut conns = connect_range(addr, 0..FIRST).await;

@@ -737,6 +737,7 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
         sd_notify::NotifyState::Status(&status),
     ]);
     log::info!(listeners:% = listening; "wardgate ready");
+    release_startup_memory("start");
 
     let watchdog = watchdog_every.map(|every| start_watchdog(every, gw.supervisor().clone()));
     let failure = loop {
@@ -847,6 +848,7 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
         }
     }
     notify(&[sd_notify::NotifyState::Ready]);
+    release_startup_memory("reload");
 }
 
 /// The watchdog interval systemd asks for, as `sd_watchdog_enabled(3)` reads it: `WATCHDOG_USEC`
@@ -904,6 +906,16 @@ fn start_watchdog(interval: Duration, supervisor: Supervisor) -> JoinHandle<()> 
             }
         }
     })
+}
+
+/// Give back what start-up (or a reload) needed and the running gateway does not.
+fn release_startup_memory(after: &str) {
+    let r = crate::footprint::release_startup_memory();
+    log::debug!(
+        code_bytes = r.code_bytes, heap_trimmed = r.heap_trimmed;
+        "memory: after the {after}, {} KiB of executable pages released from the resident set",
+        r.code_bytes / 1024
+    );
 }
 
 #[cfg(test)]

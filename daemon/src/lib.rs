@@ -19,6 +19,8 @@
 //!   connection task: shadow requests to [`shadow`], everything else to the plugin, local
 //!   publication, dead-letter store, durable queue.
 //! - [`shadow`]: AWS IoT device shadows (classic and named), answered locally and kept in sled.
+//! - [`rules`]: edge rules (an IoT SQL subset) and their actions: republish, upstream alarm,
+//!   webhook (at least once, stored first), journal.
 //! - [`queue`]: the durable offline queue (sled), on-disk format and invariants in its docs.
 //! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
@@ -28,6 +30,7 @@
 //!   stream).
 //! - [`sim`]: the ward simulator (devices with their vendors' raw formats).
 //! - [`clock`]: epoch-millisecond times.
+//! - [`footprint`]: start-up memory given back once the gateway is ready.
 //! - [`cli`]: the `wardgate` command line.
 //!
 //! ## The life of one reading
@@ -41,6 +44,7 @@ pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod footprint;
 pub mod gatekeeper;
 pub mod metering;
 pub mod mqtt;

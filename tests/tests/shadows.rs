@@ -356,17 +356,19 @@ async fn named_shadows_are_bounded_per_thing() {
             .unwrap();
         }
     };
+    // One at a time, as a device waiting for each answer (more than 10 in flight would be
+    // answered 429, another test's subject).
+    let mut replies = std::collections::BTreeMap::<String, Value>::new();
     for i in 0..=max {
         update(format!("s{i}")).await;
-    }
-    let mut replies = std::collections::BTreeMap::<String, Value>::new();
-    while replies.len() <= max {
-        let (t, p) = pm
-            .next(Duration::from_secs(10))
-            .await
-            .expect("a reply each");
-        if t.ends_with("/update/accepted") || t.ends_with("/update/rejected") {
-            replies.insert(t, serde_json::from_slice(&p).unwrap());
+        while replies.len() <= i {
+            let (t, p) = pm
+                .next(Duration::from_secs(10))
+                .await
+                .expect("a reply each");
+            if t.ends_with("/update/accepted") || t.ends_with("/update/rejected") {
+                replies.insert(t, serde_json::from_slice(&p).unwrap());
+            }
         }
     }
     let rejected: Vec<_> = replies
@@ -397,4 +399,73 @@ async fn named_shadows_are_bounded_per_thing() {
         accepted_again = t == "$aws/things/pm-01/shadow/name/again/update/accepted";
     }
     gw.stop(Duration::from_secs(10)).await;
+}
+
+/// IoT Core's limit of 10 requests in flight per thing: with the shadow service held up (the
+/// test builds' fault injection stalls it), a thing's 11th waiting request is answered at once
+/// with 429 on its `/rejected` topic, with its clientToken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eleventh_request_in_flight_gets_429() {
+    const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &dir.path().join("state"),
+        vec![device("pm-01", "pacemaker", "pw")],
+    );
+    let config_path = dir.path().join("wardgate.toml");
+    std::fs::write(&config_path, wardgate_tests::config_toml(&cfg)).unwrap();
+    let mut notify = wardgate_tests::NotifySocket::bind(dir.path());
+    let mut cmd = wardgate_tests::daemon_command(BIN, &config_path, &notify);
+    cmd.stderr(std::process::Stdio::piped())
+        .env("WG_FAULT", "shadows:stall");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(cmd.spawn().unwrap());
+    let mut log = wardgate_tests::Log::capture(&mut child.0);
+    let ready = notify
+        .wait_for("READY=1", Duration::from_secs(30))
+        .expect("READY=1");
+    let addr = wardgate_tests::plain_addr_from_status(&ready).unwrap();
+    let mut pm = connect(options(addr, "pm-01", "pw")).await;
+    pm.subscribe("$aws/things/pm-01/shadow/update/rejected")
+        .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    log.wait_for(
+        "fault injection: stage shadows fails now",
+        Duration::from_secs(30),
+    )
+    .expect("the shadow service is held up");
+    for i in 0..=wardgate::shadow::MAX_IN_FLIGHT_PER_THING {
+        let body =
+            json!({"state": {"reported": {"heartbeat": 60 + i}}, "clientToken": format!("t{i}")});
+        pm.client
+            .publish(
+                "$aws/things/pm-01/shadow/update",
+                QoS::AtMostOnce,
+                false,
+                body.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    let (topic, payload) = pm.next(Duration::from_secs(30)).await.expect("a rejection");
+    assert_eq!(topic, "$aws/things/pm-01/shadow/update/rejected");
+    let v: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(v["code"], 429, "{v}");
+    assert_eq!(v["message"], "Too Many Requests");
+    assert_eq!(
+        v["clientToken"],
+        format!("t{}", wardgate::shadow::MAX_IN_FLIGHT_PER_THING),
+        "the 11th is the one refused"
+    );
+    assert!(v["timestamp"].is_i64(), "{v}");
 }

@@ -23,9 +23,13 @@
 //! devices too.
 //!
 //! Bounds: a document's state is at most 8 KB and 6 levels deep (AWS's limits); a thing has at
-//! most [`MAX_NAMED_PER_THING`] named shadows; requests wait in a channel of
-//! [`REQUEST_CHANNEL_CAPACITY`], and a full channel holds up the devices sending them (their
-//! connections are not read meanwhile), never anyone else's readings.
+//! most [`MAX_NAMED_PER_THING`] named shadows; at most [`MAX_IN_FLIGHT_PER_THING`] requests
+//! of one thing wait for the service (IoT Core's limit): one more is answered at once on its
+//! `/rejected` topic with 429 "Too Many Requests" (and acknowledged: it was answered), so a
+//! device flooding its shadow cannot fill the queue the other devices' requests wait in.
+//! Requests wait in a channel of [`REQUEST_CHANNEL_CAPACITY`]; a full channel holds up the
+//! devices sending them (their connections are not read meanwhile), never anyone else's
+//! readings.
 //!
 //! Versions: a classic shadow's version survives its deletion (a recreated shadow continues
 //! the numbering, as on IoT Core within 48 h). A deleted *named* shadow is forgotten
@@ -49,6 +53,8 @@ use tokio::sync::mpsc;
 pub const MAX_NAMED_PER_THING: usize = 16;
 /// Requests waiting for the shadow task.
 pub const REQUEST_CHANNEL_CAPACITY: usize = 256;
+/// Requests of one thing waiting for the shadow task at most (IoT Core's in-flight limit).
+pub const MAX_IN_FLIGHT_PER_THING: usize = 10;
 /// How long an update made from readings alone may wait for its flush (the readings
 /// themselves are durable in the queue; a kill -9 loses at most this much of the reported
 /// state, which the device's next reading restores).
@@ -197,6 +203,9 @@ pub struct ShadowCounts {
     pub accepted: u64,
     /// Requests rejected (any code).
     pub rejected: u64,
+    /// Of those, rejected with 429: more than [`MAX_IN_FLIGHT_PER_THING`] in flight.
+    #[serde(default)]
+    pub too_many: u64,
     /// Store writes that failed.
     pub store_errors: u64,
     /// Reported-state updates made from readings.
@@ -210,6 +219,8 @@ pub struct ShadowStats {
     pub accepted: std::sync::atomic::AtomicU64,
     /// Requests rejected (any code).
     pub rejected: std::sync::atomic::AtomicU64,
+    /// Of those, rejected with 429.
+    pub too_many: std::sync::atomic::AtomicU64,
     /// Store writes that failed (those requests got no reply and no PUBACK).
     pub store_errors: std::sync::atomic::AtomicU64,
     /// Reported-state updates made from readings.
@@ -223,6 +234,7 @@ impl ShadowStats {
         ShadowCounts {
             accepted: self.accepted.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
+            too_many: self.too_many.load(Relaxed),
             store_errors: self.store_errors.load(Relaxed),
             reports: self.reports.load(Relaxed),
         }
@@ -235,6 +247,37 @@ pub struct Shadows {
     tx: mpsc::Sender<Job>,
     stats: Arc<ShadowStats>,
     reports: Arc<Reports>,
+    in_flight: Arc<InFlight>,
+    publisher: Arc<LocalPublisher>,
+    rules: Arc<crate::rules::Rules>,
+}
+
+/// Device requests waiting for the service, per thing.
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl InFlight {
+    /// Count one more for `thing`, unless it has [`MAX_IN_FLIGHT_PER_THING`] already.
+    fn take(&self, thing: &str) -> bool {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(thing.to_string()).or_default();
+        if *n >= MAX_IN_FLIGHT_PER_THING {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// One of `thing`'s requests left the queue.
+    fn give(&self, thing: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(thing) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(thing);
+            }
+        }
+    }
 }
 
 /// Reported state from readings, waiting for the service: one merged entry per device.
@@ -260,15 +303,66 @@ impl Shadows {
         device_id: Arc<str>,
         ack: Option<Ack>,
     ) -> Result<(), Stopped> {
-        self.tx
+        if !self.in_flight.take(&address.thing) {
+            self.too_many(address, &payload, device_id, ack).await;
+            return Ok(());
+        }
+        let thing = address.thing.clone();
+        let sent = self
+            .tx
             .send(Job {
                 address,
                 body: Body::Request(payload),
                 device_id,
                 ack,
             })
-            .await
-            .map_err(|_| Stopped)
+            .await;
+        if sent.is_err() {
+            self.in_flight.give(&thing);
+            return Err(Stopped);
+        }
+        Ok(())
+    }
+
+    /// Answer a request over the thing's in-flight limit: 429 on its `/rejected` topic, seen
+    /// by the rules like any rejection, and acknowledged (it was answered).
+    async fn too_many(
+        &self,
+        address: Address,
+        payload: &[u8],
+        device_id: Arc<str>,
+        mut ack: Option<Ack>,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.rejected.fetch_add(1, Relaxed);
+        self.stats.too_many.fetch_add(1, Relaxed);
+        log::debug!(
+            device_id:% = device_id, thing:% = address.thing, op = address.op.as_str(), code = 429;
+            "shadow {} rejected: 429 more than {MAX_IN_FLIGHT_PER_THING} requests in flight", address.op.as_str()
+        );
+        let now_ms = crate::clock::now_ms();
+        let rejection = Rejection {
+            code: 429,
+            message: "Too Many Requests".into(),
+            client_token: client_token(payload),
+        };
+        let topic = format!("{}/{}/rejected", address.prefix(), address.op.as_str());
+        let body = rejection.to_json(now_ms / 1000).to_string().into_bytes();
+        self.rules
+            .apply(
+                crate::rules::Message {
+                    topic: &topic,
+                    payload: &body,
+                    device_id: &device_id,
+                    received_at_ms: now_ms,
+                },
+                &mut ack,
+            )
+            .await;
+        self.publisher.publish_wanted(&topic, body).await;
+        if let Some(a) = ack {
+            a.confirm();
+        }
     }
 
     /// A device's canonical readings, as its classic shadow's reported state: each metric
@@ -394,18 +488,30 @@ pub fn service(
     let (tx, rx) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
     let stats = Arc::new(ShadowStats::default());
     let reports = Arc::new(Reports::default());
+    let in_flight = Arc::new(InFlight::default());
     let run = run(
         Service {
             store,
-            publisher,
-            rules,
+            publisher: publisher.clone(),
+            rules: rules.clone(),
             stats: stats.clone(),
             reports: reports.clone(),
+            in_flight: in_flight.clone(),
         },
         rx,
         beat,
     );
-    (Shadows { tx, stats, reports }, run)
+    (
+        Shadows {
+            tx,
+            stats,
+            reports,
+            in_flight,
+            publisher,
+            rules,
+        },
+        run,
+    )
 }
 
 /// What the shadow task works with.
@@ -415,6 +521,7 @@ struct Service {
     rules: Arc<crate::rules::Rules>,
     stats: Arc<ShadowStats>,
     reports: Arc<Reports>,
+    in_flight: Arc<InFlight>,
 }
 
 async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervisor::Heartbeat) {
@@ -424,6 +531,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
         rules,
         stats,
         reports,
+        in_flight,
     } = service;
     use std::sync::atomic::Ordering::Relaxed;
     let limits = Limits::default();
@@ -486,6 +594,9 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
         // Only device requests are promised an answer after the disk.
         let requests = jobs.iter().any(|j| matches!(j.body, Body::Request(_)));
         for mut job in jobs.drain(..) {
+            if matches!(job.body, Body::Request(_)) {
+                in_flight.give(&job.address.thing);
+            }
             let mut replies = Vec::new();
             let key = job.address.key();
             let current = match changed.get(&key) {

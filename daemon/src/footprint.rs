@@ -1,0 +1,221 @@
+//! Giving back what only the start needed: once the gateway is ready, the heap's free memory
+//! goes back to the kernel (`malloc_trim`) and the executable's pages that start-up touched are
+//! released from the resident set (`madvise(MADV_PAGEOUT)` on the binary's own mappings).
+//!
+//! Why: start-up runs code that never runs again — the configuration stack (figment, TOML,
+//! clap), TLS and certificate loading, sled's recovery, the plugins' deserialisation,
+//! rumqttd's set-up. The kernel maps code in 64 KiB fault-around blocks, so that one-off code
+//! keeps about 8 MiB of the binary resident in an idle gateway although a fraction of it runs.
+//! Those pages are clean and file-backed: releasing them loses nothing, and the pages the
+//! running gateway does use come back on their next use (from the page cache, or one read of
+//! the binary). What stays resident afterwards is the code the gateway really runs.
+//!
+//! What must stay true: this is advice to the kernel and never fails the gateway (an older
+//! kernel without `MADV_PAGEOUT` says EINVAL, which is logged at debug and ignored); only
+//! clean, file-backed, read-only or executable mappings of the gateway's own executable are
+//! touched — never anonymous memory, never a writable mapping, never another file.
+
+use std::ops::Range;
+
+/// What [`release_startup_memory`] gave back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// Bytes of the executable's mappings advised out.
+    pub code_bytes: u64,
+    /// Whether `malloc_trim` released heap memory.
+    pub heap_trimmed: bool,
+}
+
+/// The executable's read-only and executable mappings in `maps` (the text of
+/// `/proc/self/maps`) for the file `exe`.
+pub fn executable_ranges(maps: &str, exe: &str) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let path = fields.nth(3).unwrap_or("");
+        if path != exe || perms.len() < 4 || perms.as_bytes()[1] == b'w' {
+            continue;
+        }
+        // Private and not writable: the pages are the file's own, clean.
+        if perms.as_bytes()[3] != b'p' {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if a < b {
+            out.push(a..b);
+        }
+    }
+    out
+}
+
+/// Return start-up memory to the kernel (see the module docs). Call once the gateway is
+/// ready; cheap (a few milliseconds) and safe to call again.
+pub fn release_startup_memory() -> Released {
+    let mut released = Released {
+        // SAFETY: malloc_trim only walks glibc's own arenas; any thread may call it.
+        #[allow(unsafe_code)]
+        heap_trimmed: unsafe { nix::libc::malloc_trim(0) } == 1,
+        ..Released::default()
+    };
+    let exe = match std::fs::read_link("/proc/self/exe") {
+        Ok(p) => p,
+        Err(e) => {
+            log::debug!(error:% = e; "memory: cannot find the executable; its pages stay resident");
+            return released;
+        }
+    };
+    let maps = match std::fs::read_to_string("/proc/self/maps") {
+        Ok(m) => m,
+        Err(e) => {
+            log::debug!(error:% = e; "memory: cannot read /proc/self/maps; the executable's pages stay resident");
+            return released;
+        }
+    };
+    for r in executable_ranges(&maps, &exe.to_string_lossy()) {
+        let len = (r.end - r.start) as u64;
+        match page_out(r) {
+            Ok(()) => released.code_bytes += len,
+            Err(e) => {
+                log::debug!(error:% = e; "memory: madvise(MADV_PAGEOUT) refused; the executable's pages stay resident");
+                break;
+            }
+        }
+    }
+    released
+}
+
+/// Advise the kernel to reclaim the pages of `range`, a whole read-only mapping of this
+/// process read from `/proc/self/maps`. Pages another process also maps stay.
+fn page_out(range: Range<usize>) -> std::io::Result<()> {
+    // SAFETY: MADV_PAGEOUT is advice: it changes no content and no mapping; the range is a
+    // whole mapping of this process that is not writable, so no data can be lost.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        nix::libc::madvise(
+            range.start as *mut nix::libc::c_void,
+            range.end - range.start,
+            nix::libc::MADV_PAGEOUT,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0000000-55d0c0400000 r--p 00000000 fe:01 123 /usr/bin/wardgate
+55d0c0400000-55d0c1600000 r-xp 00400000 fe:01 123 /usr/bin/wardgate
+55d0c1600000-55d0c1a00000 r--p 01600000 fe:01 123 /usr/bin/wardgate
+55d0c1a00000-55d0c1b00000 rw-p 01a00000 fe:01 123 /usr/bin/wardgate
+55d0c1b00000-55d0c1c00000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000200000 r-xp 00000000 fe:01 456 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000200000-7f0000300000 r-xs 00000000 fe:01 123 /usr/bin/wardgate
+7f0000300000-7f0000400000 rw-p 00000000 00:00 0
+";
+
+    #[test]
+    fn only_the_executables_private_unwritable_mappings_are_chosen() {
+        let r = executable_ranges(MAPS, "/usr/bin/wardgate");
+        assert_eq!(
+            r,
+            vec![
+                0x55d0c0000000..0x55d0c0400000,
+                0x55d0c0400000..0x55d0c1600000,
+                0x55d0c1600000..0x55d0c1a00000,
+            ]
+        );
+        assert!(executable_ranges(MAPS, "/usr/bin/other").is_empty());
+    }
+
+    /// Resident KiB of the mapping that starts at `start` (`/proc/self/smaps`).
+    fn resident_kib(start: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{start:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        assert!(lines.next().is_some(), "mapping {head} not in smaps");
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("Rss of the mapping")
+    }
+
+    /// The advice on a file only this process maps (the test binary itself is mapped by the
+    /// other tests running beside this one, and shared pages stay): its pages go, and it
+    /// still reads the same afterwards.
+    #[test]
+    fn paged_out_file_pages_leave_the_resident_set_and_read_back_the_same() {
+        use std::io::Write;
+        const LEN: usize = 4 << 20;
+        let mut f = tempfile::tempfile().unwrap();
+        let content: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        f.write_all(&content).unwrap();
+        f.sync_all().unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh read-only private mapping of a file this test owns, unmapped below.
+        #[allow(unsafe_code)]
+        let ptr = unsafe {
+            nix::libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                nix::libc::PROT_READ,
+                nix::libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, nix::libc::MAP_FAILED);
+        // SAFETY: the mapping is LEN readable bytes and lives until munmap below.
+        #[allow(unsafe_code)]
+        let view = unsafe { std::slice::from_raw_parts(ptr as *const u8, LEN) };
+        let sum = |v: &[u8]| v.iter().map(|&b| b as u64).sum::<u64>();
+        let expected = sum(&content);
+        assert_eq!(sum(view), expected);
+        let start = ptr as usize;
+        let before = resident_kib(start);
+        assert!(
+            before >= 3 << 10,
+            "{before} KiB resident after reading 4 MiB"
+        );
+        match page_out(start..start + LEN) {
+            Ok(()) => {
+                let after = resident_kib(start);
+                assert!(
+                    after < before / 4,
+                    "{before} KiB resident before, {after} after"
+                );
+            }
+            // A kernel without MADV_PAGEOUT (before 5.4).
+            Err(e) => assert_eq!(e.raw_os_error(), Some(nix::libc::EINVAL), "{e}"),
+        }
+        assert_eq!(sum(view), expected, "the pages read back the same");
+        // SAFETY: unmapping the mapping made above; `view` is not used after this.
+        #[allow(unsafe_code)]
+        unsafe {
+            nix::libc::munmap(ptr, LEN);
+        }
+    }
+
+    #[test]
+    fn releasing_the_gateways_own_pages_never_fails_it() {
+        // Whatever the kernel keeps (other processes map this test binary too), the call
+        // returns and the process keeps running; a second call is as good as the first.
+        let first = release_startup_memory();
+        let second = release_startup_memory();
+        assert_eq!(first.code_bytes, second.code_bytes);
+    }
+}
