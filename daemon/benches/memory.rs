@@ -11,11 +11,13 @@
 //!    (`/proc/<pid>/clear_refs`), so it is the peak of the load alone.
 //!
 //! RSS is read from `/proc/<pid>/status` after the gateway has settled (RSS steady for
-//! [`SETTLE`]). The idle figure is that of a restart (plugins loaded from the compiled cache);
+//! [`SETTLE`]), once the quiet gateway has given back its start-up memory
+//! (`wardgate::footprint`, 10 s after the last message). The idle figure is that of a restart (plugins loaded from the compiled cache);
 //! the first start, which compiles them, is reported beside it. Before devices are counted,
 //! four logins give the argon2 pool threads their kept memory (a cost of the gateway, reported
-//! on its own), and their readings page in the code a connection runs. "Per device" is the growth from there divided by the devices added; "for each
-//! of the last 450" is the growth from 50 to 500. Run with
+//! on its own), and their readings page in the code a connection runs. "Per device" is the
+//! growth from there divided by the devices added; "for each of the last 450" is the growth
+//! from 50 to 500. Run with
 //! `cargo xtask bench` (or `cargo bench -p wardgate --bench memory`). Prints one line per step
 //! and writes `target/bench/memory.json`.
 
@@ -253,6 +255,7 @@ fn start(
     u32,
     SocketAddr,
     std::thread::JoinHandle<usize>,
+    std::sync::mpsc::Receiver<()>,
 ) {
     let sock = UnixDatagram::bind(sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(60)))
@@ -275,7 +278,7 @@ fn start(
         .arg(conf)
         .env("NOTIFY_SOCKET", sock_path)
         .env("WARDGATE_LOG__FORMAT", "text")
-        .env("WARDGATE_LOG__LEVEL", "warn")
+        .env("WARDGATE_LOG__LEVEL", "info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -283,7 +286,21 @@ fn start(
         .expect("start the gateway");
     let stderr = child.stderr.take().unwrap();
     // Keep reading the log so the gateway never blocks on a full pipe.
-    let log_lines = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().count());
+    // and tell when the quiet gateway has given back its start-up memory (`footprint`).
+    let (released_tx, released) = std::sync::mpsc::channel();
+    let log_lines = std::thread::spawn(move || {
+        let mut n = 0;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            n += 1;
+            if line.contains("start-up pages released") {
+                let _ = released_tx.send(());
+            }
+        }
+        n
+    });
     let mut buf = vec![0u8; 4096];
     let addr: SocketAddr = loop {
         let n = sock.recv(&mut buf).expect("READY=1 within 60 s");
@@ -298,7 +315,7 @@ fn start(
         }
     };
     let pid = gateway_pid(child.id());
-    (child, pid, addr, log_lines)
+    (child, pid, addr, log_lines, released)
 }
 
 /// SIGTERM the gateway and check that it stopped cleanly.
@@ -336,12 +353,20 @@ async fn run(components: std::path::PathBuf) {
         .collect();
     let conf = dir.path().join("wardgate.toml");
     std::fs::write(&conf, toml::to_string(&cfg).unwrap()).unwrap();
-    let (mut child, pid, _addr, log_lines) = start(&conf, &dir.path().join("notify-1.sock"));
+    let (mut child, pid, _addr, log_lines, released) =
+        start(&conf, &dir.path().join("notify-1.sock"));
+    released
+        .recv_timeout(Duration::from_secs(60))
+        .expect("start-up memory released once quiet");
     let idle_first = settled_rss(pid).await;
     stop(&mut child, pid, log_lines);
     // The idle figure that counts is that of a restart: the plugins are compiled once, then
     // loaded from the cache, as on a gateway that has run before.
-    let (mut child, pid, addr, log_lines) = start(&conf, &dir.path().join("notify-2.sock"));
+    let (mut child, pid, addr, log_lines, released) =
+        start(&conf, &dir.path().join("notify-2.sock"));
+    released
+        .recv_timeout(Duration::from_secs(60))
+        .expect("start-up memory released once quiet");
     let plugins = std::fs::read_dir(&cfg.plugins.dir)
         .map(|d| {
             d.filter_map(Result::ok)

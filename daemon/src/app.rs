@@ -737,14 +737,25 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
         sd_notify::NotifyState::Status(&status),
     ]);
     log::info!(listeners:% = listening; "wardgate ready");
-    release_startup_memory("start");
 
     let watchdog = watchdog_every.map(|every| start_watchdog(every, gw.supervisor().clone()));
+    // Start-up memory is given back once the gateway has been quiet for a while (see
+    // `footprint`): never under load, where paging code back in would delay readings.
+    let mut quiet = Quiet::new(gw.stats().total_messages());
+    let mut quiet_tick = tokio::time::interval(Duration::from_secs(1));
     let failure = loop {
         tokio::select! {
             _ = sigterm.recv() => { log::info!(signal = "SIGTERM"; "stopping"); break None; }
             _ = sigint.recv() => { log::info!(signal = "SIGINT"; "stopping"); break None; }
-            _ = sighup.recv() => reload(&opts, &config, &gw),
+            _ = sighup.recv() => {
+                reload(&opts, &config, &gw);
+                quiet.pending = Some("reload");
+            }
+            _ = quiet_tick.tick(), if quiet.pending.is_some() => {
+                if let Some(after) = quiet.observe(gw.stats().total_messages()) {
+                    release_startup_memory(after);
+                }
+            }
             f = gw.supervisor().fatal() => break Some(f),
         }
     };
@@ -848,7 +859,6 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
         }
     }
     notify(&[sd_notify::NotifyState::Ready]);
-    release_startup_memory("reload");
 }
 
 /// The watchdog interval systemd asks for, as `sd_watchdog_enabled(3)` reads it: `WATCHDOG_USEC`
@@ -908,20 +918,70 @@ fn start_watchdog(interval: Duration, supervisor: Supervisor) -> JoinHandle<()> 
     })
 }
 
+/// How long no message may arrive before start-up memory is given back.
+const RELEASE_WHEN_QUIET_FOR: Duration = Duration::from_secs(10);
+
+/// Whether the gateway has been quiet (no message handled) long enough to give back what
+/// start-up or a reload needed.
+struct Quiet {
+    /// What is waiting to be given back (`"start"`, `"reload"`), if anything.
+    pending: Option<&'static str>,
+    last: u64,
+    since: std::time::Instant,
+}
+
+impl Quiet {
+    fn new(messages: u64) -> Self {
+        Self {
+            pending: Some("start"),
+            last: messages,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// The message count now; what to give back, once it stood still long enough.
+    fn observe(&mut self, messages: u64) -> Option<&'static str> {
+        if messages != self.last {
+            self.last = messages;
+            self.since = std::time::Instant::now();
+            return None;
+        }
+        if self.since.elapsed() < RELEASE_WHEN_QUIET_FOR {
+            return None;
+        }
+        self.pending.take()
+    }
+}
+
 /// Give back what start-up (or a reload) needed and the running gateway does not.
 fn release_startup_memory(after: &str) {
     let r = crate::footprint::release_startup_memory();
-    log::debug!(
+    log::info!(
         code_bytes = r.code_bytes, heap_trimmed = r.heap_trimmed;
-        "memory: after the {after}, {} KiB of executable pages released from the resident set",
+        "memory: quiet after the {after}: {} KiB of start-up pages released from the resident set",
         r.code_bytes / 1024
     );
 }
 
 #[cfg(test)]
 mod tests {
-    use super::watchdog_interval;
+    use super::{watchdog_interval, Quiet, RELEASE_WHEN_QUIET_FOR};
     use std::time::Duration;
+
+    #[test]
+    fn start_up_memory_is_given_back_once_and_only_when_quiet() {
+        let mut q = Quiet::new(5);
+        assert_eq!(q.observe(5), None, "not quiet long enough yet");
+        q.since -= RELEASE_WHEN_QUIET_FOR;
+        assert_eq!(q.observe(6), None, "a message arrived: quiet starts again");
+        assert_eq!(q.observe(6), None);
+        q.since -= RELEASE_WHEN_QUIET_FOR;
+        assert_eq!(q.observe(6), Some("start"));
+        q.since -= RELEASE_WHEN_QUIET_FOR;
+        assert_eq!(q.observe(6), None, "once");
+        q.pending = Some("reload");
+        assert_eq!(q.observe(6), Some("reload"));
+    }
 
     #[test]
     fn watchdog_follows_sd_watchdog_enabled() {

@@ -1,4 +1,6 @@
-//! Giving back what only the start needed: once the gateway is ready, the heap's free memory
+//! Giving back what only the start needed: once the gateway is ready and has been quiet for a
+//! while (no message for 10 s, so never under load: paging code back in would delay readings;
+//! a gateway busy from its first second keeps the pages), the heap's free memory
 //! goes back to the kernel (`malloc_trim`) and the executable's pages that start-up touched are
 //! released from the resident set (`madvise(MADV_PAGEOUT)` on the binary's own mappings).
 //!

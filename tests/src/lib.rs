@@ -24,6 +24,29 @@ pub fn pacemaker_reading(hr: u32) -> String {
     format!(r#"{{"heartbeat":{hr},"ts":{}}}"#, now_ms())
 }
 
+/// Publish a pacemaker reading with heart rate `hr` (QoS 1, taken now) on
+/// `ward/<id>/telemetry`.
+pub async fn send_heart_rate(client: &AsyncClient, id: &str, hr: u32) {
+    client
+        .publish(
+            format!("ward/{id}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            pacemaker_reading(hr),
+        )
+        .await
+        .expect("publish queued");
+}
+
+/// Wait until `f` holds, checking every 20 ms; panics naming `what` after `within`.
+pub async fn until<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The workspace root.
 pub fn workspace() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

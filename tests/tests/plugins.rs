@@ -317,15 +317,7 @@ fn a_corrupt_file_is_rejected_and_the_previous_version_keeps_serving() {
 
 /// Publish one pacemaker reading (QoS 1) with heart rate `hr`, taken now.
 async fn send_heart_rate(client: &rumqttc::AsyncClient, hr: u32) {
-    client
-        .publish(
-            "ward/pm-01/telemetry",
-            QoS::AtLeastOnce,
-            false,
-            pacemaker_reading(hr),
-        )
-        .await
-        .unwrap();
+    wardgate_tests::send_heart_rate(client, "pm-01", hr).await;
 }
 
 /// A monitor allowed to read every device's canonical readings.

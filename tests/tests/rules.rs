@@ -6,13 +6,13 @@
 
 use rumqttc::QoS;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wardgate::app::Gateway;
 use wardgate::config::{ActionConfig, AuthMode, DeviceConfig, RuleConfig};
 use wardgate_tests::pki::{Ca, ListenerFiles};
 use wardgate_tests::upstream::Upstream;
 use wardgate_tests::webhook::Receiver;
-use wardgate_tests::{connect, device, options, pacemaker_reading, sdk_python, workspace};
+use wardgate_tests::{connect, device, options, pacemaker_reading, sdk_python, until, workspace};
 
 fn rule(name: &str, sql: &str, actions: Vec<ActionConfig>) -> RuleConfig {
     RuleConfig {
@@ -56,14 +56,6 @@ fn nurse_station() -> DeviceConfig {
     d.subscribe = Some(vec!["alerts/#".into()]);
     d.publish = Some(vec![]);
     d
-}
-
-async fn until<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The ward design's scenario, offline, with the real SDK v1 shadow client.
@@ -189,15 +181,7 @@ async fn readings_feed_the_shadow_and_a_rule_watches_a_plugin_device() {
     nurse.subscribe("alerts/#").await;
     let pm = connect(options(addr, "pm-01", "pw")).await;
     for hr in [72, 150] {
-        pm.client
-            .publish(
-                "ward/pm-01/telemetry",
-                QoS::AtLeastOnce,
-                false,
-                pacemaker_reading(hr),
-            )
-            .await
-            .unwrap();
+        wardgate_tests::send_heart_rate(&pm.client, "pm-01", hr).await;
     }
     let (topic, payload) = nurse
         .next(Duration::from_secs(20))

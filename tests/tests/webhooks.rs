@@ -4,16 +4,13 @@
 //! the rule firing (the device has its PUBACK) and the delivery loses nothing: the restarted
 //! gateway delivers it, with the same delivery id.
 
-use rumqttc::QoS;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wardgate::app::Gateway;
 use wardgate::config::{ActionConfig, RuleConfig};
 use wardgate_tests::webhook::{Answer, Receiver};
-use wardgate_tests::{
-    config, config_toml, connect, device, options, pacemaker_reading, NotifySocket,
-};
+use wardgate_tests::{config, config_toml, connect, device, options, until, NotifySocket};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
 const WAIT: Duration = Duration::from_secs(30);
@@ -38,24 +35,8 @@ fn nurse_call(url: String, timeout: Duration) -> RuleConfig {
     }
 }
 
-async fn until<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn publish(d: &wardgate_tests::Device, hr: u32) {
-    d.client
-        .publish(
-            "ward/pm-01/telemetry",
-            QoS::AtLeastOnce,
-            false,
-            pacemaker_reading(hr),
-        )
-        .await
-        .unwrap();
+    wardgate_tests::send_heart_rate(&d.client, "pm-01", hr).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
