@@ -495,8 +495,7 @@ impl Worker {
             let Some(q) = queue.front() else { continue };
             let age = crate::clock::now_ms().saturating_sub(q.delivery.fired_at_ms);
             if age > 0 && age as u64 > q.delivery.max_age_ms {
-                let q = queue.pop_front().expect("the front is there");
-                self.counters.pending.fetch_sub(1, Relaxed);
+                let q = self.take_front(&mut queue);
                 self.give_up(
                     &q,
                     &format!(
@@ -508,8 +507,7 @@ impl Worker {
             }
             match attempt(q).await {
                 Outcome::Delivered => {
-                    let q = queue.pop_front().expect("the front is there");
-                    self.counters.pending.fetch_sub(1, Relaxed);
+                    let q = self.take_front(&mut queue);
                     self.counters.delivered.fetch_add(1, Relaxed);
                     *self
                         .counters
@@ -526,8 +524,7 @@ impl Worker {
                     backoff = FIRST_BACKOFF;
                 }
                 Outcome::Refused(why) => {
-                    let q = queue.pop_front().expect("the front is there");
-                    self.counters.pending.fetch_sub(1, Relaxed);
+                    let q = self.take_front(&mut queue);
                     self.give_up(&q, &format!("the receiver refused it ({why})"));
                     backoff = FIRST_BACKOFF;
                 }
@@ -559,10 +556,15 @@ impl Worker {
         }
     }
 
+    /// The delivery at the front, no longer pending here.
+    fn take_front(&self, queue: &mut VecDeque<Queued>) -> Queued {
+        self.counters.pending.fetch_sub(1, Relaxed);
+        queue.pop_front().expect("only called with a front")
+    }
+
     fn push(&self, queue: &mut VecDeque<Queued>, q: Queued) {
         if queue.len() >= MAX_PENDING {
-            let oldest = queue.pop_front().expect("the queue is full");
-            self.counters.pending.fetch_sub(1, Relaxed);
+            let oldest = self.take_front(queue);
             self.give_up(
                 &oldest,
                 &format!(
