@@ -554,7 +554,7 @@ impl Rules {
                         continue;
                     }
                     let delivery = webhook::Delivery {
-                        format: 1,
+                        format: webhook::Delivery::FORMAT,
                         url,
                         headers: h
                             .headers

@@ -85,6 +85,11 @@ pub struct Delivery {
     pub body: String,
 }
 
+impl Delivery {
+    /// The record format this build writes.
+    pub const FORMAT: u8 = 1;
+}
+
 /// A URL the action may POST to: `http://` or `https://`, a host, no user info, no fragment.
 /// Returns the origin (`scheme://host:port`) the delivery worker is chosen by.
 pub fn check_url(url: &str) -> Result<String, String> {
@@ -777,7 +782,7 @@ mod tests {
 
     fn delivery(url: &str) -> Delivery {
         Delivery {
-            format: 1,
+            format: Delivery::FORMAT,
             url: url.into(),
             headers: vec![("X-Api-Key".into(), "k".into())],
             timeout_ms: 2000,

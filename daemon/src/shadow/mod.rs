@@ -331,7 +331,7 @@ impl Shadows {
         address: Address,
         payload: &[u8],
         device_id: Arc<str>,
-        mut ack: Option<Ack>,
+        ack: Option<Ack>,
     ) {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.rejected.fetch_add(1, Relaxed);
@@ -340,29 +340,22 @@ impl Shadows {
             device_id:% = device_id, thing:% = address.thing, op = address.op.as_str(), code = 429;
             "shadow {} rejected: 429 more than {MAX_IN_FLIGHT_PER_THING} requests in flight", address.op.as_str()
         );
-        let now_ms = crate::clock::now_ms();
+        let now_s = crate::clock::now_ms() / 1000;
         let rejection = Rejection {
             code: 429,
             message: "Too Many Requests".into(),
             client_token: client_token(payload),
         };
-        let topic = format!("{}/{}/rejected", address.prefix(), address.op.as_str());
-        let body = rejection.to_json(now_ms / 1000).to_string().into_bytes();
-        self.rules
-            .apply(
-                crate::rules::Message {
-                    topic: &topic,
-                    payload: &body,
-                    device_id: &device_id,
-                    received_at_ms: now_ms,
-                },
-                &mut ack,
-            )
-            .await;
-        self.publisher.publish_wanted(&topic, body).await;
-        if let Some(a) = ack {
-            a.confirm();
-        }
+        let reply = Reply::rejected(&address, &rejection, now_s);
+        publish_replies(
+            &self.rules,
+            &self.publisher,
+            vec![reply],
+            &device_id,
+            now_s * 1000,
+            ack,
+        )
+        .await;
     }
 
     /// A device's canonical readings, as its classic shadow's reported state: each metric
@@ -475,6 +468,45 @@ impl Store {
 struct Reply {
     topic: String,
     payload: Vec<u8>,
+}
+
+impl Reply {
+    /// The error document on the request's `/rejected` topic.
+    fn rejected(address: &Address, rejection: &Rejection, now_s: i64) -> Self {
+        Reply {
+            topic: format!("{}/{}/rejected", address.prefix(), address.op.as_str()),
+            payload: rejection.to_json(now_s).to_string().into_bytes(),
+        }
+    }
+}
+
+/// Publish one request's replies and confirm it. Rules see the replies as AWS rules see the
+/// shadow service's messages; an alert a rule queues joins the request's acknowledgement.
+async fn publish_replies(
+    rules: &crate::rules::Rules,
+    publisher: &LocalPublisher,
+    replies: Vec<Reply>,
+    device_id: &str,
+    at_ms: i64,
+    mut ack: Option<Ack>,
+) {
+    for r in replies {
+        rules
+            .apply(
+                crate::rules::Message {
+                    topic: &r.topic,
+                    payload: &r.payload,
+                    device_id,
+                    received_at_ms: at_ms,
+                },
+                &mut ack,
+            )
+            .await;
+        publisher.publish_wanted(&r.topic, r.payload).await;
+    }
+    if let Some(a) = ack {
+        a.confirm();
+    }
 }
 
 /// The shadow task and its entrance. The task ends when every entrance is gone; it beats
@@ -620,14 +652,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                         code = rejection.code, reason:% = rejection.message;
                         "shadow {} rejected: {} {}", job.address.op.as_str(), rejection.code, rejection.message
                     );
-                    replies.push(Reply {
-                        topic: format!(
-                            "{}/{}/rejected",
-                            job.address.prefix(),
-                            job.address.op.as_str()
-                        ),
-                        payload: rejection.to_json(now_s).to_string().into_bytes(),
-                    });
+                    replies.push(Reply::rejected(&job.address, &rejection, now_s));
                 }
             }
             answered.push((replies, job.device_id, job.ack));
@@ -641,27 +666,8 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                 continue;
             }
         }
-        // Rules see the replies as AWS rules see the shadow service's messages; an alert a
-        // rule queues joins the request's acknowledgement.
-        let at_ms = now_s * 1000;
-        for (replies, device_id, mut ack) in answered {
-            for r in replies {
-                rules
-                    .apply(
-                        crate::rules::Message {
-                            topic: &r.topic,
-                            payload: &r.payload,
-                            device_id: &device_id,
-                            received_at_ms: at_ms,
-                        },
-                        &mut ack,
-                    )
-                    .await;
-                publisher.publish_wanted(&r.topic, r.payload).await;
-            }
-            if let Some(a) = ack {
-                a.confirm();
-            }
+        for (replies, device_id, ack) in answered {
+            publish_replies(&rules, &publisher, replies, &device_id, now_s * 1000, ack).await;
         }
         if closed {
             break;
