@@ -225,9 +225,10 @@ impl Gateway {
             [shutdown.clone(), uplink_stop.clone()],
         )));
         let mut shared_queue = None;
+        let mut shadow_link = None;
         let mut outbox = None;
         let (queue, queue_writer, uplink) = if let Some(tls) = upstream_tls {
-            let (store, report) = crate::queue::SledStore::open(&state_dir.join("queue"), 16 << 20)
+            let (store, report) = crate::queue::SledStore::open(&state_dir.join("queue"), 4 << 20)
                 .with_context(|| {
                     format!("opening the queue in {}", state_dir.join("queue").display())
                 })?;
@@ -250,12 +251,28 @@ impl Gateway {
                 }
             });
             let enqueue = enqueue.expect("the writer's entrance is made with the writer");
+            let syncable = crate::uplink::topics::CloudShadowTopics::of(
+                &config.upstream.topics.shadow,
+                &config.gateway.id,
+            )
+            .is_some();
+            let cloud_link = if !config.upstream.sync_shadows {
+                None
+            } else if syncable {
+                let (cloud, local) = crate::shadow::sync::link(enqueue.clone());
+                shadow_link = Some(local);
+                Some(cloud)
+            } else {
+                log::info!(topic:% = config.upstream.topics.shadow; "upstream.topics.shadow is not an IoT Core shadow update topic naming the device: shadow updates go upstream as queued, and desired changes made in the cloud are not followed");
+                None
+            };
             let stage = crate::uplink::Uplink {
                 cfg: config.upstream.clone(),
                 gateway_id: config.gateway.id.clone(),
                 tls,
                 queue: shared,
                 stats: uplink_stats.clone(),
+                sync: cloud_link,
             };
             let stop = uplink_stop.clone();
             let uplink = supervisor.spawn_restarting("uplink", uplink_stop.clone(), move |beat| {
@@ -304,8 +321,13 @@ impl Gateway {
         let rule_counters = rules.counters();
         let mut shadows = None;
         let shadow_stage = supervisor.spawn_fatal("shadows", |beat| {
-            let (tx, run) =
-                crate::shadow::service(shadow_store, local.clone(), rules.clone(), beat);
+            let (tx, run) = crate::shadow::service(
+                shadow_store,
+                local.clone(),
+                rules.clone(),
+                shadow_link,
+                beat,
+            );
             shadows = Some(tx);
             async move {
                 run.await;

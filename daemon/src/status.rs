@@ -226,8 +226,8 @@ pub fn render(s: &Status) -> String {
     let sh = &s.shadows;
     let _ = writeln!(
         out,
-        "shadows: {} requests accepted, {} rejected ({} with 429, too many in flight); {} reported-state updates from readings; {} store write failures",
-        sh.accepted, sh.rejected, sh.too_many, sh.reports, sh.store_errors
+        "shadows: {} requests accepted, {} rejected ({} with 429, too many in flight); {} reported-state updates from readings; {} updates queued for the cloud; {} store write failures",
+        sh.accepted, sh.rejected, sh.too_many, sh.reports, sh.synced, sh.store_errors
     );
     for r in &s.rules {
         let _ = writeln!(

@@ -284,3 +284,151 @@ pub fn upstream_config(
     cfg.upstream.max_backoff = Duration::from_secs(1);
     cfg
 }
+
+/// IoT Core's shadow service for the gateway's thing, on the mosquitto stand-in: answers the
+/// gateway's `/update` and `/get` on `$aws/things/test-gateway/shadow/name/<device>/…` with the
+/// payloads IoT Core publishes (computed by wardgate's own, table-tested, shadow documents),
+/// and lets a test change a shadow the way the AWS console would.
+#[derive(Debug, Clone)]
+pub struct CloudShadows {
+    client: AsyncClient,
+    docs: Arc<std::sync::Mutex<std::collections::HashMap<String, wardgate::shadow::Document>>>,
+}
+
+impl CloudShadows {
+    const PREFIX: &'static str = "$aws/things/test-gateway/shadow/name/";
+
+    /// Connect (persistent session) and subscribe; returns once subscribed.
+    pub async fn start(up: &Upstream) -> CloudShadows {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(up.ca.cert.der().clone()).unwrap();
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(up.cloud_cert.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(up.cloud_cert.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let mut o = MqttOptions::new("cloud-shadow-service", "localhost", up.port);
+        o.set_clean_session(false);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        ));
+        let (client, mut el) = AsyncClient::new(o, 1000);
+        for op in ["update", "get"] {
+            client
+                .subscribe(format!("{}+/{op}", Self::PREFIX), QoS::AtLeastOnce)
+                .await
+                .unwrap();
+        }
+        let me = CloudShadows {
+            client,
+            docs: Default::default(),
+        };
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        let service = me.clone();
+        tokio::spawn(async move {
+            let mut subscribed_tx = Some(subscribed_tx);
+            let mut subacks = 0;
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => service.answer(&p.topic, &p.payload),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        subacks += 1;
+                        if subacks == 2 {
+                            if let Some(t) = subscribed_tx.take() {
+                                let _ = t.send(());
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    // mosquitto being restarted by the test: reconnect on the next poll.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(20), subscribed)
+            .await
+            .expect("SUBACKs within 20 s")
+            .unwrap();
+        me
+    }
+
+    fn now_s() -> i64 {
+        wardgate::clock::now_ms() / 1000
+    }
+
+    fn publish(&self, topic: String, v: &serde_json::Value) {
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, false, v.to_string())
+            .expect("room in the cloud's request channel");
+    }
+
+    fn answer(&self, topic: &str, payload: &[u8]) {
+        let Some(rest) = topic.strip_prefix(Self::PREFIX) else {
+            return;
+        };
+        let Some((name, op)) = rest.split_once('/') else {
+            return;
+        };
+        let prefix = format!("{}{name}", Self::PREFIX);
+        let limits = wardgate::shadow::Limits::default();
+        let mut docs = self.docs.lock().unwrap();
+        let doc = docs.entry(name.to_string()).or_default();
+        match op {
+            "update" => match doc.update(payload, Self::now_s(), &limits) {
+                Ok(u) => {
+                    self.publish(format!("{prefix}/update/accepted"), &u.accepted);
+                    if let Some(d) = u.delta {
+                        self.publish(format!("{prefix}/update/delta"), &d);
+                    }
+                    self.publish(format!("{prefix}/update/documents"), &u.documents);
+                }
+                Err(r) => self.publish(
+                    format!("{prefix}/update/rejected"),
+                    &r.to_json(Self::now_s()),
+                ),
+            },
+            "get" => match doc.get(payload, Self::now_s(), name, &limits) {
+                Ok(v) => self.publish(format!("{prefix}/get/accepted"), &v),
+                Err(r) => self.publish(format!("{prefix}/get/rejected"), &r.to_json(Self::now_s())),
+            },
+            _ => {}
+        }
+    }
+
+    /// Change `name`'s desired state as the console would; with `announce`, publish its
+    /// `/update/documents` (as IoT Core does to connected subscribers).
+    pub fn set_desired(&self, name: &str, desired: serde_json::Value, announce: bool) {
+        let request = serde_json::json!({ "state": { "desired": desired } }).to_string();
+        let mut docs = self.docs.lock().unwrap();
+        let doc = docs.entry(name.to_string()).or_default();
+        let u = doc
+            .update(
+                request.as_bytes(),
+                Self::now_s(),
+                &wardgate::shadow::Limits::default(),
+            )
+            .expect("a valid desired change");
+        if announce {
+            self.publish(
+                format!("{}{name}/update/documents", Self::PREFIX),
+                &u.documents,
+            );
+        }
+    }
+
+    /// `name`'s shadow as `/get/accepted` would show it (`None`: it does not exist).
+    pub fn shadow(&self, name: &str) -> Option<serde_json::Value> {
+        let docs = self.docs.lock().unwrap();
+        docs.get(name)?
+            .get(
+                b"",
+                Self::now_s(),
+                name,
+                &wardgate::shadow::Limits::default(),
+            )
+            .ok()
+    }
+}

@@ -579,6 +579,10 @@ pub struct UpstreamConfig {
     /// Longest wait between reconnect attempts (backoff doubles from 1 s, with jitter).
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// Keep each device's classic shadow in step with its cloud copy (reported state up,
+    /// cloud desired state down; [`crate::shadow::sync`]). Needs `topics.shadow` to be a shadow
+    /// update topic naming `${device}`.
+    pub sync_shadows: bool,
 }
 
 impl UpstreamConfig {
@@ -609,6 +613,7 @@ impl Default for UpstreamConfig {
             max_publishes_per_second: 100,
             max_bytes_per_second: 512 * 1024,
             max_backoff: Duration::from_secs(60),
+            sync_shadows: true,
         }
     }
 }

@@ -40,11 +40,13 @@
 //! anyone hears of it; errors in one thing's requests never affect another's.
 
 pub mod document;
+pub mod sync;
 
 pub use document::{Document, Limits, Rejection, Updated};
 
 use crate::pipeline::{Ack, LocalPublisher};
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -191,10 +193,30 @@ enum Body {
     /// Reported state the gateway made from the device's readings (an update, merged as
     /// [`Document::report`] merges it: no payload to parse).
     Report(serde_json::Map<String, serde_json::Value>),
+    /// The cloud's desired state of the thing's classic shadow ([`sync`]).
+    Cloud {
+        version: Option<u64>,
+        desired: Option<serde_json::Value>,
+        fetched: bool,
+    },
+    /// A desired change from the cloud, applied as an update (never sent back up).
+    FromCloud(serde_json::Value),
 }
 
 /// Documents changed by the group being applied, by store key (`None`: removed).
-type Changed = std::collections::HashMap<Vec<u8>, Option<Document>>;
+type Changed = HashMap<Vec<u8>, Option<Document>>;
+
+/// Sync states changed by the group being applied, by thing.
+type SyncChanged = HashMap<String, sync::SyncState>;
+
+/// Store keys of sync states start with this byte (no thing name can: see [`Address::check`]).
+const SYNC_PREFIX: &[u8] = &[1];
+
+fn sync_key(thing: &str) -> Vec<u8> {
+    let mut k = SYNC_PREFIX.to_vec();
+    k.extend_from_slice(thing.as_bytes());
+    k
+}
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -210,6 +232,9 @@ pub struct ShadowCounts {
     pub store_errors: u64,
     /// Reported-state updates made from readings.
     pub reports: u64,
+    /// Shadow updates queued for the cloud ([`sync`]).
+    #[serde(default)]
+    pub synced: u64,
 }
 
 /// Counters, readable from anywhere.
@@ -225,6 +250,8 @@ pub struct ShadowStats {
     pub store_errors: std::sync::atomic::AtomicU64,
     /// Reported-state updates made from readings.
     pub reports: std::sync::atomic::AtomicU64,
+    /// Shadow updates queued for the cloud.
+    pub synced: std::sync::atomic::AtomicU64,
 }
 
 impl ShadowStats {
@@ -237,6 +264,7 @@ impl ShadowStats {
             too_many: self.too_many.load(Relaxed),
             store_errors: self.store_errors.load(Relaxed),
             reports: self.reports.load(Relaxed),
+            synced: self.synced.load(Relaxed),
         }
     }
 }
@@ -439,6 +467,46 @@ impl Store {
         }
     }
 
+    /// The sync state of `thing`'s classic shadow (default when none is stored or it cannot
+    /// be read: that is logged).
+    fn get_sync(&self, thing: &str) -> sync::SyncState {
+        match self.tree.get(sync_key(thing)) {
+            Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_else(|e| {
+                log::error!(thing:% = thing, error:% = e; "stored shadow sync state cannot be read; the cloud copy is fetched afresh");
+                sync::SyncState::default()
+            }),
+            Ok(None) => sync::SyncState::default(),
+            Err(e) => {
+                log::error!(thing:% = thing, error:% = e; "shadow store read failed");
+                sync::SyncState::default()
+            }
+        }
+    }
+
+    /// Things with a classic shadow or a sync state, and of those with changes waiting for
+    /// the cloud, since when.
+    fn synced_things(&self) -> (std::collections::BTreeSet<String>, HashMap<String, i64>) {
+        let mut things = std::collections::BTreeSet::new();
+        let mut waiting = HashMap::new();
+        for item in self.tree.iter() {
+            let Ok((k, v)) = item else { continue };
+            if let Some(thing) = k.strip_prefix(SYNC_PREFIX) {
+                let thing = String::from_utf8_lossy(thing).into_owned();
+                if let Ok(s) = serde_json::from_slice::<sync::SyncState>(&v) {
+                    if s.waiting() {
+                        waiting.insert(thing.clone(), s.waiting_since_ms);
+                    }
+                }
+                things.insert(thing);
+            } else if let Some(thing) = k.strip_suffix(&[0u8]) {
+                if !thing.contains(&0) {
+                    things.insert(String::from_utf8_lossy(thing).into_owned());
+                }
+            }
+        }
+        (things, waiting)
+    }
+
     /// Named shadows of `thing` that exist now: those stored, as the group being applied
     /// (`changed`, not yet written) leaves them.
     fn named_count(&self, thing: &str, changed: &Changed) -> usize {
@@ -511,10 +579,13 @@ async fn publish_replies(
 
 /// The shadow task and its entrance. The task ends when every entrance is gone; it beats
 /// `beat` after every group and on an idle tick (a store flush that hangs shows as a stall).
+/// With `link` (an upstream whose shadow topic is a shadow update topic), classic shadows are
+/// kept in step with the cloud ([`sync`]).
 pub fn service(
     store: Store,
     publisher: Arc<LocalPublisher>,
     rules: Arc<crate::rules::Rules>,
+    link: Option<sync::ShadowLink>,
     beat: crate::supervisor::Heartbeat,
 ) -> (Shadows, impl std::future::Future<Output = ()>) {
     let (tx, rx) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
@@ -529,6 +600,7 @@ pub fn service(
             stats: stats.clone(),
             reports: reports.clone(),
             in_flight: in_flight.clone(),
+            link,
         },
         rx,
         beat,
@@ -554,6 +626,96 @@ struct Service {
     stats: Arc<ShadowStats>,
     reports: Arc<Reports>,
     in_flight: Arc<InFlight>,
+    link: Option<sync::ShadowLink>,
+}
+
+/// The cloud side, as the shadow task sees it.
+struct Cloud {
+    link: sync::ShadowLink,
+    /// A session with the upstream is up.
+    online: bool,
+    /// Things whose cloud shadow was fetched in this session.
+    fetched: std::collections::HashSet<String>,
+    /// Things whose cloud shadow was asked for in this session.
+    requested: std::collections::HashSet<String>,
+    /// Things with changes waiting for the cloud, since when (ms).
+    waiting: HashMap<String, i64>,
+}
+
+impl Cloud {
+    /// Whether `thing`'s waiting changes may be queued now.
+    fn sendable(&self, thing: &str, state: &sync::SyncState) -> bool {
+        self.online
+            && (state.out_reported.is_some()
+                || (state.out_desired.is_some() && self.fetched.contains(thing)))
+    }
+
+    /// Queue the waiting changes of at most [`sync::SENDS_PER_SECOND`] things, oldest first;
+    /// a thing's state is updated only once its record is on disk in the queue.
+    async fn send_waiting(&mut self, store: &Store, stats: &ShadowStats) {
+        let mut due: Vec<(i64, String)> = self
+            .waiting
+            .iter()
+            .map(|(t, since)| (*since, t.clone()))
+            .collect();
+        due.sort();
+        let mut sent = Vec::new();
+        for (_, thing) in due {
+            if sent.len() >= sync::SENDS_PER_SECOND {
+                break;
+            }
+            let mut state = store.get_sync(&thing);
+            if !state.waiting() {
+                self.waiting.remove(&thing);
+                continue;
+            }
+            if !self.sendable(&thing, &state) {
+                continue;
+            }
+            let Some(update) = state.take_update(self.fetched.contains(&thing)) else {
+                continue;
+            };
+            let record = crate::queue::Record {
+                class: crate::queue::Class::Routine,
+                stream: crate::queue::Stream::Shadow,
+                subject: thing.clone(),
+                enqueued_at_ms: crate::clock::now_ms(),
+                payload: update.to_string().into_bytes(),
+            };
+            let (ack, durable) = Ack::new();
+            if !self.link.queue.push(record, Some(ack)).await {
+                return;
+            }
+            sent.push((thing, state, durable));
+        }
+        if sent.is_empty() {
+            return;
+        }
+        let mut batch = sled::Batch::default();
+        for (thing, state, durable) in sent {
+            if durable.await.is_err() {
+                // Not on disk: the change stays waiting and goes with the next round.
+                continue;
+            }
+            if state.waiting() {
+                self.waiting.insert(thing.clone(), state.waiting_since_ms);
+            } else {
+                self.waiting.remove(&thing);
+            }
+            batch.insert(
+                sync_key(&thing),
+                serde_json::to_vec(&state).unwrap_or_default(),
+            );
+            stats
+                .synced
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Err(e) = store.tree.apply_batch(batch) {
+            // The records are queued; the states say they wait: they go again (a duplicate
+            // update of the same values).
+            log::error!(error:% = e; "shadow store write failed after queueing shadow updates for the cloud; they will be sent again");
+        }
+    }
 }
 
 async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervisor::Heartbeat) {
@@ -564,6 +726,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
         stats,
         reports,
         in_flight,
+        link,
     } = service;
     use std::sync::atomic::Ordering::Relaxed;
     let limits = Limits::default();
@@ -573,10 +736,22 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
     // costs one update per device per interval (and none waits longer than it).
     let mut reports_due: Option<tokio::time::Instant> = None;
     let mut reports_taken = tokio::time::Instant::now() - REPORT_EVERY;
+    let mut cloud = link.map(|link| Cloud {
+        link,
+        online: false,
+        fetched: Default::default(),
+        requested: Default::default(),
+        waiting: store.synced_things().1,
+    });
+    let mut send_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    send_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         beat.beat();
         let mut closed = false;
         let mut take_reports = false;
+        let sending = cloud
+            .as_ref()
+            .is_some_and(|c| c.online && !c.waiting.is_empty());
         tokio::select! {
             // Cancel-safe: nothing is taken from the channel unless it returns.
             n = rx.recv_many(&mut jobs, MAX_GROUP) => closed = n == 0,
@@ -586,6 +761,44 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
             }
             () = tokio::time::sleep_until(reports_due.unwrap_or_else(tokio::time::Instant::now)), if reports_due.is_some() => {
                 take_reports = true;
+            }
+            Some(event) = async { cloud.as_mut()?.link.events.recv().await }, if cloud.is_some() => {
+                let Some(c) = cloud.as_mut() else { continue };
+                match event {
+                    sync::CloudEvent::Connected => {
+                        c.online = true;
+                        c.fetched.clear();
+                        c.requested.clear();
+                        let things = store.synced_things().0;
+                        log::info!(shadows = things.len(); "upstream connected: fetching {} cloud shadows", things.len());
+                        for t in things {
+                            c.requested.insert(t.clone());
+                            let _ = c.link.fetch.send(t);
+                        }
+                    }
+                    sync::CloudEvent::Disconnected => {
+                        c.online = false;
+                        c.fetched.clear();
+                        c.requested.clear();
+                    }
+                    sync::CloudEvent::Desired { thing, version, desired, fetched } => {
+                        jobs.push(Job {
+                            address: Address { thing: thing.clone(), name: None, op: Op::Update },
+                            body: Body::Cloud { version, desired, fetched },
+                            device_id: thing.into(),
+                            ack: None,
+                        });
+                    }
+                }
+                if jobs.is_empty() {
+                    continue;
+                }
+            }
+            _ = send_tick.tick(), if sending => {
+                if let Some(c) = cloud.as_mut() {
+                    c.send_waiting(&store, &stats).await;
+                }
+                continue;
             }
             _ = idle.tick() => continue,
         }
@@ -617,10 +830,12 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
             }
             continue;
         }
-        let now_s = crate::clock::epoch_ms(std::time::SystemTime::now()) / 1000;
+        let now_ms = crate::clock::epoch_ms(std::time::SystemTime::now());
+        let now_s = now_ms / 1000;
         // Documents changed by this group, by key (a later request sees an earlier one's
         // change), and the replies, published only once the changes are on disk.
         let mut changed = Changed::new();
+        let mut sync_changed = SyncChanged::new();
         // Per request: its replies, its device and its promise.
         let mut answered = Vec::new();
         // Only device requests are promised an answer after the disk.
@@ -636,11 +851,75 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                 Some(None) => Document::default(),
                 None => store.get(&job.address),
             };
+            // What the cloud should hear of this change, if it is synchronised.
+            let mut to_cloud = None;
+            if let Some(c) = cloud.as_mut() {
+                if job.address.name.is_none() {
+                    if let Body::Cloud {
+                        version,
+                        desired,
+                        fetched,
+                    } = &mut job.body
+                    {
+                        let thing = job.address.thing.clone();
+                        if !current.exists()
+                            && !sync_changed.contains_key(&thing)
+                            && store.tree.get(sync_key(&thing)).ok().flatten().is_none()
+                        {
+                            log::debug!(thing:% = thing; "cloud shadow of a thing without a shadow here: ignored");
+                            continue;
+                        }
+                        let state = sync_changed
+                            .entry(thing.clone())
+                            .or_insert_with(|| store.get_sync(&thing));
+                        let patch = state.cloud(*version, desired.take());
+                        if *fetched {
+                            c.fetched.insert(thing.clone());
+                        }
+                        if state.waiting() {
+                            c.waiting
+                                .entry(thing.clone())
+                                .or_insert(state.waiting_since_ms);
+                        }
+                        let local = current
+                            .desired()
+                            .map(|d| serde_json::Value::Object(d.clone()));
+                        let Some(change) = patch.and_then(|p| sync::effective(local.as_ref(), &p))
+                        else {
+                            continue;
+                        };
+                        log::info!(thing:% = thing, desired:% = change; "desired state changed in the cloud: applied here");
+                        job.body = Body::FromCloud(change);
+                    } else {
+                        to_cloud = cloud_change(&job);
+                    }
+                }
+            }
+            if matches!(job.body, Body::Cloud { .. }) {
+                continue;
+            }
             match answer(&store, &changed, &mut job, current, now_s, &limits) {
                 Ok((doc, out)) => {
                     stats.accepted.fetch_add(1, Relaxed);
                     if let Some(doc) = doc {
                         changed.insert(key, doc);
+                    }
+                    if let (Some(state_change), Some(c)) = (to_cloud, cloud.as_mut()) {
+                        let thing = job.address.thing.clone();
+                        let state = sync_changed
+                            .entry(thing.clone())
+                            .or_insert_with(|| store.get_sync(&thing));
+                        state.local_change(&state_change, now_ms);
+                        c.waiting
+                            .entry(thing.clone())
+                            .or_insert(state.waiting_since_ms);
+                        // A shadow new in this session: its cloud copy is fetched now.
+                        if c.online
+                            && !c.fetched.contains(&thing)
+                            && c.requested.insert(thing.clone())
+                        {
+                            let _ = c.link.fetch.send(thing);
+                        }
                     }
                     replies.extend(out);
                 }
@@ -657,8 +936,8 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
             }
             answered.push((replies, job.device_id, job.ack));
         }
-        if !changed.is_empty() {
-            if let Err(e) = write(&store, changed, requests).await {
+        if !changed.is_empty() || !sync_changed.is_empty() {
+            if let Err(e) = write(&store, changed, sync_changed, requests).await {
                 // Nothing of this group is confirmed: the QoS 1 requests are resent, and the
                 // devices hear nothing they could take for accepted.
                 stats.store_errors.fetch_add(1, Relaxed);
@@ -678,7 +957,28 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
     }
 }
 
-async fn write(store: &Store, changed: Changed, flush: bool) -> Result<(), sled::Error> {
+/// What a change to a classic shadow means for its cloud copy: the request's `state` as sent
+/// (`null`: delete everything), or `None` if it changes nothing the cloud keeps.
+fn cloud_change(job: &Job) -> Option<serde_json::Value> {
+    match (&job.body, job.address.op) {
+        (Body::Request(p), Op::Update) => {
+            let v: serde_json::Value = serde_json::from_slice(p).ok()?;
+            v.get("state").cloned()
+        }
+        (Body::Report(fields), Op::Update) => {
+            Some(serde_json::json!({ "reported": fields.clone() }))
+        }
+        (Body::Request(_), Op::Delete) => Some(serde_json::Value::Null),
+        _ => None,
+    }
+}
+
+async fn write(
+    store: &Store,
+    changed: Changed,
+    sync_changed: SyncChanged,
+    flush: bool,
+) -> Result<(), sled::Error> {
     let mut batch = sled::Batch::default();
     for (k, doc) in changed {
         match doc {
@@ -686,6 +986,12 @@ async fn write(store: &Store, changed: Changed, flush: bool) -> Result<(), sled:
             Some(d) => batch.insert(k, serde_json::to_vec(&d).unwrap_or_default()),
             None => batch.remove(k),
         }
+    }
+    for (thing, state) in sync_changed {
+        batch.insert(
+            sync_key(&thing),
+            serde_json::to_vec(&state).unwrap_or_default(),
+        );
     }
     store.tree.apply_batch(batch)?;
     if flush {
@@ -708,7 +1014,7 @@ fn answer(
     let a = &job.address;
     let payload: &[u8] = match &job.body {
         Body::Request(p) => p,
-        Body::Report(_) => &[],
+        Body::Report(_) | Body::Cloud { .. } | Body::FromCloud(_) => &[],
     };
     let token = || client_token(payload);
     a.check().map_err(|message| Rejection {
@@ -752,6 +1058,12 @@ fn answer(
             } = match &mut job.body {
                 Body::Request(p) => doc.update(p, now_s, limits)?,
                 Body::Report(fields) => doc.report(std::mem::take(fields), now_s, limits)?,
+                Body::FromCloud(desired) => {
+                    let request = serde_json::json!({ "state": { "desired": desired } });
+                    doc.update(request.to_string().as_bytes(), now_s, limits)?
+                }
+                // Turned into a change (or nothing) before it gets here.
+                Body::Cloud { .. } => return Ok((None, Vec::new())),
             };
             let mut out = vec![reply("update/accepted", &accepted)];
             if let Some(d) = delta {

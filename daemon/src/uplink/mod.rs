@@ -52,6 +52,7 @@ pub mod topics;
 use crate::config::UpstreamConfig;
 pub use crate::gatekeeper::tls::TlsError;
 use crate::queue::{Record, SharedQueue, Store, Stream};
+use crate::shadow::sync::{CloudEvent, CloudLink};
 use crate::supervisor::Heartbeat;
 use batch::{Added, Builder};
 use pace::Pace;
@@ -236,6 +237,9 @@ pub struct Uplink {
     pub queue: SharedQueue,
     /// Counters.
     pub stats: Arc<UplinkStats>,
+    /// The link to the shadow service, when device shadows are kept in step with the cloud
+    /// (the shadow topic is a shadow update topic: [`topics::CloudShadowTopics`]).
+    pub sync: Option<crate::shadow::sync::CloudLink>,
 }
 
 impl Uplink {
@@ -250,14 +254,34 @@ impl Uplink {
             tls,
             queue,
             stats,
+            sync,
         } = self;
+        let cloud = sync.and_then(|link| {
+            topics::CloudShadowTopics::of(&cfg.topics.shadow, &gateway_id).map(|t| (link, t))
+        });
         // A restarted run starts without a session, whatever the last one left here.
         stats.connected.store(false, Ordering::Relaxed);
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = Instant::now();
-            let outcome =
-                session(&cfg, &gateway_id, tls.clone(), &queue, &stats, &stop, &beat).await;
+            let outcome = session(
+                &cfg,
+                &gateway_id,
+                tls.clone(),
+                &queue,
+                &stats,
+                cloud.as_ref(),
+                &stop,
+                &beat,
+            )
+            .await;
+            // The shadow service hears of it before anyone can see `connected` go false.
+            if let Some((link, _)) = &cloud {
+                tokio::select! {
+                    _ = link.events.send(CloudEvent::Disconnected) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
             stats.connected.store(false, Ordering::Relaxed);
             if stop.is_cancelled() {
                 return;
@@ -299,13 +323,67 @@ async fn queue_status(queue: &SharedQueue) -> crate::queue::QueueStatus {
         .unwrap_or_default()
 }
 
+/// The client token of the gateway's own shadow fetches.
+const FETCH_TOKEN: &str = "wardgate-sync";
+
+/// What a message from the cloud shadows means for the shadow service, if anything.
+fn cloud_event(
+    topics: &topics::CloudShadowTopics,
+    topic: &str,
+    payload: &[u8],
+) -> Option<CloudEvent> {
+    use topics::CloudShadowMessage as M;
+    let (thing, kind) = topics.parse(topic)?;
+    let v: serde_json::Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            log::warn!(topic:% = topic, error:% = e; "cloud shadow message is not JSON: ignored");
+            return None;
+        }
+    };
+    let ours = v.get("clientToken").and_then(|t| t.as_str()) == Some(FETCH_TOKEN);
+    match kind {
+        M::Documents => {
+            let current = v.get("current")?;
+            Some(CloudEvent::Desired {
+                thing,
+                version: current.get("version").and_then(|n| n.as_u64()),
+                desired: current.pointer("/state/desired").cloned(),
+                fetched: false,
+            })
+        }
+        M::GetAccepted => Some(CloudEvent::Desired {
+            thing,
+            version: v.get("version").and_then(|n| n.as_u64()),
+            desired: v.pointer("/state/desired").cloned(),
+            fetched: ours,
+        }),
+        M::GetRejected if ours && v.get("code").and_then(|c| c.as_u64()) == Some(404) => {
+            Some(CloudEvent::Desired {
+                thing,
+                version: None,
+                desired: None,
+                fetched: true,
+            })
+        }
+        M::GetRejected => {
+            if ours {
+                log::warn!(thing:% = thing, answer:% = v; "the cloud refused the gateway's shadow fetch; desired changes made here wait until the next connection");
+            }
+            None
+        }
+    }
+}
+
 /// One connection, until it fails (returns why) or `stop`.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     cfg: &UpstreamConfig,
     gateway_id: &str,
     tls: Arc<rustls::ClientConfig>,
     queue: &SharedQueue,
     stats: &UplinkStats,
+    cloud: Option<&(CloudLink, topics::CloudShadowTopics)>,
     stop: &CancellationToken,
     beat: &Heartbeat,
 ) -> String {
@@ -344,8 +422,51 @@ async fn session(
     let mut linger = tokio::time::interval(cfg.max_linger.max(Duration::from_millis(1)));
     linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle = Heartbeat::ticker();
+    // Devices whose cloud shadow to fetch (the shadow service asks after every connection).
+    let mut fetch_rx = match cloud {
+        Some((link, _)) => Some(link.fetch.lock().await),
+        None => None,
+    };
+    let mut to_fetch: VecDeque<String> = VecDeque::new();
+    // Fetches take at most this share of the publish quota, so that 500 of them after a
+    // reconnection do not hold up the readings.
+    let mut fetch_pace = Pace::new(
+        crate::shadow::sync::SENDS_PER_SECOND as u32,
+        1 << 30,
+        1 << 20,
+    );
+    let fetch_due = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(fetch_due);
+    let mut fetch_armed = false;
     loop {
         beat.beat();
+        // Shadow fetches first: they are small, and desired changes made on the ward wait for
+        // them. They share the window and the quotas with everything else.
+        if let (true, false, Some((_, topics))) = (connected, fetch_armed, cloud) {
+            while let Some(device) = to_fetch.front() {
+                if awaiting_pkid.len() + inflight.len() >= cfg.max_inflight as usize {
+                    break;
+                }
+                let body = format!(r#"{{"clientToken":"{FETCH_TOKEN}"}}"#);
+                let now = Instant::now();
+                let wait = pace.wait(body.len(), now).max(fetch_pace.wait(0, now));
+                if !wait.is_zero() {
+                    fetch_due.as_mut().reset(tokio::time::Instant::now() + wait);
+                    fetch_armed = true;
+                    break;
+                }
+                let _ = fetch_pace.try_take(0, now);
+                let _ = pace.try_take(body.len(), now);
+                if client
+                    .try_publish(topics.get(device), QoS::AtLeastOnce, false, body)
+                    .is_err()
+                {
+                    break;
+                }
+                awaiting_pkid.push_back((Stream::Shadow, Vec::new()));
+                to_fetch.pop_front();
+            }
+        }
         let room = connected && awaiting_pkid.len() + inflight.len() < cfg.max_inflight as usize;
         if room && pending && !paced_armed {
             let sent_now = send_ready(
@@ -390,6 +511,27 @@ async fn session(
                     if q.depth > 0 {
                         backlog = Some((Instant::now(), q.depth));
                     }
+                    if let Some((link, topics)) = cloud {
+                        for f in topics.filters() {
+                            if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                                return format!("subscribing to {f}: {e}");
+                            }
+                        }
+                        let _ = link.events.send(CloudEvent::Connected).await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Some((link, topics)) = cloud {
+                        if let Some(event) = cloud_event(topics, &p.topic, &p.payload) {
+                            log::debug!(topic:% = p.topic; "cloud shadow message");
+                            let _ = link.events.send(event).await;
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        log::warn!(endpoint:% = cfg.endpoint; "the upstream refused a cloud shadow subscription: desired changes made in the cloud arrive only with the fetch after each connection (the gateway's IoT policy must allow iot:Subscribe and iot:Receive on its shadow topics)");
+                    }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     if let Some(m) = awaiting_pkid.pop_front() {
@@ -397,7 +539,11 @@ async fn session(
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some((stream, seqs)) = inflight.remove(&ack.pkid) {
+                    if inflight.get(&ack.pkid).is_some_and(|(_, seqs)| seqs.is_empty()) {
+                        // A shadow fetch: nothing to remove from the queue.
+                        inflight.remove(&ack.pkid);
+                        pending = true;
+                    } else if let Some((stream, seqs)) = inflight.remove(&ack.pkid) {
                         for s in &seqs {
                             sent.remove(s);
                         }
@@ -436,6 +582,13 @@ async fn session(
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
             },
+            Some(device) = async {
+                match fetch_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            }, if connected => to_fetch.push_back(device),
+            _ = &mut fetch_due, if connected && fetch_armed => fetch_armed = false,
             // These, too, only while connected.
             _ = queue.appended.notified(), if connected => pending = true,
             _ = &mut paced, if connected && paced_armed => paced_armed = false,

@@ -131,6 +131,96 @@ pub fn topic_for(
     Ok(t)
 }
 
+/// The cloud shadow topics behind the shadow stream's template, when it is an IoT Core shadow
+/// update topic naming the device (`$aws/things/${thing}/shadow/name/${device}/update`, the
+/// default, or `$aws/things/${device}/shadow/update`): what the gateway subscribes to and
+/// publishes to keep each device's shadow in step with the cloud
+/// ([`crate::shadow::sync`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudShadowTopics {
+    /// The levels before `/update`, `None` where the device's name goes.
+    levels: Vec<Option<String>>,
+}
+
+/// Which cloud shadow message a topic carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudShadowMessage {
+    /// `/update/documents`: the shadow changed.
+    Documents,
+    /// `/get/accepted`: the answer to the gateway's fetch.
+    GetAccepted,
+    /// `/get/rejected`: the fetch failed (404: the cloud has no such shadow).
+    GetRejected,
+}
+
+impl CloudShadowTopics {
+    /// The topics of `template` with `${thing}` = `thing`; `None` when the template is not a
+    /// shadow update topic with `${device}` as one whole level.
+    pub fn of(template: &str, thing: &str) -> Option<Self> {
+        let t = template.strip_suffix("/update")?;
+        if !t.starts_with("$aws/things/") || !t.contains("/shadow") {
+            return None;
+        }
+        let levels: Vec<Option<String>> = t
+            .split('/')
+            .map(|l| match l {
+                "${device}" => None,
+                l => Some(l.replace("${thing}", thing)),
+            })
+            .collect();
+        let devices = levels.iter().filter(|l| l.is_none()).count();
+        let clean = levels
+            .iter()
+            .flatten()
+            .all(|l| !l.contains("${") && !l.is_empty());
+        (devices == 1 && clean).then_some(Self { levels })
+    }
+
+    fn with(&self, device: &str) -> String {
+        self.levels
+            .iter()
+            .map(|l| l.as_deref().unwrap_or(device))
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// The filters to subscribe to (every device: `+` in its place).
+    pub fn filters(&self) -> [String; 3] {
+        let p = self.with("+");
+        [
+            format!("{p}/update/documents"),
+            format!("{p}/get/accepted"),
+            format!("{p}/get/rejected"),
+        ]
+    }
+
+    /// Where to ask for `device`'s cloud shadow.
+    pub fn get(&self, device: &str) -> String {
+        format!("{}/get", self.with(device))
+    }
+
+    /// The device and the kind of message of a topic received, if it is one of these.
+    pub fn parse(&self, topic: &str) -> Option<(String, CloudShadowMessage)> {
+        let mut parts = topic.split('/');
+        let mut device = None;
+        for l in &self.levels {
+            let got = parts.next()?;
+            match l {
+                Some(fixed) if fixed != got => return None,
+                Some(_) => {}
+                None => device = Some(got.to_string()),
+            }
+        }
+        let kind = match (parts.next()?, parts.next()?, parts.next()) {
+            ("update", "documents", None) => CloudShadowMessage::Documents,
+            ("get", "accepted", None) => CloudShadowMessage::GetAccepted,
+            ("get", "rejected", None) => CloudShadowMessage::GetRejected,
+            _ => return None,
+        };
+        device.filter(|d| !d.is_empty()).map(|d| (d, kind))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +271,50 @@ mod tests {
         assert!(check(&long).unwrap_err().contains("shadow name"));
         assert!(check("$aws/things/t/shadow/name//update").is_err());
         assert!(check("").is_err());
+    }
+
+    #[test]
+    fn cloud_shadow_topics_follow_the_template() {
+        let t = CloudShadowTopics::of(&TopicsConfig::default().shadow, "ward-7").unwrap();
+        assert_eq!(
+            t.filters()[0],
+            "$aws/things/ward-7/shadow/name/+/update/documents"
+        );
+        assert_eq!(t.get("pm-01"), "$aws/things/ward-7/shadow/name/pm-01/get");
+        assert_eq!(
+            t.parse("$aws/things/ward-7/shadow/name/pm-01/get/accepted"),
+            Some(("pm-01".into(), CloudShadowMessage::GetAccepted))
+        );
+        assert_eq!(
+            t.parse("$aws/things/ward-7/shadow/name/pm-01/update/documents"),
+            Some(("pm-01".into(), CloudShadowMessage::Documents))
+        );
+        for other in [
+            "$aws/things/ward-8/shadow/name/pm-01/get/accepted",
+            "$aws/things/ward-7/shadow/name/pm-01/update/delta",
+            "$aws/things/ward-7/shadow/name/pm-01/get/accepted/x",
+            "$aws/things/ward-7/shadow/name/pm-01",
+        ] {
+            assert_eq!(t.parse(other), None, "{other}");
+        }
+        let own = CloudShadowTopics::of("$aws/things/${device}/shadow/update", "gw").unwrap();
+        assert_eq!(own.get("pm-01"), "$aws/things/pm-01/shadow/get");
+        assert_eq!(
+            own.parse("$aws/things/pm-01/shadow/get/rejected"),
+            Some(("pm-01".into(), CloudShadowMessage::GetRejected))
+        );
+        for not_a_shadow in [
+            "wardgate/${thing}/shadow/${device}/update",
+            "$aws/things/${thing}/shadow/name/x/update",
+            "$aws/things/${device}/shadow/update/x",
+            "$aws/things/${device}/shadow/name/${device}/update",
+        ] {
+            assert_eq!(
+                CloudShadowTopics::of(not_a_shadow, "gw"),
+                None,
+                "{not_a_shadow}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,379 @@
+//! Keeping each device's classic shadow in step with its copy in AWS IoT Core.
+//!
+//! # The rule
+//! **The ward owns `reported`, the cloud owns `desired`.**
+//! - Every accepted change to a device's reported state (its own `/update`, or its readings)
+//!   goes upstream as a shadow update `{"state":{"reported":…}}` on `upstream.topics.shadow`.
+//!   Changes are merged per device while they wait, and at most [`SENDS_PER_SECOND`] devices'
+//!   changes are queued per second (a fifth of an IoT Core connection's publish quota), so a
+//!   ward of plugin devices reporting every second costs the uplink 20 publishes/s, not 500.
+//!   The cloud's reported state is a copy of the ward's, late by the outage (or by the pace).
+//! - Desired changes made in the cloud reach the device as a local `/update/delta`. The gateway
+//!   subscribes to the cloud shadows' `/update/documents` and, after every (re)connection,
+//!   asks for each device's shadow (`/get`): IoT Core keeps a persistent session's messages
+//!   only for a while, so what changed during a long outage is fetched, not hoped for.
+//! - Desired changes made on the ward (a local app's `/update` with `desired`) apply locally at
+//!   once and go upstream too. While the device's cloud shadow has not been fetched in the
+//!   current session (the uplink is down, or reconnecting), they wait here; when the fetch
+//!   comes back, a key the cloud changed meanwhile takes the **cloud's** value and the ward's
+//!   change of that key is dropped; the ward's changes of other keys go upstream.
+//! - Versions: the local and the cloud shadow count their own versions (each side's devices
+//!   see one increasing counter); they are not the same number. The cloud version last seen is
+//!   kept only to ignore messages older than it.
+//!
+//! Only classic shadows are synchronised; named shadows stay on the ward.
+//!
+//! # What must stay true
+//! - Nothing decided here is lost in a crash: the per-device sync state ([`SyncState`]) is
+//!   stored with the shadow documents, in the same write as the change that made it.
+//! - A desired change that came from the cloud is never sent back to the cloud.
+//! - Everything here is pure: no I/O, no clock, no topics (the uplink owns the topics).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+/// Devices whose waiting changes are queued upstream per second, at most.
+pub const SENDS_PER_SECOND: usize = 20;
+
+/// What the uplink tells the shadow service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CloudEvent {
+    /// A session with the upstream is up: every device's cloud shadow is fetched again.
+    Connected,
+    /// The session ended.
+    Disconnected,
+    /// The cloud's desired state of `thing`'s classic shadow (`None`: no desired section, or
+    /// no shadow at all), at cloud `version` (`None` when the cloud has no shadow).
+    Desired {
+        /// The device.
+        thing: String,
+        /// The cloud shadow's version.
+        version: Option<u64>,
+        /// Its desired section.
+        desired: Option<Value>,
+        /// An answer to the gateway's `/get` (rather than an `/update/documents`).
+        fetched: bool,
+    },
+}
+
+/// The uplink's end of the link (cheap to clone: a restarted uplink takes it over).
+#[derive(Debug, Clone)]
+pub struct CloudLink {
+    /// Events for the shadow service (bounded: a shadow service far behind slows the uplink's
+    /// reading of the cloud's messages, never loses one).
+    pub events: mpsc::Sender<CloudEvent>,
+    /// Devices whose cloud shadow to fetch (`/get`).
+    pub fetch: std::sync::Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>,
+}
+
+/// The shadow service's end of the link.
+#[derive(Debug)]
+pub struct ShadowLink {
+    /// Events from the uplink.
+    pub events: mpsc::Receiver<CloudEvent>,
+    /// Devices to fetch.
+    pub fetch: mpsc::UnboundedSender<String>,
+    /// Where shadow updates for the cloud are queued.
+    pub queue: crate::queue::Enqueue,
+}
+
+/// A connected pair of ends.
+pub fn link(queue: crate::queue::Enqueue) -> (CloudLink, ShadowLink) {
+    let (etx, erx) = mpsc::channel(1024);
+    let (ftx, frx) = mpsc::unbounded_channel();
+    (
+        CloudLink {
+            events: etx,
+            fetch: std::sync::Arc::new(tokio::sync::Mutex::new(frx)),
+        },
+        ShadowLink {
+            events: erx,
+            fetch: ftx,
+            queue,
+        },
+    )
+}
+
+/// One device's sync state, stored next to its shadow.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncState {
+    /// The cloud version last seen.
+    #[serde(default)]
+    pub cloud_version: u64,
+    /// The cloud's desired state as last seen, with the ward's changes sent since applied.
+    #[serde(default)]
+    pub cloud_desired: Option<Value>,
+    /// Reported changes not yet queued upstream (a merge patch: `null` deletes).
+    #[serde(default)]
+    pub out_reported: Option<Value>,
+    /// Desired changes made on the ward, not yet queued upstream (a merge patch).
+    #[serde(default)]
+    pub out_desired: Option<Value>,
+    /// When the oldest waiting change was made (ms since the epoch; 0: nothing waits).
+    #[serde(default)]
+    pub waiting_since_ms: i64,
+}
+
+impl SyncState {
+    /// Whether changes wait to be queued.
+    pub fn waiting(&self) -> bool {
+        self.out_reported.is_some() || self.out_desired.is_some()
+    }
+
+    /// A local change was accepted: the request's `state` (as sent: `null`s are deletions).
+    pub fn local_change(&mut self, state: &Value, now_ms: i64) {
+        let (reported, desired) = match state {
+            Value::Null => (Some(&Value::Null), Some(&Value::Null)),
+            Value::Object(s) => (s.get("reported"), s.get("desired")),
+            _ => (None, None),
+        };
+        let was_waiting = self.waiting();
+        if let Some(r) = reported {
+            self.out_reported = Some(compose(self.out_reported.take(), r));
+        }
+        if let Some(d) = desired {
+            self.out_desired = Some(compose(self.out_desired.take(), d));
+        }
+        if !was_waiting && self.waiting() {
+            self.waiting_since_ms = now_ms;
+        }
+    }
+
+    /// The shadow update to queue upstream now, if anything waits (`synced`: the cloud shadow
+    /// was fetched in this session, so the ward's desired changes may go too). Marks it sent.
+    pub fn take_update(&mut self, synced: bool) -> Option<Value> {
+        let mut state = Map::new();
+        if let Some(r) = self.out_reported.take() {
+            state.insert("reported".into(), r);
+        }
+        if synced {
+            if let Some(d) = self.out_desired.take() {
+                self.cloud_desired = apply(self.cloud_desired.take(), &d);
+                state.insert("desired".into(), d);
+            }
+        }
+        if !self.waiting() {
+            self.waiting_since_ms = 0;
+        }
+        (!state.is_empty()).then(|| serde_json::json!({ "state": state }))
+    }
+
+    /// The cloud's desired state arrived. Returns the change to apply to the local desired
+    /// state (a merge patch), if any; `None` also for a message older than one already seen.
+    pub fn cloud(&mut self, version: Option<u64>, desired: Option<Value>) -> Option<Value> {
+        if let Some(v) = version {
+            if v < self.cloud_version {
+                return None;
+            }
+            self.cloud_version = v;
+        }
+        let desired = desired.filter(|d| !matches!(d, Value::Null));
+        let patch = diff(self.cloud_desired.as_ref(), desired.as_ref());
+        self.cloud_desired = desired;
+        let patch = patch?;
+        // The cloud wins a key both sides changed.
+        if let Some(out) = self.out_desired.take() {
+            self.out_desired = without(out, &patch);
+        }
+        if !self.waiting() {
+            self.waiting_since_ms = 0;
+        }
+        Some(patch)
+    }
+}
+
+/// `first` then `then`, as one merge patch.
+pub fn compose(first: Option<Value>, then: &Value) -> Value {
+    match (first, then) {
+        (Some(Value::Object(mut a)), Value::Object(b)) => {
+            for (k, v) in b {
+                let merged = compose(a.remove(k), v);
+                a.insert(k.clone(), merged);
+            }
+            Value::Object(a)
+        }
+        (_, v) => v.clone(),
+    }
+}
+
+/// `patch` applied to `doc` (JSON merge: `null` deletes, objects merge, the rest replaces);
+/// `None` when nothing is left.
+pub fn apply(doc: Option<Value>, patch: &Value) -> Option<Value> {
+    match patch {
+        Value::Null => None,
+        Value::Object(p) => {
+            let mut d = match doc {
+                Some(Value::Object(d)) => d,
+                _ => Map::new(),
+            };
+            for (k, v) in p {
+                if let Some(x) = apply(d.remove(k), v) {
+                    d.insert(k.clone(), x);
+                }
+            }
+            (!d.is_empty()).then_some(Value::Object(d))
+        }
+        v => Some(v.clone()),
+    }
+}
+
+/// The merge patch that turns `old` into `new`; `None` when they are equal.
+pub fn diff(old: Option<&Value>, new: Option<&Value>) -> Option<Value> {
+    match (old, new) {
+        (None, None) => None,
+        (Some(_), None) => Some(Value::Null),
+        (Some(Value::Object(o)), Some(Value::Object(n))) => {
+            let mut p = Map::new();
+            for k in o.keys().filter(|k| !n.contains_key(*k)) {
+                p.insert(k.clone(), Value::Null);
+            }
+            for (k, v) in n {
+                if let Some(d) = diff(o.get(k), Some(v)) {
+                    p.insert(k.clone(), d);
+                }
+            }
+            (!p.is_empty()).then_some(Value::Object(p))
+        }
+        (o, Some(n)) => (o != Some(n)).then(|| n.clone()),
+    }
+}
+
+/// `patch` without the keys `taken` sets (a key `taken` changes inside is dropped whole
+/// unless both hold objects there).
+pub fn without(patch: Value, taken: &Value) -> Option<Value> {
+    match (patch, taken) {
+        (Value::Object(mut p), Value::Object(t)) => {
+            for (k, tv) in t {
+                if let Some(pv) = p.remove(k) {
+                    if let Some(rest) = without(pv, tv) {
+                        p.insert(k.clone(), rest);
+                    }
+                }
+            }
+            (!p.is_empty()).then_some(Value::Object(p))
+        }
+        // The cloud replaced or removed the whole section.
+        _ => None,
+    }
+}
+
+/// The part of `patch` that changes `local` (leaves already equal dropped); `None` if nothing.
+pub fn effective(local: Option<&Value>, patch: &Value) -> Option<Value> {
+    let after = apply(local.cloned(), patch);
+    diff(local, after.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn diff_and_apply_round_trip() {
+        let cases = [
+            (
+                json!({"a":1,"b":{"c":2,"d":3}}),
+                json!({"a":1,"b":{"c":5},"e":[1]}),
+            ),
+            (json!({"a":1}), json!({"a":{"x":1}})),
+            (json!({"a":[1,2]}), json!({"a":[2]})),
+        ];
+        for (old, new) in cases {
+            let p = diff(Some(&old), Some(&new)).unwrap();
+            assert_eq!(
+                apply(Some(old.clone()), &p),
+                Some(new.clone()),
+                "{old} → {new} by {p}"
+            );
+        }
+        assert_eq!(diff(Some(&json!({"a":1})), Some(&json!({"a":1}))), None);
+        assert_eq!(diff(Some(&json!({"a":1})), None), Some(Value::Null));
+        assert_eq!(diff(None, Some(&json!({"a":1}))), Some(json!({"a":1})));
+        assert_eq!(
+            diff(Some(&json!({"a":1,"b":2})), Some(&json!({"b":2}))),
+            Some(json!({"a":null}))
+        );
+    }
+
+    #[test]
+    fn patches_compose_like_two_updates() {
+        let doc = json!({"a":1,"b":{"c":2,"d":3}});
+        let p1 = json!({"a":null,"b":{"c":9}});
+        let p2 = json!({"b":{"d":null},"e":4});
+        let both = compose(Some(p1.clone()), &p2);
+        let stepwise = apply(apply(Some(doc.clone()), &p1), &p2);
+        assert_eq!(apply(Some(doc), &both), stepwise);
+        assert_eq!(compose(None, &json!(null)), json!(null));
+    }
+
+    #[test]
+    fn the_cloud_wins_a_key_both_sides_changed() {
+        let mut s = SyncState {
+            cloud_version: 4,
+            cloud_desired: Some(json!({"rate":5})),
+            ..Default::default()
+        };
+        // Offline: the ward changes alarm_limit and mode.
+        s.local_change(&json!({"desired":{"alarm_limit":150,"mode":"night"}}), 1000);
+        s.local_change(&json!({"reported":{"heartbeat":80}}), 2000);
+        assert_eq!(s.waiting_since_ms, 1000);
+        // Not fetched yet: only reported may go.
+        assert_eq!(
+            s.take_update(false),
+            Some(json!({"state":{"reported":{"heartbeat":80}}}))
+        );
+        assert!(s.waiting());
+        // The fetch: the cloud changed rate and alarm_limit meanwhile.
+        let patch = s.cloud(Some(9), Some(json!({"rate":10,"alarm_limit":140})));
+        assert_eq!(patch, Some(json!({"rate":10,"alarm_limit":140})));
+        assert_eq!(s.out_desired, Some(json!({"mode":"night"})));
+        assert_eq!(
+            s.take_update(true),
+            Some(json!({"state":{"desired":{"mode":"night"}}}))
+        );
+        assert!(!s.waiting());
+        assert_eq!(s.waiting_since_ms, 0);
+        assert_eq!(
+            s.cloud_desired,
+            Some(json!({"rate":10,"alarm_limit":140,"mode":"night"}))
+        );
+        // The cloud's echo of that update changes nothing; an older message is ignored.
+        assert_eq!(
+            s.cloud(
+                Some(10),
+                Some(json!({"rate":10,"alarm_limit":140,"mode":"night"}))
+            ),
+            None
+        );
+        assert_eq!(s.cloud(Some(3), Some(json!({"rate":1}))), None);
+        assert_eq!(s.cloud_version, 10);
+        // A cloud deletion of the shadow clears desired on the ward.
+        assert_eq!(s.cloud(None, None), Some(Value::Null));
+    }
+
+    #[test]
+    fn a_local_delete_clears_both_sections_upstream() {
+        let mut s = SyncState::default();
+        s.local_change(&Value::Null, 5);
+        assert_eq!(
+            s.take_update(true),
+            Some(json!({"state":{"reported":null,"desired":null}}))
+        );
+    }
+
+    #[test]
+    fn only_what_changes_the_local_state_is_applied() {
+        let local = json!({"rate":10,"mode":"day"});
+        assert_eq!(effective(Some(&local), &json!({"rate":10})), None);
+        assert_eq!(
+            effective(Some(&local), &json!({"rate":10,"mode":null,"x":1})),
+            Some(json!({"mode":null,"x":1}))
+        );
+        assert_eq!(
+            without(json!({"a":{"b":1,"c":2}}), &json!({"a":{"b":5}})),
+            Some(json!({"a":{"c":2}}))
+        );
+        assert_eq!(without(json!({"a":1}), &Value::Null), None);
+    }
+}
