@@ -57,6 +57,9 @@ pub struct Gateway {
     webhooks: Option<Stage<()>>,
     shadow_stats: Arc<crate::shadow::ShadowStats>,
     rule_counters: crate::rules::CountersView,
+    /// The edge rules (replaced on reload). Dropped first on stop: they hold entrances of the
+    /// queue writer and the webhook outbox, which end once every entrance is gone.
+    rules: Option<Arc<crate::rules::Rules>>,
     /// The queue's entrance for producers other than the pipeline (dropped first on stop, so
     /// the writer can finish).
     outbox: Option<crate::queue::Enqueue>,
@@ -259,7 +262,10 @@ impl Gateway {
             let cloud_link = if !config.upstream.sync_shadows {
                 None
             } else if syncable {
-                let (cloud, local) = crate::shadow::sync::link(enqueue.clone());
+                let (cloud, local) = crate::shadow::sync::link(
+                    enqueue.clone(),
+                    crate::shadow::sync::Pace::of(config.upstream.shadow_updates_per_second),
+                );
                 shadow_link = Some(local);
                 Some(cloud)
             } else {
@@ -472,6 +478,7 @@ impl Gateway {
             webhooks: webhook_stage,
             shadow_stats,
             rule_counters,
+            rules: Some(rules.clone()),
             outbox,
             uplink,
             uplink_stop,
@@ -599,6 +606,7 @@ impl Gateway {
         let shadows = &mut self.shadows;
         let webhooks = &mut self.webhooks;
         self.outbox = None;
+        self.rules = None;
         self.spare_ingest = None;
         self.spare_dead_letters = None;
         let drain = async {
@@ -857,7 +865,17 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
                 ),
             }
             crate::telemetry::set_level(new.log.level.into());
-            log::info!(devices = new.devices.len(); "configuration reloaded: device registry and log level applied");
+            let r = gw
+                .rules
+                .as_ref()
+                .map(|rules| rules.reload(&new.rules))
+                .unwrap_or_default();
+            log::info!(
+                devices = new.devices.len(), rules = new.rules.len() - r.failed,
+                rules_added:? = r.added, rules_removed:? = r.removed, rules_changed:? = r.changed;
+                "configuration reloaded: device registry, rules and log level applied ({} rules: {} added, {} removed, {} changed)",
+                new.rules.len() - r.failed, r.added.len(), r.removed.len(), r.changed.len()
+            );
             for (section, changed) in [
                 ("gateway", new.gateway != running.gateway),
                 (

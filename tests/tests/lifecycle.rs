@@ -1,6 +1,6 @@
 //! The daemon's life as systemd sees it: READY=1 once listeners are up, SIGHUP reload (the
 //! new registry and log level in force once READY=1 follows RELOADING=1), SIGTERM under load
-//! draining to exit 0 with STOPPING=1, and watchdog pings.
+//! draining to exit 0 with STOPPING=1, and watchdog pings; rules replaced by a reload.
 //! The real binary runs as a subprocess with `NOTIFY_SOCKET` pointing at a socket the test owns.
 
 use nix::sys::signal::{kill, Signal};
@@ -58,8 +58,15 @@ impl Daemon {
 }
 
 fn start(devices: Vec<DeviceConfig>, env: &[(&str, &str)]) -> Daemon {
+    start_with(|dir| config(dir, devices), env)
+}
+
+fn start_with(
+    make: impl FnOnce(&std::path::Path) -> wardgate::config::Config,
+    env: &[(&str, &str)],
+) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), devices);
+    let cfg = make(dir.path());
     let config_path = dir.path().join("wardgate.toml");
     std::fs::write(&config_path, config_toml(&cfg)).unwrap();
     let mut notify = NotifySocket::bind(dir.path());
@@ -262,5 +269,80 @@ fn watchdog_is_pinged_when_requested() {
         pings >= 3,
         "expected WATCHDOG=1 pings, saw {:?}",
         d.notify.drain()
+    );
+}
+
+fn republish_rule(name: &str, above: u32) -> wardgate::config::RuleConfig {
+    wardgate::config::RuleConfig {
+        name: name.into(),
+        sql: format!("SELECT heartbeat FROM 'ward/+/telemetry' WHERE heartbeat > {above}"),
+        actions: vec![wardgate::config::ActionConfig::Republish {
+            topic: format!("alerts/{name}/${{topic(2)}}"),
+            qos: 1,
+        }],
+        debounce: None,
+        description: None,
+    }
+}
+
+/// A reload replaces the edge rules: a removed rule fires no more, a new one fires at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_replaces_the_edge_rules() {
+    let devices = || {
+        let mut nurse = device("nurse-01", "station", "n-pw");
+        nurse.subscribe = Some(vec!["alerts/#".into()]);
+        nurse.publish = Some(vec![]);
+        vec![device("pm-01", "pacemaker", "pw"), nurse]
+    };
+    let mut d = start_with(
+        |dir| {
+            let mut c = config(dir, devices());
+            c.rules = vec![republish_rule("high", 140)];
+            c
+        },
+        &[],
+    );
+    let t = Duration::from_secs(10);
+    let mut nurse = connect(options(d.addr, "nurse-01", "n-pw")).await;
+    nurse.subscribe("alerts/#").await;
+    let pm = connect(options(d.addr, "pm-01", "pw")).await;
+    let send = |hr: u32| {
+        let c = pm.client.clone();
+        async move {
+            c.publish(
+                "ward/pm-01/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                pacemaker_reading(hr),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // 120 fires nothing, so the first alert is 150's.
+    send(120).await;
+    send(150).await;
+    let (topic, payload) = nurse.next(t).await.expect("the alert of 150");
+    assert_eq!(topic, "alerts/high/pm-01");
+    assert!(String::from_utf8_lossy(&payload).contains("150"));
+
+    let mut cfg = config(d.dir.path(), devices());
+    cfg.rules = vec![republish_rule("low", 100)];
+    std::fs::write(&d.config_path, config_toml(&cfg)).unwrap();
+    let line = d.reload("configuration reloaded");
+    assert!(line.contains("1 added, 1 removed, 0 changed"), "{line}");
+    // 160 would fire `high`: once `low`'s alert of 160 has come, `high` did not fire on it
+    // (its republish would have come first, from the same evaluation).
+    send(120).await;
+    send(160).await;
+    let (topic, payload) = nurse.next(t).await.expect("the new rule's alert");
+    assert_eq!(topic, "alerts/low/pm-01");
+    assert!(String::from_utf8_lossy(&payload).contains("120"));
+    let (topic, _) = nurse.next(t).await.expect("the new rule's second alert");
+    assert_eq!(topic, "alerts/low/pm-01");
+    pm.wait_acks(4, t).await;
+    assert!(
+        nurse.incoming.try_recv().is_err(),
+        "nothing from the removed rule"
     );
 }

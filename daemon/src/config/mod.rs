@@ -583,6 +583,9 @@ pub struct UpstreamConfig {
     /// cloud desired state down; [`crate::shadow::sync`]). Needs `topics.shadow` to be a shadow
     /// update topic naming `${device}`.
     pub sync_shadows: bool,
+    /// Devices' shadow updates queued per second for the cloud, and shadow fetches sent per
+    /// second: both take this much of `max_publishes_per_second` from the readings.
+    pub shadow_updates_per_second: u32,
 }
 
 impl UpstreamConfig {
@@ -614,6 +617,7 @@ impl Default for UpstreamConfig {
             max_bytes_per_second: 512 * 1024,
             max_backoff: Duration::from_secs(60),
             sync_shadows: true,
+            shadow_updates_per_second: 10,
         }
     }
 }

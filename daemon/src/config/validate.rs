@@ -396,6 +396,17 @@ pub(super) fn validate(
             "must be between 2 and 100 (AWS IoT Core's limit is 100; the pacing keeps a tenth of it as burst)".into(),
         );
     }
+    if u.shadow_updates_per_second < 1
+        || u.shadow_updates_per_second > u.max_publishes_per_second / 2
+    {
+        err(
+            "upstream.shadow_updates_per_second",
+            format!(
+                "must be between 1 and half of upstream.max_publishes_per_second ({}): shadow updates and fetches share the publish quota with the readings",
+                u.max_publishes_per_second / 2
+            ),
+        );
+    }
     if u.max_bytes_per_second < 2 * u.max_batch_bytes as u64 || u.max_bytes_per_second > 512 * 1024
     {
         err(

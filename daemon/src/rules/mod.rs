@@ -123,21 +123,25 @@ pub struct RuleCounts {
     pub loops_stopped: u64,
 }
 
-/// Every rule's counters, by name, in configuration order (cheap to clone).
+/// Every rule's counters, by name, in configuration order (cheap to clone; follows reloads).
 #[derive(Debug, Clone, Default)]
-pub struct CountersView(Arc<Vec<(Arc<str>, Arc<RuleCounters>)>>);
+pub struct CountersView(Arc<std::sync::RwLock<Vec<(Arc<str>, Arc<RuleCounters>)>>>);
 
 impl CountersView {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<(Arc<str>, Arc<RuleCounters>)>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Count an action failure (found after the firing, as a webhook given up) on `rule`.
     pub fn failed(&self, rule: &str) {
-        if let Some((_, c)) = self.0.iter().find(|(n, _)| &**n == rule) {
+        if let Some((_, c)) = self.read().iter().find(|(n, _)| &**n == rule) {
             c.action_failures.fetch_add(1, Relaxed);
         }
     }
 
     /// The counters now.
     pub fn counts(&self) -> Vec<RuleCounts> {
-        self.0
+        self.read()
             .iter()
             .map(|(name, c)| RuleCounts {
                 name: name.to_string(),
@@ -381,80 +385,162 @@ pub fn wants_webhooks(configs: &[RuleConfig]) -> bool {
 }
 
 /// The compiled rules and their sinks (cheap to share: `Arc<Rules>`).
+///
+/// The set of rules can be replaced while messages are evaluated ([`Rules::reload`]): a
+/// message is evaluated against the set that was current when it arrived, and a rule kept
+/// by name keeps its counters and its debounce.
 #[derive(Debug, Default)]
 pub struct Rules {
-    rules: Vec<Rule>,
+    rules: std::sync::RwLock<Arc<Vec<Rule>>>,
+    view: CountersView,
     sinks: Sinks,
     /// Last firing per (rule, device), for debounce.
-    last: Mutex<HashMap<(usize, Arc<str>), Instant>>,
+    last: Mutex<HashMap<(Arc<str>, Arc<str>), Instant>>,
     /// Last "loop stopped" line per rule.
-    loop_logged: Mutex<HashMap<usize, Instant>>,
+    loop_logged: Mutex<HashMap<Arc<str>, Instant>>,
+    /// The configuration of the rules now in force (to tell what a reload changed).
+    configs: Mutex<Vec<RuleConfig>>,
+}
+
+/// What a reload changed, by rule name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Rules new in this configuration.
+    pub added: Vec<String>,
+    /// Rules gone from it.
+    pub removed: Vec<String>,
+    /// Rules kept whose SQL, actions or debounce changed.
+    pub changed: Vec<String>,
+    /// Rules that failed to compile and were left out.
+    pub failed: usize,
+}
+
+/// Compile every rule that compiles (logging those that do not), reusing `kept`'s counters
+/// for rules of the same name.
+fn compile_all(
+    configs: &[RuleConfig],
+    kept: &[(Arc<str>, Arc<RuleCounters>)],
+) -> (Vec<Rule>, usize) {
+    let mut rules = Vec::new();
+    let mut failed = 0;
+    for (i, c) in configs.iter().enumerate() {
+        match Rule::compile(i, c) {
+            Ok(mut r) => {
+                if let Some((_, counters)) = kept.iter().find(|(n, _)| **n == *r.name) {
+                    r.counters = counters.clone();
+                }
+                rules.push(r);
+            }
+            Err(problems) => {
+                failed += 1;
+                for p in problems {
+                    log::error!(rule:% = c.name, key:% = p.key; "rule not loaded: {}", p.message);
+                }
+            }
+        }
+    }
+    (rules, failed)
 }
 
 impl Rules {
     /// Compile every rule (the configuration was validated: a rule that still fails to
     /// compile is logged and left out, the others run).
     pub fn new(configs: &[RuleConfig], sinks: Sinks) -> Self {
-        let mut rules = Vec::new();
-        for (i, c) in configs.iter().enumerate() {
-            match Rule::compile(i, c) {
-                Ok(r) => rules.push(r),
-                Err(problems) => {
-                    for p in problems {
-                        log::error!(rule:% = c.name, key:% = p.key; "rule not loaded: {}", p.message);
-                    }
-                }
-            }
-        }
-        if !rules.is_empty() {
-            log::info!(rules = rules.len(); "{} edge rules loaded", rules.len());
+        let (compiled, _) = compile_all(configs, &[]);
+        if !compiled.is_empty() {
+            log::info!(rules = compiled.len(); "{} edge rules loaded", compiled.len());
         }
         let rules = Self {
-            rules,
             sinks,
+            configs: configs.to_vec().into(),
             ..Self::default()
         };
+        rules.install(compiled);
         if let Some(w) = &rules.sinks.webhooks {
             w.stats().attach(rules.counters());
         }
         rules
     }
 
-    /// No rules: nothing to evaluate.
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
+    fn install(&self, compiled: Vec<Rule>) {
+        *self.view.0.write().unwrap_or_else(|e| e.into_inner()) = compiled
+            .iter()
+            .map(|r| (r.name.clone(), r.counters.clone()))
+            .collect();
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(compiled);
     }
 
-    /// A view of every rule's counters that does not keep the rules (and their sinks) alive.
+    fn current(&self) -> Arc<Vec<Rule>> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replace the rules with `configs` (validated by the configuration loader): messages
+    /// arriving from now on see the new set. An `http` action needs the webhook outbox, which
+    /// a gateway opens at start only when a rule has one: without it those actions fail
+    /// (counted, logged) until a restart, and the reload says so.
+    pub fn reload(&self, configs: &[RuleConfig]) -> Reloaded {
+        let old = self
+            .configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let kept = self.view.read().clone();
+        let (compiled, failed) = compile_all(configs, &kept);
+        let name = |c: &RuleConfig| c.name.clone();
+        let mut r = Reloaded {
+            failed,
+            ..Default::default()
+        };
+        for c in configs {
+            match old.iter().find(|o| o.name == c.name) {
+                None => r.added.push(name(c)),
+                Some(o) if o != c => r.changed.push(name(c)),
+                Some(_) => {}
+            }
+        }
+        r.removed = old
+            .iter()
+            .filter(|o| !configs.iter().any(|c| c.name == o.name))
+            .map(name)
+            .collect();
+        if self.sinks.webhooks.is_none() && wants_webhooks(configs) {
+            log::warn!("a reloaded rule has an http action, but this gateway started without one and so without its webhook outbox: those actions fail until `systemctl restart wardgate`");
+        }
+        self.install(compiled);
+        *self.configs.lock().unwrap_or_else(|e| e.into_inner()) = configs.to_vec();
+        r
+    }
+
+    /// No rules: nothing to evaluate.
+    pub fn is_empty(&self) -> bool {
+        self.current().is_empty()
+    }
+
+    /// A view of every rule's counters that does not keep the rules (and their sinks) alive,
+    /// and follows reloads.
     pub fn counters(&self) -> CountersView {
-        CountersView(Arc::new(
-            self.rules
-                .iter()
-                .map(|r| (r.name.clone(), r.counters.clone()))
-                .collect(),
-        ))
+        self.view.clone()
     }
 
     /// Evaluate every rule on `msg` and run the actions of those that fire. A durable action
     /// takes a part of `ack`: the message is confirmed only once its alert is on disk too.
     pub async fn apply(&self, msg: Message<'_>, ack: &mut Option<Ack>) {
-        if !self.rules.is_empty() {
-            self.apply_at(msg, ack, 0).await;
+        let rules = self.current();
+        if !rules.is_empty() {
+            self.apply_at(&rules, msg, ack, 0).await;
         }
     }
 
     fn apply_at<'a>(
         &'a self,
+        rules: &'a [Rule],
         msg: Message<'a>,
         ack: &'a mut Option<Ack>,
         hops: u8,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            if self.rules.is_empty() {
-                return;
-            }
             let mut payload: Option<Option<serde_json::Value>> = None;
-            for (i, rule) in self.rules.iter().enumerate() {
+            for rule in rules {
                 if !rule.statement.matches_topic(msg.topic) {
                     continue;
                 }
@@ -471,25 +557,25 @@ impl Rules {
                 let Some(output) = rule.statement.evaluate(&ctx) else {
                     continue;
                 };
-                if self.debounced(i, rule, msg.device_id) {
+                if self.debounced(rule, msg.device_id) {
                     rule.counters.debounced.fetch_add(1, Relaxed);
                     continue;
                 }
                 rule.counters.fired.fetch_add(1, Relaxed);
-                self.fire(i, rule, &msg, &ctx, &output, ack, hops).await;
+                self.fire(rules, rule, &msg, &ctx, &output, ack, hops).await;
             }
         })
     }
 
     /// Whether `rule` fired for `device` within its debounce interval (if not, this firing
     /// is recorded).
-    fn debounced(&self, i: usize, rule: &Rule, device: &str) -> bool {
+    fn debounced(&self, rule: &Rule, device: &str) -> bool {
         let Some(every) = rule.debounce else {
             return false;
         };
         let now = Instant::now();
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (i, Arc::<str>::from(device));
+        let key = (rule.name.clone(), Arc::<str>::from(device));
         match last.get(&key) {
             Some(at) if now.duration_since(*at) < every => true,
             _ => {
@@ -502,7 +588,7 @@ impl Rules {
     #[allow(clippy::too_many_arguments)]
     async fn fire(
         &self,
-        i: usize,
+        rules: &[Rule],
         rule: &Rule,
         msg: &Message<'_>,
         ctx: &sql::Context<'_>,
@@ -593,7 +679,7 @@ impl Rules {
                     }
                     if hops + 1 >= MAX_HOPS {
                         rule.counters.loops_stopped.fetch_add(1, Relaxed);
-                        self.log_loop(i, rule, &topic);
+                        self.log_loop(rule, &topic);
                         continue;
                     }
                     let next = Message {
@@ -602,22 +688,22 @@ impl Rules {
                         device_id: msg.device_id,
                         received_at_ms: msg.received_at_ms,
                     };
-                    self.apply_at(next, ack, hops + 1).await;
+                    self.apply_at(rules, next, ack, hops + 1).await;
                 }
             }
         }
     }
 
-    fn log_loop(&self, i: usize, rule: &Rule, topic: &str) {
+    fn log_loop(&self, rule: &Rule, topic: &str) {
         let now = Instant::now();
         let mut logged = self.loop_logged.lock().unwrap_or_else(|e| e.into_inner());
         if logged
-            .get(&i)
+            .get(&rule.name)
             .is_some_and(|at| now.duration_since(*at) < LOOP_LOG_EVERY)
         {
             return;
         }
-        logged.insert(i, now);
+        logged.insert(rule.name.clone(), now);
         log::warn!(
             rule:% = rule.name, topic:% = topic, hops = MAX_HOPS;
             "rule {}: republished on `{topic}` after {MAX_HOPS} rule hops; not evaluated again (a rule loop?)",

@@ -650,7 +650,7 @@ impl Cloud {
                 || (state.out_desired.is_some() && self.fetched.contains(thing)))
     }
 
-    /// Queue the waiting changes of at most [`sync::SENDS_PER_SECOND`] things, oldest first;
+    /// Queue the waiting changes of at most [`sync::Pace::per_tick`] things, oldest first;
     /// a thing's state is updated only once its record is on disk in the queue.
     async fn send_waiting(&mut self, store: &Store, stats: &ShadowStats) {
         let mut due: Vec<(i64, String)> = self
@@ -661,7 +661,7 @@ impl Cloud {
         due.sort();
         let mut sent = Vec::new();
         for (_, thing) in due {
-            if sent.len() >= sync::SENDS_PER_SECOND {
+            if sent.len() >= self.link.pace.per_tick {
                 break;
             }
             let mut state = store.get_sync(&thing);
@@ -743,7 +743,10 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
         requested: Default::default(),
         waiting: store.synced_things().1,
     });
-    let mut send_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let tick = cloud
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(1), |c| c.link.pace.tick);
+    let mut send_tick = tokio::time::interval(tick);
     send_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         beat.beat();
@@ -913,8 +916,12 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                         c.waiting
                             .entry(thing.clone())
                             .or_insert(state.waiting_since_ms);
-                        // A shadow new in this session: its cloud copy is fetched now.
+                        // A desired change for a shadow not yet fetched in this session (new
+                        // here since the connection): its cloud copy is fetched now, and the
+                        // change waits for it. (Reported changes need no fetch: the cloud's
+                        // later desired changes arrive on /update/documents.)
                         if c.online
+                            && state.out_desired.is_some()
                             && !c.fetched.contains(&thing)
                             && c.requested.insert(thing.clone())
                         {

@@ -4,9 +4,11 @@
 //! **The ward owns `reported`, the cloud owns `desired`.**
 //! - Every accepted change to a device's reported state (its own `/update`, or its readings)
 //!   goes upstream as a shadow update `{"state":{"reported":…}}` on `upstream.topics.shadow`.
-//!   Changes are merged per device while they wait, and at most [`SENDS_PER_SECOND`] devices'
-//!   changes are queued per second (a fifth of an IoT Core connection's publish quota), so a
-//!   ward of plugin devices reporting every second costs the uplink 20 publishes/s, not 500.
+//!   Changes are merged per device while they wait, and at most
+//!   `upstream.shadow_updates_per_second` devices' changes (10 by default, a tenth of an IoT
+//!   Core connection's publish quota) are queued per second, a few every [`Pace::tick`], so a
+//!   ward of plugin devices reporting every second costs the uplink 10 publishes/s, not 500,
+//!   and never a burst in front of the readings.
 //!   The cloud's reported state is a copy of the ward's, late by the outage (or by the pace).
 //! - Desired changes made in the cloud reach the device as a local `/update/delta`. The gateway
 //!   subscribes to the cloud shadows' `/update/documents` and, after every (re)connection,
@@ -33,8 +35,29 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-/// Devices whose waiting changes are queued upstream per second, at most.
-pub const SENDS_PER_SECOND: usize = 20;
+/// How fast waiting changes are queued: `per_second`, a few every tick (at most 10 ticks a
+/// second), so that they never stand in front of the readings in the uplink as a burst (each
+/// goes in a message of its own, and a burst of 20 would hold a reading behind them for
+/// 200 ms of publish quota).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// Things whose changes are queued per tick.
+    pub per_tick: usize,
+    /// How often.
+    pub tick: std::time::Duration,
+}
+
+impl Pace {
+    /// The pace of `per_second` (at least 1).
+    pub fn of(per_second: u32) -> Self {
+        let rate = per_second.max(1);
+        let per_tick = rate.div_ceil(10);
+        Self {
+            per_tick: per_tick as usize,
+            tick: std::time::Duration::from_secs(1) * per_tick / rate,
+        }
+    }
+}
 
 /// What the uplink tells the shadow service.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,10 +99,12 @@ pub struct ShadowLink {
     pub fetch: mpsc::UnboundedSender<String>,
     /// Where shadow updates for the cloud are queued.
     pub queue: crate::queue::Enqueue,
+    /// How fast.
+    pub pace: Pace,
 }
 
 /// A connected pair of ends.
-pub fn link(queue: crate::queue::Enqueue) -> (CloudLink, ShadowLink) {
+pub fn link(queue: crate::queue::Enqueue, pace: Pace) -> (CloudLink, ShadowLink) {
     let (etx, erx) = mpsc::channel(1024);
     let (ftx, frx) = mpsc::unbounded_channel();
     (
@@ -91,6 +116,7 @@ pub fn link(queue: crate::queue::Enqueue) -> (CloudLink, ShadowLink) {
             events: erx,
             fetch: ftx,
             queue,
+            pace,
         },
     )
 }
@@ -350,6 +376,16 @@ mod tests {
         assert_eq!(s.cloud_version, 10);
         // A cloud deletion of the shadow clears desired on the ward.
         assert_eq!(s.cloud(None, None), Some(Value::Null));
+    }
+
+    #[test]
+    fn the_pace_spreads_the_rate_over_ticks() {
+        let ms = |p: Pace| (p.per_tick, p.tick.as_millis());
+        assert_eq!(ms(Pace::of(10)), (1, 100));
+        assert_eq!(ms(Pace::of(5)), (1, 200));
+        assert_eq!(ms(Pace::of(20)), (2, 100));
+        assert_eq!(ms(Pace::of(25)), (3, 120));
+        assert_eq!(ms(Pace::of(0)), (1, 1000));
     }
 
     #[test]

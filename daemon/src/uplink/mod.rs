@@ -430,11 +430,7 @@ async fn session(
     let mut to_fetch: VecDeque<String> = VecDeque::new();
     // Fetches take at most this share of the publish quota, so that 500 of them after a
     // reconnection do not hold up the readings.
-    let mut fetch_pace = Pace::new(
-        crate::shadow::sync::SENDS_PER_SECOND as u32,
-        1 << 30,
-        1 << 20,
-    );
+    let mut fetch_pace = Pace::new(cfg.shadow_updates_per_second.max(2), 1 << 30, 1 << 20);
     let fetch_due = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(fetch_due);
     let mut fetch_armed = false;
