@@ -125,10 +125,16 @@ pub struct RuleCounts {
 
 /// Every rule's counters, by name, in configuration order (cheap to clone; follows reloads).
 #[derive(Debug, Clone, Default)]
-pub struct CountersView(Arc<std::sync::RwLock<Vec<(Arc<str>, Arc<RuleCounters>)>>>);
+pub struct CountersView(Arc<std::sync::RwLock<Named>>);
+
+/// Each rule's counters with its name, in configuration order.
+type Named = Vec<(Arc<str>, Arc<RuleCounters>)>;
+
+/// When a rule last fired, by (rule, device).
+type LastFired = HashMap<(Arc<str>, Arc<str>), Instant>;
 
 impl CountersView {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<(Arc<str>, Arc<RuleCounters>)>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Named> {
         self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -395,7 +401,7 @@ pub struct Rules {
     view: CountersView,
     sinks: Sinks,
     /// Last firing per (rule, device), for debounce.
-    last: Mutex<HashMap<(Arc<str>, Arc<str>), Instant>>,
+    last: Mutex<LastFired>,
     /// Last "loop stopped" line per rule.
     loop_logged: Mutex<HashMap<Arc<str>, Instant>>,
     /// The configuration of the rules now in force (to tell what a reload changed).

@@ -484,25 +484,41 @@ impl Store {
     }
 
     /// Things with a classic shadow or a sync state, and of those with changes waiting for
-    /// the cloud, since when.
+    /// the cloud (a desired change made here, or a reported state other than the one last
+    /// sent), since when.
     fn synced_things(&self) -> (std::collections::BTreeSet<String>, HashMap<String, i64>) {
-        let mut things = std::collections::BTreeSet::new();
-        let mut waiting = HashMap::new();
+        let mut states: HashMap<String, sync::SyncState> = HashMap::new();
+        let mut reported: HashMap<String, Option<serde_json::Value>> = HashMap::new();
         for item in self.tree.iter() {
             let Ok((k, v)) = item else { continue };
             if let Some(thing) = k.strip_prefix(SYNC_PREFIX) {
                 let thing = String::from_utf8_lossy(thing).into_owned();
-                if let Ok(s) = serde_json::from_slice::<sync::SyncState>(&v) {
-                    if s.waiting() {
-                        waiting.insert(thing.clone(), s.waiting_since_ms);
-                    }
-                }
-                things.insert(thing);
+                let s = serde_json::from_slice::<sync::SyncState>(&v).unwrap_or_default();
+                states.insert(thing, s);
             } else if let Some(thing) = k.strip_suffix(&[0u8]) {
                 if !thing.contains(&0) {
-                    things.insert(String::from_utf8_lossy(thing).into_owned());
+                    let doc = serde_json::from_slice::<Document>(&v).unwrap_or_default();
+                    reported.insert(
+                        String::from_utf8_lossy(thing).into_owned(),
+                        reported_of(&doc),
+                    );
                 }
             }
+        }
+        let mut things = std::collections::BTreeSet::new();
+        let mut waiting = HashMap::new();
+        for (thing, s) in &states {
+            let now = reported.get(thing).cloned().flatten();
+            if s.waiting() || s.reported_changed(now.as_ref()) {
+                waiting.insert(thing.clone(), s.waiting_since_ms);
+            }
+            things.insert(thing.clone());
+        }
+        for (thing, r) in reported {
+            if !states.contains_key(&thing) && r.is_some() {
+                waiting.insert(thing.clone(), 0);
+            }
+            things.insert(thing);
         }
         (things, waiting)
     }
@@ -643,13 +659,6 @@ struct Cloud {
 }
 
 impl Cloud {
-    /// Whether `thing`'s waiting changes may be queued now.
-    fn sendable(&self, thing: &str, state: &sync::SyncState) -> bool {
-        self.online
-            && (state.out_reported.is_some()
-                || (state.out_desired.is_some() && self.fetched.contains(thing)))
-    }
-
     /// Queue the waiting changes of at most [`sync::Pace::per_tick`] things, oldest first;
     /// a thing's state is updated only once its record is on disk in the queue.
     async fn send_waiting(&mut self, store: &Store, stats: &ShadowStats) {
@@ -665,14 +674,18 @@ impl Cloud {
                 break;
             }
             let mut state = store.get_sync(&thing);
-            if !state.waiting() {
-                self.waiting.remove(&thing);
-                continue;
-            }
-            if !self.sendable(&thing, &state) {
-                continue;
-            }
-            let Some(update) = state.take_update(self.fetched.contains(&thing)) else {
+            let doc = store.get(&Address {
+                thing: thing.clone(),
+                name: None,
+                op: Op::Get,
+            });
+            let reported = reported_of(&doc);
+            let Some(update) = state.take_update(reported.as_ref(), self.fetched.contains(&thing))
+            else {
+                // Nothing to send: done, unless a desired change waits for the fetch.
+                if !state.waiting() {
+                    self.waiting.remove(&thing);
+                }
                 continue;
             };
             let record = crate::queue::Record {
@@ -909,10 +922,21 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                     }
                     if let (Some(state_change), Some(c)) = (to_cloud, cloud.as_mut()) {
                         let thing = job.address.thing.clone();
+                        let (reported, desired) = sync::parts(&state_change);
+                        // A reported change is only a mark: what goes up is computed from the
+                        // document when the thing's turn comes.
+                        if reported.is_some() {
+                            c.waiting.entry(thing.clone()).or_insert(now_ms);
+                        }
+                        let Some(desired) = desired else {
+                            replies.extend(out);
+                            answered.push((replies, job.device_id, job.ack));
+                            continue;
+                        };
                         let state = sync_changed
                             .entry(thing.clone())
                             .or_insert_with(|| store.get_sync(&thing));
-                        state.local_change(&state_change, now_ms);
+                        state.local_desired(desired, now_ms);
                         c.waiting
                             .entry(thing.clone())
                             .or_insert(state.waiting_since_ms);
@@ -964,6 +988,14 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
     }
 }
 
+/// A document's reported state, as the cloud copy should have it (`None`: none, or no shadow).
+fn reported_of(doc: &Document) -> Option<serde_json::Value> {
+    if !doc.exists() {
+        return None;
+    }
+    doc.reported().map(|r| serde_json::Value::Object(r.clone()))
+}
+
 /// What a change to a classic shadow means for its cloud copy: the request's `state` as sent
 /// (`null`: delete everything), or `None` if it changes nothing the cloud keeps.
 fn cloud_change(job: &Job) -> Option<serde_json::Value> {
@@ -972,9 +1004,8 @@ fn cloud_change(job: &Job) -> Option<serde_json::Value> {
             let v: serde_json::Value = serde_json::from_slice(p).ok()?;
             v.get("state").cloned()
         }
-        (Body::Report(fields), Op::Update) => {
-            Some(serde_json::json!({ "reported": fields.clone() }))
-        }
+        // Only that reported changed matters (see [`sync::SyncState`]).
+        (Body::Report(_), Op::Update) => Some(serde_json::json!({ "reported": {} })),
         (Body::Request(_), Op::Delete) => Some(serde_json::Value::Null),
         _ => None,
     }

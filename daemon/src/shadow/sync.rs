@@ -122,6 +122,11 @@ pub fn link(queue: crate::queue::Enqueue, pace: Pace) -> (CloudLink, ShadowLink)
 }
 
 /// One device's sync state, stored next to its shadow.
+///
+/// Reported changes are not copied here as they happen (readings change the reported state of
+/// every device every 100 ms): what goes up is the difference between the reported state now
+/// and `sent_reported`, computed when the device's turn comes. So a reading costs the sync
+/// nothing but a mark in memory, and after a crash the marks are rebuilt by comparing the two.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncState {
     /// The cloud version last seen.
@@ -130,50 +135,57 @@ pub struct SyncState {
     /// The cloud's desired state as last seen, with the ward's changes sent since applied.
     #[serde(default)]
     pub cloud_desired: Option<Value>,
-    /// Reported changes not yet queued upstream (a merge patch: `null` deletes).
+    /// The reported state as last queued upstream.
     #[serde(default)]
-    pub out_reported: Option<Value>,
-    /// Desired changes made on the ward, not yet queued upstream (a merge patch).
+    pub sent_reported: Option<Value>,
+    /// Desired changes made on the ward, not yet queued upstream (a merge patch: `null`
+    /// deletes).
     #[serde(default)]
     pub out_desired: Option<Value>,
-    /// When the oldest waiting change was made (ms since the epoch; 0: nothing waits).
+    /// When the oldest waiting desired change was made (ms since the epoch; 0: none waits).
     #[serde(default)]
     pub waiting_since_ms: i64,
 }
 
+/// What a local change touches: its `reported` and `desired` parts, as sent (`null`: delete).
+pub fn parts(state: &Value) -> (Option<&Value>, Option<&Value>) {
+    match state {
+        Value::Null => (Some(&Value::Null), Some(&Value::Null)),
+        Value::Object(s) => (s.get("reported"), s.get("desired")),
+        _ => (None, None),
+    }
+}
+
 impl SyncState {
-    /// Whether changes wait to be queued.
+    /// Whether desired changes made on the ward wait to be queued.
     pub fn waiting(&self) -> bool {
-        self.out_reported.is_some() || self.out_desired.is_some()
+        self.out_desired.is_some()
     }
 
-    /// A local change was accepted: the request's `state` (as sent: `null`s are deletions).
-    pub fn local_change(&mut self, state: &Value, now_ms: i64) {
-        let (reported, desired) = match state {
-            Value::Null => (Some(&Value::Null), Some(&Value::Null)),
-            Value::Object(s) => (s.get("reported"), s.get("desired")),
-            _ => (None, None),
-        };
-        let was_waiting = self.waiting();
-        if let Some(r) = reported {
-            self.out_reported = Some(compose(self.out_reported.take(), r));
-        }
-        if let Some(d) = desired {
-            self.out_desired = Some(compose(self.out_desired.take(), d));
-        }
-        if !was_waiting && self.waiting() {
+    /// Whether `reported` (the reported state now) differs from what was last queued.
+    pub fn reported_changed(&self, reported: Option<&Value>) -> bool {
+        self.sent_reported.as_ref() != reported
+    }
+
+    /// A desired change made on the ward was accepted (as sent: `null`s are deletions).
+    pub fn local_desired(&mut self, desired: &Value, now_ms: i64) {
+        if !self.waiting() {
             self.waiting_since_ms = now_ms;
         }
+        self.out_desired = Some(compose(self.out_desired.take(), desired));
     }
 
-    /// The shadow update to queue upstream now, if anything waits (`synced`: the cloud shadow
-    /// was fetched in this session, so the ward's desired changes may go too). Marks it sent.
-    pub fn take_update(&mut self, synced: bool) -> Option<Value> {
+    /// The shadow update to queue upstream now, if anything changed: the reported state's
+    /// difference from what was last sent (`reported`: the reported state now), and, if
+    /// `fetched` (the cloud shadow was fetched in this session), the ward's desired changes.
+    /// Marks it sent.
+    pub fn take_update(&mut self, reported: Option<&Value>, fetched: bool) -> Option<Value> {
         let mut state = Map::new();
-        if let Some(r) = self.out_reported.take() {
+        if let Some(r) = diff(self.sent_reported.as_ref(), reported) {
             state.insert("reported".into(), r);
+            self.sent_reported = reported.cloned();
         }
-        if synced {
+        if fetched {
             if let Some(d) = self.out_desired.take() {
                 self.cloud_desired = apply(self.cloud_desired.take(), &d);
                 state.insert("desired".into(), d);
@@ -340,22 +352,24 @@ mod tests {
             cloud_desired: Some(json!({"rate":5})),
             ..Default::default()
         };
-        // Offline: the ward changes alarm_limit and mode.
-        s.local_change(&json!({"desired":{"alarm_limit":150,"mode":"night"}}), 1000);
-        s.local_change(&json!({"reported":{"heartbeat":80}}), 2000);
+        // Offline: the ward changes alarm_limit and mode, and reports.
+        s.local_desired(&json!({"alarm_limit":150,"mode":"night"}), 1000);
         assert_eq!(s.waiting_since_ms, 1000);
+        let reported = json!({"heartbeat":80});
+        assert!(s.reported_changed(Some(&reported)));
         // Not fetched yet: only reported may go.
         assert_eq!(
-            s.take_update(false),
+            s.take_update(Some(&reported), false),
             Some(json!({"state":{"reported":{"heartbeat":80}}}))
         );
+        assert!(!s.reported_changed(Some(&reported)));
         assert!(s.waiting());
         // The fetch: the cloud changed rate and alarm_limit meanwhile.
         let patch = s.cloud(Some(9), Some(json!({"rate":10,"alarm_limit":140})));
         assert_eq!(patch, Some(json!({"rate":10,"alarm_limit":140})));
         assert_eq!(s.out_desired, Some(json!({"mode":"night"})));
         assert_eq!(
-            s.take_update(true),
+            s.take_update(Some(&reported), true),
             Some(json!({"state":{"desired":{"mode":"night"}}}))
         );
         assert!(!s.waiting());
@@ -390,12 +404,18 @@ mod tests {
 
     #[test]
     fn a_local_delete_clears_both_sections_upstream() {
-        let mut s = SyncState::default();
-        s.local_change(&Value::Null, 5);
+        let mut s = SyncState {
+            sent_reported: Some(json!({"heartbeat":70})),
+            ..Default::default()
+        };
+        let (reported, desired) = parts(&Value::Null);
+        assert_eq!(reported, Some(&Value::Null));
+        s.local_desired(desired.unwrap(), 5);
         assert_eq!(
-            s.take_update(true),
+            s.take_update(None, true),
             Some(json!({"state":{"reported":null,"desired":null}}))
         );
+        assert_eq!(s.take_update(None, true), None);
     }
 
     #[test]
