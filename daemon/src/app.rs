@@ -265,6 +265,7 @@ impl Gateway {
                 let (cloud, local) = crate::shadow::sync::link(
                     enqueue.clone(),
                     crate::shadow::sync::Pace::of(config.upstream.shadow_updates_per_second),
+                    config.upstream.sync_readings,
                 );
                 shadow_link = Some(local);
                 Some(cloud)

@@ -167,3 +167,49 @@ async fn changes_made_offline_survive_a_restart_and_go_up_when_the_uplink_return
     .await;
     gw.stop(Duration::from_secs(10)).await;
 }
+
+/// Reported state made from readings goes up with the device's next own update by default,
+/// and on every change with `upstream.sync_readings`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_reach_the_cloud_shadow_with_the_next_update_or_at_once_when_asked() {
+    for mirror in [false, true] {
+        let up = Upstream::new();
+        let _mq = up.broker();
+        let cloud = CloudShadows::start(&up).await;
+        let mut cfg = up.gateway_config();
+        cfg.upstream.sync_readings = mirror;
+        let gw = Gateway::start(&cfg).await.unwrap();
+        let mut pm = connect(options(gw.listener_addr("plain").unwrap(), "pm-01", "pw")).await;
+        wardgate_tests::send_heart_rate(&pm.client, "pm-01", 77).await;
+        until(
+            "the reading reaches the local shadow",
+            Duration::from_secs(20),
+            || gw.shadow_stats().reports >= 1,
+        )
+        .await;
+        if mirror {
+            until(
+                "the reading reaches the cloud shadow",
+                Duration::from_secs(30),
+                || cloud_has(&cloud, "/state/reported/heart_rate", json!(77.0)),
+            )
+            .await;
+        } else {
+            pm.subscribe(&format!("{PM}/update/accepted")).await;
+            update(&pm, json!({"reported": {"battery_ok": true}})).await;
+            next_on(&mut pm, &format!("{PM}/update/accepted")).await;
+            until(
+                "the device's update reaches the cloud",
+                Duration::from_secs(30),
+                || cloud_has(&cloud, "/state/reported/battery_ok", json!(true)),
+            )
+            .await;
+            assert!(
+                cloud_has(&cloud, "/state/reported/heart_rate", json!(77.0)),
+                "the reading's key went up with it: {:?}",
+                cloud.shadow("pm-01")
+            );
+        }
+        gw.stop(Duration::from_secs(10)).await;
+    }
+}

@@ -586,6 +586,11 @@ pub struct UpstreamConfig {
     /// Devices' shadow updates queued per second for the cloud, and shadow fetches sent per
     /// second: both take this much of `max_publishes_per_second` from the readings.
     pub shadow_updates_per_second: u32,
+    /// Also send the reported state that readings make (`heart_rate`, ...) as shadow updates,
+    /// each time it changes. Off by default: the readings already go up as telemetry, and
+    /// mirroring them costs a publish per device turn, taken from the readings' quota. Off,
+    /// those keys go up with the device's next own shadow update.
+    pub sync_readings: bool,
 }
 
 impl UpstreamConfig {
@@ -618,6 +623,7 @@ impl Default for UpstreamConfig {
             max_backoff: Duration::from_secs(60),
             sync_shadows: true,
             shadow_updates_per_second: 10,
+            sync_readings: false,
         }
     }
 }

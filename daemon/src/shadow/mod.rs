@@ -906,7 +906,7 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                         };
                         log::info!(thing:% = thing, desired:% = change; "desired state changed in the cloud: applied here");
                         job.body = Body::FromCloud(change);
-                    } else {
+                    } else if c.link.readings || !matches!(job.body, Body::Report(_)) {
                         to_cloud = cloud_change(&job);
                     }
                 }

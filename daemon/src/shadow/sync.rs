@@ -2,8 +2,11 @@
 //!
 //! # The rule
 //! **The ward owns `reported`, the cloud owns `desired`.**
-//! - Every accepted change to a device's reported state (its own `/update`, or its readings)
-//!   goes upstream as a shadow update `{"state":{"reported":…}}` on `upstream.topics.shadow`.
+//! - Every accepted change a device makes to its reported state (its own `/update`; its
+//!   readings too with `upstream.sync_readings`) goes upstream as a shadow update
+//!   `{"state":{"reported":…}}` on `upstream.topics.shadow`. (Readings already go up as
+//!   telemetry; mirroring them costs a publish per device turn from the readings' quota, and
+//!   each such publish delays a batch of readings by one publish interval.)
 //!   Changes are merged per device while they wait, and at most
 //!   `upstream.shadow_updates_per_second` devices' changes (10 by default, a tenth of an IoT
 //!   Core connection's publish quota) are queued per second, a few every [`Pace::tick`], so a
@@ -101,10 +104,12 @@ pub struct ShadowLink {
     pub queue: crate::queue::Enqueue,
     /// How fast.
     pub pace: Pace,
+    /// Whether reported state made from readings is sent on every change.
+    pub readings: bool,
 }
 
 /// A connected pair of ends.
-pub fn link(queue: crate::queue::Enqueue, pace: Pace) -> (CloudLink, ShadowLink) {
+pub fn link(queue: crate::queue::Enqueue, pace: Pace, readings: bool) -> (CloudLink, ShadowLink) {
     let (etx, erx) = mpsc::channel(1024);
     let (ftx, frx) = mpsc::unbounded_channel();
     (
@@ -117,6 +122,7 @@ pub fn link(queue: crate::queue::Enqueue, pace: Pace) -> (CloudLink, ShadowLink)
             fetch: ftx,
             queue,
             pace,
+            readings,
         },
     )
 }
