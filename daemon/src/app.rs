@@ -9,10 +9,23 @@
 //! in [`crate::supervisor`]). Everything that can fail on bad files fails in [`Gateway::start`],
 //! before READY=1: the listener's TLS material, the queue, the uplink's TLS material.
 //!
+//! Stages come in two shapes, and each is started the same way:
+//! - a **service** serves an entrance until the last entrance is gone: its module has
+//!   `fn …(what it needs, beat) -> (Entrance, impl Future<Output = ()>)`, started with
+//!   [`Supervisor::spawn_service`] (the queue writer, the dead-letter writer, the shadow service,
+//!   the webhook outbox). Stopping one is dropping its entrances, in the order readings flow:
+//!   listeners → pipeline → writers and services.
+//! - a **run-until-told** stage loops until a cancellation token fires: `fn run(self, stop,
+//!   beat)`, started with [`Supervisor::spawn_restarting`] (the uplink, the plugin watcher, the
+//!   status writer) or, for the listeners and the pipeline, [`Supervisor::spawn_fatal`].
+//!
+//! The configuration of a stage is its section of [`Config`], checked by
+//! [`crate::config::validate`] before anything starts.
+//!
 //! [`run_daemon`] adds the service around it: systemd notifications (READY=1 once listeners are
 //! up, RELOADING=1/READY=1 around SIGHUP, STOPPING=1, WATCHDOG=1 when `WATCHDOG_USEC` is set,
 //! and only while every stage makes progress) and signal handling (SIGTERM/SIGINT stop, SIGHUP
-//! reloads the device registry and log level). A fatal stage that ends stops the gateway and
+//! reloads the device registry, the rules, the TLS material and the log level). A fatal stage that ends stops the gateway and
 //! makes the daemon exit non-zero, so systemd's `Restart=on-failure` starts it again.
 
 use crate::broker::{self, BrokerHandle};
@@ -243,17 +256,9 @@ impl Gateway {
             shared_queue = Some(shared.clone());
             let q = &config.queue;
             let (commit_interval, max_bytes, max_age) = (q.commit_interval, q.max_bytes, q.max_age);
-            let mut enqueue = None;
-            let writer = supervisor.spawn_fatal("queue-writer", |beat| {
-                let (tx, run) =
-                    crate::queue::writer(shared.clone(), commit_interval, max_bytes, max_age, beat);
-                enqueue = Some(tx);
-                async move {
-                    run.await;
-                    Ok::<_, std::convert::Infallible>(())
-                }
+            let (writer, enqueue) = supervisor.spawn_service("queue-writer", |beat| {
+                crate::queue::writer(shared.clone(), commit_interval, max_bytes, max_age, beat)
             });
-            let enqueue = enqueue.expect("the writer's entrance is made with the writer");
             let syncable = crate::uplink::topics::CloudShadowTopics::of(
                 &config.upstream.topics.shadow,
                 &config.gateway.id,
@@ -300,21 +305,16 @@ impl Gateway {
         let shadow_store = crate::shadow::Store::open(&shadow_dir)
             .with_context(|| format!("opening the shadow store in {}", shadow_dir.display()))?;
         // The webhook outbox exists only when a rule has an `http` action.
-        let mut webhooks = None;
-        let webhook_stage = if crate::rules::wants_webhooks(&config.rules) {
+        let (webhook_stage, webhooks) = if crate::rules::wants_webhooks(&config.rules) {
             let dir = state_dir.join("webhooks");
             let outbox = crate::rules::webhook::Outbox::open(&dir)
                 .with_context(|| format!("opening the webhook outbox in {}", dir.display()))?;
-            Some(supervisor.spawn_fatal("webhooks", |beat| {
-                let (tx, run) = crate::rules::webhook::service(outbox, beat);
-                webhooks = Some(tx);
-                async move {
-                    run.await;
-                    Ok::<_, std::convert::Infallible>(())
-                }
-            }))
+            let (stage, webhooks) = supervisor.spawn_service("webhooks", |beat| {
+                crate::rules::webhook::service(outbox, beat)
+            });
+            (Some(stage), Some(webhooks))
         } else {
-            None
+            (None, None)
         };
         let webhook_stats = webhooks.as_ref().map(|w| w.stats().clone());
         let rules = Arc::new(crate::rules::Rules::new(
@@ -326,47 +326,30 @@ impl Gateway {
             },
         ));
         let rule_counters = rules.counters();
-        let mut shadows = None;
-        let shadow_stage = supervisor.spawn_fatal("shadows", |beat| {
-            let (tx, run) = crate::shadow::service(
+        let (shadow_stage, shadows) = supervisor.spawn_service("shadows", |beat| {
+            crate::shadow::service(
                 shadow_store,
                 local.clone(),
                 rules.clone(),
                 shadow_link,
                 beat,
-            );
-            shadows = Some(tx);
-            async move {
-                run.await;
-                Ok::<_, std::convert::Infallible>(())
-            }
+            )
         });
-        let mut dead_letters = None;
-        let dead_letter_writer = {
+        let (dead_letter_writer, dead_letters) = {
             let (store, bound) = (DeadLetters::new(&state_dir), config.dead_letter.clone());
-            supervisor.spawn_fatal("dead-letter-writer", |beat| {
-                let (tx, run) = dead_letter::writer(store, bound, beat);
-                dead_letters = Some(tx);
-                async move {
-                    run.await;
-                    Ok::<_, std::convert::Infallible>(())
-                }
+            supervisor.spawn_service("dead-letter-writer", |beat| {
+                dead_letter::writer(store, bound, beat)
             })
         };
-        let dead_letters =
-            dead_letters.expect("the dead-letter writer's entrance is made with the writer");
         let dead_letter_counters = dead_letters.counters().clone();
         let spare_dead_letters = Some(dead_letters.clone());
-        let shadow_stats = shadows
-            .as_ref()
-            .map(|s| s.stats())
-            .expect("the shadow service's entrance is made with the service");
+        let shadow_stats = shadows.stats();
         let (pipeline, ingest) = Pipeline::new(Stages {
             gateway_id: config.gateway.id.clone(),
             plugins: plugins.clone(),
             dead_letters,
             local: Some(local),
-            shadows,
+            shadows: Some(shadows),
             rules: rules.clone(),
             queue,
         });

@@ -419,7 +419,35 @@ impl Supervisor {
         T: Send + 'static,
     {
         let beat = self.register(name, Policy::Fatal, None);
-        let inner = tokio::spawn(guarded(name.to_owned(), make(beat)));
+        self.run_fatal(name, make(beat))
+    }
+
+    /// Run a service stage: the shape of every stage that serves an entrance (the queue
+    /// writer, the dead-letter writer, the shadow service, the webhook outbox). `make` gets the
+    /// stage's heartbeat and builds the entrance (handed back, for its producers to clone) and
+    /// the task that serves it until the last entrance is gone. Like [`Self::spawn_fatal`], an
+    /// end before the gateway stops stops the gateway.
+    pub fn spawn_service<H, Fut, F>(&self, name: &str, make: F) -> (Stage<()>, H)
+    where
+        F: FnOnce(Heartbeat) -> (H, Fut),
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let beat = self.register(name, Policy::Fatal, None);
+        let (entrance, run) = make(beat);
+        let stage = self.run_fatal(name, async move {
+            run.await;
+            Ok::<_, std::convert::Infallible>(())
+        });
+        (stage, entrance)
+    }
+
+    fn run_fatal<T, E, Fut>(&self, name: &str, fut: Fut) -> Stage<T>
+    where
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        E: std::fmt::Display + 'static,
+        T: Send + 'static,
+    {
+        let inner = tokio::spawn(guarded(name.to_owned(), fut));
         let sup = self.clone();
         let stage = name.to_owned();
         let task = tokio::spawn(async move {
