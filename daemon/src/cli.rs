@@ -117,11 +117,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
-            // Before the runtime's threads start (see `footprint`).
-            crate::footprint::tune_allocator();
-            run(config)
-        }
+        Command::Run { config } => run(config),
         Command::CheckConfig { config } => check_config(config),
         Command::PrintDefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG_TOML);
