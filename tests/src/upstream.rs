@@ -205,6 +205,35 @@ pub async fn cloud_subscriber_raw(
     me: &Issued,
     topics: &[&str],
 ) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    cloud_client(
+        port,
+        ca,
+        me,
+        "cloud-subscriber",
+        &topics,
+        move |_, topic, payload| {
+            let _ = tx.send((topic.to_string(), payload.to_vec()));
+        },
+    )
+    .await;
+    rx
+}
+
+/// A client of mosquitto with `me`'s certificate and a persistent session, subscribed to
+/// `topics` (returns once every SUBACK is in); `on_publish` gets every message.
+async fn cloud_client<F>(
+    port: u16,
+    ca: &Ca,
+    me: &Issued,
+    id: &str,
+    topics: &[String],
+    mut on_publish: F,
+) -> AsyncClient
+where
+    F: FnMut(&AsyncClient, &str, &[u8]) + Send + 'static,
+{
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert.der().clone()).unwrap();
     let tls = rustls::ClientConfig::builder()
@@ -214,29 +243,26 @@ pub async fn cloud_subscriber_raw(
             PrivateKeyDer::from_pem_slice(me.key_pem.as_bytes()).unwrap(),
         )
         .unwrap();
-    let mut o = MqttOptions::new("cloud-subscriber", "localhost", port);
+    let mut o = MqttOptions::new(id, "localhost", port);
     o.set_clean_session(false);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(256 * 1024, 256 * 1024);
     o.set_transport(Transport::tls_with_config(
         rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
     ));
-    let (client, mut el) = AsyncClient::new(o, 100);
+    let (client, mut el) = AsyncClient::new(o, 1000);
     for topic in topics {
-        client.subscribe(*topic, QoS::AtLeastOnce).await.unwrap();
+        client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
     }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
     let wanted = topics.len();
+    let own = client.clone();
     tokio::spawn(async move {
-        let _client = client;
         let mut subscribed_tx = Some(subscribed_tx);
         let mut subacks = 0;
         loop {
             match el.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send((p.topic.to_string(), p.payload.to_vec()));
-                }
+                Ok(Event::Incoming(Packet::Publish(p))) => on_publish(&own, &p.topic, &p.payload),
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     assert!(
                         ack.return_codes
@@ -258,12 +284,12 @@ pub async fn cloud_subscriber_raw(
         }
     });
     // Mosquitto keeps the session (clean_session false): once every SUBACK is here, whatever
-    // is published on the topics reaches this subscriber, also across a restart.
+    // is published on the topics reaches this client, also across a restart.
     tokio::time::timeout(Duration::from_secs(20), subscribed)
         .await
         .expect("SUBACK for every topic within 20 s")
-        .expect("subscriber running");
-    rx
+        .expect("client running");
+    client
 }
 
 /// Gateway with the upstream at `port`, for in-process tests.
@@ -292,80 +318,43 @@ pub fn upstream_config(
 #[derive(Debug, Clone)]
 pub struct CloudShadows {
     client: AsyncClient,
-    docs: Arc<std::sync::Mutex<std::collections::HashMap<String, wardgate::shadow::Document>>>,
+    docs: Docs,
 }
+
+/// The cloud's shadow documents, by name.
+type Docs = Arc<std::sync::Mutex<std::collections::HashMap<String, wardgate::shadow::Document>>>;
 
 impl CloudShadows {
     const PREFIX: &'static str = "$aws/things/test-gateway/shadow/name/";
 
     /// Connect (persistent session) and subscribe; returns once subscribed.
     pub async fn start(up: &Upstream) -> CloudShadows {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(up.ca.cert.der().clone()).unwrap();
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(up.cloud_cert.cert_pem.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(up.cloud_cert.key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap();
-        let mut o = MqttOptions::new("cloud-shadow-service", "localhost", up.port);
-        o.set_clean_session(false);
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
-        ));
-        let (client, mut el) = AsyncClient::new(o, 1000);
-        for op in ["update", "get"] {
-            client
-                .subscribe(format!("{}+/{op}", Self::PREFIX), QoS::AtLeastOnce)
-                .await
-                .unwrap();
-        }
-        let me = CloudShadows {
-            client,
-            docs: Default::default(),
-        };
-        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-        let service = me.clone();
-        tokio::spawn(async move {
-            let mut subscribed_tx = Some(subscribed_tx);
-            let mut subacks = 0;
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => service.answer(&p.topic, &p.payload),
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        subacks += 1;
-                        if subacks == 2 {
-                            if let Some(t) = subscribed_tx.take() {
-                                let _ = t.send(());
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    // mosquitto being restarted by the test: reconnect on the next poll.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(20), subscribed)
-            .await
-            .expect("SUBACKs within 20 s")
-            .unwrap();
-        me
+        let docs: Docs = Default::default();
+        let topics = ["update", "get"].map(|op| format!("{}+/{op}", Self::PREFIX));
+        let served = docs.clone();
+        let client = cloud_client(
+            up.port,
+            &up.ca,
+            &up.cloud_cert,
+            "cloud-shadow-service",
+            &topics,
+            move |client, topic, payload| Self::answer(client, &served, topic, payload),
+        )
+        .await;
+        CloudShadows { client, docs }
     }
 
     fn now_s() -> i64 {
         wardgate::clock::now_ms() / 1000
     }
 
-    fn publish(&self, topic: String, v: &serde_json::Value) {
-        self.client
+    fn publish(client: &AsyncClient, topic: String, v: &serde_json::Value) {
+        client
             .try_publish(topic, QoS::AtLeastOnce, false, v.to_string())
             .expect("room in the cloud's request channel");
     }
 
-    fn answer(&self, topic: &str, payload: &[u8]) {
+    fn answer(client: &AsyncClient, docs: &Docs, topic: &str, payload: &[u8]) {
         let Some(rest) = topic.strip_prefix(Self::PREFIX) else {
             return;
         };
@@ -374,25 +363,30 @@ impl CloudShadows {
         };
         let prefix = format!("{}{name}", Self::PREFIX);
         let limits = wardgate::shadow::Limits::default();
-        let mut docs = self.docs.lock().unwrap();
+        let mut docs = docs.lock().unwrap();
         let doc = docs.entry(name.to_string()).or_default();
         match op {
             "update" => match doc.update(payload, Self::now_s(), &limits) {
                 Ok(u) => {
-                    self.publish(format!("{prefix}/update/accepted"), &u.accepted);
+                    Self::publish(client, format!("{prefix}/update/accepted"), &u.accepted);
                     if let Some(d) = u.delta {
-                        self.publish(format!("{prefix}/update/delta"), &d);
+                        Self::publish(client, format!("{prefix}/update/delta"), &d);
                     }
-                    self.publish(format!("{prefix}/update/documents"), &u.documents);
+                    Self::publish(client, format!("{prefix}/update/documents"), &u.documents);
                 }
-                Err(r) => self.publish(
+                Err(r) => Self::publish(
+                    client,
                     format!("{prefix}/update/rejected"),
                     &r.to_json(Self::now_s()),
                 ),
             },
             "get" => match doc.get(payload, Self::now_s(), name, &limits) {
-                Ok(v) => self.publish(format!("{prefix}/get/accepted"), &v),
-                Err(r) => self.publish(format!("{prefix}/get/rejected"), &r.to_json(Self::now_s())),
+                Ok(v) => Self::publish(client, format!("{prefix}/get/accepted"), &v),
+                Err(r) => Self::publish(
+                    client,
+                    format!("{prefix}/get/rejected"),
+                    &r.to_json(Self::now_s()),
+                ),
             },
             _ => {}
         }
@@ -412,7 +406,8 @@ impl CloudShadows {
             )
             .expect("a valid desired change");
         if announce {
-            self.publish(
+            Self::publish(
+                &self.client,
                 format!("{}{name}/update/documents", Self::PREFIX),
                 &u.documents,
             );
