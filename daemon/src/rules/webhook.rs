@@ -817,7 +817,7 @@ mod tests {
         assert_eq!(counts.len(), 1);
         assert_eq!(counts[0].pending, 1);
         assert_eq!(counts[0].delivered, 0);
-        let outbox = Outbox::open(dir.path()).unwrap();
+        let outbox = reopen(dir.path()).await;
         assert_eq!(outbox.len(), 1, "the undelivered delivery stays on disk");
         let (_, value) = outbox.tree.iter().next().unwrap().unwrap();
         let back: Delivery = serde_json::from_slice(&value).unwrap();
@@ -856,6 +856,19 @@ mod tests {
         assert_eq!((c.dropped, c.pending, c.delivered), (1, 0, 0));
         drop(hooks);
         task.await.unwrap();
-        assert!(Outbox::open(dir.path()).unwrap().is_empty());
+        assert!(reopen(dir.path()).await.is_empty());
+    }
+
+    /// Reopen after the service ended: sled's background flusher may hold the file lock for a
+    /// moment after the last handle is gone.
+    async fn reopen(dir: &std::path::Path) -> Outbox {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        for _ in 0..300 {
+            tick.tick().await;
+            if let Ok(o) = Outbox::open(dir) {
+                return o;
+            }
+        }
+        Outbox::open(dir).expect("the outbox reopens")
     }
 }
