@@ -244,10 +244,12 @@ impl Gateway {
         let mut shadow_link = None;
         let mut outbox = None;
         let (queue, queue_writer, uplink) = if let Some(tls) = upstream_tls {
-            let (store, report) = crate::queue::SledStore::open(&state_dir.join("queue"), 4 << 20)
-                .with_context(|| {
-                    format!("opening the queue in {}", state_dir.join("queue").display())
-                })?;
+            let (store, report) =
+                open_sled(|| crate::queue::SledStore::open(&state_dir.join("queue"), 4 << 20))
+                    .await
+                    .with_context(|| {
+                        format!("opening the queue in {}", state_dir.join("queue").display())
+                    })?;
             if report.corrupt > 0 {
                 log::error!(corrupt = report.corrupt, intact = report.records; "queue: damaged records found on open and set aside; the intact ones will be delivered");
             }
@@ -302,12 +304,14 @@ impl Gateway {
         let local = Arc::new(LocalPublisher::new(&broker));
         supervisor.watch_fatal("local-publisher", local.ended_probe());
         let shadow_dir = state_dir.join("shadows");
-        let shadow_store = crate::shadow::Store::open(&shadow_dir)
+        let shadow_store = open_sled(|| crate::shadow::Store::open(&shadow_dir))
+            .await
             .with_context(|| format!("opening the shadow store in {}", shadow_dir.display()))?;
         // The webhook outbox exists only when a rule has an `http` action.
         let (webhook_stage, webhooks) = if crate::rules::wants_webhooks(&config.rules) {
             let dir = state_dir.join("webhooks");
-            let outbox = crate::rules::webhook::Outbox::open(&dir)
+            let outbox = open_sled(|| crate::rules::webhook::Outbox::open(&dir))
+                .await
                 .with_context(|| format!("opening the webhook outbox in {}", dir.display()))?;
             let (stage, webhooks) = supervisor.spawn_service("webhooks", |beat| {
                 crate::rules::webhook::service(outbox, beat)
@@ -884,6 +888,30 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
     }
     notify(&[sd_notify::NotifyState::Ready]);
 }
+
+/// Open a sled store, waiting up to [`SLED_LOCK_WAIT`] while another holder lets go of its
+/// lock: a previous gateway in this process (its sled flusher thread ends a moment after the
+/// last handle), or a previous process still exiting. After that the error says so.
+async fn open_sled<T, E: std::fmt::Display>(
+    mut open: impl FnMut() -> Result<T, E>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match open() {
+            Ok(t) => return Ok(t),
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                if Instant::now() >= deadline {
+                    anyhow::bail!("{e}: is another wardgate running with this gateway.state_dir?");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    }
+}
+
+/// How long [`open_sled`] waits for a store's lock.
+const SLED_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// The watchdog interval systemd asks for, as `sd_watchdog_enabled(3)` reads it: `WATCHDOG_USEC`
 /// set and non-zero, and `WATCHDOG_PID` either unset or this process.
