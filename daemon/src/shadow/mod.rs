@@ -212,6 +212,15 @@ type SyncChanged = HashMap<String, sync::SyncState>;
 /// Store keys of sync states start with this byte (no thing name can: see [`Address::check`]).
 const SYNC_PREFIX: &[u8] = &[1];
 
+/// Add `thing`'s sync state to `batch` (plain data with string keys: serialising it cannot
+/// fail).
+fn put_sync(batch: &mut sled::Batch, thing: &str, state: &sync::SyncState) {
+    batch.insert(
+        sync_key(thing),
+        serde_json::to_vec(state).unwrap_or_default(),
+    );
+}
+
 fn sync_key(thing: &str) -> Vec<u8> {
     let mut k = SYNC_PREFIX.to_vec();
     k.extend_from_slice(thing.as_bytes());
@@ -715,10 +724,7 @@ impl Cloud {
             } else {
                 self.waiting.remove(&thing);
             }
-            batch.insert(
-                sync_key(&thing),
-                serde_json::to_vec(&state).unwrap_or_default(),
-            );
+            put_sync(&mut batch, &thing, &state);
             stats
                 .synced
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -928,28 +934,24 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                         if reported.is_some() {
                             c.waiting.entry(thing.clone()).or_insert(now_ms);
                         }
-                        let Some(desired) = desired else {
-                            replies.extend(out);
-                            answered.push((replies, job.device_id, job.ack));
-                            continue;
-                        };
-                        let state = sync_changed
-                            .entry(thing.clone())
-                            .or_insert_with(|| store.get_sync(&thing));
-                        state.local_desired(desired, now_ms);
-                        c.waiting
-                            .entry(thing.clone())
-                            .or_insert(state.waiting_since_ms);
-                        // A desired change for a shadow not yet fetched in this session (new
-                        // here since the connection): its cloud copy is fetched now, and the
-                        // change waits for it. (Reported changes need no fetch: the cloud's
-                        // later desired changes arrive on /update/documents.)
-                        if c.online
-                            && state.out_desired.is_some()
-                            && !c.fetched.contains(&thing)
-                            && c.requested.insert(thing.clone())
-                        {
-                            let _ = c.link.fetch.send(thing);
+                        if let Some(desired) = desired {
+                            let state = sync_changed
+                                .entry(thing.clone())
+                                .or_insert_with(|| store.get_sync(&thing));
+                            state.local_desired(desired, now_ms);
+                            c.waiting
+                                .entry(thing.clone())
+                                .or_insert(state.waiting_since_ms);
+                            // A desired change for a shadow not yet fetched in this session
+                            // (new here since the connection): its cloud copy is fetched now,
+                            // and the change waits for it. (Reported changes need no fetch:
+                            // the cloud's later desired changes arrive on /update/documents.)
+                            if c.online
+                                && !c.fetched.contains(&thing)
+                                && c.requested.insert(thing.clone())
+                            {
+                                let _ = c.link.fetch.send(thing);
+                            }
                         }
                     }
                     replies.extend(out);
@@ -1026,10 +1028,7 @@ async fn write(
         }
     }
     for (thing, state) in sync_changed {
-        batch.insert(
-            sync_key(&thing),
-            serde_json::to_vec(&state).unwrap_or_default(),
-        );
+        put_sync(&mut batch, &thing, &state);
     }
     store.tree.apply_batch(batch)?;
     if flush {
