@@ -44,6 +44,7 @@ pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod defender;
 pub mod footprint;
 pub mod gatekeeper;
 pub mod metering;

@@ -418,6 +418,13 @@ pub enum ActionConfig {
         #[serde(default = "alerts")]
         stream: String,
     },
+    /// Disconnect the device and refuse its connections for `duration` or until an operator
+    /// clears it (`wardgate quarantine clear`). Security profiles only.
+    Quarantine {
+        /// How long; `0s` is refused.
+        #[serde(with = "humantime_serde")]
+        duration: Duration,
+    },
     /// Write a journal entry with `RULE=` and `DEVICE_ID=`.
     Journal {
         /// `emerg` … `debug` (syslog names); `warning` by default.

@@ -210,135 +210,13 @@ impl Rule {
                 None
             }
         };
-        let mut actions = Vec::new();
-        for (j, a) in r.actions.iter().enumerate() {
-            let key = |field: &str| format!("rules[{i}].actions[{j}].{field}");
-            match a {
-                ActionConfig::Republish { topic, qos } => {
-                    if *qos > 1 {
-                        problems.push(Problem {
-                            key: key("republish.qos"),
-                            message: format!("QoS {qos}: use 0 or 1"),
-                        });
-                    }
-                    if topic.contains('+') || topic.contains('#') || topic.is_empty() {
-                        problems.push(Problem {
-                            key: key("republish.topic"),
-                            message: format!(
-                                "`{topic}` is not a topic to publish to: no `+` or `#`, not empty"
-                            ),
-                        });
-                    }
-                    match sql::Template::parse(topic) {
-                        Ok(t) => actions.push(Action::Republish {
-                            topic: t,
-                            qos: *qos,
-                        }),
-                        Err(e) => problems.push(Problem {
-                            key: key("republish.topic"),
-                            message: format!("rule `{}`: template error at {e}", r.name),
-                        }),
-                    }
-                }
-                ActionConfig::Upstream { stream } => {
-                    if stream == "alerts" {
-                        actions.push(Action::Upstream);
-                    } else {
-                        problems.push(Problem {
-                            key: key("upstream.stream"),
-                            message: format!("stream `{stream}`: only `alerts` is supported"),
-                        });
-                    }
-                }
-                ActionConfig::Http {
-                    url,
-                    timeout,
-                    headers,
-                    max_age,
-                    ca_file,
-                } => {
-                    let mut ok = true;
-                    let mut bad = |field: &str, message: String| {
-                        ok = false;
-                        problems.push(Problem {
-                            key: key(field),
-                            message,
-                        });
-                    };
-                    let url_template = match sql::Template::parse(url) {
-                        Ok(t) => Some(t),
-                        Err(e) => {
-                            bad(
-                                "http.url",
-                                format!("rule `{}`: template error at {e}", r.name),
-                            );
-                            None
-                        }
-                    };
-                    // A template is checked once rendered; a literal URL now.
-                    if !url.contains("${") {
-                        if let Err(e) = webhook::check_url(url) {
-                            bad("http.url", e);
-                        }
-                    } else if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        bad(
-                            "http.url",
-                            format!("`{url}`: start it with http:// or https:// (templates may follow)"),
-                        );
-                    }
-                    if timeout.is_zero() || *timeout > Duration::from_secs(60) {
-                        bad(
-                            "http.timeout",
-                            "use more than 0 and at most 60s per attempt".into(),
-                        );
-                    }
-                    if max_age.is_zero() {
-                        bad("http.max_age", "must be more than 0".into());
-                    }
-                    if ca_file.is_some() && !url.starts_with("https://") {
-                        bad(
-                            "http.ca_file",
-                            "only used with an https:// URL; remove it or use https".into(),
-                        );
-                    }
-                    let mut hs = Vec::new();
-                    for (name, value) in headers {
-                        if let Err(e) = webhook::check_header(name) {
-                            bad(&format!("http.headers.{name}"), e);
-                            continue;
-                        }
-                        match sql::Template::parse(value) {
-                            Ok(t) => hs.push((name.clone(), t)),
-                            Err(e) => bad(
-                                &format!("http.headers.{name}"),
-                                format!("rule `{}`: template error at {e}", r.name),
-                            ),
-                        }
-                    }
-                    if let (true, Some(url)) = (ok, url_template) {
-                        actions.push(Action::Http(Box::new(HttpAction {
-                            url,
-                            headers: hs,
-                            timeout: *timeout,
-                            max_age: *max_age,
-                            ca_file: ca_file.clone(),
-                        })));
-                    }
-                }
-                ActionConfig::Journal { priority } => match level_of(priority) {
-                    Some(level) => actions.push(Action::Journal {
-                        level,
-                        priority: priority.clone(),
-                    }),
-                    None => problems.push(Problem {
-                        key: key("journal.priority"),
-                        message: format!(
-                            "`{priority}`: use one of emerg, alert, crit, err, warning, notice, info, debug"
-                        ),
-                    }),
-                },
-            }
-        }
+        let actions = compile_actions(
+            &format!("rules[{i}]"),
+            &r.name,
+            &r.actions,
+            &mut problems,
+            Quarantine::Refused,
+        );
         if r.debounce.is_some_and(|d| d.is_zero()) {
             problems.push(Problem {
                 key: format!("rules[{i}].debounce"),
@@ -354,6 +232,222 @@ impl Rule {
                 counters: Arc::default(),
             }),
             _ => Err(problems),
+        }
+    }
+}
+
+/// Compile the actions of `name` (a rule, or a security profile's alert actions), whose
+/// configuration is at `prefix` (`rules[2]`); problems are added to `problems`.
+fn compile_actions(
+    prefix: &str,
+    name: &str,
+    configs: &[ActionConfig],
+    problems: &mut Vec<Problem>,
+    quarantine: Quarantine,
+) -> Vec<Action> {
+        let mut actions = Vec::new();
+    for (j, a) in configs.iter().enumerate() {
+        let key = |field: &str| format!("{prefix}.actions[{j}].{field}");
+        match a {
+            ActionConfig::Republish { topic, qos } => {
+                if *qos > 1 {
+                    problems.push(Problem {
+                        key: key("republish.qos"),
+                        message: format!("QoS {qos}: use 0 or 1"),
+                    });
+                }
+                if topic.contains('+') || topic.contains('#') || topic.is_empty() {
+                    problems.push(Problem {
+                        key: key("republish.topic"),
+                        message: format!(
+                            "`{topic}` is not a topic to publish to: no `+` or `#`, not empty"
+                        ),
+                    });
+                }
+                match sql::Template::parse(topic) {
+                    Ok(t) => actions.push(Action::Republish {
+                        topic: t,
+                        qos: *qos,
+                    }),
+                    Err(e) => problems.push(Problem {
+                        key: key("republish.topic"),
+                        message: format!("`{name}`: template error at {e}"),
+                    }),
+                }
+            }
+            ActionConfig::Upstream { stream } => {
+                if stream == "alerts" {
+                    actions.push(Action::Upstream);
+                } else {
+                    problems.push(Problem {
+                        key: key("upstream.stream"),
+                        message: format!("stream `{stream}`: only `alerts` is supported"),
+                    });
+                }
+            }
+            ActionConfig::Http {
+                url,
+                timeout,
+                headers,
+                max_age,
+                ca_file,
+            } => {
+                let mut ok = true;
+                let mut bad = |field: &str, message: String| {
+                    ok = false;
+                    problems.push(Problem {
+                        key: key(field),
+                        message,
+                    });
+                };
+                let url_template = match sql::Template::parse(url) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        bad(
+                            "http.url",
+                            format!("`{name}`: template error at {e}"),
+                        );
+                        None
+                    }
+                };
+                // A template is checked once rendered; a literal URL now.
+                if !url.contains("${") {
+                    if let Err(e) = webhook::check_url(url) {
+                        bad("http.url", e);
+                    }
+                } else if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bad(
+                        "http.url",
+                        format!("`{url}`: start it with http:// or https:// (templates may follow)"),
+                    );
+                }
+                if timeout.is_zero() || *timeout > Duration::from_secs(60) {
+                    bad(
+                        "http.timeout",
+                        "use more than 0 and at most 60s per attempt".into(),
+                    );
+                }
+                if max_age.is_zero() {
+                    bad("http.max_age", "must be more than 0".into());
+                }
+                if ca_file.is_some() && !url.starts_with("https://") {
+                    bad(
+                        "http.ca_file",
+                        "only used with an https:// URL; remove it or use https".into(),
+                    );
+                }
+                let mut hs = Vec::new();
+                for (name, value) in headers {
+                    if let Err(e) = webhook::check_header(name) {
+                        bad(&format!("http.headers.{name}"), e);
+                        continue;
+                    }
+                    match sql::Template::parse(value) {
+                        Ok(t) => hs.push((name.clone(), t)),
+                        Err(e) => bad(
+                            &format!("http.headers.{name}"),
+                            format!("`{name}`: template error at {e}"),
+                        ),
+                    }
+                }
+                if let (true, Some(url)) = (ok, url_template) {
+                    actions.push(Action::Http(Box::new(HttpAction {
+                        url,
+                        headers: hs,
+                        timeout: *timeout,
+                        max_age: *max_age,
+                        ca_file: ca_file.clone(),
+                    })));
+                }
+            }
+            ActionConfig::Quarantine { duration } => match quarantine {
+                Quarantine::Refused => problems.push(Problem {
+                    key: key("quarantine"),
+                    message: "quarantine is an action of security profiles (`[[defender.profiles]]`), not of rules".into(),
+                }),
+                Quarantine::Allowed if duration.is_zero() => problems.push(Problem {
+                    key: key("quarantine.duration"),
+                    message: "must be more than 0 (for example \"1h\")".into(),
+                }),
+                // Carried out by the defender itself.
+                Quarantine::Allowed => {}
+            },
+            ActionConfig::Journal { priority } => match level_of(priority) {
+                Some(level) => actions.push(Action::Journal {
+                    level,
+                    priority: priority.clone(),
+                }),
+                None => problems.push(Problem {
+                    key: key("journal.priority"),
+                    message: format!(
+                        "`{priority}`: use one of emerg, alert, crit, err, warning, notice, info, debug"
+                    ),
+                }),
+            },
+        }
+    }
+    actions
+}
+
+/// Whether a set of actions may hold `quarantine` (carried out by its owner, not here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quarantine {
+    Allowed,
+    Refused,
+}
+
+/// A compiled list of actions with its counters, for an owner other than a rule (a security
+/// profile's alerts): run with [`Rules::run_actions`].
+#[derive(Debug)]
+pub struct Actions {
+    list: Vec<Action>,
+    counters: Arc<RuleCounters>,
+}
+
+impl Actions {
+    /// Compile `configs`, configured at `prefix` (`defender.profiles[0]`) for `name`.
+    /// `quarantine` entries are checked and skipped: the owner carries them out.
+    pub fn compile(prefix: &str, name: &str, configs: &[ActionConfig]) -> Result<Self, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let list = compile_actions(prefix, name, configs, &mut problems, Quarantine::Allowed);
+        if problems.is_empty() {
+            Ok(Self {
+                list,
+                counters: Arc::default(),
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Actions that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.counters.action_failures.load(Relaxed)
+    }
+}
+
+/// Who fired: the name in logs and the shape of the upstream alert.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// An edge rule: the upstream alert is `{rule, device_id, topic, fired_at_ms, output}`.
+    Rule(&'a str),
+    /// A security profile: the upstream alert is the violation message itself (AWS's shape).
+    Profile(&'a str),
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Rule(n) => write!(f, "rule {n}"),
+            Origin::Profile(n) => write!(f, "security profile {n}"),
+        }
+    }
+}
+
+impl Origin<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Origin::Rule(n) | Origin::Profile(n) => n,
         }
     }
 }
@@ -568,9 +662,52 @@ impl Rules {
                     continue;
                 }
                 rule.counters.fired.fetch_add(1, Relaxed);
-                self.fire(rules, rule, &msg, &ctx, &output, ack, hops).await;
+                self.fire(
+                    rules,
+                    Origin::Rule(&rule.name),
+                    &rule.actions,
+                    &rule.counters,
+                    &msg,
+                    &ctx,
+                    &output,
+                    ack,
+                    hops,
+                )
+                .await;
             }
         })
+    }
+
+    /// Run `actions` (a security profile's) with `output` for the message `msg` describes;
+    /// a republished output is evaluated by the rules as any other message. Counts failures
+    /// on `actions`.
+    pub async fn run_actions(
+        &self,
+        origin: Origin<'_>,
+        actions: &Actions,
+        msg: Message<'_>,
+        output: &serde_json::Value,
+        ack: &mut Option<Ack>,
+    ) {
+        let rules = self.current();
+        let ctx = sql::Context {
+            topic: msg.topic,
+            client_id: msg.device_id,
+            timestamp_ms: msg.received_at_ms,
+            payload: Some(output),
+        };
+        self.fire(
+            &rules,
+            origin,
+            &actions.list,
+            &actions.counters,
+            &msg,
+            &ctx,
+            output,
+            ack,
+            0,
+        )
+        .await;
     }
 
     /// Whether `rule` fired for `device` within its debounce interval (if not, this firing
@@ -595,7 +732,9 @@ impl Rules {
     async fn fire(
         &self,
         rules: &[Rule],
-        rule: &Rule,
+        origin: Origin<'_>,
+        actions: &[Action],
+        counters: &RuleCounters,
         msg: &Message<'_>,
         ctx: &sql::Context<'_>,
         output: &serde_json::Value,
@@ -603,14 +742,14 @@ impl Rules {
         hops: u8,
     ) {
         let body = output.to_string();
-        for action in &rule.actions {
+        for action in actions {
             match action {
                 Action::Journal { level, priority } => {
                     log::log!(
                         *level,
-                        rule:% = rule.name, device_id:% = msg.device_id, topic:% = msg.topic,
+                        rule:% = origin.name(), device_id:% = msg.device_id, topic:% = msg.topic,
                         priority:% = priority, output:% = body;
-                        "rule {} fired for {}: {body}", rule.name, msg.device_id
+                        "{} fired for {}: {body}", origin, msg.device_id
                     );
                 }
                 Action::Upstream => {
@@ -618,31 +757,34 @@ impl Rules {
                         // Upstream disabled: nothing to forward to (the configuration says so).
                         continue;
                     };
-                    let alert = serde_json::json!({
-                        "rule": &*rule.name,
-                        "device_id": msg.device_id,
-                        "topic": msg.topic,
-                        "fired_at_ms": crate::clock::now_ms(),
-                        "output": output,
-                    });
+                    let alert = match origin {
+                        Origin::Rule(name) => serde_json::json!({
+                            "rule": name,
+                            "device_id": msg.device_id,
+                            "topic": msg.topic,
+                            "fired_at_ms": crate::clock::now_ms(),
+                            "output": output,
+                        }),
+                        Origin::Profile(_) => output.clone(),
+                    };
                     let record =
                         crate::queue::Record::alert(msg.device_id, alert.to_string().into_bytes());
                     let part = split_ack(ack);
                     if !queue.push(record, part).await {
-                        rule.counters.action_failures.fetch_add(1, Relaxed);
-                        log::error!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: the queue writer stopped; alert not queued", rule.name);
+                        counters.action_failures.fetch_add(1, Relaxed);
+                        log::error!(rule:% = origin.name(), device_id:% = msg.device_id; "{}: the queue writer stopped; alert not queued", origin);
                     }
                 }
                 Action::Http(h) => {
                     let Some(webhooks) = &self.sinks.webhooks else {
-                        rule.counters.action_failures.fetch_add(1, Relaxed);
-                        log::error!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: no webhook outbox in this gateway; http action skipped", rule.name);
+                        counters.action_failures.fetch_add(1, Relaxed);
+                        log::error!(rule:% = origin.name(), device_id:% = msg.device_id; "{}: no webhook outbox in this gateway; http action skipped", origin);
                         continue;
                     };
                     let url = h.url.render(ctx);
                     if let Err(e) = webhook::check_url(&url) {
-                        rule.counters.action_failures.fetch_add(1, Relaxed);
-                        log::warn!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: http action skipped: {e}", rule.name);
+                        counters.action_failures.fetch_add(1, Relaxed);
+                        log::warn!(rule:% = origin.name(), device_id:% = msg.device_id; "{}: http action skipped: {e}", origin);
                         continue;
                     }
                     let delivery = webhook::Delivery {
@@ -656,15 +798,15 @@ impl Rules {
                         timeout_ms: h.timeout.as_millis() as u64,
                         max_age_ms: h.max_age.as_millis() as u64,
                         ca_file: h.ca_file.clone(),
-                        rule: rule.name.to_string(),
+                        rule: origin.name().to_string(),
                         device_id: msg.device_id.to_string(),
                         fired_at_ms: crate::clock::now_ms(),
                         body: body.clone(),
                     };
                     let part = split_ack(ack);
                     if !webhooks.submit(delivery, part).await {
-                        rule.counters.action_failures.fetch_add(1, Relaxed);
-                        log::error!(rule:% = rule.name, device_id:% = msg.device_id; "rule {}: the webhook service stopped; delivery not stored", rule.name);
+                        counters.action_failures.fetch_add(1, Relaxed);
+                        log::error!(rule:% = origin.name(), device_id:% = msg.device_id; "{}: the webhook service stopped; delivery not stored", origin);
                     }
                 }
                 Action::Republish { topic, qos } => {
@@ -674,8 +816,8 @@ impl Rules {
                         || topic.starts_with("_wardgate")
                         || topic.starts_with("$SYS")
                     {
-                        rule.counters.action_failures.fetch_add(1, Relaxed);
-                        log::warn!(rule:% = rule.name, device_id:% = msg.device_id, topic:% = topic; "rule {}: republish topic `{topic}` is not one to publish to; action skipped", rule.name);
+                        counters.action_failures.fetch_add(1, Relaxed);
+                        log::warn!(rule:% = origin.name(), device_id:% = msg.device_id, topic:% = topic; "{}: republish topic `{topic}` is not one to publish to; action skipped", origin);
                         continue;
                     }
                     if let Some(local) = &self.sinks.local {
@@ -684,8 +826,8 @@ impl Rules {
                             .await;
                     }
                     if hops + 1 >= MAX_HOPS {
-                        rule.counters.loops_stopped.fetch_add(1, Relaxed);
-                        self.log_loop(rule, &topic);
+                        counters.loops_stopped.fetch_add(1, Relaxed);
+                        self.log_loop(&origin.to_string(), &topic);
                         continue;
                     }
                     let next = Message {
@@ -700,20 +842,19 @@ impl Rules {
         }
     }
 
-    fn log_loop(&self, rule: &Rule, topic: &str) {
+    fn log_loop(&self, name: &str, topic: &str) {
         let now = Instant::now();
         let mut logged = self.loop_logged.lock().unwrap_or_else(|e| e.into_inner());
         if logged
-            .get(&rule.name)
+            .get(name)
             .is_some_and(|at| now.duration_since(*at) < LOOP_LOG_EVERY)
         {
             return;
         }
-        logged.insert(rule.name.clone(), now);
+        logged.insert(name.into(), now);
         log::warn!(
-            rule:% = rule.name, topic:% = topic, hops = MAX_HOPS;
-            "rule {}: republished on `{topic}` after {MAX_HOPS} rule hops; not evaluated again (a rule loop?)",
-            rule.name
+            rule:% = name, topic:% = topic, hops = MAX_HOPS;
+            "{name}: republished on `{topic}` after {MAX_HOPS} rule hops; not evaluated again (a rule loop?)"
         );
     }
 }

@@ -1,0 +1,4 @@
+//! The defender agent (work in progress).
+
+pub mod proc;
+pub mod report;
