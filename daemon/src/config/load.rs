@@ -34,6 +34,7 @@ const SECTIONS: &[&str] = &[
     "upstream",
     "queue",
     "dead_letter",
+    "defender",
     "log",
 ];
 
@@ -314,6 +315,7 @@ fn extract(
     section(fig, "upstream", &mut config.upstream, errors);
     section(fig, "queue", &mut config.queue, errors);
     section(fig, "dead_letter", &mut config.dead_letter, errors);
+    section(fig, "defender", &mut config.defender, errors);
     section(fig, "log", &mut config.log, errors);
     config.devices = devices(fig, root.get("devices"), device_sources, errors);
     config.rules = rules(fig, root.get("rules"), errors);

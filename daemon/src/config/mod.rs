@@ -66,6 +66,8 @@ pub struct Config {
     pub queue: QueueConfig,
     /// The dead-letter store's bound.
     pub dead_letter: DeadLetterConfig,
+    /// The defender agent: Device Defender reports, local Detect, quarantine.
+    pub defender: DefenderConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -372,6 +374,77 @@ impl Default for BrokerConfig {
             max_outgoing_packets: 200,
         }
     }
+}
+
+/// `[defender]`: Device Defender on the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefenderConfig {
+    /// Answer device agents' reports on `$aws/things/<device>/defender/metrics/{json|cbor}`,
+    /// send the gateway's own report, and evaluate the security profiles.
+    pub enabled: bool,
+    /// How often the gateway reports its own device-side metrics upstream (at least 5 min
+    /// when the upstream is IoT Core: faster reports are throttled there).
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+    /// `json` or `cbor`: the encoding of the gateway's own report.
+    pub report_format: String,
+    /// `long` or `short` field names in the gateway's own report.
+    pub report_names: String,
+    /// A statistical threshold is computed only over at least this many devices with a
+    /// datapoint (AWS documents no minimum).
+    pub statistics_min_devices: usize,
+    /// A violation whose device has had no datapoint for this long becomes
+    /// `alarm-invalidated` (AWS: 2 days).
+    #[serde(with = "humantime_serde")]
+    pub invalidate_after: Duration,
+    /// Violation events kept for `wardgate violations --history`.
+    pub history_events: usize,
+    /// Security profiles.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<ProfileConfig>,
+}
+
+impl Default for DefenderConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            report_interval: Duration::from_secs(300),
+            report_format: "json".into(),
+            report_names: "long".into(),
+            statistics_min_devices: 5,
+            invalidate_after: Duration::from_secs(2 * 24 * 3600),
+            history_events: 10_000,
+            profiles: Vec::new(),
+        }
+    }
+}
+
+/// One `[[defender.profiles]]` entry: an AWS IoT Device Defender security profile.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Name (`securityProfileName`).
+    pub name: String,
+    /// Device ids, `kind:<kind>`, or `*`.
+    #[serde(default = "all_targets")]
+    pub targets: Vec<String>,
+    /// A JSON file of behaviors: an array, or `aws iot describe-security-profile` output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behaviors_file: Option<PathBuf>,
+    /// Behaviors inline, with AWS's field names (`metric`, `criteria.comparisonOperator`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub behaviors: Vec<serde_json::Value>,
+    /// What to do on each violation event: the rules' actions, and `quarantine`.
+    #[serde(default)]
+    pub actions: Vec<ActionConfig>,
+    /// Free text for operators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+fn all_targets() -> Vec<String> {
+    vec!["*".into()]
 }
 
 /// One `[[rules]]` entry, shaped like an AWS IoT topic rule so that one can be copied from the

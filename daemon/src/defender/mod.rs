@@ -1,4 +1,5 @@
 //! The defender agent (work in progress).
 
+pub mod detect;
 pub mod proc;
 pub mod report;
