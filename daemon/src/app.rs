@@ -78,6 +78,10 @@ pub struct Gateway {
     outbox: Option<crate::queue::Enqueue>,
     uplink: Option<Stage<()>>,
     uplink_stop: CancellationToken,
+    /// The defender stage (when `[defender]` is enabled); holds entrances of the queue writer
+    /// and the rules, so it is stopped once the pipeline has ended and before the writers.
+    defender: Option<Stage<()>>,
+    defender_stop: CancellationToken,
     uplink_stats: Arc<crate::uplink::UplinkStats>,
     supervisor: Supervisor,
     monitor: JoinHandle<()>,
@@ -108,6 +112,7 @@ struct StatusView {
     shadows: Arc<crate::shadow::ShadowStats>,
     rules: crate::rules::CountersView,
     webhooks: Option<Arc<crate::rules::webhook::WebhookStats>>,
+    defender: Option<crate::defender::StatusHandle>,
 }
 
 impl StatusView {
@@ -170,6 +175,7 @@ impl StatusView {
                 .as_ref()
                 .map(|w| w.snapshot())
                 .unwrap_or_default(),
+            defender: self.defender.as_ref().map(|d| d.snapshot()),
         }
     }
 }
@@ -348,12 +354,48 @@ impl Gateway {
         let dead_letter_counters = dead_letters.counters().clone();
         let spare_dead_letters = Some(dead_letters.clone());
         let shadow_stats = shadows.stats();
+        let sessions = crate::gatekeeper::Sessions::default();
+        let quarantine = crate::defender::quarantine::Quarantine::default();
+        let defender_stop = CancellationToken::new();
+        let (defender, defender_stage, defender_status) = if config.defender.enabled {
+            let dir = state_dir.join("defender");
+            let store = open_sled(|| crate::defender::Store::open(&dir))
+                .await
+                .with_context(|| format!("opening the defender's store in {}", dir.display()))?;
+            let (defender, status) = crate::defender::Defender::new(crate::defender::Parts {
+                gateway_id: config.gateway.id.clone(),
+                config: config.defender.clone(),
+                window: config.metering.window,
+                windows_kept: config.metering.windows_kept,
+                state_dir: state_dir.clone(),
+                store,
+                local: local.clone(),
+                queue: queue.clone(),
+                rules: rules.clone(),
+                registry: registry.clone(),
+                metering: metering.clone(),
+                sessions: sessions.clone(),
+                quarantine: quarantine.clone(),
+                queue_status: shared_queue.clone(),
+                dead_letters: dead_letter_counters.clone(),
+                plugins: plugins.clone(),
+            });
+            let (d, st, stop) = (defender.clone(), status.clone(), defender_stop.clone());
+            let stage =
+                supervisor.spawn_restarting("defender", defender_stop.clone(), move |beat| {
+                    d.clone().run(st.clone(), stop.clone(), beat)
+                });
+            (Some(defender), Some(stage), Some(status))
+        } else {
+            (None, None, None)
+        };
         let (pipeline, ingest) = Pipeline::new(Stages {
             gateway_id: config.gateway.id.clone(),
             plugins: plugins.clone(),
             dead_letters,
             local: Some(local),
             shadows: Some(shadows),
+            defender,
             rules: rules.clone(),
             queue,
         });
@@ -367,7 +409,8 @@ impl Gateway {
             ingest,
             metering: metering.clone(),
             limits: config.limits.clone(),
-            sessions: Default::default(),
+            sessions,
+            quarantine,
         };
         let accept_limits = ListenerLimits {
             connect_timeout: config.listeners.connect_timeout,
@@ -444,6 +487,7 @@ impl Gateway {
             shadows: shadow_stats.clone(),
             rules: rule_counters.clone(),
             webhooks: webhook_stats,
+            defender: defender_status,
         });
         let mut gw = Self {
             shutdown,
@@ -471,6 +515,8 @@ impl Gateway {
             uplink,
             uplink_stop,
             uplink_stats,
+            defender: defender_stage,
+            defender_stop,
             monitor: supervisor.spawn_monitor(),
             supervisor,
             spare_ingest,
@@ -593,6 +639,8 @@ impl Gateway {
         let dead_letter_writer = &mut self.dead_letter_writer;
         let shadows = &mut self.shadows;
         let webhooks = &mut self.webhooks;
+        let defender = self.defender.take();
+        let defender_stop = self.defender_stop.clone();
         self.outbox = None;
         self.rules = None;
         self.spare_ingest = None;
@@ -602,6 +650,11 @@ impl Gateway {
                 let _ = t.join().await;
             }
             let handled = pipeline.join().await;
+            // No device report can arrive now: the defender lets go of the queue and the rules.
+            defender_stop.cancel();
+            if let Some(mut d) = defender {
+                let _ = d.join().await;
+            }
             // The pipeline's queue and dead-letter handles are gone with it: the writers
             // commit what they have.
             let mut written = match writer {

@@ -1,5 +1,5 @@
-//! The command line: `run`, `check-config`, `print-default-config`, `hash-password`,
-//! `simulate` and `demo`. Thin: each command loads what it needs and calls into the library.
+//! The command line: `run`, `check-config`, `print-default-config`, `status`, `reload`,
+//! `violations`, `quarantine list|clear`, `hash-password`, `simulate` and `demo`. Thin: each command loads what it needs and calls into the library.
 //!
 //! Exit codes: 0 success; 1 runtime failure; 2 invalid configuration or usage.
 
@@ -62,6 +62,23 @@ enum Command {
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Show the defender's violations in force (and, with --history, recent events).
+    Violations {
+        /// Main configuration file (to find gateway.state_dir).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print JSON: `active` (and `history`, AWS's violation messages).
+        #[arg(long)]
+        json: bool,
+        /// Also show recent violation events, oldest first.
+        #[arg(long)]
+        history: bool,
+    },
+    /// List quarantined devices, or lift a device's quarantine.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
     /// Read a password on stdin and print its argon2id hash for `password_hash`.
     HashPassword,
     /// Play a simulated ward against a running gateway.
@@ -113,6 +130,27 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum QuarantineAction {
+    /// Devices in quarantine, with the violation that put them there.
+    List {
+        /// Main configuration file (to find gateway.state_dir).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift DEVICE's quarantine now: it may connect again.
+    Clear {
+        /// The device id.
+        device: String,
+        /// Main configuration file (to find gateway.state_dir).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
 /// Parse the command line and run it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -126,6 +164,17 @@ pub fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Status { config, json } => status(config, json),
         Command::Reload { config } => reload(config),
+        Command::Violations {
+            config,
+            json,
+            history,
+        } => violations(config, json, history),
+        Command::Quarantine {
+            action: QuarantineAction::List { config, json },
+        } => quarantine_list(config, json),
+        Command::Quarantine {
+            action: QuarantineAction::Clear { device, config },
+        } => quarantine_clear(config, &device),
         Command::Simulate {
             gateway,
             speed,
@@ -305,6 +354,161 @@ fn status(file: Option<PathBuf>, json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn defender_state(
+    file: Option<PathBuf>,
+) -> Result<(PathBuf, crate::defender::StateFile), ExitCode> {
+    let (_, loaded) = load_or_report(file)?;
+    let dir = loaded.config.gateway.state_dir.clone();
+    match crate::defender::read_state(&dir) {
+        Ok(s) => Ok((dir, s)),
+        Err(e) => {
+            eprintln!("wardgate: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn violations(file: Option<PathBuf>, json: bool, history: bool) -> ExitCode {
+    let (_, s) = match defender_state(file) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if json {
+        let mut v = serde_json::json!({ "active": s.status.active });
+        if history {
+            v["history"] = serde_json::Value::from(s.history);
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    if s.status.active.is_empty() {
+        println!("no violations in force");
+    } else {
+        print!("{}", crate::defender::render_active(&s.status));
+    }
+    if history {
+        println!("\nrecent events, oldest first:");
+        for e in &s.history {
+            println!(
+                "{} {:<17} {:<20} profile {} behavior {} {}",
+                crate::clock::rfc3339_ms(e["violationEventTime"].as_i64().unwrap_or(0)),
+                e["violationEventType"].as_str().unwrap_or(""),
+                e["thingName"].as_str().unwrap_or(""),
+                e["securityProfileName"].as_str().unwrap_or(""),
+                e["behavior"]["name"].as_str().unwrap_or(""),
+                e["metricValue"]
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn quarantine_list(file: Option<PathBuf>, json: bool) -> ExitCode {
+    let (_, s) = match defender_state(file) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&s.status.quarantined).unwrap_or_default()
+        );
+    } else if s.status.quarantined.is_empty() {
+        println!("no device is quarantined");
+    } else {
+        print!("{}", crate::defender::render_quarantined(&s.status));
+    }
+    ExitCode::SUCCESS
+}
+
+/// The running gateway's pid, if its pid file names a live process.
+fn running_pid(state_dir: &std::path::Path) -> Option<i32> {
+    let pid = std::fs::read_to_string(state_dir.join(crate::status::PID_FILE))
+        .ok()?
+        .trim()
+        .parse::<i32>()
+        .ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .is_ok()
+        .then_some(pid)
+}
+
+fn quarantine_clear(file: Option<PathBuf>, device: &str) -> ExitCode {
+    if !config::valid_thing_name(device) {
+        eprintln!(
+            "wardgate: `{device}` is not a device id (1-128 of letters, digits, ':', '_', '-')"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let (_, loaded) = match load_or_report(file) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let dir = loaded.config.gateway.state_dir.clone();
+    let Some(pid) = running_pid(&dir) else {
+        // No gateway running: the store is ours to change.
+        let store_dir = dir.join("defender");
+        return match crate::defender::Store::open(&store_dir) {
+            Ok(store) => {
+                let had = store.quarantines().iter().any(|q| q.device_id == device);
+                match store.put_quarantine(device, None) {
+                    Ok(()) if had => {
+                        println!("quarantine of {device} lifted (the gateway is not running)");
+                        ExitCode::SUCCESS
+                    }
+                    Ok(()) => {
+                        println!("{device} is not quarantined");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("wardgate: cannot change {}: {e}", store_dir.display());
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("wardgate: cannot open {}: {e}", store_dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    };
+    let requests = dir.join(crate::defender::REQUESTS_DIR);
+    let request = requests.join(format!("{}{device}", crate::defender::CLEAR_QUARANTINE));
+    if let Err(e) = std::fs::create_dir_all(&requests).and_then(|()| std::fs::write(&request, b""))
+    {
+        eprintln!(
+            "wardgate: cannot write the request {}: {e}",
+            request.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let was = crate::defender::read_state(&dir)
+        .map(|s| s.status.quarantined.iter().any(|q| q.device_id == device))
+        .unwrap_or(false);
+    if let Err(e) = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    ) {
+        eprintln!("wardgate: cannot signal pid {pid}: {e}");
+        return ExitCode::FAILURE;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while request.exists() {
+        if std::time::Instant::now() > deadline {
+            eprintln!("wardgate: the gateway (pid {pid}) did not take the request within 10 s; is [defender] enabled? see the journal");
+            let _ = std::fs::remove_file(&request);
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if was {
+        println!("quarantine of {device} lifted; it may connect again");
+    } else {
+        println!("{device} is not quarantined");
+    }
+    ExitCode::SUCCESS
 }
 
 fn reload(file: Option<PathBuf>) -> ExitCode {

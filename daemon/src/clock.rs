@@ -14,3 +14,9 @@ pub fn epoch_ms(t: SystemTime) -> i64 {
 pub fn now_ms() -> i64 {
     epoch_ms(SystemTime::now())
 }
+
+/// `ms` since the epoch as RFC 3339 UTC, to the second (`2026-12-02T06:00:00Z`).
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}

@@ -109,6 +109,11 @@ impl Registry {
         self.devices.is_empty()
     }
 
+    /// Every registered device, in no particular order.
+    pub fn devices(&self) -> impl Iterator<Item = &Arc<Device>> {
+        self.devices.values()
+    }
+
     /// Look a device up by id.
     pub fn get(&self, id: &str) -> Option<Arc<Device>> {
         self.devices.get(id).cloned()

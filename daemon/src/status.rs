@@ -80,6 +80,9 @@ pub struct Status {
     /// The rules' webhook receivers, per origin.
     #[serde(default)]
     pub webhooks: Vec<crate::rules::webhook::WebhookCounts>,
+    /// The defender (when enabled): reports, violations, quarantines.
+    #[serde(default)]
+    pub defender: Option<crate::defender::DefenderStatus>,
 }
 
 /// The uplink at a glance.
@@ -235,6 +238,16 @@ pub fn render(s: &Status) -> String {
             "rule {:<24} matched {:>9}  fired {:>7}  debounced {:>7}  action failures {:>5}  loops stopped {:>4}",
             r.name, r.matched, r.fired, r.debounced, r.action_failures, r.loops_stopped
         );
+    }
+    if let Some(d) = &s.defender {
+        let _ = writeln!(
+            out,
+            "defender: {} security profiles; device reports {} accepted, {} rejected; own reports {}; {} evaluations; events: {} in-alarm, {} cleared, {} invalidated",
+            d.profiles, d.reports_accepted, d.reports_rejected, d.own_reports, d.evaluations,
+            d.events[0], d.events[1], d.events[2]
+        );
+        out.push_str(&crate::defender::render_active(d));
+        out.push_str(&crate::defender::render_quarantined(d));
     }
     for w in &s.webhooks {
         let _ = writeln!(

@@ -1,6 +1,6 @@
 """Run the real AWS IoT Device Defender agent (PyPI ``AWSIoTDeviceDefenderAgentSDK``,
 aws-samples/aws-iot-device-defender-agent-sdk-python, pinned in
-requirements-defender.txt) against a gateway on a chosen port.
+requirements.txt) against a gateway on a chosen port.
 
 Why this wrapper exists
 -----------------------

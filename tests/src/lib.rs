@@ -600,6 +600,7 @@ impl Rig {
                 metering: metering.clone(),
                 limits: o.limits.clone(),
                 sessions: Default::default(),
+                quarantine: Default::default(),
             },
         )
         .await

@@ -51,6 +51,7 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
             metering: wardgate::metering::Metering::new(Duration::from_secs(300), 4),
             limits: cfg.limits.clone(),
             sessions: Default::default(),
+            quarantine: Default::default(),
         },
     )
     .await

@@ -30,7 +30,8 @@ mod lint_times;
 
 /// Debian packages the test suite uses: `systemd` (systemd-analyze, systemd-journald,
 /// journalctl) and `util-linux` (unshare) for the journal and unit tests, `openssl` for the
-/// ward-pki script test, `mosquitto` as the stand-in for AWS IoT Core.
+/// ward-pki script test, `mosquitto` as the stand-in for AWS IoT Core; `gcc` and `python3-dev`
+/// build the `cbor` package the Device Defender agent needs (it ships only as source).
 const TEST_PACKAGES: &[&str] = &[
     "systemd",
     "util-linux",
@@ -38,6 +39,8 @@ const TEST_PACKAGES: &[&str] = &[
     "mosquitto",
     "python3",
     "python3-venv",
+    "python3-dev",
+    "gcc",
 ];
 
 fn main() -> Result<()> {

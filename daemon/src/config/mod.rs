@@ -257,10 +257,13 @@ impl Default for PolicyConfig {
                 "$aws/things/${device}/shadow/name/+/update".into(),
                 "$aws/things/${device}/shadow/name/+/get".into(),
                 "$aws/things/${device}/shadow/name/+/delete".into(),
+                "$aws/things/${device}/defender/metrics/json".into(),
+                "$aws/things/${device}/defender/metrics/cbor".into(),
             ],
             subscribe: vec![
                 "ward/${device}/#".into(),
                 "$aws/things/${device}/shadow/#".into(),
+                "$aws/things/${device}/defender/metrics/#".into(),
             ],
         }
     }
@@ -387,8 +390,6 @@ pub struct DefenderConfig {
     /// when the upstream is IoT Core: faster reports are throttled there).
     #[serde(with = "humantime_serde")]
     pub report_interval: Duration,
-    /// `json` or `cbor`: the encoding of the gateway's own report.
-    pub report_format: String,
     /// `long` or `short` field names in the gateway's own report.
     pub report_names: String,
     /// A statistical threshold is computed only over at least this many devices with a
@@ -410,7 +411,6 @@ impl Default for DefenderConfig {
         Self {
             enabled: true,
             report_interval: Duration::from_secs(300),
-            report_format: "json".into(),
             report_names: "long".into(),
             statistics_min_devices: 5,
             invalidate_after: Duration::from_secs(2 * 24 * 3600),
@@ -730,7 +730,7 @@ impl Default for TopicsConfig {
             telemetry: "wardgate/${thing}/readings".into(),
             alerts: "wardgate/${thing}/alerts".into(),
             shadow: "$aws/things/${thing}/shadow/name/${device}/update".into(),
-            defender: "$aws/things/${thing}/defender/metrics/json".into(),
+            defender: "$aws/things/${device}/defender/metrics/json".into(),
         }
     }
 }
@@ -876,6 +876,32 @@ mod tests {
         assert_eq!(loaded.config.rules.len(), 1);
         assert_eq!(loaded.config.rules[0].actions.len(), 4);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The commented `[[defender.profiles]]` example of the shipped file is valid as written.
+    #[test]
+    fn the_shipped_security_profile_example_is_valid() {
+        let start = DEFAULT_CONFIG_TOML
+            .find("# [[defender.profiles]]")
+            .expect("profile example");
+        let example: String = DEFAULT_CONFIG_TOML[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or("")))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("wardgate.toml");
+        std::fs::write(&f, &example).unwrap();
+        let loaded = load(&LoadOptions {
+            file: Some(f),
+            ignore_env: true,
+        })
+        .unwrap_or_else(|e| panic!("{e:?}\n{example}"));
+        let p = &loaded.config.defender.profiles;
+        assert_eq!(
+            (p.len(), p[0].behaviors.len(), p[0].actions.len()),
+            (1, 2, 4)
+        );
     }
 
     /// The gateway's own broker connections (the relay link's and the pipeline's) must fit.

@@ -487,11 +487,11 @@ pub(super) fn validate(
         err(&problem.key, problem.message);
     }
     let d = &c.defender;
-    if !matches!(d.report_format.as_str(), "json" | "cbor") {
-        err("defender.report_format", format!("`{}`: use \"json\" or \"cbor\"", d.report_format));
-    }
     if !matches!(d.report_names.as_str(), "long" | "short") {
-        err("defender.report_names", format!("`{}`: use \"long\" or \"short\"", d.report_names));
+        err(
+            "defender.report_names",
+            format!("`{}`: use \"long\" or \"short\"", d.report_names),
+        );
     }
     if d.enabled
         && c.upstream.enabled
@@ -507,7 +507,10 @@ pub(super) fn validate(
         err("defender.report_interval", "must be more than 0".into());
     }
     if d.invalidate_after.is_zero() {
-        err("defender.invalidate_after", "must be more than 0, e.g. \"2days\" (AWS's)".into());
+        err(
+            "defender.invalidate_after",
+            "must be more than 0, e.g. \"2days\" (AWS's)".into(),
+        );
     }
     for problem in crate::defender::detect::check(d, c.metering.window, c.metering.windows_kept) {
         err(&problem.key, problem.message);

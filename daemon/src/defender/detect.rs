@@ -104,20 +104,50 @@ const METRICS: &[(&str, Side, Shape, bool)] = &[
     ("aws:message-byte-size", Side::Cloud, Shape::Count, false),
     ("aws:num-messages-sent", Side::Cloud, Shape::Count, true),
     ("aws:num-messages-received", Side::Cloud, Shape::Count, true),
-    ("aws:num-authorization-failures", Side::Cloud, Shape::Count, true),
-    ("aws:num-connection-attempts", Side::Cloud, Shape::Count, true),
+    (
+        "aws:num-authorization-failures",
+        Side::Cloud,
+        Shape::Count,
+        true,
+    ),
+    (
+        "aws:num-connection-attempts",
+        Side::Cloud,
+        Shape::Count,
+        true,
+    ),
     ("aws:num-disconnects", Side::Cloud, Shape::Count, true),
     ("aws:source-ip-address", Side::Cloud, Shape::Ips, false),
     ("aws:all-bytes-in", Side::Device, Shape::Count, true),
     ("aws:all-bytes-out", Side::Device, Shape::Count, true),
     ("aws:all-packets-in", Side::Device, Shape::Count, true),
     ("aws:all-packets-out", Side::Device, Shape::Count, true),
-    ("aws:num-listening-tcp-ports", Side::Device, Shape::Count, false),
-    ("aws:num-listening-udp-ports", Side::Device, Shape::Count, false),
-    ("aws:num-established-tcp-connections", Side::Device, Shape::Count, false),
+    (
+        "aws:num-listening-tcp-ports",
+        Side::Device,
+        Shape::Count,
+        false,
+    ),
+    (
+        "aws:num-listening-udp-ports",
+        Side::Device,
+        Shape::Count,
+        false,
+    ),
+    (
+        "aws:num-established-tcp-connections",
+        Side::Device,
+        Shape::Count,
+        false,
+    ),
     ("aws:listening-tcp-ports", Side::Device, Shape::Ports, false),
     ("aws:listening-udp-ports", Side::Device, Shape::Ports, false),
-    ("aws:destination-ip-addresses", Side::Device, Shape::Ips, false),
+    (
+        "aws:destination-ip-addresses",
+        Side::Device,
+        Shape::Ips,
+        false,
+    ),
 ];
 
 /// AWS's statistics for statistical thresholds, and the percentile each is.
@@ -234,7 +264,7 @@ pub struct Profile {
     /// Its behaviors.
     pub behaviors: Vec<Behavior>,
     /// Its alert actions (everything but quarantine).
-    pub actions: crate::rules::Actions,
+    pub actions: Arc<crate::rules::Actions>,
     /// The quarantine action's duration, if it has one.
     pub quarantine: Option<Duration>,
 }
@@ -279,7 +309,10 @@ fn datapoints(c: &mut Check<'_>, criteria: &serde_json::Map<String, Value>, key:
         Some(v) => match v.as_u64() {
             Some(n @ 1..=10) => n as u32,
             _ => {
-                c.bad(&format!("criteria.{key}"), format!("{v} is not 1–10 (AWS's range; 1 when left out)"));
+                c.bad(
+                    &format!("criteria.{key}"),
+                    format!("{v} is not 1–10 (AWS's range; 1 when left out)"),
+                );
                 1
             }
         },
@@ -309,26 +342,44 @@ fn behavior(
     for key in obj.keys() {
         match key.as_str() {
             "name" | "metric" | "criteria" | "suppressAlerts" | "exportMetric" => {}
-            "metricDimension" => c.bad(key, "metric dimensions (topic filters) are not supported on the gateway; remove it"),
-            _ => c.bad(key, "unknown field; expected name, metric, criteria, suppressAlerts or exportMetric"),
+            "metricDimension" => c.bad(
+                key,
+                "metric dimensions (topic filters) are not supported on the gateway; remove it",
+            ),
+            _ => c.bad(
+                key,
+                "unknown field; expected name, metric, criteria, suppressAlerts or exportMetric",
+            ),
         }
     }
     let name_ok = !name.is_empty()
         && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'));
     if !name_ok {
-        c.bad("name", "missing or not a behavior name (1–128 of letters, digits, `_`, `-`, `:`)");
+        c.bad(
+            "name",
+            "missing or not a behavior name (1–128 of letters, digits, `_`, `-`, `:`)",
+        );
     }
     let metric = v.get("metric").and_then(Value::as_str).unwrap_or("");
     let Some(criteria) = obj.get("criteria").and_then(Value::as_object) else {
-        c.bad("criteria", "missing: give comparisonOperator and value (or statisticalThreshold)");
+        c.bad(
+            "criteria",
+            "missing: give comparisonOperator and value (or statisticalThreshold)",
+        );
         return None;
     };
     for key in criteria.keys() {
         if !matches!(
             key.as_str(),
-            "comparisonOperator" | "value" | "durationSeconds" | "consecutiveDatapointsToAlarm"
-                | "consecutiveDatapointsToClear" | "statisticalThreshold"
+            "comparisonOperator"
+                | "value"
+                | "durationSeconds"
+                | "consecutiveDatapointsToAlarm"
+                | "consecutiveDatapointsToClear"
+                | "statisticalThreshold"
         ) {
             let m = if key == "mlDetectionConfig" {
                 "ML Detect needs AWS's models; not available on the gateway".to_owned()
@@ -370,11 +421,17 @@ fn behavior(
             (Side::Device, shape, false)
         }
     };
-    let op = criteria.get("comparisonOperator").and_then(Value::as_str).unwrap_or("");
+    let op = criteria
+        .get("comparisonOperator")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let Some(op) = shape.operators().iter().find(|o| **o == op).copied() else {
         c.bad(
             "criteria.comparisonOperator",
-            format!("`{op}` is not valid for {metric}; use one of {}", shape.operators().join(", ")),
+            format!(
+                "`{op}` is not valid for {metric}; use one of {}",
+                shape.operators().join(", ")
+            ),
         );
         return None;
     };
@@ -382,12 +439,18 @@ fn behavior(
     let stat = criteria.get("statisticalThreshold");
     let criterion = match (stat, value) {
         (Some(_), Some(_)) => {
-            c.bad("criteria", "give either value or statisticalThreshold, not both");
+            c.bad(
+                "criteria",
+                "give either value or statisticalThreshold, not both",
+            );
             return None;
         }
         (Some(s), None) => {
             if !matches!(shape, Shape::Count | Shape::Number) {
-                c.bad("criteria.statisticalThreshold", format!("only for metrics compared with numbers; {metric} is not"));
+                c.bad(
+                    "criteria.statisticalThreshold",
+                    format!("only for metrics compared with numbers; {metric} is not"),
+                );
                 return None;
             }
             let label = s.get("statistic").and_then(Value::as_str).unwrap_or("");
@@ -395,19 +458,31 @@ fn behavior(
                 Some((_, p)) => Criterion::Compare(op, Against::Statistic(*p)),
                 None => {
                     let all: Vec<&str> = STATISTICS.iter().map(|s| s.0).collect();
-                    c.bad("criteria.statisticalThreshold.statistic", format!("`{label}`: use one of {}", all.join(", ")));
+                    c.bad(
+                        "criteria.statisticalThreshold.statistic",
+                        format!("`{label}`: use one of {}", all.join(", ")),
+                    );
                     return None;
                 }
             }
         }
         (None, None) => {
-            c.bad("criteria.value", format!("missing: give {{\"{}\": ...}} or a statisticalThreshold", shape.value_key()));
+            c.bad(
+                "criteria.value",
+                format!(
+                    "missing: give {{\"{}\": ...}} or a statisticalThreshold",
+                    shape.value_key()
+                ),
+            );
             return None;
         }
         (None, Some(value)) => {
             let key = shape.value_key();
             if value.len() != 1 || !value.contains_key(key) {
-                c.bad("criteria.value", format!("{metric} takes {{\"{key}\": ...}}"));
+                c.bad(
+                    "criteria.value",
+                    format!("{metric} takes {{\"{key}\": ...}}"),
+                );
                 return None;
             }
             let x = &value[key];
@@ -449,7 +524,10 @@ fn behavior(
                 }
                 Shape::Strings => {
                     let items = list(&mut c)?;
-                    let ss: Option<BTreeSet<String>> = items.iter().map(|v| v.as_str().map(str::to_owned)).collect();
+                    let ss: Option<BTreeSet<String>> = items
+                        .iter()
+                        .map(|v| v.as_str().map(str::to_owned))
+                        .collect();
                     match ss {
                         Some(ss) => Criterion::Strings(inside, ss),
                         None => {
@@ -465,7 +543,10 @@ fn behavior(
                         match item.as_str().and_then(Cidr::parse) {
                             Some(cidr) => cidrs.push(cidr),
                             None => {
-                                c.bad(&format!("{at}[{i}]"), format!("{item} is not a CIDR such as \"10.0.0.0/8\""));
+                                c.bad(
+                                    &format!("{at}[{i}]"),
+                                    format!("{item} is not a CIDR such as \"10.0.0.0/8\""),
+                                );
                                 return None;
                             }
                         }
@@ -476,12 +557,19 @@ fn behavior(
                     let items = list(&mut c)?;
                     let mut ports = BTreeSet::new();
                     for (i, item) in items.iter().enumerate() {
-                        match item.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) {
+                        match item
+                            .as_u64()
+                            .and_then(|p| u16::try_from(p).ok())
+                            .filter(|p| *p > 0)
+                        {
                             Some(p) => {
                                 ports.insert(p);
                             }
                             None => {
-                                c.bad(&format!("{at}[{i}]"), format!("{item} is not a port 1–65535"));
+                                c.bad(
+                                    &format!("{at}[{i}]"),
+                                    format!("{item} is not a port 1–65535"),
+                                );
                                 return None;
                             }
                         }
@@ -499,9 +587,17 @@ fn behavior(
         }
         None => 1,
         Some(d) => match d.as_u64() {
-            Some(d) if d > 0 && d % len == 0 && (d / len) as usize <= kept.max(1) => (d / len) as u32,
+            Some(d) if d > 0 && d % len == 0 && (d / len) as usize <= kept.max(1) => {
+                (d / len) as u32
+            }
             Some(d) if d > 0 && d % len == 0 => {
-                c.bad("criteria.durationSeconds", format!("{d} s is {} windows; the gateway keeps {kept} (metering.windows_kept)", d / len));
+                c.bad(
+                    "criteria.durationSeconds",
+                    format!(
+                        "{d} s is {} windows; the gateway keeps {kept} (metering.windows_kept)",
+                        d / len
+                    ),
+                );
                 1
             }
             Some(d) if AWS_DURATIONS.contains(&d) => {
@@ -544,8 +640,10 @@ fn behavior(
 /// The behaviors of a profile's `behaviors_file`: a bare array of behaviors, or the whole
 /// output of `aws iot describe-security-profile` (its `behaviors`).
 fn behaviors_of_file(path: &std::path::Path) -> Result<Vec<Value>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
     match v {
         Value::Array(items) => Ok(items),
         Value::Object(mut o) => match o.remove("behaviors") {
@@ -557,12 +655,19 @@ fn behaviors_of_file(path: &std::path::Path) -> Result<Vec<Value>, String> {
 }
 
 /// Compile profile `i`; every problem it has when it has any.
-pub fn compile(i: usize, p: &ProfileConfig, window: Duration, kept: usize) -> Result<Profile, Vec<Problem>> {
+pub fn compile(
+    i: usize,
+    p: &ProfileConfig,
+    window: Duration,
+    kept: usize,
+) -> Result<Profile, Vec<Problem>> {
     let prefix = format!("defender.profiles[{i}]");
     let mut problems = Vec::new();
     let name_ok = !p.name.is_empty()
         && p.name.len() <= 128
-        && p.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'));
+        && p.name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'));
     if !name_ok {
         problems.push(Problem {
             key: format!("{prefix}.name"),
@@ -573,7 +678,10 @@ pub fn compile(i: usize, p: &ProfileConfig, window: Duration, kept: usize) -> Re
     if p.targets.is_empty() {
         problems.push(Problem {
             key: format!("{prefix}.targets"),
-            message: format!("security profile `{}` targets nothing: give device ids, \"kind:<kind>\" or \"*\"", p.name),
+            message: format!(
+                "security profile `{}` targets nothing: give device ids, \"kind:<kind>\" or \"*\"",
+                p.name
+            ),
         });
     }
     for (j, t) in p.targets.iter().enumerate() {
@@ -583,12 +691,18 @@ pub fn compile(i: usize, p: &ProfileConfig, window: Duration, kept: usize) -> Re
             if crate::config::valid_kind_name(kind) {
                 targets.push(Target::Kind(kind.to_owned()));
             } else {
-                problems.push(Problem { key: format!("{prefix}.targets[{j}]"), message: format!("`{kind}` is not a device kind") });
+                problems.push(Problem {
+                    key: format!("{prefix}.targets[{j}]"),
+                    message: format!("`{kind}` is not a device kind"),
+                });
             }
         } else if crate::config::valid_thing_name(t) {
             targets.push(Target::Device(t.clone()));
         } else {
-            problems.push(Problem { key: format!("{prefix}.targets[{j}]"), message: format!("`{t}`: use a device id, \"kind:<kind>\" or \"*\"") });
+            problems.push(Problem {
+                key: format!("{prefix}.targets[{j}]"),
+                message: format!("`{t}`: use a device id, \"kind:<kind>\" or \"*\""),
+            });
         }
     }
     let mut raw: Vec<(Value, String)> = p
@@ -600,9 +714,15 @@ pub fn compile(i: usize, p: &ProfileConfig, window: Duration, kept: usize) -> Re
     if let Some(file) = &p.behaviors_file {
         match behaviors_of_file(file) {
             Ok(items) => raw.extend(items.into_iter().enumerate().map(|(j, b)| {
-                (b, format!("{prefix}.behaviors_file({}).behaviors[{j}]", file.display()))
+                (
+                    b,
+                    format!("{prefix}.behaviors_file({}).behaviors[{j}]", file.display()),
+                )
             })),
-            Err(e) => problems.push(Problem { key: format!("{prefix}.behaviors_file"), message: e }),
+            Err(e) => problems.push(Problem {
+                key: format!("{prefix}.behaviors_file"),
+                message: e,
+            }),
         }
     }
     if raw.is_empty() && p.behaviors_file.is_none() {
@@ -615,7 +735,13 @@ pub fn compile(i: usize, p: &ProfileConfig, window: Duration, kept: usize) -> Re
     for (v, at) in raw {
         if let Some(b) = behavior(&v, at.clone(), &p.name, window, kept, &mut problems) {
             if behaviors.iter().any(|o| o.name == b.name) {
-                problems.push(Problem { key: format!("{at}.name"), message: format!("security profile `{}`: behavior name `{}` is used twice", p.name, b.name) });
+                problems.push(Problem {
+                    key: format!("{at}.name"),
+                    message: format!(
+                        "security profile `{}`: behavior name `{}` is used twice",
+                        p.name, b.name
+                    ),
+                });
             }
             behaviors.push(b);
         }
@@ -634,7 +760,13 @@ pub fn compile(i: usize, p: &ProfileConfig, window: Duration, kept: usize) -> Re
         }
     };
     match actions {
-        Some(actions) if problems.is_empty() => Ok(Profile { name: p.name.clone(), targets, behaviors, actions, quarantine }),
+        Some(actions) if problems.is_empty() => Ok(Profile {
+            name: p.name.clone(),
+            targets,
+            behaviors,
+            actions: Arc::new(actions),
+            quarantine,
+        }),
         _ => Err(problems),
     }
 }
@@ -645,7 +777,13 @@ pub fn check(c: &DefenderConfig, window: Duration, kept: usize) -> Vec<Problem> 
     let mut seen = HashMap::new();
     for (i, p) in c.profiles.iter().enumerate() {
         if let Some(first) = seen.insert(p.name.as_str(), i) {
-            problems.push(Problem { key: format!("defender.profiles[{i}].name"), message: format!("security profile name `{}` is already used by defender.profiles[{first}]", p.name) });
+            problems.push(Problem {
+                key: format!("defender.profiles[{i}].name"),
+                message: format!(
+                    "security profile name `{}` is already used by defender.profiles[{first}]",
+                    p.name
+                ),
+            });
         }
         if let Err(mut e) = compile(i, p, window, kept) {
             problems.append(&mut e);
@@ -697,7 +835,9 @@ impl Measured {
             (Measured::Number(n), _) => json!({ "number": n }),
             (Measured::Numbers(ns), _) => json!({ "numbers": ns }),
             (Measured::Strings(ss), _) => json!({ "strings": ss }),
-            (Measured::Ips(ips), _) => json!({ "cidrs": ips.iter().map(ToString::to_string).collect::<Vec<_>>() }),
+            (Measured::Ips(ips), _) => {
+                json!({ "cidrs": ips.iter().map(ToString::to_string).collect::<Vec<_>>() })
+            }
             (Measured::Ports(ps), _) => json!({ "ports": ps }),
         }
     }
@@ -713,7 +853,11 @@ fn add(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 impl Reports {
     /// Windows of `window`, `kept` per device.
     pub fn new(window: Duration, kept: usize) -> Self {
-        Self { window_s: window.as_secs().max(1), kept: kept.max(1), devices: HashMap::new() }
+        Self {
+            window_s: window.as_secs().max(1),
+            kept: kept.max(1),
+            devices: HashMap::new(),
+        }
     }
 
     /// Record `report` from `device`, received at `now_s`.
@@ -721,7 +865,10 @@ impl Reports {
         let start = now_s - now_s % self.window_s;
         let windows = self.devices.entry(device.clone()).or_default();
         if windows.back().is_none_or(|w| w.start_s != start) {
-            windows.push_back(ReportWindow { start_s: start, ..Default::default() });
+            windows.push_back(ReportWindow {
+                start_s: start,
+                ..Default::default()
+            });
             while windows.len() > self.kept {
                 windows.pop_front();
             }
@@ -730,13 +877,26 @@ impl Reports {
         let mut latest = BTreeMap::new();
         if let Some(m) = &report.metrics {
             if let Some(ns) = m.network_stats {
-                for (slot, v) in w.network.iter_mut().zip([ns.bytes_in, ns.bytes_out, ns.packets_in, ns.packets_out]) {
+                for (slot, v) in w.network.iter_mut().zip([
+                    ns.bytes_in,
+                    ns.bytes_out,
+                    ns.packets_in,
+                    ns.packets_out,
+                ]) {
                     *slot = add(*slot, v);
                 }
             }
             for (list, count, ports) in [
-                (&m.listening_tcp_ports, "aws:num-listening-tcp-ports", "aws:listening-tcp-ports"),
-                (&m.listening_udp_ports, "aws:num-listening-udp-ports", "aws:listening-udp-ports"),
+                (
+                    &m.listening_tcp_ports,
+                    "aws:num-listening-tcp-ports",
+                    "aws:listening-tcp-ports",
+                ),
+                (
+                    &m.listening_udp_ports,
+                    "aws:num-listening-udp-ports",
+                    "aws:listening-udp-ports",
+                ),
             ] {
                 if let Some(l) = list {
                     let ps: BTreeSet<u16> = l.ports.iter().map(|p| p.port).collect();
@@ -747,9 +907,19 @@ impl Reports {
             }
             if let Some(ec) = &m.established_connections {
                 let n = ec.total.unwrap_or(ec.connections.len() as u64);
-                latest.insert("aws:num-established-tcp-connections".into(), Measured::Number(n as f64));
-                let ips: BTreeSet<IpAddr> = ec.connections.iter().map(|c| c.remote_addr.ip().to_canonical()).collect();
-                latest.insert("aws:destination-ip-addresses".into(), Measured::Ips(ips.into_iter().collect()));
+                latest.insert(
+                    "aws:num-established-tcp-connections".into(),
+                    Measured::Number(n as f64),
+                );
+                let ips: BTreeSet<IpAddr> = ec
+                    .connections
+                    .iter()
+                    .map(|c| c.remote_addr.ip().to_canonical())
+                    .collect();
+                latest.insert(
+                    "aws:destination-ip-addresses".into(),
+                    Measured::Ips(ips.into_iter().collect()),
+                );
             }
         }
         for (name, v) in &report.custom_metrics {
@@ -773,7 +943,9 @@ impl Reports {
     fn measure(&self, device: &str, b: &Behavior, end_s: u64) -> Option<Measured> {
         let windows = self.devices.get(device)?;
         let from = end_s.saturating_sub(u64::from(b.windows) * self.window_s);
-        let range = windows.iter().filter(|w| w.start_s >= from && w.start_s < end_s);
+        let range = windows
+            .iter()
+            .filter(|w| w.start_s >= from && w.start_s < end_s);
         let slot = match b.metric.as_str() {
             "aws:all-bytes-in" => Some(0),
             "aws:all-bytes-out" => Some(1),
@@ -782,7 +954,9 @@ impl Reports {
             _ => None,
         };
         match slot {
-            Some(i) => range.fold(None, |acc, w| add(acc, w.network[i])).map(|n| Measured::Number(n as f64)),
+            Some(i) => range
+                .fold(None, |acc, w| add(acc, w.network[i]))
+                .map(|n| Measured::Number(n as f64)),
             None => range.rev().find_map(|w| w.latest.get(&b.metric).cloned()),
         }
     }
@@ -793,7 +967,11 @@ impl Reports {
 fn measure_cloud(s: &DeviceSnapshot, b: &Behavior, end_s: u64) -> Option<Measured> {
     let len = s.current.length_s.max(1);
     let from = end_s.saturating_sub(u64::from(b.windows) * len);
-    let range: Vec<_> = s.history.iter().filter(|w| w.start_s >= from && w.start_s < end_s).collect();
+    let range: Vec<_> = s
+        .history
+        .iter()
+        .filter(|w| w.start_s >= from && w.start_s < end_s)
+        .collect();
     let present = s.connected
         || range.iter().any(|w| {
             let c = &w.counters;
@@ -811,11 +989,18 @@ fn measure_cloud(s: &DeviceSnapshot, b: &Behavior, end_s: u64) -> Option<Measure
         "aws:num-authorization-failures" => sum(|c| c.authorization_failures),
         "aws:num-connection-attempts" => sum(|c| c.connection_attempts),
         "aws:num-disconnects" => sum(|c| c.disconnects),
-        "aws:message-byte-size" => {
-            Measured::Number(range.iter().map(|w| w.counters.largest_message_bytes).max().unwrap_or(0) as f64)
-        }
+        "aws:message-byte-size" => Measured::Number(
+            range
+                .iter()
+                .map(|w| w.counters.largest_message_bytes)
+                .max()
+                .unwrap_or(0) as f64,
+        ),
         "aws:source-ip-address" => {
-            let ips: BTreeSet<IpAddr> = range.iter().flat_map(|w| w.source_addresses.iter().copied()).collect();
+            let ips: BTreeSet<IpAddr> = range
+                .iter()
+                .flat_map(|w| w.source_addresses.iter().copied())
+                .collect();
             if ips.is_empty() {
                 return None;
             }
@@ -851,13 +1036,21 @@ fn compare(op: &str, x: f64, against: f64) -> bool {
 fn complies(criterion: &Criterion, m: &Measured, threshold: Option<f64>) -> Option<bool> {
     Some(match (criterion, m) {
         (Criterion::Compare(op, Against::Value(v)), Measured::Number(x)) => compare(op, *x, *v),
-        (Criterion::Compare(op, Against::Statistic(_)), Measured::Number(x)) => compare(op, *x, threshold?),
-        (Criterion::Cidrs(inside, cidrs), Measured::Ips(ips)) => {
-            ips.iter().all(|ip| cidrs.iter().any(|c| c.contains(*ip)) == *inside)
+        (Criterion::Compare(op, Against::Statistic(_)), Measured::Number(x)) => {
+            compare(op, *x, threshold?)
         }
-        (Criterion::Ports(inside, set), Measured::Ports(ps)) => ps.iter().all(|p| set.contains(p) == *inside),
-        (Criterion::Numbers(inside, set), Measured::Numbers(ns)) => ns.iter().all(|n| set.contains(n) == *inside),
-        (Criterion::Strings(inside, set), Measured::Strings(ss)) => ss.iter().all(|s| set.contains(s) == *inside),
+        (Criterion::Cidrs(inside, cidrs), Measured::Ips(ips)) => ips
+            .iter()
+            .all(|ip| cidrs.iter().any(|c| c.contains(*ip)) == *inside),
+        (Criterion::Ports(inside, set), Measured::Ports(ps)) => {
+            ps.iter().all(|p| set.contains(p) == *inside)
+        }
+        (Criterion::Numbers(inside, set), Measured::Numbers(ns)) => {
+            ns.iter().all(|n| set.contains(n) == *inside)
+        }
+        (Criterion::Strings(inside, set), Measured::Strings(ss)) => {
+            ss.iter().all(|s| set.contains(s) == *inside)
+        }
         _ => return None,
     })
 }
@@ -992,13 +1185,20 @@ impl Detector {
         let mut events = Vec::new();
         self.too_few_devices.clear();
         for (pi, p) in self.profiles.iter().enumerate() {
-            let targeted: Vec<&(Arc<str>, String)> = inp.devices.iter().filter(|(id, kind)| p.targets(id, kind)).collect();
+            let targeted: Vec<&(Arc<str>, String)> = inp
+                .devices
+                .iter()
+                .filter(|(id, kind)| p.targets(id, kind))
+                .collect();
             for (bi, b) in p.behaviors.iter().enumerate() {
                 let measured: Vec<(Arc<str>, Option<Measured>)> = targeted
                     .iter()
                     .map(|(id, _)| {
                         let m = match b.side {
-                            Side::Cloud => inp.meters.get(id).and_then(|s| measure_cloud(s, b, inp.end_s)),
+                            Side::Cloud => inp
+                                .meters
+                                .get(id)
+                                .and_then(|s| measure_cloud(s, b, inp.end_s)),
                             Side::Device => inp.reports.measure(id, b, inp.end_s),
                         };
                         (id.clone(), m)
@@ -1014,7 +1214,8 @@ impl Detector {
                             })
                             .collect();
                         if values.len() < self.min_devices {
-                            self.too_few_devices.insert((p.name.clone(), b.name.clone()));
+                            self.too_few_devices
+                                .insert((p.name.clone(), b.name.clone()));
                             continue;
                         }
                         percentile(&mut values, *pct)
@@ -1023,7 +1224,9 @@ impl Detector {
                 };
                 for (device, m) in measured {
                     let key = (p.name.clone(), b.name.clone(), device.clone());
-                    let verdict = m.as_ref().and_then(|m| complies(&b.criterion, m, threshold).map(|ok| (ok, m)));
+                    let verdict = m
+                        .as_ref()
+                        .and_then(|m| complies(&b.criterion, m, threshold).map(|ok| (ok, m)));
                     let track = self.tracks.entry(key.clone()).or_default();
                     let kind = match verdict {
                         Some((ok, m)) => {
@@ -1033,14 +1236,18 @@ impl Detector {
                                 track.compliant += 1;
                                 track.violating = 0;
                                 match &track.violation {
-                                    Some(_) if track.compliant >= b.to_clear => Some((EventType::Cleared, value)),
+                                    Some(_) if track.compliant >= b.to_clear => {
+                                        Some((EventType::Cleared, value))
+                                    }
                                     _ => None,
                                 }
                             } else {
                                 track.violating += 1;
                                 track.compliant = 0;
                                 match &mut track.violation {
-                                    None if track.violating >= b.to_alarm => Some((EventType::InAlarm, value)),
+                                    None if track.violating >= b.to_alarm => {
+                                        Some((EventType::InAlarm, value))
+                                    }
                                     Some(v) => {
                                         v.metric_value = value;
                                         None
@@ -1050,7 +1257,10 @@ impl Detector {
                             }
                         }
                         None => match &track.violation {
-                            Some(v) if inp.now_ms - track.last_datapoint_ms.max(v.started_ms) >= self.invalidate_after_ms => {
+                            Some(v)
+                                if inp.now_ms - track.last_datapoint_ms.max(v.started_ms)
+                                    >= self.invalidate_after_ms =>
+                            {
                                 Some((EventType::Invalidated, v.metric_value.clone()))
                             }
                             _ => None,
@@ -1065,7 +1275,11 @@ impl Detector {
                     let id = match kind {
                         EventType::InAlarm => {
                             let id = violation_id();
-                            track.violation = Some(Violation { id: id.clone(), started_ms: inp.now_ms, metric_value: value.clone() });
+                            track.violation = Some(Violation {
+                                id: id.clone(),
+                                started_ms: inp.now_ms,
+                                metric_value: value.clone(),
+                            });
                             id
                         }
                         EventType::Cleared | EventType::Invalidated => {
@@ -1096,16 +1310,24 @@ impl Detector {
         let live: BTreeSet<(&str, &str)> = self
             .profiles
             .iter()
-            .flat_map(|p| p.behaviors.iter().map(move |b| (p.name.as_str(), b.name.as_str())))
+            .flat_map(|p| {
+                p.behaviors
+                    .iter()
+                    .map(move |b| (p.name.as_str(), b.name.as_str()))
+            })
             .collect();
         let devices: BTreeSet<&str> = inp.devices.iter().map(|(d, _)| &**d).collect();
-        self.tracks.retain(|(p, b, d), _| live.contains(&(p.as_str(), b.as_str())) && devices.contains(&**d));
+        self.tracks.retain(|(p, b, d), _| {
+            live.contains(&(p.as_str(), b.as_str())) && devices.contains(&**d)
+        });
         events
     }
 
     /// Active violations: (profile, behavior, device, violation).
     pub fn active(&self) -> impl Iterator<Item = (&TrackKey, &Violation)> {
-        self.tracks.iter().filter_map(|(k, t)| t.violation.as_ref().map(|v| (k, v)))
+        self.tracks
+            .iter()
+            .filter_map(|(k, t)| t.violation.as_ref().map(|v| (k, v)))
     }
 }
 
@@ -1160,56 +1382,109 @@ criteria = { comparisonOperator = "less-than", value = { count = 10000 }, durati
             keys(profile(&format!("name = \"P\"\n[[behaviors]]\nname = \"b\"\nmetric = \"{metric}\"\ncriteria = {criteria}\n")))
         };
         assert_eq!(
-            bad(r#"{ comparisonOperator = "in-cidr-set", value = { count = 1 }, durationSeconds = 300 }"#, "aws:num-messages-sent"),
+            bad(
+                r#"{ comparisonOperator = "in-cidr-set", value = { count = 1 }, durationSeconds = 300 }"#,
+                "aws:num-messages-sent"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.comparisonOperator"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "less-than", value = { count = 1 }, durationSeconds = 7 }"#, "aws:num-messages-sent"),
+            bad(
+                r#"{ comparisonOperator = "less-than", value = { count = 1 }, durationSeconds = 7 }"#,
+                "aws:num-messages-sent"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.durationSeconds"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "less-than", value = { count = 1 } }"#, "aws:num-messages-sent"),
+            bad(
+                r#"{ comparisonOperator = "less-than", value = { count = 1 } }"#,
+                "aws:num-messages-sent"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.durationSeconds"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "less-than", value = { count = -1 }, durationSeconds = 300 }"#, "aws:num-messages-sent"),
+            bad(
+                r#"{ comparisonOperator = "less-than", value = { count = -1 }, durationSeconds = 300 }"#,
+                "aws:num-messages-sent"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.value.count"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "less-than", value = { cidrs = ["10.0.0.0/8"] }, durationSeconds = 300 }"#, "aws:num-messages-sent"),
+            bad(
+                r#"{ comparisonOperator = "less-than", value = { cidrs = ["10.0.0.0/8"] }, durationSeconds = 300 }"#,
+                "aws:num-messages-sent"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.value"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "in-cidr-set", value = { cidrs = ["10.0.0.0/33"] } }"#, "aws:source-ip-address"),
+            bad(
+                r#"{ comparisonOperator = "in-cidr-set", value = { cidrs = ["10.0.0.0/33"] } }"#,
+                "aws:source-ip-address"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.value.cidrs[0]"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "in-port-set", value = { ports = [22, 0] } }"#, "aws:listening-tcp-ports"),
+            bad(
+                r#"{ comparisonOperator = "in-port-set", value = { ports = [22, 0] } }"#,
+                "aws:listening-tcp-ports"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.value.ports[1]"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "greater-than", statisticalThreshold = { statistic = "p42" }, durationSeconds = 300 }"#, "aws:num-messages-sent"),
+            bad(
+                r#"{ comparisonOperator = "greater-than", statisticalThreshold = { statistic = "p42" }, durationSeconds = 300 }"#,
+                "aws:num-messages-sent"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.statisticalThreshold.statistic"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "less-than", value = { count = 1 }, durationSeconds = 300, consecutiveDatapointsToAlarm = 11 }"#, "aws:num-messages-sent"),
+            bad(
+                r#"{ comparisonOperator = "less-than", value = { count = 1 }, durationSeconds = 300, consecutiveDatapointsToAlarm = 11 }"#,
+                "aws:num-messages-sent"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.consecutiveDatapointsToAlarm"]
         );
         assert_eq!(
-            bad(r#"{ comparisonOperator = "less-than", value = { count = 1 } }"#, "aws:num-messages"),
+            bad(
+                r#"{ comparisonOperator = "less-than", value = { count = 1 } }"#,
+                "aws:num-messages"
+            ),
             ["defender.profiles[0].behaviors[0].metric"]
         );
         // Custom metrics take their type from the value.
-        assert!(bad(r#"{ comparisonOperator = "less-than", value = { number = 90.5 } }"#, "cpu_usage").is_empty());
-        assert!(bad(r#"{ comparisonOperator = "in-set", value = { strings = ["a"] } }"#, "firmware").is_empty());
+        assert!(bad(
+            r#"{ comparisonOperator = "less-than", value = { number = 90.5 } }"#,
+            "cpu_usage"
+        )
+        .is_empty());
+        assert!(bad(
+            r#"{ comparisonOperator = "in-set", value = { strings = ["a"] } }"#,
+            "firmware"
+        )
+        .is_empty());
         assert_eq!(
-            bad(r#"{ comparisonOperator = "in-set", value = { number = 1 } }"#, "cpu_usage"),
+            bad(
+                r#"{ comparisonOperator = "in-set", value = { number = 1 } }"#,
+                "cpu_usage"
+            ),
             ["defender.profiles[0].behaviors[0].criteria.comparisonOperator"]
         );
         // The message names the profile and the behavior.
         let Err(ps) = profile("name = \"P\"\n[[behaviors]]\nname = \"b\"\nmetric = \"aws:num-disconnects\"\ncriteria = { comparisonOperator = \"equals\", value = { count = 1 }, durationSeconds = 300 }\n") else { panic!() };
-        assert!(ps[0].message.starts_with("security profile `P`, behavior `b`: `equals` is not valid"), "{}", ps[0].message);
-        assert_eq!(keys(profile("name = \"P\"\ntargets = []\n")), ["defender.profiles[0].targets", "defender.profiles[0].behaviors"]);
+        assert!(
+            ps[0]
+                .message
+                .starts_with("security profile `P`, behavior `b`: `equals` is not valid"),
+            "{}",
+            ps[0].message
+        );
+        assert_eq!(
+            keys(profile("name = \"P\"\ntargets = []\n")),
+            [
+                "defender.profiles[0].targets",
+                "defender.profiles[0].behaviors"
+            ]
+        );
         assert_eq!(
             keys(profile("name = \"P\"\nactions = [{ quarantine = { duration = \"0s\" } }]\n[[behaviors]]\nname = \"b\"\nmetric = \"aws:num-disconnects\"\ncriteria = { comparisonOperator = \"less-than\", value = { count = 1 }, durationSeconds = 300 }\n")),
             ["defender.profiles[0].actions[0].quarantine.duration"]
@@ -1222,84 +1497,158 @@ criteria = { comparisonOperator = "less-than", value = { count = 10000 }, durati
         let file = dir.path().join("p.json");
         std::fs::write(&file, r#"{"securityProfileName":"NormalHTTPTraffic","securityProfileArn":"arn:aws:iot:eu-west-1:1:securityprofile/x","version":1,
           "behaviors":[{"name":"PacketsOut","metric":"aws:all-packets-out","criteria":{"value":{"count":100},"durationSeconds":300,"comparisonOperator":"less-than"},"suppressAlerts":false}]}"#).unwrap();
-        let p = profile(&format!("name = \"NormalHTTPTraffic\"\nbehaviors_file = \"{}\"\n", file.display())).unwrap();
+        let p = profile(&format!(
+            "name = \"NormalHTTPTraffic\"\nbehaviors_file = \"{}\"\n",
+            file.display()
+        ))
+        .unwrap();
         assert_eq!(p.behaviors[0].name, "PacketsOut");
         assert_eq!(p.behaviors[0].windows, 30);
         std::fs::write(&file, r#"[{"name":"x","metric":"aws:all-packets-out","criteria":{"value":{"count":"many"},"durationSeconds":300,"comparisonOperator":"less-than"}}]"#).unwrap();
-        let ks = keys(profile(&format!("name = \"P\"\nbehaviors_file = \"{}\"\n", file.display())));
-        assert_eq!(ks, [format!("defender.profiles[0].behaviors_file({}).behaviors[0].criteria.value.count", file.display())]);
+        let ks = keys(profile(&format!(
+            "name = \"P\"\nbehaviors_file = \"{}\"\n",
+            file.display()
+        )));
+        assert_eq!(
+            ks,
+            [format!(
+                "defender.profiles[0].behaviors_file({}).behaviors[0].criteria.value.count",
+                file.display()
+            )]
+        );
     }
 
     fn snapshot(id: &str, windows: &[(u64, Counters)]) -> DeviceSnapshot {
-        let w = |start_s, counters: Counters| Window { start_s, length_s: W, counters, source_addresses: BTreeSet::new() };
+        let w = |start_s, counters: Counters| Window {
+            start_s,
+            length_s: W,
+            counters,
+            source_addresses: BTreeSet::new(),
+        };
         DeviceSnapshot {
             device_id: id.into(),
             connected: true,
             peer: None,
             listener: None,
             totals: Counters::default(),
-            current: w(windows.last().map(|x| x.0 + W).unwrap_or(0), Counters::default()),
+            current: w(
+                windows.last().map(|x| x.0 + W).unwrap_or(0),
+                Counters::default(),
+            ),
             history: windows.iter().map(|(s, c)| w(*s, c.clone())).collect(),
         }
     }
 
     fn received(n: u64) -> Counters {
-        Counters { messages_received: n, ..Default::default() }
+        Counters {
+            messages_received: n,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn datapoints_to_alarm_and_to_clear_and_invalidation() {
         let mut d = detector(ROGUE, 1);
-        let devices: Vec<(Arc<str>, String)> = vec![("rogue-01".into(), "generic".into()), ("pm-01".into(), "pacemaker".into())];
+        let devices: Vec<(Arc<str>, String)> = vec![
+            ("rogue-01".into(), "generic".into()),
+            ("pm-01".into(), "pacemaker".into()),
+        ];
         let mut reports = Reports::new(Duration::from_secs(W), 12);
         let report = |bytes_out: u64, id: u64| -> Report {
-            let text = format!(r#"{{"header":{{"report_id":{id},"version":"1.0"}},"metrics":{{"network_stats":{{"bytes_out":{bytes_out}}}}}}}"#);
-            Report::parse(text.as_bytes(), super::super::report::Format::Json).unwrap().0
+            let text = format!(
+                r#"{{"header":{{"report_id":{id},"version":"1.0"}},"metrics":{{"network_stats":{{"bytes_out":{bytes_out}}}}}}}"#
+            );
+            Report::parse(text.as_bytes(), super::super::report::Format::Json)
+                .unwrap()
+                .0
         };
-        let mut run = |d: &mut Detector, reports: &Reports, end_s: u64, rogue_received: u64| {
+        let run = |d: &mut Detector, reports: &Reports, end_s: u64, rogue_received: u64| {
             let meters: HashMap<Arc<str>, DeviceSnapshot> = [
-                ("rogue-01".into(), snapshot("rogue-01", &[(end_s - W, received(rogue_received))])),
-                ("pm-01".into(), snapshot("pm-01", &[(end_s - W, received(0))])),
+                (
+                    "rogue-01".into(),
+                    snapshot("rogue-01", &[(end_s - W, received(rogue_received))]),
+                ),
+                (
+                    "pm-01".into(),
+                    snapshot("pm-01", &[(end_s - W, received(0))]),
+                ),
             ]
             .into_iter()
             .collect();
-            d.evaluate(&Inputs { devices: &devices, meters: &meters, reports, end_s, now_ms: end_s as i64 * 1000 })
-                .into_iter()
-                .map(|e| (e.device.to_string(), d.profiles[e.profile].behaviors[e.behavior].name.clone(), e.kind))
-                .collect::<Vec<_>>()
+            d.evaluate(&Inputs {
+                devices: &devices,
+                meters: &meters,
+                reports,
+                end_s,
+                now_ms: end_s as i64 * 1000,
+            })
+            .into_iter()
+            .map(|e| {
+                (
+                    e.device.to_string(),
+                    d.profiles[e.profile].behaviors[e.behavior].name.clone(),
+                    e.kind,
+                )
+            })
+            .collect::<Vec<_>>()
         };
         let rogue: Arc<str> = "rogue-01".into();
         // Window 1000..1010: 300 messages received → msgReceive alarms at once (1 datapoint);
         // 6 000 bytes out: compliant.
         reports.add(&rogue, &report(6000, 1), 1005);
-        assert_eq!(run(&mut d, &reports, 1010, 300), [("rogue-01".into(), "msgReceive".into(), EventType::InAlarm)]);
+        assert_eq!(
+            run(&mut d, &reports, 1010, 300),
+            [("rogue-01".into(), "msgReceive".into(), EventType::InAlarm)]
+        );
         // 1010..1020: 6 000 more bytes: 12 000 over the 20 s duration → violating, 1 of 2.
         reports.add(&rogue, &report(6000, 2), 1015);
         assert_eq!(run(&mut d, &reports, 1020, 300), []);
         reports.add(&rogue, &report(6000, 3), 1025);
-        assert_eq!(run(&mut d, &reports, 1030, 300), [("rogue-01".into(), "bytesOut".into(), EventType::InAlarm)]);
-        let message = d.active().find(|(k, _)| k.1 == "bytesOut").map(|(_, v)| v.metric_value.clone()).unwrap();
+        assert_eq!(
+            run(&mut d, &reports, 1030, 300),
+            [("rogue-01".into(), "bytesOut".into(), EventType::InAlarm)]
+        );
+        let message = d
+            .active()
+            .find(|(k, _)| k.1 == "bytesOut")
+            .map(|(_, v)| v.metric_value.clone())
+            .unwrap();
         assert_eq!(message, json!({"count": 12000}));
         // Quiet: msgReceive clears after 1 compliant datapoint; bytesOut needs 2.
         reports.add(&rogue, &report(10, 4), 1035);
         // (1040: 6 010 bytes over 1020..1040, compliant 1 of 2.)
-        assert_eq!(run(&mut d, &reports, 1040, 3), [("rogue-01".into(), "msgReceive".into(), EventType::Cleared)]);
+        assert_eq!(
+            run(&mut d, &reports, 1040, 3),
+            [("rogue-01".into(), "msgReceive".into(), EventType::Cleared)]
+        );
         reports.add(&rogue, &report(10, 5), 1045);
-        assert_eq!(run(&mut d, &reports, 1050, 3), [("rogue-01".into(), "bytesOut".into(), EventType::Cleared)]);
+        assert_eq!(
+            run(&mut d, &reports, 1050, 3),
+            [("rogue-01".into(), "bytesOut".into(), EventType::Cleared)]
+        );
         reports.add(&rogue, &report(10, 6), 1055);
         assert_eq!(run(&mut d, &reports, 1060, 3), []);
         // In alarm again, then the agent stops reporting: invalidated after 60 s without data.
         reports.add(&rogue, &report(20000, 7), 1065);
         assert_eq!(run(&mut d, &reports, 1070, 3), []);
-        assert_eq!(run(&mut d, &reports, 1080, 3), [("rogue-01".into(), "bytesOut".into(), EventType::InAlarm)]);
+        assert_eq!(
+            run(&mut d, &reports, 1080, 3),
+            [("rogue-01".into(), "bytesOut".into(), EventType::InAlarm)]
+        );
         let mut invalidated = vec![];
         for end in (1090..=1150).step_by(10) {
             invalidated.extend(run(&mut d, &reports, end, 3));
         }
-        assert_eq!(invalidated, [("rogue-01".into(), "bytesOut".into(), EventType::Invalidated)]);
+        assert_eq!(
+            invalidated,
+            [("rogue-01".into(), "bytesOut".into(), EventType::Invalidated)]
+        );
         assert_eq!(d.active().count(), 0);
         // pm-01 never violated anything.
-        assert!(d.tracks.keys().all(|k| &*k.2 != "pm-01" || d.tracks[k].violation.is_none()));
+        assert!(d
+            .tracks
+            .keys()
+            .all(|k| &*k.2 != "pm-01" || d.tracks[k].violation.is_none()));
     }
 
     #[test]
@@ -1314,17 +1663,41 @@ criteria = { comparisonOperator = "less-than-equals", statisticalThreshold = { s
 "#,
             5,
         );
-        let mut devices: Vec<(Arc<str>, String)> = (0..50).map(|i| (Arc::from(format!("pm-{i:02}")), "pacemaker".to_owned())).collect();
+        let mut devices: Vec<(Arc<str>, String)> = (0..50)
+            .map(|i| (Arc::from(format!("pm-{i:02}")), "pacemaker".to_owned()))
+            .collect();
         devices.push(("rogue".into(), "generic".into()));
         let meters: HashMap<Arc<str>, DeviceSnapshot> = devices
             .iter()
             .map(|(id, _)| {
-                let n = if &**id == "rogue" { 900 } else { 20 + (id.len() as u64 % 3) };
-                (id.clone(), snapshot(id, &[(1000, Counters { messages_sent: n, ..Default::default() })]))
+                let n = if &**id == "rogue" {
+                    900
+                } else {
+                    20 + (id.len() as u64 % 3)
+                };
+                (
+                    id.clone(),
+                    snapshot(
+                        id,
+                        &[(
+                            1000,
+                            Counters {
+                                messages_sent: n,
+                                ..Default::default()
+                            },
+                        )],
+                    ),
+                )
             })
             .collect();
         let reports = Reports::new(Duration::from_secs(W), 12);
-        let events = d.evaluate(&Inputs { devices: &devices, meters: &meters, reports: &reports, end_s: 1010, now_ms: 1_010_000 });
+        let events = d.evaluate(&Inputs {
+            devices: &devices,
+            meters: &meters,
+            reports: &reports,
+            end_s: 1010,
+            now_ms: 1_010_000,
+        });
         let who: Vec<&str> = events.iter().map(|e| &*e.device).collect();
         assert_eq!(who, ["rogue"]);
         assert_eq!(events[0].message["metricValue"], json!({"count": 900}));
@@ -1332,14 +1705,25 @@ criteria = { comparisonOperator = "less-than-equals", statisticalThreshold = { s
         assert_eq!(events[0].message["behavior"]["name"], "sent");
         // Too few devices: no datapoints at all.
         let few = &devices[46..];
-        let mut d2 = detector(r#"
+        let mut d2 = detector(
+            r#"
 name = "Outliers"
 [[behaviors]]
 name = "sent"
 metric = "aws:num-messages-sent"
 criteria = { comparisonOperator = "less-than-equals", statisticalThreshold = { statistic = "p90" }, durationSeconds = 10 }
-"#, 10);
-        assert!(d2.evaluate(&Inputs { devices: few, meters: &meters, reports: &reports, end_s: 1010, now_ms: 1 }).is_empty());
+"#,
+            10,
+        );
+        assert!(d2
+            .evaluate(&Inputs {
+                devices: few,
+                meters: &meters,
+                reports: &reports,
+                end_s: 1010,
+                now_ms: 1
+            })
+            .is_empty());
         assert_eq!(d2.too_few_devices.len(), 1);
     }
 
@@ -1349,16 +1733,47 @@ criteria = { comparisonOperator = "less-than-equals", statisticalThreshold = { s
         assert!(c.contains("10.1.2.3".parse().unwrap()));
         assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
         assert!(!c.contains("10.2.0.1".parse().unwrap()));
-        assert!(Cidr::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("fd00::/8")
+            .unwrap()
+            .contains("fd12::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_none());
         let inside = Criterion::Cidrs(true, vec![c]);
-        assert_eq!(complies(&inside, &Measured::Ips(vec!["10.1.0.9".parse().unwrap()]), None), Some(true));
-        assert_eq!(complies(&inside, &Measured::Ips(vec!["10.1.0.9".parse().unwrap(), "1.1.1.1".parse().unwrap()]), None), Some(false));
-        assert_eq!(complies(&inside, &Measured::Ips(vec![]), None), Some(true), "an empty list conforms");
+        assert_eq!(
+            complies(
+                &inside,
+                &Measured::Ips(vec!["10.1.0.9".parse().unwrap()]),
+                None
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            complies(
+                &inside,
+                &Measured::Ips(vec![
+                    "10.1.0.9".parse().unwrap(),
+                    "1.1.1.1".parse().unwrap()
+                ]),
+                None
+            ),
+            Some(false)
+        );
+        assert_eq!(
+            complies(&inside, &Measured::Ips(vec![]), None),
+            Some(true),
+            "an empty list conforms"
+        );
         let ports = Criterion::Ports(false, [23].into());
-        assert_eq!(complies(&ports, &Measured::Ports(vec![22, 443]), None), Some(true));
-        assert_eq!(complies(&ports, &Measured::Ports(vec![22, 23]), None), Some(false));
+        assert_eq!(
+            complies(&ports, &Measured::Ports(vec![22, 443]), None),
+            Some(true)
+        );
+        assert_eq!(
+            complies(&ports, &Measured::Ports(vec![22, 23]), None),
+            Some(false)
+        );
         let mut v = vec![3.0, 1.0, 2.0, 4.0];
         assert_eq!(percentile(&mut v, 50.0), Some(2.5));
         assert_eq!(percentile(&mut v, 0.0), Some(1.0));

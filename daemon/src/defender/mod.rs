@@ -1,5 +1,949 @@
-//! The defender agent (work in progress).
+//! The defender agent: AWS IoT Device Defender on the gateway, working offline.
+//!
+//! - **Device agents' reports** ([`Defender::report`]): a device running AWS's Device Defender
+//!   agent publishes its metrics on `$aws/things/<device>/defender/metrics/{json|cbor}`
+//!   through the gatekeeper (the default policy allows a device its own defender topics). The
+//!   pipeline hands them here, in the device's connection task: the report is checked against
+//!   AWS's schema ([`report`]), answered on `.../accepted` or `.../rejected` as AWS does, its
+//!   metrics kept for Detect, and — accepted, with the upstream enabled — forwarded upstream on
+//!   the `defender` stream (as long-name JSON, whatever the device sent).
+//! - **The gateway's own report**: every `defender.report_interval`, the gateway's device-side
+//!   metrics from `/proc` ([`proc`]) and custom metrics (queue depth, dead letters, plugin
+//!   failures, devices connected), queued for `$aws/things/<gateway>/defender/metrics/json`.
+//! - **Local Detect** ([`detect`]): at the end of every metering window the security profiles
+//!   are evaluated; each violation event is logged, written to the store, and sent through the
+//!   profile's actions (the rules' actions, [`crate::rules::Rules::run_actions`]) and the
+//!   `quarantine` action ([`quarantine`]).
+//! - **Operators** (`wardgate violations`, `wardgate quarantine list|clear`): the stage keeps
+//!   `<state_dir>/defender.json` (active violations, quarantines, recent events) up to date, and
+//!   takes requests dropped in `<state_dir>/requests/` when it gets SIGUSR1.
+//!
+//! Why in-line for reports but a stage for Detect: a report costs a parse and a reply, like a
+//! shadow request, and its device should wait for it (a QoS 1 report is acknowledged once
+//! forwarded); an evaluation looks at every device and runs once per window, so it runs in its
+//! own stage ("defender", restarted if it fails) and never delays a device.
+//!
+//! What must stay true: a malformed report gets `/rejected` with the reason and affects no one
+//! else; tracks (streaks and active violations) and quarantines are written to the store
+//! (`<state_dir>/defender`, sled) before the events they cause are acted on, so a violation
+//! survives kill -9 and resumes; the stage holds entrances of the queue writer and must be
+//! stopped before the writer is awaited ([`crate::app`]).
 
 pub mod detect;
 pub mod proc;
+pub mod quarantine;
 pub mod report;
+
+use crate::config::DefenderConfig;
+use crate::gatekeeper::Sessions;
+use crate::metering::Metering;
+use crate::pipeline::{Ack, LocalPublisher};
+use crate::registry::SharedRegistry;
+use detect::{Detector, Event, EventType, Inputs, Reports, Track, TrackKey};
+use quarantine::{Entry, Quarantine};
+use report::{Format, Names, Report};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The file `wardgate violations` and `wardgate quarantine list` read.
+pub const STATE_FILE: &str = "defender.json";
+/// The directory operators' requests are dropped in.
+pub const REQUESTS_DIR: &str = "requests";
+/// Prefix of a request file that lifts a device's quarantine (`clear-quarantine.<device>`).
+pub const CLEAR_QUARANTINE: &str = "clear-quarantine.";
+/// Most events kept in [`STATE_FILE`] (all of them stay in the store up to
+/// `defender.history_events`).
+const EVENTS_IN_FILE: usize = 1000;
+/// At most one "report rejected" journal line per device per this long.
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// A Device Defender metrics topic: `$aws/things/<thing>/defender/metrics/<json|cbor>`.
+pub fn parse_topic(topic: &str) -> Option<(&str, Format)> {
+    let rest = topic.strip_prefix("$aws/things/")?;
+    let (thing, tail) = rest.split_once('/')?;
+    let format = match tail {
+        "defender/metrics/json" => Format::Json,
+        "defender/metrics/cbor" => Format::Cbor,
+        _ => return None,
+    };
+    (!thing.is_empty()).then_some((thing, format))
+}
+
+/// Counters for `wardgate status`.
+#[derive(Debug, Default)]
+pub struct DefenderCounters {
+    /// Device reports accepted.
+    pub reports_accepted: AtomicU64,
+    /// Device reports rejected.
+    pub reports_rejected: AtomicU64,
+    /// The gateway's own reports queued.
+    pub own_reports: AtomicU64,
+    /// Violation events raised (in-alarm), cleared and invalidated.
+    pub in_alarm: AtomicU64,
+    /// `alarm-cleared` events.
+    pub cleared: AtomicU64,
+    /// `alarm-invalidated` events.
+    pub invalidated: AtomicU64,
+    /// Evaluations run.
+    pub evaluations: AtomicU64,
+    /// Quarantines imposed.
+    pub quarantines: AtomicU64,
+}
+
+/// One active violation as `wardgate violations` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActiveViolation {
+    /// `violationId`.
+    pub violation_id: String,
+    /// `thingName`.
+    pub thing_name: String,
+    /// `securityProfileName`.
+    pub security_profile_name: String,
+    /// The behavior's name.
+    pub behavior: String,
+    /// Its metric.
+    pub metric: String,
+    /// Since when, epoch ms.
+    pub since_ms: i64,
+    /// AWS's `metricValue` that raised or last confirmed it.
+    pub metric_value: serde_json::Value,
+}
+
+/// What the defender shows in `wardgate status` and [`STATE_FILE`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DefenderStatus {
+    /// Security profiles loaded.
+    pub profiles: usize,
+    /// Device reports accepted since start.
+    pub reports_accepted: u64,
+    /// Device reports rejected since start.
+    pub reports_rejected: u64,
+    /// The gateway's own reports queued since start.
+    pub own_reports: u64,
+    /// Evaluations since start.
+    pub evaluations: u64,
+    /// Events since start: in-alarm, alarm-cleared, alarm-invalidated.
+    pub events: [u64; 3],
+    /// Violations in force.
+    pub active: Vec<ActiveViolation>,
+    /// Devices in quarantine.
+    pub quarantined: Vec<Entry>,
+    /// Statistical behaviors not evaluated at the last window for want of devices.
+    #[serde(default)]
+    pub too_few_devices: Vec<String>,
+}
+
+/// [`STATE_FILE`]: the status plus recent events, newest last.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateFile {
+    /// When written, epoch ms.
+    pub written_ms: i64,
+    /// The status.
+    pub status: DefenderStatus,
+    /// Recent violation events (AWS's violation messages), oldest first.
+    pub history: Vec<serde_json::Value>,
+}
+
+/// Active violations as lines for `wardgate status` and `wardgate violations`.
+pub fn render_active(d: &DefenderStatus) -> String {
+    let mut out = String::new();
+    for v in &d.active {
+        out.push_str(&format!(
+            "violation {} {:<20} profile {} behavior {} ({} = {}) since {}\n",
+            v.violation_id,
+            v.thing_name,
+            v.security_profile_name,
+            v.behavior,
+            v.metric,
+            v.metric_value,
+            crate::clock::rfc3339_ms(v.since_ms)
+        ));
+    }
+    out
+}
+
+/// Quarantines as lines.
+pub fn render_quarantined(d: &DefenderStatus) -> String {
+    let mut out = String::new();
+    for q in &d.quarantined {
+        out.push_str(&format!(
+            "quarantined {:<20} until {} (profile {}, behavior {}, violation {})\n",
+            q.device_id,
+            crate::clock::rfc3339_ms(q.until_ms),
+            q.security_profile,
+            q.behavior,
+            q.violation_id
+        ));
+    }
+    out
+}
+
+/// Read [`STATE_FILE`] from `state_dir`.
+pub fn read_state(state_dir: &Path) -> Result<StateFile, String> {
+    let path = state_dir.join(STATE_FILE);
+    let text = std::fs::read(&path).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (is wardgate running with this gateway.state_dir, with [defender] enabled?)",
+            path.display()
+        )
+    })?;
+    serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: not a defender state file: {e}", path.display()))
+}
+
+/// The defender's store: tracks, quarantines and the event history.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: sled::Db,
+    tracks: sled::Tree,
+    quarantine: sled::Tree,
+    events: sled::Tree,
+}
+
+fn track_key(k: &TrackKey) -> Vec<u8> {
+    format!("{}\0{}\0{}", k.0, k.1, k.2).into_bytes()
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> sled::Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(1 << 20)
+            .open()?;
+        Ok(Self {
+            tracks: db.open_tree("tracks")?,
+            quarantine: db.open_tree("quarantine")?,
+            events: db.open_tree("events")?,
+            db,
+        })
+    }
+
+    /// Every stored track.
+    pub fn tracks(&self) -> BTreeMap<TrackKey, Track> {
+        let mut out = BTreeMap::new();
+        for (k, v) in self.tracks.iter().flatten() {
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let mut parts = key.splitn(3, '\0');
+            let (Some(p), Some(b), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if let Ok(t) = serde_json::from_slice::<Track>(&v) {
+                out.insert((p.to_owned(), b.to_owned(), Arc::from(d)), t);
+            }
+        }
+        out
+    }
+
+    /// Every stored quarantine.
+    pub fn quarantines(&self) -> Vec<Entry> {
+        self.quarantine
+            .iter()
+            .flatten()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// The newest `n` events, oldest first.
+    pub fn events(&self, n: usize) -> Vec<serde_json::Value> {
+        let mut out: Vec<serde_json::Value> = self
+            .events
+            .iter()
+            .rev()
+            .take(n)
+            .flatten()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// Replace the tracks with `tracks`, append `events` (keeping the newest `keep`), and
+    /// flush.
+    fn save(
+        &self,
+        tracks: &BTreeMap<TrackKey, Track>,
+        events: &[Event],
+        keep: usize,
+    ) -> sled::Result<()> {
+        let mut batch = sled::Batch::default();
+        let wanted: std::collections::BTreeSet<Vec<u8>> = tracks.keys().map(track_key).collect();
+        for k in self.tracks.iter().keys().flatten() {
+            if !wanted.contains(k.as_ref()) {
+                batch.remove(k);
+            }
+        }
+        for (k, t) in tracks {
+            batch.insert(track_key(k), serde_json::to_vec(t).unwrap_or_default());
+        }
+        self.tracks.apply_batch(batch)?;
+        for e in events {
+            let seq = self.db.generate_id()?;
+            self.events.insert(
+                seq.to_be_bytes(),
+                serde_json::to_vec(&e.message).unwrap_or_default(),
+            )?;
+        }
+        while self.events.len() > keep {
+            match self.events.pop_min()? {
+                Some(_) => {}
+                None => break,
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Store a quarantine (or remove it: `None`), and flush.
+    pub fn put_quarantine(&self, device: &str, entry: Option<&Entry>) -> sled::Result<()> {
+        match entry {
+            Some(e) => {
+                self.quarantine
+                    .insert(device.as_bytes(), serde_json::to_vec(e).unwrap_or_default())?;
+            }
+            None => {
+                self.quarantine.remove(device.as_bytes())?;
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// Everything the defender needs from the rest of the gateway.
+#[derive(Debug)]
+pub struct Parts {
+    /// The gateway's thing name.
+    pub gateway_id: String,
+    /// `[defender]`.
+    pub config: DefenderConfig,
+    /// `metering.window` and `metering.windows_kept`.
+    pub window: Duration,
+    /// Closed windows kept.
+    pub windows_kept: usize,
+    /// Where [`STATE_FILE`] and [`REQUESTS_DIR`] live.
+    pub state_dir: PathBuf,
+    /// The store.
+    pub store: Store,
+    /// Replies to device agents.
+    pub local: Arc<LocalPublisher>,
+    /// The queue (`None`: upstream disabled).
+    pub queue: Option<crate::queue::Enqueue>,
+    /// Runs the profiles' actions.
+    pub rules: Arc<crate::rules::Rules>,
+    /// Registered devices (targets, kinds).
+    pub registry: SharedRegistry,
+    /// Cloud-side metrics.
+    pub metering: Metering,
+    /// Connected devices (to disconnect a quarantined one).
+    pub sessions: Sessions,
+    /// The quarantine list the gatekeeper consults.
+    pub quarantine: Quarantine,
+    /// For the gateway's custom metrics: the queue.
+    pub queue_status: Option<crate::queue::SharedQueue>,
+    /// For the gateway's custom metrics: dead letters.
+    pub dead_letters: Arc<crate::pipeline::dead_letter::DeadLetterCounters>,
+    /// For the gateway's custom metrics: plugin failures.
+    pub plugins: Arc<crate::plugin_host::PluginHost>,
+}
+
+#[derive(Debug)]
+struct State {
+    reports: Reports,
+    detector: Detector,
+    /// Last accepted report id per device (monotonic, as AWS requires).
+    last_report: HashMap<Arc<str>, u64>,
+    /// Last "rejected" journal line per device.
+    reject_logged: HashMap<Arc<str>, std::time::Instant>,
+    /// Recent events for the state file.
+    recent: VecDeque<serde_json::Value>,
+    /// The gateway's last own report id.
+    own_report_id: u64,
+}
+
+/// The defender (shared by the pipeline and the defender stage: `Arc<Defender>`).
+#[derive(Debug)]
+pub struct Defender {
+    parts: Parts,
+    state: Mutex<State>,
+    counters: Arc<DefenderCounters>,
+}
+
+/// A cheap view of the defender for the status file, that keeps none of its entrances.
+#[derive(Debug, Clone)]
+pub struct StatusHandle {
+    counters: Arc<DefenderCounters>,
+    shared: Arc<Mutex<DefenderStatus>>,
+}
+
+impl StatusHandle {
+    /// What `wardgate status` shows.
+    pub fn snapshot(&self) -> DefenderStatus {
+        let mut s = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let c = &self.counters;
+        s.reports_accepted = c.reports_accepted.load(Relaxed);
+        s.reports_rejected = c.reports_rejected.load(Relaxed);
+        s.own_reports = c.own_reports.load(Relaxed);
+        s.evaluations = c.evaluations.load(Relaxed);
+        s.events = [
+            c.in_alarm.load(Relaxed),
+            c.cleared.load(Relaxed),
+            c.invalidated.load(Relaxed),
+        ];
+        s
+    }
+}
+
+impl Defender {
+    /// Build the defender from `parts`, resuming the stored tracks and quarantines.
+    pub fn new(parts: Parts) -> (Arc<Self>, StatusHandle) {
+        let mut detector = Detector::new(&parts.config, parts.window, parts.windows_kept);
+        let live: std::collections::BTreeSet<(String, String)> = detector
+            .profiles
+            .iter()
+            .flat_map(|p| p.behaviors.iter().map(|b| (p.name.clone(), b.name.clone())))
+            .collect();
+        detector.tracks = parts
+            .store
+            .tracks()
+            .into_iter()
+            .filter(|(k, _)| live.contains(&(k.0.clone(), k.1.clone())))
+            .collect();
+        let resumed = detector.active().count();
+        let now = crate::clock::now_ms();
+        for q in parts.store.quarantines() {
+            if q.until_ms > now {
+                parts.quarantine.insert(q);
+            } else {
+                let _ = parts.store.put_quarantine(&q.device_id, None);
+            }
+        }
+        if !detector.profiles.is_empty() || resumed > 0 {
+            log::info!(
+                profiles = detector.profiles.len(), active_violations = resumed,
+                quarantined = parts.quarantine.list().len();
+                "defender: {} security profiles loaded; {resumed} violations in force",
+                detector.profiles.len()
+            );
+        }
+        let recent = parts.store.events(EVENTS_IN_FILE).into();
+        let counters = Arc::new(DefenderCounters::default());
+        let handle = StatusHandle {
+            counters: counters.clone(),
+            shared: Arc::default(),
+        };
+        let d = Arc::new(Self {
+            state: Mutex::new(State {
+                reports: Reports::new(parts.window, parts.windows_kept),
+                detector,
+                last_report: HashMap::new(),
+                reject_logged: HashMap::new(),
+                recent,
+                own_report_id: 0,
+            }),
+            parts,
+            counters,
+        });
+        *handle.shared.lock().unwrap_or_else(|e| e.into_inner()) = d.status();
+        (d, handle)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The status now (without the counters, which [`StatusHandle`] adds).
+    fn status(&self) -> DefenderStatus {
+        let st = self.lock();
+        let d = &st.detector;
+        let active = d
+            .active()
+            .map(|((p, b, dev), v)| ActiveViolation {
+                violation_id: v.id.clone(),
+                thing_name: dev.to_string(),
+                security_profile_name: p.clone(),
+                behavior: b.clone(),
+                metric: d
+                    .profiles
+                    .iter()
+                    .find(|x| &x.name == p)
+                    .and_then(|x| x.behaviors.iter().find(|y| &y.name == b))
+                    .map(|y| y.metric.clone())
+                    .unwrap_or_default(),
+                since_ms: v.started_ms,
+                metric_value: v.metric_value.clone(),
+            })
+            .collect();
+        DefenderStatus {
+            profiles: d.profiles.len(),
+            active,
+            quarantined: self.parts.quarantine.list(),
+            too_few_devices: d
+                .too_few_devices
+                .iter()
+                .map(|(p, b)| format!("{p}/{b}"))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A device agent's report on `topic` (a [`parse_topic`] topic) from `device`: check it,
+    /// answer it, keep its metrics, forward it. `ack` (QoS 1) is confirmed once the forwarded
+    /// report is on disk (or at once when it is not forwarded).
+    pub async fn report(
+        &self,
+        device: &Arc<str>,
+        thing: &str,
+        format: Format,
+        payload: &[u8],
+        ack: Option<Ack>,
+    ) {
+        let reply_base = format!("$aws/things/{thing}/defender/metrics/{}", format.as_str());
+        let now_ms = crate::clock::now_ms();
+        let parsed = Report::parse(payload, format).and_then(|(r, names)| {
+            if thing != &**device && self.parts.registry.snapshot().get(thing).is_none() {
+                return Err(report::Invalid {
+                    field: String::new(),
+                    message: format!("thing `{thing}` is not a device registered on this gateway"),
+                });
+            }
+            let st = self.lock();
+            match st.last_report.get(thing) {
+                Some(last) if r.report_id <= *last => Err(report::Invalid {
+                    field: "header.report_id".into(),
+                    message: format!("{} is not more than the previous report's {last}: report ids must increase", r.report_id),
+                }),
+                _ => Ok((r, names)),
+            }
+        });
+        let (r, _names) = match parsed {
+            Ok(x) => x,
+            Err(why) => {
+                self.counters.reports_rejected.fetch_add(1, Relaxed);
+                let id = report::report_id_of(payload, format);
+                let body = report::rejected(thing, id, &why, now_ms);
+                self.parts
+                    .local
+                    .publish_wanted(&format!("{reply_base}/rejected"), body)
+                    .await;
+                let log_now = {
+                    let mut st = self.lock();
+                    let now = std::time::Instant::now();
+                    match st.reject_logged.get(device) {
+                        Some(at) if now.duration_since(*at) < REJECT_LOG_EVERY => false,
+                        _ => {
+                            st.reject_logged.insert(device.clone(), now);
+                            true
+                        }
+                    }
+                };
+                if log_now {
+                    log::warn!(
+                        device_id:% = device, thing:% = thing, reason:% = why, format = format.as_str();
+                        "Device Defender report from {device} rejected: {why}"
+                    );
+                }
+                if let Some(ack) = ack {
+                    ack.confirm();
+                }
+                return;
+            }
+        };
+        let thing_id: Arc<str> = Arc::from(thing);
+        {
+            let mut st = self.lock();
+            st.last_report.insert(thing_id.clone(), r.report_id);
+            st.reports.add(&thing_id, &r, (now_ms / 1000) as u64);
+        }
+        self.counters.reports_accepted.fetch_add(1, Relaxed);
+        log::debug!(device_id:% = device, thing:% = thing, report_id = r.report_id; "Device Defender report accepted");
+        let mut ack = ack;
+        if let Some(queue) = &self.parts.queue {
+            let record = crate::queue::Record {
+                class: crate::queue::Class::Routine,
+                stream: crate::queue::Stream::Defender,
+                subject: thing.to_owned(),
+                enqueued_at_ms: now_ms,
+                payload: r.encode(Format::Json, Names::Long),
+            };
+            let (mine, durable) = Ack::new();
+            if queue.push(record, Some(mine)).await {
+                // The device's PUBACK waits for the forwarded copy to be on disk.
+                if durable.await.is_err() {
+                    log::warn!(device_id:% = device; "Device Defender report not stored for the upstream; not acknowledged");
+                    ack = None;
+                }
+            }
+        }
+        let body = report::accepted(thing, r.report_id, crate::clock::now_ms());
+        self.parts
+            .local
+            .publish_wanted(&format!("{reply_base}/accepted"), body)
+            .await;
+        if let Some(ack) = ack {
+            ack.confirm();
+        }
+    }
+
+    /// Evaluate the window that ended at `end_s`, then act on the events.
+    async fn evaluate(&self, end_s: u64, status: &StatusHandle) {
+        let devices: Vec<(Arc<str>, String)> = {
+            let reg = self.parts.registry.snapshot();
+            reg.devices()
+                .map(|d| (d.id.clone(), d.kind.to_string()))
+                .collect()
+        };
+        let meters: HashMap<Arc<str>, _> = self
+            .parts
+            .metering
+            .snapshot()
+            .into_iter()
+            .map(|s| (Arc::from(s.device_id.as_str()), s))
+            .collect();
+        let now_ms = crate::clock::now_ms();
+        let (events, tracks) = {
+            let mut st = self.lock();
+            let ids: std::collections::HashSet<&str> = devices.iter().map(|(d, _)| &**d).collect();
+            st.reports.retain(|d| ids.contains(d));
+            let State {
+                reports, detector, ..
+            } = &mut *st;
+            let events = detector.evaluate(&Inputs {
+                devices: &devices,
+                meters: &meters,
+                reports,
+                end_s,
+                now_ms,
+            });
+            (events, detector.tracks.clone())
+        };
+        self.counters.evaluations.fetch_add(1, Relaxed);
+        let store = self.parts.store.clone();
+        let keep = self.parts.config.history_events.max(1);
+        let to_save = events.clone();
+        // The tracks and events are on disk before anything acts on them.
+        match tokio::task::spawn_blocking(move || store.save(&tracks, &to_save, keep)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                log::error!(error:% = e; "defender: cannot write violations to the store; they are kept in memory")
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+        for e in &events {
+            self.act(e).await;
+        }
+        let changed = !events.is_empty();
+        if changed {
+            let mut st = self.lock();
+            for e in &events {
+                st.recent.push_back(e.message.clone());
+            }
+            while st.recent.len() > EVENTS_IN_FILE {
+                st.recent.pop_front();
+            }
+        }
+        self.publish_status(status);
+    }
+
+    /// Log an event and run its profile's actions.
+    async fn act(&self, e: &Event) {
+        let (profile_name, behavior, metric, suppress, quarantine) = {
+            let st = self.lock();
+            let p = &st.detector.profiles[e.profile];
+            let b = &p.behaviors[e.behavior];
+            (
+                p.name.clone(),
+                b.name.clone(),
+                b.metric.clone(),
+                b.suppress_alerts,
+                p.quarantine,
+            )
+        };
+        let id = e.message["violationId"].as_str().unwrap_or("").to_owned();
+        let value = e.message["metricValue"].to_string();
+        let device = &*e.device;
+        match e.kind {
+            EventType::InAlarm => {
+                self.counters.in_alarm.fetch_add(1, Relaxed);
+                log::warn!(
+                    device_id:% = device, security_profile:% = profile_name, behavior:% = behavior,
+                    metric:% = metric, violation_id:% = id, violation_event_type = "in-alarm", metric_value:% = value;
+                    "violation: {device} breaks behavior {behavior} of security profile {profile_name} ({metric} = {value})"
+                );
+            }
+            EventType::Cleared => {
+                self.counters.cleared.fetch_add(1, Relaxed);
+                log::info!(
+                    device_id:% = device, security_profile:% = profile_name, behavior:% = behavior,
+                    metric:% = metric, violation_id:% = id, violation_event_type = "alarm-cleared", metric_value:% = value;
+                    "violation cleared: {device} behaves again for behavior {behavior} of security profile {profile_name} ({metric} = {value})"
+                );
+            }
+            EventType::Invalidated => {
+                self.counters.invalidated.fetch_add(1, Relaxed);
+                log::info!(
+                    device_id:% = device, security_profile:% = profile_name, behavior:% = behavior,
+                    metric:% = metric, violation_id:% = id, violation_event_type = "alarm-invalidated";
+                    "violation invalidated: {device} sent no {metric} for {:?}; behavior {behavior} of security profile {profile_name} can no longer be evaluated",
+                    self.parts.config.invalidate_after
+                );
+            }
+        }
+        if !suppress {
+            self.run_actions(e).await;
+        }
+        if e.kind == EventType::InAlarm {
+            if let Some(duration) = quarantine {
+                self.quarantine(device, &profile_name, &behavior, &id, duration)
+                    .await;
+            }
+        }
+    }
+
+    async fn run_actions(&self, e: &Event) {
+        let profiles = {
+            let st = self.lock();
+            st.detector.profiles.get(e.profile).map(|p| p.name.clone())
+        };
+        let Some(name) = profiles else { return };
+        let topic = format!("$aws/things/{}/defender/violations", e.device);
+        let msg = crate::rules::Message {
+            topic: &topic,
+            payload: &[],
+            device_id: &e.device,
+            received_at_ms: crate::clock::now_ms(),
+        };
+        let actions = self.actions_of(e.profile);
+        let mut ack = None;
+        self.parts
+            .rules
+            .run_actions(
+                crate::rules::Origin::Profile(&name),
+                &actions,
+                msg,
+                &e.message,
+                &mut ack,
+            )
+            .await;
+    }
+
+    fn actions_of(&self, profile: usize) -> Arc<crate::rules::Actions> {
+        let st = self.lock();
+        st.detector.profiles[profile].actions.clone()
+    }
+
+    async fn quarantine(
+        &self,
+        device: &str,
+        profile: &str,
+        behavior: &str,
+        violation: &str,
+        duration: Duration,
+    ) {
+        let now = crate::clock::now_ms();
+        let entry = self.parts.quarantine.insert(Entry {
+            device_id: device.to_owned(),
+            since_ms: now,
+            until_ms: now.saturating_add(duration.as_millis().min(i64::MAX as u128) as i64),
+            security_profile: profile.to_owned(),
+            behavior: behavior.to_owned(),
+            violation_id: violation.to_owned(),
+        });
+        let store = self.parts.store.clone();
+        let (d, e) = (device.to_owned(), entry.clone());
+        let stored = tokio::task::spawn_blocking(move || store.put_quarantine(&d, Some(&e))).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            log::error!(device_id:% = device; "defender: cannot store the quarantine of {device}; it holds until a restart");
+        }
+        self.counters.quarantines.fetch_add(1, Relaxed);
+        let connected = self.parts.sessions.end(device);
+        log::warn!(
+            device_id:% = device, security_profile:% = profile, behavior:% = behavior, violation_id:% = violation,
+            until:% = crate::clock::rfc3339_ms(entry.until_ms), disconnected = connected;
+            "quarantine: {device} is refused until {} (security profile {profile}, behavior {behavior}){}; `wardgate quarantine clear {device}` lifts it",
+            crate::clock::rfc3339_ms(entry.until_ms),
+            if connected { "; its connection is closed" } else { "" }
+        );
+    }
+
+    /// Lift a device's quarantine (an operator's request); whether it was quarantined.
+    pub fn clear_quarantine(&self, device: &str, by: &str) -> bool {
+        let had = self.parts.quarantine.remove(device);
+        if let Err(e) = self.parts.store.put_quarantine(device, None) {
+            log::error!(device_id:% = device, error:% = e; "defender: cannot remove the quarantine of {device} from the store");
+        }
+        match &had {
+            Some(q) => log::warn!(
+                device_id:% = device, security_profile:% = q.security_profile, violation_id:% = q.violation_id;
+                "quarantine of {device} lifted {by}"
+            ),
+            None => {
+                log::info!(device_id:% = device; "quarantine clear requested for {device}, which is not quarantined")
+            }
+        }
+        had.is_some()
+    }
+
+    fn publish_status(&self, status: &StatusHandle) {
+        let s = self.status();
+        *status.shared.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        let file = StateFile {
+            written_ms: crate::clock::now_ms(),
+            status: status.snapshot(),
+            history: self.lock().recent.iter().cloned().collect(),
+        };
+        let dir = &self.parts.state_dir;
+        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+        let r = serde_json::to_vec_pretty(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|text| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(STATE_FILE)));
+        if let Err(e) = r {
+            log::warn!(error:% = e; "defender: cannot write {}", dir.join(STATE_FILE).display());
+        }
+    }
+
+    /// The gateway's own report: `/proc` metrics and custom metrics.
+    fn own_report(&self, sampler: &mut proc::Sampler) -> Option<Report> {
+        let metrics = match sampler.sample() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::warn!(error:% = e; "defender: cannot read the gateway's network metrics from /proc; the report carries custom metrics only");
+                None
+            }
+        };
+        let mut custom = BTreeMap::new();
+        use report::CustomValue::Number;
+        if let Some(q) = &self.parts.queue_status {
+            let s = q.status();
+            custom.insert("queue_depth".to_owned(), Number(s.depth as f64));
+        }
+        let dl = self.parts.dead_letters.status();
+        custom.insert("dead_letters".to_owned(), Number(dl.written as f64));
+        let failures = self.parts.plugins.failures();
+        custom.insert("plugin_failures".to_owned(), Number(failures as f64));
+        let connected = self
+            .parts
+            .metering
+            .snapshot()
+            .iter()
+            .filter(|s| s.connected)
+            .count();
+        custom.insert("devices_connected".to_owned(), Number(connected as f64));
+        let mut st = self.lock();
+        let id = ((crate::clock::now_ms() / 1000) as u64).max(st.own_report_id + 1);
+        st.own_report_id = id;
+        Some(Report {
+            report_id: id,
+            version: report::VERSION.into(),
+            metrics,
+            custom_metrics: custom,
+        })
+    }
+
+    async fn send_own_report(&self, sampler: &mut proc::Sampler) {
+        let Some(queue) = &self.parts.queue else {
+            return;
+        };
+        let Some(r) = self.own_report(sampler) else {
+            return;
+        };
+        let names = if self.parts.config.report_names == "short" {
+            Names::Short
+        } else {
+            Names::Long
+        };
+        let record = crate::queue::Record {
+            class: crate::queue::Class::Routine,
+            stream: crate::queue::Stream::Defender,
+            subject: String::new(),
+            enqueued_at_ms: crate::clock::now_ms(),
+            payload: r.encode(Format::Json, names),
+        };
+        if queue.push(record, None).await {
+            self.counters.own_reports.fetch_add(1, Relaxed);
+            log::debug!(report_id = r.report_id; "defender: the gateway's metrics report queued");
+        }
+    }
+
+    /// Take the operators' requests in `<state_dir>/requests/`.
+    fn take_requests(&self, status: &StatusHandle) {
+        let dir = self.parts.state_dir.join(REQUESTS_DIR);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let mut any = false;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(device) = name.strip_prefix(CLEAR_QUARANTINE) {
+                self.clear_quarantine(device, "by an operator (wardgate quarantine clear)");
+                any = true;
+            }
+            let _ = std::fs::remove_file(e.path());
+        }
+        if any {
+            self.publish_status(status);
+        }
+    }
+
+    /// The defender stage: evaluate at each window's end, send the gateway's report, expire
+    /// quarantines, take operators' requests (on SIGUSR1 and at each window), until `stop`.
+    pub async fn run(
+        self: Arc<Self>,
+        status: StatusHandle,
+        stop: CancellationToken,
+        beat: crate::supervisor::Heartbeat,
+    ) -> Result<(), std::convert::Infallible> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = signal(SignalKind::user_defined1()).ok();
+        let len = self.parts.window.as_secs().max(1);
+        let mut sampler = proc::Sampler::new("/proc");
+        // The first sample is the baseline of the network counters (as AWS's agent does).
+        let _ = sampler.sample();
+        let report_every = self
+            .parts
+            .config
+            .report_interval
+            .max(Duration::from_secs(1));
+        let mut report_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + report_every, report_every);
+        report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle = crate::supervisor::Heartbeat::ticker();
+        self.take_requests(&status);
+        self.publish_status(&status);
+        loop {
+            beat.beat();
+            let now_ms = crate::clock::now_ms();
+            let end_s = (now_ms / 1000) as u64 / len * len + len;
+            // A little after the boundary, so the meters have closed the window.
+            let wait =
+                Duration::from_millis((end_s * 1000 + 50).saturating_sub(now_ms.max(0) as u64));
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = idle.tick() => continue,
+                _ = report_tick.tick() => self.send_own_report(&mut sampler).await,
+                Some(()) = async { match &mut usr1 { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                    self.take_requests(&status);
+                }
+                _ = tokio::time::sleep(wait) => {
+                    for q in self.parts.quarantine.expire(crate::clock::now_ms()) {
+                        let _ = self.parts.store.put_quarantine(&q.device_id, None);
+                        log::info!(device_id:% = q.device_id, security_profile:% = q.security_profile; "quarantine of {} ended", q.device_id);
+                    }
+                    self.evaluate(end_s, &status).await;
+                    self.take_requests(&status);
+                }
+            }
+        }
+    }
+}

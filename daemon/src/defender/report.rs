@@ -209,7 +209,10 @@ impl<'a> Fields<'a> {
         path: String,
     ) -> Result<Self, Invalid> {
         let Value::Object(map) = value else {
-            return Err(invalid(path, format!("expected an object, found {}", kind(value))));
+            return Err(invalid(
+                path,
+                format!("expected an object, found {}", kind(value)),
+            ));
         };
         for key in map.keys() {
             let Some((long, short)) = table.iter().find(|(l, s)| key == l || key == s) else {
@@ -250,7 +253,10 @@ impl<'a> Fields<'a> {
         self.get(long)
             .map(|(v, path)| {
                 v.as_u64().ok_or_else(|| {
-                    invalid(path, format!("expected a non-negative integer, found {}", show(v)))
+                    invalid(
+                        path,
+                        format!("expected a non-negative integer, found {}", show(v)),
+                    )
                 })
             })
             .transpose()
@@ -262,7 +268,9 @@ impl<'a> Fields<'a> {
                 v.as_u64()
                     .and_then(|p| u16::try_from(p).ok())
                     .filter(|p| *p > 0)
-                    .ok_or_else(|| invalid(path, format!("expected a port 1–65535, found {}", show(v))))
+                    .ok_or_else(|| {
+                        invalid(path, format!("expected a port 1–65535, found {}", show(v)))
+                    })
             })
             .transpose()
     }
@@ -270,8 +278,18 @@ impl<'a> Fields<'a> {
     fn name(&self, long: &str) -> Result<Option<String>, Invalid> {
         self.get(long)
             .map(|(v, path)| match v {
-                Value::String(s) if !s.is_empty() && s.len() <= MAX_NAME && !s.contains(char::is_control) => Ok(s.clone()),
-                _ => Err(invalid(path, format!("expected a name of 1–{MAX_NAME} printable characters, found {}", show(v)))),
+                Value::String(s)
+                    if !s.is_empty() && s.len() <= MAX_NAME && !s.contains(char::is_control) =>
+                {
+                    Ok(s.clone())
+                }
+                _ => Err(invalid(
+                    path,
+                    format!(
+                        "expected a name of 1–{MAX_NAME} printable characters, found {}",
+                        show(v)
+                    ),
+                )),
             })
             .transpose()
     }
@@ -280,8 +298,14 @@ impl<'a> Fields<'a> {
         self.get(long)
             .map(|(v, path)| match v {
                 Value::Array(items) if items.len() <= MAX_LIST => Ok((items.as_slice(), path)),
-                Value::Array(items) => Err(invalid(path, format!("{} entries; at most {MAX_LIST}", items.len()))),
-                _ => Err(invalid(path, format!("expected an array, found {}", kind(v)))),
+                Value::Array(items) => Err(invalid(
+                    path,
+                    format!("{} entries; at most {MAX_LIST}", items.len()),
+                )),
+                _ => Err(invalid(
+                    path,
+                    format!("expected an array, found {}", kind(v)),
+                )),
             })
             .transpose()
     }
@@ -393,7 +417,10 @@ fn custom_value(v: &Value, path: &str) -> Result<CustomValue, Invalid> {
     };
     let path = format!("{path}[0]");
     let Value::Object(map) = entry else {
-        return Err(invalid(path, format!("expected an object, found {}", kind(entry))));
+        return Err(invalid(
+            path,
+            format!("expected an object, found {}", kind(entry)),
+        ));
     };
     let mut entries = map.iter();
     let (Some((key, value)), None) = (entries.next(), entries.next()) else {
@@ -406,8 +433,14 @@ fn custom_value(v: &Value, path: &str) -> Result<CustomValue, Invalid> {
     let list = |v: &Value| -> Result<Vec<Value>, Invalid> {
         match v {
             Value::Array(items) if items.len() <= MAX_LIST => Ok(items.clone()),
-            Value::Array(items) => Err(invalid(at.clone(), format!("{} entries; at most {MAX_LIST}", items.len()))),
-            _ => Err(invalid(at.clone(), format!("expected an array, found {}", kind(v)))),
+            Value::Array(items) => Err(invalid(
+                at.clone(),
+                format!("{} entries; at most {MAX_LIST}", items.len()),
+            )),
+            _ => Err(invalid(
+                at.clone(),
+                format!("expected an array, found {}", kind(v)),
+            )),
         }
     };
     let number = |v: &Value, at: String| {
@@ -430,7 +463,10 @@ fn custom_value(v: &Value, path: &str) -> Result<CustomValue, Invalid> {
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::String(s) if s.len() <= 1024 => Ok(s.clone()),
-                    _ => Err(invalid(format!("{at}[{i}]"), format!("expected a string of at most 1024 bytes, found {}", show(v)))),
+                    _ => Err(invalid(
+                        format!("{at}[{i}]"),
+                        format!("expected a string of at most 1024 bytes, found {}", show(v)),
+                    )),
                 })
                 .collect::<Result<_, _>>()?,
         ),
@@ -440,7 +476,10 @@ fn custom_value(v: &Value, path: &str) -> Result<CustomValue, Invalid> {
                 .enumerate()
                 .map(|(i, v)| {
                     v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                        invalid(format!("{at}[{i}]"), format!("expected an IP address, found {}", show(v)))
+                        invalid(
+                            format!("{at}[{i}]"),
+                            format!("expected an IP address, found {}", show(v)),
+                        )
                     })
                 })
                 .collect::<Result<_, _>>()?,
@@ -536,12 +575,20 @@ impl Report {
     /// Check a decoded report.
     pub fn from_value(value: &Value) -> Result<(Report, Names), Invalid> {
         let Value::Object(map) = value else {
-            return Err(invalid("", format!("expected an object, found {}", kind(value))));
+            return Err(invalid(
+                "",
+                format!("expected an object, found {}", kind(value)),
+            ));
         };
         let names = match (map.contains_key("header"), map.contains_key("hed")) {
             (true, false) => Names::Long,
             (false, true) => Names::Short,
-            (true, true) => return Err(invalid("", "both `header` and `hed`: use long or short names, not both")),
+            (true, true) => {
+                return Err(invalid(
+                    "",
+                    "both `header` and `hed`: use long or short names, not both",
+                ))
+            }
             (false, false) => return Err(invalid("header", "missing (short name `hed`)")),
         };
         let top = Fields::of(value, names, TOP, String::new())?;
@@ -552,18 +599,37 @@ impl Report {
             .count("report_id")?
             .ok_or_else(|| invalid("header.report_id", "missing"))?;
         if report_id == 0 {
-            return Err(invalid("header.report_id", "must be a positive integer (epoch seconds or milliseconds are usual)"));
+            return Err(invalid(
+                "header.report_id",
+                "must be a positive integer (epoch seconds or milliseconds are usual)",
+            ));
         }
         let version = match header.get("version") {
             Some((Value::String(v), _)) if v == VERSION => v.clone(),
-            Some((v, path)) => return Err(invalid(path, format!("expected \"{VERSION}\", found {}", show(v)))),
-            None => return Err(invalid("header.version", format!("missing; use \"{VERSION}\""))),
+            Some((v, path)) => {
+                return Err(invalid(
+                    path,
+                    format!("expected \"{VERSION}\", found {}", show(v)),
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    "header.version",
+                    format!("missing; use \"{VERSION}\""),
+                ))
+            }
         };
         let metrics = match top.object("metrics", METRICS)? {
             None => None,
             Some(m) => Some(Metrics {
-                listening_tcp_ports: m.object("listening_tcp_ports", PORT_LIST)?.map(port_list).transpose()?,
-                listening_udp_ports: m.object("listening_udp_ports", PORT_LIST)?.map(port_list).transpose()?,
+                listening_tcp_ports: m
+                    .object("listening_tcp_ports", PORT_LIST)?
+                    .map(port_list)
+                    .transpose()?,
+                listening_udp_ports: m
+                    .object("listening_udp_ports", PORT_LIST)?
+                    .map(port_list)
+                    .transpose()?,
                 network_stats: m
                     .object("network_stats", NETWORK)?
                     .map(|n| -> Result<NetworkStats, Invalid> {
@@ -577,25 +643,37 @@ impl Report {
                     .transpose()?,
                 established_connections: match m.object("tcp_connections", TCP)? {
                     None => None,
-                    Some(tc) => tc.object("established_connections", CONNECTIONS)?.map(connections).transpose()?,
+                    Some(tc) => tc
+                        .object("established_connections", CONNECTIONS)?
+                        .map(connections)
+                        .transpose()?,
                 },
             }),
         };
         let mut custom_metrics = BTreeMap::new();
         if let Some((v, path)) = top.get("custom_metrics") {
             let Value::Object(map) = v else {
-                return Err(invalid(path, format!("expected an object, found {}", kind(v))));
+                return Err(invalid(
+                    path,
+                    format!("expected an object, found {}", kind(v)),
+                ));
             };
             for (name, v) in map {
                 let at = join(&path, name);
                 if !valid_custom_name(name) {
-                    return Err(invalid(at, "not a custom metric name: use 1–128 of letters, digits, `:`, `_`, `-`"));
+                    return Err(invalid(
+                        at,
+                        "not a custom metric name: use 1–128 of letters, digits, `:`, `_`, `-`",
+                    ));
                 }
                 custom_metrics.insert(name.clone(), custom_value(v, &at)?);
             }
         }
         if metrics.is_none() && custom_metrics.is_empty() {
-            return Err(invalid("", "a report needs `metrics` or `custom_metrics` (or both)"));
+            return Err(invalid(
+                "",
+                "a report needs `metrics` or `custom_metrics` (or both)",
+            ));
         }
         Ok((
             Report {
@@ -671,7 +749,10 @@ impl Report {
                     .iter()
                     .map(|c| {
                         let mut e = Map::new();
-                        e.insert(n(CONNECTION, "remote_addr"), Value::from(c.remote_addr.to_string()));
+                        e.insert(
+                            n(CONNECTION, "remote_addr"),
+                            Value::from(c.remote_addr.to_string()),
+                        );
                         if let Some(p) = c.local_port {
                             e.insert(n(CONNECTION, "local_port"), Value::from(p));
                         }
@@ -799,7 +880,12 @@ mod tests {
         assert_eq!(names, Names::Long);
         assert_eq!(r.report_id, 1530304554);
         let m = r.metrics.as_ref().unwrap();
-        assert_eq!(m.listening_tcp_ports.as_ref().unwrap().ports[0].interface.as_deref(), Some("eth0"));
+        assert_eq!(
+            m.listening_tcp_ports.as_ref().unwrap().ports[0]
+                .interface
+                .as_deref(),
+            Some("eth0")
+        );
         assert_eq!(m.network_stats.unwrap().bytes_out, Some(26112));
         assert_eq!(
             m.established_connections.as_ref().unwrap().connections[0].remote_addr,
@@ -817,29 +903,55 @@ mod tests {
             assert_eq!((again, seen), (r.clone(), names), "{format:?} {names:?}");
         }
         let short = String::from_utf8(r.encode(Format::Json, Names::Short)).unwrap();
-        assert!(short.contains(r#""hed":{"rid":1530304554,"v":"1.0"}"#), "{short}");
-        assert!(short.contains(r#""tc":{"ec":{"cs":[{"li":"eth0","lp":80,"rad":"192.168.0.1:8000"}],"t":1}}"#), "{short}");
+        assert!(
+            short.contains(r#""hed":{"rid":1530304554,"v":"1.0"}"#),
+            "{short}"
+        );
+        assert!(
+            short.contains(
+                r#""tc":{"ec":{"cs":[{"li":"eth0","lp":80,"rad":"192.168.0.1:8000"}],"t":1}}"#
+            ),
+            "{short}"
+        );
     }
 
     #[test]
     fn mistakes_name_their_field() {
         assert_eq!(field("[]"), "");
         assert_eq!(field(r#"{"metrics":{}}"#), "header");
-        assert_eq!(field(r#"{"header":{"version":"1.0"},"metrics":{}}"#), "header.report_id");
-        assert_eq!(field(r#"{"header":{"report_id":0,"version":"1.0"},"metrics":{}}"#), "header.report_id");
-        assert_eq!(field(r#"{"header":{"report_id":-4,"version":"1.0"},"metrics":{}}"#), "header.report_id");
-        assert_eq!(field(r#"{"header":{"report_id":1,"version":"2.0"},"metrics":{}}"#), "header.version");
+        assert_eq!(
+            field(r#"{"header":{"version":"1.0"},"metrics":{}}"#),
+            "header.report_id"
+        );
+        assert_eq!(
+            field(r#"{"header":{"report_id":0,"version":"1.0"},"metrics":{}}"#),
+            "header.report_id"
+        );
+        assert_eq!(
+            field(r#"{"header":{"report_id":-4,"version":"1.0"},"metrics":{}}"#),
+            "header.report_id"
+        );
+        assert_eq!(
+            field(r#"{"header":{"report_id":1,"version":"2.0"},"metrics":{}}"#),
+            "header.version"
+        );
         assert_eq!(field(r#"{"header":{"report_id":1,"version":"1.0"}}"#), "");
         assert_eq!(
-            field(r#"{"header":{"report_id":1,"version":"1.0"},"metrics":{"listening_tcp_ports":{"ports":[{"port":22},{"port":70000}]}}}"#),
+            field(
+                r#"{"header":{"report_id":1,"version":"1.0"},"metrics":{"listening_tcp_ports":{"ports":[{"port":22},{"port":70000}]}}}"#
+            ),
             "metrics.listening_tcp_ports.ports[1].port"
         );
         assert_eq!(
-            field(r#"{"header":{"report_id":1,"version":"1.0"},"metrics":{"network_stats":{"bytes_in":"many"}}}"#),
+            field(
+                r#"{"header":{"report_id":1,"version":"1.0"},"metrics":{"network_stats":{"bytes_in":"many"}}}"#
+            ),
             "metrics.network_stats.bytes_in"
         );
         assert_eq!(
-            field(r#"{"header":{"report_id":1,"version":"1.0"},"metrics":{"tcp_connections":{"established_connections":{"connections":[{"remote_addr":"nowhere"}]}}}}"#),
+            field(
+                r#"{"header":{"report_id":1,"version":"1.0"},"metrics":{"tcp_connections":{"established_connections":{"connections":[{"remote_addr":"nowhere"}]}}}}"#
+            ),
             "metrics.tcp_connections.established_connections.connections[0].remote_addr"
         );
         assert_eq!(
@@ -847,25 +959,35 @@ mod tests {
             "metrics.bytes"
         );
         // Long and short names may be mixed (AWS's agent does), but not given twice.
-        assert!(parse(r#"{"hed":{"rid":1,"v":"1.0"},"metrics":{"tp":{"pts":[{"port":1}]}}}"#).is_ok());
+        assert!(
+            parse(r#"{"hed":{"rid":1,"v":"1.0"},"metrics":{"tp":{"pts":[{"port":1}]}}}"#).is_ok()
+        );
         assert_eq!(
             field(r#"{"hed":{"rid":1,"v":"1.0"},"met":{"ns":{"bi":1,"bytes_in":2}}}"#),
             "metrics.network_stats.bytes_in"
         );
         assert_eq!(
-            field(r#"{"header":{"report_id":1,"version":"1.0"},"custom_metrics":{"cpu":[{"number":"x"}]}}"#),
+            field(
+                r#"{"header":{"report_id":1,"version":"1.0"},"custom_metrics":{"cpu":[{"number":"x"}]}}"#
+            ),
             "custom_metrics.cpu[0].number"
         );
         assert_eq!(
-            field(r#"{"header":{"report_id":1,"version":"1.0"},"custom_metrics":{"cpu":{"number":1}}}"#),
+            field(
+                r#"{"header":{"report_id":1,"version":"1.0"},"custom_metrics":{"cpu":{"number":1}}}"#
+            ),
             "custom_metrics.cpu"
         );
         assert_eq!(
-            field(r#"{"header":{"report_id":1,"version":"1.0"},"custom_metrics":{"a b":[{"number":1}]}}"#),
+            field(
+                r#"{"header":{"report_id":1,"version":"1.0"},"custom_metrics":{"a b":[{"number":1}]}}"#
+            ),
             "custom_metrics.a b"
         );
         assert_eq!(
-            field(r#"{"header":{"report_id":1,"version":"1.0"},"custom_metrics":{"ips":[{"ip_list":["10.0.0.300"]}]}}"#),
+            field(
+                r#"{"header":{"report_id":1,"version":"1.0"},"custom_metrics":{"ips":[{"ip_list":["10.0.0.300"]}]}}"#
+            ),
             "custom_metrics.ips[0].ip_list[0]"
         );
     }
@@ -878,18 +1000,31 @@ mod tests {
             ("agent-short.json", Format::Json, Names::Short),
             ("agent-long.cbor", Format::Cbor, Names::Long),
         ] {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/defender/testdata").join(file);
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("src/defender/testdata")
+                .join(file);
             let bytes = std::fs::read(&path).unwrap();
             let (r, seen) = Report::parse(&bytes, format).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(seen, names, "{file}");
             let m = r.metrics.as_ref().unwrap();
-            assert!(m.network_stats.is_some() && m.established_connections.is_some(), "{file}");
-            assert!(!m.listening_tcp_ports.as_ref().unwrap().ports.is_empty(), "{file}");
+            assert!(
+                m.network_stats.is_some() && m.established_connections.is_some(),
+                "{file}"
+            );
+            assert!(
+                !m.listening_tcp_ports.as_ref().unwrap().ports.is_empty(),
+                "{file}"
+            );
         }
         let v6 = r#"{"header":{"report_id":1,"version":"1.0"},"metrics":{"tcp_connections":{"established_connections":{"connections":[{"remote_addr":"::1:8883"}]}}}}"#;
         let r = parse(v6).unwrap();
         assert_eq!(
-            r.metrics.unwrap().established_connections.unwrap().connections[0].remote_addr,
+            r.metrics
+                .unwrap()
+                .established_connections
+                .unwrap()
+                .connections[0]
+                .remote_addr,
             "[::1]:8883".parse().unwrap()
         );
     }
@@ -902,9 +1037,15 @@ mod tests {
         let reply: Value = serde_json::from_slice(&rejected("pm-01", Some(77), &e, 5)).unwrap();
         assert_eq!(reply["status"], "REJECTED");
         assert_eq!(reply["reportId"], 77);
-        assert!(reply["statusDetails"]["ErrorMessage"].as_str().unwrap().contains("metrics"));
+        assert!(reply["statusDetails"]["ErrorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("metrics"));
         let ok: Value = serde_json::from_slice(&accepted("pm-01", 77, 5)).unwrap();
-        assert_eq!(ok, serde_json::json!({"thingName":"pm-01","reportId":77,"status":"ACCEPTED","timestamp":5}));
+        assert_eq!(
+            ok,
+            serde_json::json!({"thingName":"pm-01","reportId":77,"status":"ACCEPTED","timestamp":5})
+        );
         assert_eq!(report_id_of(b"\xff", Format::Cbor), None);
     }
 
@@ -920,12 +1061,40 @@ mod tests {
             Just(Value::from("10.0.0.1:443")),
         ];
         let keys = prop_oneof![
-            Just("header"), Just("hed"), Just("report_id"), Just("rid"), Just("version"), Just("v"),
-            Just("metrics"), Just("met"), Just("custom_metrics"), Just("cmet"), Just("ports"), Just("pts"),
-            Just("port"), Just("pt"), Just("interface"), Just("total"), Just("t"), Just("network_stats"),
-            Just("ns"), Just("bytes_in"), Just("tcp_connections"), Just("tc"), Just("established_connections"),
-            Just("ec"), Just("connections"), Just("cs"), Just("remote_addr"), Just("rad"), Just("number"),
-            Just("number_list"), Just("ip_list"), Just("listening_tcp_ports"), Just("tp"), Just("x"),
+            Just("header"),
+            Just("hed"),
+            Just("report_id"),
+            Just("rid"),
+            Just("version"),
+            Just("v"),
+            Just("metrics"),
+            Just("met"),
+            Just("custom_metrics"),
+            Just("cmet"),
+            Just("ports"),
+            Just("pts"),
+            Just("port"),
+            Just("pt"),
+            Just("interface"),
+            Just("total"),
+            Just("t"),
+            Just("network_stats"),
+            Just("ns"),
+            Just("bytes_in"),
+            Just("tcp_connections"),
+            Just("tc"),
+            Just("established_connections"),
+            Just("ec"),
+            Just("connections"),
+            Just("cs"),
+            Just("remote_addr"),
+            Just("rad"),
+            Just("number"),
+            Just("number_list"),
+            Just("ip_list"),
+            Just("listening_tcp_ports"),
+            Just("tp"),
+            Just("x"),
         ];
         leaf.prop_recursive(5, 64, 6, move |inner| {
             prop_oneof![

@@ -70,6 +70,8 @@ enum End {
     BrokerClosed,
     /// The same device connected again; this older connection gives way.
     TakenOver,
+    /// A security profile quarantined the device.
+    Quarantined(crate::defender::quarantine::Entry),
     /// The broker refused the session the device needed for its first SUBSCRIBE.
     SessionRefused(std::io::Error),
     BrokerError(FrameError),
@@ -247,6 +249,18 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     // Registered devices always have a meter.
     let meter = meter.unwrap_or_else(|| ctx.shared.metering.device(&dev.id));
+    if let Some(q) = ctx.shared.quarantine.get(&dev.id, crate::clock::now_ms()) {
+        meter.connection_failed();
+        meter.authorization_failure();
+        log::warn!(
+            listener = listener, device_id:% = dev.id, peer:% = peer, rule = "quarantine",
+            security_profile:% = q.security_profile, behavior:% = q.behavior, violation_id:% = q.violation_id;
+            "connection refused: device quarantined by security profile {} (behavior {}) until {}; `wardgate quarantine clear {}` lifts it",
+            q.security_profile, q.behavior, crate::clock::rfc3339_ms(q.until_ms), dev.id
+        );
+        let _ = refuse(&mut device, ConnectReturnCode::NotAuthorized, max).await;
+        return;
+    }
 
     // The Will is the device's own PUBLISH, made later: it must be one the device may make now.
     let will = match connect.last_will.clone().map(|w| check_will(w, &dev, ctx)) {
@@ -512,6 +526,12 @@ fn log_end(listener: &'static str, dev: &Device, peer: SocketAddr, end: &End) {
             listener = listener, device_id:% = id, peer:% = peer;
             "device disconnected: the same device connected again"
         ),
+        End::Quarantined(q) => log::warn!(
+            listener = listener, device_id:% = id, peer:% = peer, rule = "quarantine",
+            security_profile:% = q.security_profile, behavior:% = q.behavior, violation_id:% = q.violation_id;
+            "device disconnected: quarantined by security profile {} (behavior {}) until {}; `wardgate quarantine clear {id}` lifts it",
+            q.security_profile, q.behavior, crate::clock::rfc3339_ms(q.until_ms)
+        ),
         End::SessionRefused(e) => log::error!(
             listener = listener, device_id:% = id, peer:% = peer, error:% = e;
             "device disconnected: the internal broker refused its session (needed for its subscription)"
@@ -623,7 +643,12 @@ impl Relay<'_> {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return End::Shutdown,
-                _ = self.taken_over.cancelled() => return End::TakenOver,
+                _ = self.taken_over.cancelled() => {
+                    return match self.ctx.shared.quarantine.get(&self.dev.id, crate::clock::now_ms()) {
+                        Some(q) => End::Quarantined(q),
+                        None => End::TakenOver,
+                    };
+                }
                 Some(first) = inflight.confirmations.next(), if !inflight.confirmations.is_empty() => {
                     // A group commit confirms several of a device's readings at once: every
                     // confirmation already in gets its PUBACK in one write. (Polling once

@@ -79,6 +79,8 @@ pub struct Shared {
     pub limits: LimitsConfig,
     /// The live connection of every connected device.
     pub sessions: Sessions,
+    /// Devices the defender quarantined: their CONNECTs are refused.
+    pub quarantine: crate::defender::quarantine::Quarantine,
 }
 
 /// The one live connection of each device: a device that connects again takes over, and its
@@ -120,6 +122,27 @@ impl Sessions {
             generation,
             token,
         }
+    }
+}
+
+impl Sessions {
+    /// End `device`'s connection, if it has one (its connection task closes it and says why:
+    /// a quarantine, or the same device connecting again). Whether it had one.
+    pub fn end(&self, device: &str) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match m.live.get(device) {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `device` has a live connection.
+    pub fn is_connected(&self, device: &str) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.live.contains_key(device)
     }
 }
 

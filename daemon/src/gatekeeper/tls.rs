@@ -12,6 +12,10 @@
 //! CA with no CRL in the file are not revocation-checked); otherwise the handshake fails. The device identity is then the certificate's subject CN or one of its
 //! SAN names; the registry decides whether it matches the CONNECT's client id.
 //!
+//! ALPN: [`ALPN`] (`x-amzn-mqtt-ca`, as IoT Core on port 443, and `mqtt`), so devices made
+//! for IoT Core on 443 (AWS's SDKs and Device Defender agent have no port option) connect to
+//! a listener on 443 unchanged.
+//!
 //! One crypto provider (ring) is used everywhere, passed explicitly.
 
 use crate::config::{TlsListenerConfig, TlsVersion};
@@ -123,8 +127,15 @@ pub fn load(cfg: &TlsListenerConfig) -> Result<Arc<ServerConfig>, TlsError> {
                 format!("key does not match the certificate or is unsupported: {e}"),
             )
         })?;
+    let mut config = config;
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
+
+/// ALPN protocols the listener accepts: IoT Core's `x-amzn-mqtt-ca` (what AWS's SDKs and the
+/// Device Defender agent offer on port 443) and `mqtt`. A client that offers no ALPN is
+/// served too; one that offers only others is refused in the handshake (as IoT Core does).
+pub const ALPN: &[&[u8]] = &[b"x-amzn-mqtt-ca", b"mqtt"];
 
 /// The live TLS material of one listener.
 #[derive(Debug)]

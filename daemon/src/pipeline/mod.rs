@@ -231,6 +231,9 @@ pub struct Stages {
     /// The shadow service: device shadow requests go there, never to a plugin (`None`: they
     /// are relayed to local subscribers only).
     pub shadows: Option<crate::shadow::Shadows>,
+    /// The defender: device agents' Device Defender reports go there (`None`: they are
+    /// relayed to local subscribers only).
+    pub defender: Option<Arc<crate::defender::Defender>>,
     /// Edge rules: they see every message and every canonical reading.
     pub rules: Arc<crate::rules::Rules>,
     /// The durable queue towards the upstream (`None`: upstream disabled).
@@ -690,8 +693,18 @@ impl Core {
     /// no service owns it) was relayed to local subscribers by the gatekeeper and has nothing
     /// more to do here — it is never a plugin's business.
     async fn reserved(&self, mut msg: Ingest) {
-        let address = crate::shadow::Address::parse(&msg.topic);
         self.count(&msg, 0, 0);
+        if let (Some((thing, format)), Some(defender)) = (
+            crate::defender::parse_topic(&msg.topic),
+            &self.stages.defender,
+        ) {
+            let ack = msg.ack.take();
+            defender
+                .report(&msg.device.id, thing, format, &msg.payload, ack)
+                .await;
+            return;
+        }
+        let address = crate::shadow::Address::parse(&msg.topic);
         match (address, &self.stages.shadows) {
             (Some(address), Some(shadows)) => {
                 let ack = msg.ack.take();

@@ -284,6 +284,8 @@ pub struct PluginHost {
     /// (modified, length) of every file seen, loaded or rejected.
     seen: Mutex<HashMap<PathBuf, (SystemTime, u64)>>,
     ticker_stop: Arc<AtomicBool>,
+    /// Messages a plugin failed or refused since start (any [`Failure`]).
+    failures: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -347,6 +349,7 @@ impl PluginHost {
             plugins: RwLock::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             ticker_stop,
+            failures: Default::default(),
         }))
     }
 
@@ -663,8 +666,22 @@ impl PluginHost {
         released
     }
 
+    /// Messages a plugin failed or refused since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Run `plugin` on one message, on the instance of the message's device.
     pub fn normalize(&self, plugin: &str, input: Input<'_>) -> Result<Normalized, Failure> {
+        let r = self.normalize_counted(plugin, input);
+        if r.is_err() {
+            self.failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn normalize_counted(&self, plugin: &str, input: Input<'_>) -> Result<Normalized, Failure> {
         let p = self
             .get(plugin)
             .ok_or_else(|| Failure::NoPlugin(plugin.to_owned()))?;

@@ -245,7 +245,7 @@ fn compile_actions(
     problems: &mut Vec<Problem>,
     quarantine: Quarantine,
 ) -> Vec<Action> {
-        let mut actions = Vec::new();
+    let mut actions = Vec::new();
     for (j, a) in configs.iter().enumerate() {
         let key = |field: &str| format!("{prefix}.actions[{j}].{field}");
         match a {
@@ -407,7 +407,11 @@ pub struct Actions {
 impl Actions {
     /// Compile `configs`, configured at `prefix` (`defender.profiles[0]`) for `name`.
     /// `quarantine` entries are checked and skipped: the owner carries them out.
-    pub fn compile(prefix: &str, name: &str, configs: &[ActionConfig]) -> Result<Self, Vec<Problem>> {
+    pub fn compile(
+        prefix: &str,
+        name: &str,
+        configs: &[ActionConfig],
+    ) -> Result<Self, Vec<Problem>> {
         let mut problems = Vec::new();
         let list = compile_actions(prefix, name, configs, &mut problems, Quarantine::Allowed);
         if problems.is_empty() {
@@ -767,8 +771,12 @@ impl Rules {
                         }),
                         Origin::Profile(_) => output.clone(),
                     };
-                    let record =
+                    let mut record =
                         crate::queue::Record::alert(msg.device_id, alert.to_string().into_bytes());
+                    if let Origin::Profile(_) = origin {
+                        // A violation: never evicted, sent with the alarms.
+                        record.class = crate::queue::Class::Security;
+                    }
                     let part = split_ack(ack);
                     if !queue.push(record, part).await {
                         counters.action_failures.fetch_add(1, Relaxed);

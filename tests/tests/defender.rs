@@ -1,0 +1,402 @@
+//! The defender agent end to end: the real AWS Device Defender agent (PyPI
+//! `AWSIoTDeviceDefenderAgentSDK`, run unchanged through `tests/python/defender_agent.py`,
+//! which only adds the port) over mutual TLS with ALPN `x-amzn-mqtt-ca`, malformed reports
+//! rejected with a reason, and local Detect catching a rogue agent with short windows
+//! (time compressed: `metering.window` = 2 s) while the rest of the ward keeps flowing.
+
+use rand::Rng;
+use rumqttc::QoS;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+use wardgate::app::Gateway;
+use wardgate::config::{AuthMode, Config, DeviceConfig};
+use wardgate_tests::pki::{Ca, Issued, ListenerFiles};
+use wardgate_tests::{
+    config, connect, device, options, sdk_python, try_connect, until, workspace, ConnectOutcome,
+};
+
+struct Ward {
+    gw: Gateway,
+    dir: tempfile::TempDir,
+    ca: Ca,
+    ca_file: PathBuf,
+}
+
+fn cert_device(id: &str, kind: &str) -> DeviceConfig {
+    let mut d = device(id, kind, "unused");
+    d.password_hash = None;
+    d.auth = Some(AuthMode::Certificate);
+    d
+}
+
+/// A gateway with a TLS listener; `tune` adjusts the configuration.
+async fn ward(devices: Vec<DeviceConfig>, tune: impl FnOnce(&mut Config)) -> Ward {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::new("Ward 7 CA");
+    let files = ListenerFiles::write(dir.path(), &ca.server(), &[&ca], &ca.crl(&[]));
+    let mut cfg = config(&dir.path().join("state"), devices);
+    cfg.listeners.tls = files.config();
+    tune(&mut cfg);
+    let gw = Gateway::start(&cfg).await.unwrap();
+    Ward {
+        gw,
+        ca_file: files.ca.clone(),
+        ca,
+        dir,
+    }
+}
+
+impl Ward {
+    fn tls_port(&self) -> u16 {
+        self.gw.listener_addr("tls").unwrap().port()
+    }
+
+    /// Write a certificate and key for device `id`; their paths.
+    fn device_files(&mut self, id: &str) -> (PathBuf, PathBuf) {
+        let Issued {
+            cert_pem, key_pem, ..
+        } = self.ca.device(id);
+        let cert = self.dir.path().join(format!("{id}.crt"));
+        let key = self.dir.path().join(format!("{id}.key"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        (cert, key)
+    }
+
+    /// Start the real Device Defender agent as `client_id` reporting for `thing`, every second,
+    /// offering ALPN `x-amzn-mqtt-ca`; its output lines on a channel.
+    fn agent(
+        &mut self,
+        client_id: &str,
+        thing: &str,
+        args: &[&str],
+    ) -> (
+        tokio::process::Child,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        use tokio::io::AsyncBufReadExt;
+        let (cert, key) = self.device_files(client_id);
+        let mut child = tokio::process::Command::new(sdk_python())
+            .arg(workspace().join("tests/python/defender_agent.py"))
+            .args([
+                "--port",
+                &self.tls_port().to_string(),
+                "--alpn",
+                "x-amzn-mqtt-ca",
+            ])
+            .args(["-e", "localhost", "-r"])
+            .arg(&self.ca_file)
+            .arg("-c")
+            .arg(&cert)
+            .arg("-k")
+            .arg(&key)
+            .args(["-id", client_id, "-t", thing, "-i", "1"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python runs");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    eprintln!("agent: {l}");
+                    let _ = tx.send(l);
+                }
+            });
+        }
+        (child, rx)
+    }
+}
+
+/// The next message the device receives, as JSON.
+async fn reply(dev: &mut wardgate_tests::Device) -> (String, Value) {
+    let (t, p) = tokio::time::timeout(Duration::from_secs(10), dev.incoming.recv())
+        .await
+        .expect("a reply within 10 s")
+        .expect("connected");
+    (t, serde_json::from_slice::<Value>(&p).unwrap())
+}
+
+async fn line_starting(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    prefix: &str,
+    within: Duration,
+) -> String {
+    tokio::time::timeout(within, async {
+        while let Some(l) = rx.recv().await {
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+        panic!("the agent ended before printing `{prefix}...`");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no `{prefix}...` from the agent within {within:?}"))
+}
+
+fn defender(gw: &Gateway) -> wardgate::defender::DefenderStatus {
+    gw.status_snapshot()
+        .defender
+        .expect("the defender is enabled")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_defender_agent_is_answered_accepted_in_json_and_cbor() {
+    let mut w = ward(
+        vec![
+            cert_device("bed-12", "bed-temperature"),
+            cert_device("bed-14", "bed-temperature"),
+        ],
+        |_| {},
+    )
+    .await;
+    // JSON with custom metrics, and CBOR: both formats the agent speaks.
+    let (_json, mut json_out) = w.agent("bed-12", "bed-12", &["-f", "json", "-cm"]);
+    let (_cbor, mut cbor_out) = w.agent("bed-14", "bed-14", &["-f", "cbor"]);
+    let l = line_starting(
+        &mut json_out,
+        "Received message from topic '$aws/things/bed-12/defender/metrics/json/",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(l.contains("/json/accepted'"), "{l}");
+    assert!(
+        l.contains(r#""status":"ACCEPTED""#) && l.contains(r#""thingName":"bed-12""#),
+        "{l}"
+    );
+    let l = line_starting(
+        &mut cbor_out,
+        "Received message from topic '$aws/things/bed-14/defender/metrics/cbor/",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(l.contains("/cbor/accepted'"), "{l}");
+    let s = defender(&w.gw);
+    assert!(s.reports_accepted >= 2, "{s:?}");
+    assert_eq!(s.reports_rejected, 0, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_reports_are_rejected_with_the_field_and_nothing_else_stalls() {
+    let w = ward(vec![device("pm-01", "pacemaker", "pm-pw")], |_| {}).await;
+    let plain = w.gw.listener_addr("plain").unwrap();
+    let mut dev = connect(options(plain, "pm-01", "pm-pw")).await;
+    dev.subscribe("$aws/things/pm-01/defender/metrics/json/+")
+        .await;
+    let topic = "$aws/things/pm-01/defender/metrics/json";
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let bad = [
+        (r#"{"header":{"report_id":1,"version":"1.0"},"metrics":{"listening_tcp_ports":{"ports":[{"port":99999}]}}}"#.to_owned(), "metrics.listening_tcp_ports.ports[0].port"),
+        ("not json".to_owned(), "not JSON"),
+        (format!(r#"{{"hed":{{"rid":{now_s},"v":"2.0"}},"met":{{}}}}"#), "header.version"),
+    ];
+    for (payload, reason) in &bad {
+        dev.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+        let (t, v) = reply(&mut dev).await;
+        assert_eq!(t, format!("{topic}/rejected"), "{v}");
+        assert_eq!(v["status"], "REJECTED");
+        let why = v["statusDetails"]["ErrorMessage"].as_str().unwrap();
+        assert!(why.contains(reason), "{why} should name {reason}");
+    }
+    // The device is still served, and a good report is accepted with its id.
+    let good = format!(
+        r#"{{"header":{{"report_id":{now_s},"version":"1.0"}},"metrics":{{"network_stats":{{"bytes_out":10}}}}}}"#
+    );
+    dev.client
+        .publish(topic, QoS::AtLeastOnce, false, good.clone())
+        .await
+        .unwrap();
+    let (t, v) = reply(&mut dev).await;
+    assert_eq!(t, format!("{topic}/accepted"), "{v}");
+    assert_eq!(v["reportId"], now_s);
+    // The same id again breaks the order AWS requires.
+    dev.client
+        .publish(topic, QoS::AtLeastOnce, false, good)
+        .await
+        .unwrap();
+    let (t, v) = reply(&mut dev).await;
+    assert_eq!(t, format!("{topic}/rejected"), "{v}");
+    assert!(v["statusDetails"]["ErrorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("must increase"));
+    wardgate_tests::send_heart_rate(&dev.client, "pm-01", 80).await;
+    dev.wait_acks(6, Duration::from_secs(10)).await;
+    let s = defender(&w.gw);
+    assert_eq!((s.reports_accepted, s.reports_rejected), (1, 4), "{s:?}");
+}
+
+/// Random 100-character strings, the Defender walkthrough's rogue agent (faster: the windows
+/// are 2 s here, not 5 min).
+async fn rogue_flood(client: rumqttc::AsyncClient, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while !stop.is_cancelled() {
+        tick.tick().await;
+        let s: String = rand::thread_rng()
+            .sample_iter(&rand::distributions::Alphanumeric)
+            .take(100)
+            .map(char::from)
+            .collect();
+        if client
+            .try_publish("ward/rogue-01/telemetry", QoS::AtMostOnce, false, s)
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn rogue_profile() -> wardgate::config::ProfileConfig {
+    toml::from_str(
+        r#"
+name = "CheckRogueDevices"
+targets = ["*"]
+actions = [
+  { republish = { topic = "alerts/${thingName}" } },
+  { quarantine = { duration = "1h" } },
+]
+[[behaviors]]
+name = "msgReceive"
+metric = "aws:num-messages-received"
+criteria = { comparisonOperator = "less-than", value = { count = 100 }, durationSeconds = 2 }
+[[behaviors]]
+name = "bytesOut"
+metric = "aws:all-bytes-out"
+criteria = { comparisonOperator = "less-than", value = { count = 10000 }, durationSeconds = 2 }
+"#,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rogue_agent_is_caught_within_two_windows_and_quarantined_while_the_ward_flows() {
+    // The rogue's Device Defender agent runs beside it with an identity of its own and
+    // reports for thing `rogue-01` (AWS allows publishing for another thing by its topic).
+    let mut agent = cert_device("rogue-01-agent", "generic");
+    agent.publish = Some(vec!["$aws/things/rogue-01/defender/metrics/json".into()]);
+    agent.subscribe = Some(vec!["$aws/things/rogue-01/defender/metrics/#".into()]);
+    let mut nurse = device("nurse-01", "station", "nurse-pw");
+    nurse.subscribe = Some(vec!["alerts/#".into()]);
+    let devices = vec![
+        device("rogue-01", "generic", "rogue-pw"),
+        device("pm-01", "pacemaker", "pm-pw"),
+        agent,
+        nurse,
+    ];
+    let mut w = ward(devices, |c| {
+        c.metering.window = Duration::from_secs(2);
+        c.metering.windows_kept = 30;
+        c.defender.profiles = vec![rogue_profile()];
+        // The agent's own connection and the nurse's are targeted too: they receive few
+        // messages and report nothing of their own.
+    })
+    .await;
+    let plain = w.gw.listener_addr("plain").unwrap();
+    let mut station = connect(options(plain, "nurse-01", "nurse-pw")).await;
+    station.subscribe("alerts/#").await;
+    let pm = connect(options(plain, "pm-01", "pm-pw")).await;
+    let mut rogue = connect(options(plain, "rogue-01", "rogue-pw")).await;
+    rogue.subscribe("ward/rogue-01/telemetry").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flood = tokio::spawn(rogue_flood(rogue.client.clone(), stop.clone()));
+    let (_agent, mut agent_out) = w.agent("rogue-01-agent", "rogue-01", &["-f", "json"]);
+    line_starting(
+        &mut agent_out,
+        "Received message from topic '$aws/things/rogue-01/defender/metrics/json/accepted'",
+        Duration::from_secs(60),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    // The pacemaker keeps sending its readings all along.
+    let mut hr = 70;
+    let mut alerts: Vec<Value> = Vec::new();
+    // Both behaviors in alarm within two windows of the agent's first report (its network
+    // counts) — the message count may have caught the rogue already.
+    let deadline = started + Duration::from_secs(2 * 2 + 2);
+    let in_alarm = |alerts: &[Value]| {
+        alerts
+            .iter()
+            .filter(|a| a["violationEventType"] == "in-alarm")
+            .map(|a| a["behavior"]["name"].as_str().unwrap().to_owned())
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    while in_alarm(&alerts).len() < 2 && std::time::Instant::now() < deadline {
+        hr = if hr >= 90 { 70 } else { hr + 1 };
+        wardgate_tests::send_heart_rate(&pm.client, "pm-01", hr).await;
+        if let Ok(Some((topic, payload))) =
+            tokio::time::timeout(Duration::from_millis(200), station.incoming.recv()).await
+        {
+            let v: Value = serde_json::from_slice(&payload).unwrap();
+            assert_eq!(
+                topic, "alerts/rogue-01",
+                "only the rogue is in violation: {v}"
+            );
+            alerts.push(v);
+        }
+    }
+    stop.cancel();
+    let _ = flood.await;
+    assert_eq!(
+        in_alarm(&alerts),
+        ["bytesOut".to_owned(), "msgReceive".to_owned()].into(),
+        "both behaviors violated by the rogue: {alerts:?}"
+    );
+    for a in alerts
+        .iter()
+        .filter(|a| a["violationEventType"] == "in-alarm")
+    {
+        assert_eq!(a["thingName"], "rogue-01");
+        assert_eq!(a["securityProfileName"], "CheckRogueDevices");
+        assert_eq!(a["violationId"].as_str().unwrap().len(), 32);
+        assert!(a["violationEventTime"].as_i64().unwrap() > 0);
+        let count = a["metricValue"]["count"].as_u64().unwrap();
+        let limit = a["behavior"]["criteria"]["value"]["count"]
+            .as_u64()
+            .unwrap();
+        assert!(count >= limit, "{a}");
+    }
+    // Quarantined: its connection is closed and a new CONNECT is refused.
+    until("the rogue is disconnected", Duration::from_secs(10), || {
+        w.gw.metering()
+            .snapshot_of("rogue-01")
+            .is_some_and(|s| !s.connected)
+    })
+    .await;
+    let again = try_connect(
+        options(plain, "rogue-01", "rogue-pw"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        again,
+        ConnectOutcome::Refused(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
+    let s = defender(&w.gw);
+    assert_eq!(s.quarantined.len(), 1, "{s:?}");
+    assert_eq!(s.quarantined[0].device_id, "rogue-01");
+    assert!(s.active.iter().all(|v| v.thing_name == "rogue-01"), "{s:?}");
+    // The pacemaker was never stopped: every reading it sent was acknowledged.
+    let pm_stats = w.gw.stats().device("pm-01");
+    assert!(pm_stats.messages > 0);
+    let refused = w.gw.metering().snapshot_of("rogue-01").unwrap().totals;
+    assert!(
+        refused.authorization_failures >= 1,
+        "the refused CONNECT is counted"
+    );
+    drop(rogue);
+}
