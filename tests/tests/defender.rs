@@ -400,3 +400,185 @@ async fn the_rogue_agent_is_caught_within_two_windows_and_quarantined_while_the_
     );
     drop(rogue);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_own_report_and_device_reports_go_upstream_in_aws_format() {
+    use wardgate::defender::report::{Format, Names, Report};
+    let up = wardgate_tests::upstream::Upstream::new();
+    let _mq = up.broker();
+    let mut cloud = up
+        .raw_subscriber(&[
+            "$aws/things/test-gateway/defender/metrics/json",
+            "$aws/things/pm-01/defender/metrics/json",
+        ])
+        .await;
+    let mut cfg = up.gateway_config();
+    cfg.defender.report_interval = Duration::from_secs(1);
+    cfg.defender.report_names = "short".into();
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let plain = gw.listener_addr("plain").unwrap();
+    let dev = connect(options(plain, "pm-01", "pw")).await;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A device's report in short names and CBOR goes up as long-name JSON on its thing.
+    let report = Report::parse(
+        format!(r#"{{"header":{{"report_id":{now_s},"version":"1.0"}},"custom_metrics":{{"battery":[{{"number":71}}]}}}}"#).as_bytes(),
+        Format::Json,
+    )
+    .unwrap()
+    .0;
+    dev.client
+        .publish(
+            "$aws/things/pm-01/defender/metrics/cbor",
+            QoS::AtLeastOnce,
+            false,
+            report.encode(Format::Cbor, Names::Short),
+        )
+        .await
+        .unwrap();
+    dev.wait_acks(1, Duration::from_secs(10)).await;
+    let (mut own, mut forwarded) = (None, None);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while own.is_none() || forwarded.is_none() {
+            let (topic, payload) = cloud.recv().await.expect("the cloud subscriber runs");
+            let v: Value = serde_json::from_slice(&payload).unwrap();
+            if topic.contains("test-gateway") {
+                own = Some(v);
+            } else {
+                forwarded = Some(v);
+            }
+        }
+    })
+    .await
+    .expect("both reports upstream within 30 s");
+    let forwarded = forwarded.unwrap();
+    assert_eq!(forwarded["header"]["report_id"], now_s, "{forwarded}");
+    assert_eq!(forwarded["custom_metrics"]["battery"][0]["number"], 71.0);
+    let own = own.unwrap();
+    let (r, names) = Report::from_value(&own).expect("the gateway's report is valid");
+    assert_eq!(names, Names::Short, "{own}");
+    assert_eq!(r.custom_metrics["devices_connected"], wardgate::defender::report::CustomValue::Number(1.0));
+    assert!(r.custom_metrics.contains_key("queue_depth"), "{own}");
+    // The gateway's own device listener is among its listening ports.
+    let ports = r.metrics.unwrap().listening_tcp_ports.unwrap();
+    assert!(ports.ports.iter().any(|p| p.port == plain.port()), "{own}");
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_wardgate-under-test");
+
+/// The CLI against `config`: (exit code, stdout).
+fn cli(args: &[&str], config: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .env("WARDGATE_LOG__FORMAT", "text")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    eprintln!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+struct Daemon {
+    child: std::process::Child,
+    log: wardgate_tests::Log,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start the daemon; `run` names this start (its notify socket's directory).
+fn start_daemon(dir: &std::path::Path, run: &str, config_path: &std::path::Path) -> Daemon {
+    let dir = dir.join(run);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut notify = wardgate_tests::NotifySocket::bind(&dir);
+    let mut cmd = wardgate_tests::daemon_command(BIN, config_path, &notify);
+    cmd.stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let log = wardgate_tests::Log::capture(&mut child);
+    let ready = notify
+        .wait_for("READY=1", Duration::from_secs(20))
+        .expect("READY=1 within 20 s");
+    let addr = wardgate_tests::plain_addr_from_status(&ready).expect("STATUS names the plain listener");
+    Daemon { child, log, addr }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_violation_and_its_quarantine_survive_kill_9_and_operators_see_and_lift_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), vec![device("pm-01", "pacemaker", "pm-pw")]);
+    cfg.metering.window = Duration::from_secs(2);
+    cfg.metering.windows_kept = 30;
+    cfg.defender.profiles = vec![toml::from_str(
+        r#"
+name = "Chatty"
+targets = ["kind:pacemaker"]
+actions = [{ journal = { priority = "warning" } }, { quarantine = { duration = "1h" } }]
+[[behaviors]]
+name = "sent"
+metric = "aws:num-messages-sent"
+criteria = { comparisonOperator = "less-than", value = { count = 20 }, durationSeconds = 2 }
+"#,
+    )
+    .unwrap()];
+    let config_path = dir.path().join("wardgate.toml");
+    std::fs::write(&config_path, wardgate_tests::config_toml(&cfg)).unwrap();
+    let mut d = start_daemon(dir.path(), "first", &config_path);
+    let pm = connect(options(d.addr, "pm-01", "pm-pw")).await;
+    for hr in 0..40 {
+        wardgate_tests::send_heart_rate(&pm.client, "pm-01", 60 + hr % 30).await;
+    }
+    let line = d
+        .log
+        .wait_for("violation: pm-01 breaks behavior sent of security profile Chatty", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no violation line in:\n{}", d.log.text()));
+    assert!(line.contains("aws:num-messages-sent"), "{line}");
+    d.log
+        .wait_for("quarantine: pm-01 is refused until", Duration::from_secs(10))
+        .expect("quarantined");
+    drop(pm);
+    let (code, out) = cli(&["violations"], &config_path);
+    assert_eq!(code, 0);
+    assert!(out.contains("pm-01") && out.contains("profile Chatty behavior sent"), "{out}");
+    let (_, out) = cli(&["quarantine", "list"], &config_path);
+    assert!(out.starts_with("quarantined pm-01"), "{out}");
+
+    // kill -9: the violation and the quarantine are on disk.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    let mut d = start_daemon(dir.path(), "after-kill", &config_path);
+    d.log
+        .wait_for("1 violations in force", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the violation is not resumed:\n{}", d.log.text()));
+    assert_eq!(
+        try_connect(options(d.addr, "pm-01", "pm-pw"), Duration::from_secs(5)).await,
+        ConnectOutcome::Refused(rumqttc::ConnectReturnCode::NotAuthorized),
+        "still quarantined after the restart"
+    );
+    let (code, out) = cli(&["quarantine", "clear", "pm-01"], &config_path);
+    assert_eq!(code, 0);
+    assert!(out.contains("quarantine of pm-01 lifted"), "{out}");
+    d.log.wait_for("quarantine of pm-01 lifted by an operator", Duration::from_secs(10)).expect("logged");
+    // Behaving now (one reading per window): the violation clears.
+    let pm = connect(options(d.addr, "pm-01", "pm-pw")).await;
+    wardgate_tests::send_heart_rate(&pm.client, "pm-01", 72).await;
+    d.log
+        .wait_for("violation cleared: pm-01 behaves again for behavior sent", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no clearing in:\n{}", d.log.text()));
+    let (_, out) = cli(&["violations", "--history"], &config_path);
+    assert!(out.starts_with("no violations in force"), "{out}");
+    assert!(out.contains("in-alarm") && out.contains("alarm-cleared"), "{out}");
+    let (_, json) = cli(&["violations", "--json", "--history"], &config_path);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let kinds: Vec<&str> = v["history"].as_array().unwrap().iter().map(|e| e["violationEventType"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["in-alarm", "alarm-cleared"]);
+    drop(pm);
+}

@@ -327,6 +327,35 @@ async fn queue_status(queue: &SharedQueue) -> crate::queue::QueueStatus {
 const FETCH_TOKEN: &str = "wardgate-sync";
 
 /// What a message from the cloud shadows means for the shadow service, if anything.
+/// Log Device Defender's reply to one of the gateway's own reports (`.../accepted`: debug;
+/// `.../rejected`: a warning with AWS's reason). Whether `topic` was one.
+fn defender_reply(template: &str, gateway_id: &str, topic: &str, payload: &[u8]) -> bool {
+    let own = topics::expand(template, gateway_id, gateway_id);
+    let Some(outcome) = topic
+        .strip_prefix(own.as_str())
+        .and_then(|t| t.strip_prefix('/'))
+    else {
+        return false;
+    };
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+    let id = v["reportId"].as_u64().unwrap_or(0);
+    match outcome {
+        "accepted" => {
+            log::debug!(report_id = id; "Device Defender accepted the gateway's metrics report {id}");
+            true
+        }
+        "rejected" => {
+            let why = v["statusDetails"]["ErrorMessage"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| String::from_utf8_lossy(payload).into_owned());
+            log::warn!(report_id = id, reason:% = why; "Device Defender rejected the gateway's metrics report {id}: {why}");
+            true
+        }
+        _ => false,
+    }
+}
+
 fn cloud_event(
     topics: &topics::CloudShadowTopics,
     topic: &str,
@@ -507,6 +536,15 @@ async fn session(
                     if q.depth > 0 {
                         backlog = Some((Instant::now(), q.depth));
                     }
+                    // Device Defender's replies to the gateway's own reports.
+                    let own = topics::expand(&cfg.topics.defender, gateway_id, gateway_id);
+                    if own.starts_with("$aws/things/") {
+                        for f in [format!("{own}/accepted"), format!("{own}/rejected")] {
+                            if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                                return format!("subscribing to {f}: {e}");
+                            }
+                        }
+                    }
                     if let Some((link, topics)) = cloud {
                         for f in topics.filters() {
                             if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
@@ -517,6 +555,7 @@ async fn session(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    defender_reply(&cfg.topics.defender, gateway_id, &p.topic, &p.payload);
                     if let Some((link, topics)) = cloud {
                         if let Some(event) = cloud_event(topics, &p.topic, &p.payload) {
                             log::debug!(topic:% = p.topic; "cloud shadow message");
@@ -526,7 +565,7 @@ async fn session(
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                        log::warn!(endpoint:% = cfg.endpoint; "the upstream refused a cloud shadow subscription: desired changes made in the cloud arrive only with the fetch after each connection (the gateway's IoT policy must allow iot:Subscribe and iot:Receive on its shadow topics)");
+                        log::warn!(endpoint:% = cfg.endpoint; "the upstream refused a subscription (cloud shadows, or Device Defender's replies): desired changes made in the cloud arrive only with the fetch after each connection, and replies to the gateway's metrics reports are not seen (the gateway's IoT policy must allow iot:Subscribe and iot:Receive on its shadow and defender topics)");
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
