@@ -645,7 +645,25 @@ pub fn demo_config(ward: &[sim::SimDevice], plugins: PathBuf) -> Config {
     c.login.max_per_second_per_address = c.login.max_per_second;
     c.devices = sim::registry_entries(ward);
     c.rules = vec![demo_rule()];
+    // The shipped example security profile: it catches the simulated rogue agents.
+    c.defender.profiles = vec![config::example_profile()];
     c
+}
+
+/// The demo's metering window for `speed` (AWS's 5 minutes, divided by the speed, rounded
+/// down to a divisor of 300 s so that the example profile's `durationSeconds = 300` still
+/// fits) and the windows kept to cover 300 s.
+pub fn demo_window(speed: f64) -> (Duration, usize) {
+    const DIVISORS: [u64; 17] = [
+        300, 150, 100, 75, 60, 50, 30, 25, 20, 15, 12, 10, 6, 5, 4, 3, 2,
+    ];
+    let target = 300.0 / speed.max(1.0);
+    let w = DIVISORS
+        .iter()
+        .copied()
+        .find(|d| *d as f64 <= target)
+        .unwrap_or(2);
+    (Duration::from_secs(w), (300 / w as usize).max(12))
 }
 
 /// The demo's edge rule: the ward's tachycardia alarm on the reported state that plugin
@@ -681,6 +699,7 @@ async fn demo(
 ) -> anyhow::Result<()> {
     let ward = sim::ward(copies);
     let mut config = demo_config(&ward, plugins);
+    (config.metering.window, config.metering.windows_kept) = demo_window(speed);
     if let Some(u) = &upstream {
         config.upstream.enabled = true;
         config.upstream.endpoint = u.host.clone();

@@ -459,7 +459,10 @@ async fn the_gateways_own_report_and_device_reports_go_upstream_in_aws_format() 
     let own = own.unwrap();
     let (r, names) = Report::from_value(&own).expect("the gateway's report is valid");
     assert_eq!(names, Names::Short, "{own}");
-    assert_eq!(r.custom_metrics["devices_connected"], wardgate::defender::report::CustomValue::Number(1.0));
+    assert_eq!(
+        r.custom_metrics["devices_connected"],
+        wardgate::defender::report::CustomValue::Number(1.0)
+    );
     assert!(r.custom_metrics.contains_key("queue_depth"), "{own}");
     // The gateway's own device listener is among its listening ports.
     let ports = r.metrics.unwrap().listening_tcp_ports.unwrap();
@@ -479,7 +482,10 @@ fn cli(args: &[&str], config: &std::path::Path) -> (i32, String) {
         .output()
         .unwrap();
     eprintln!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 struct Daemon {
@@ -507,7 +513,8 @@ fn start_daemon(dir: &std::path::Path, run: &str, config_path: &std::path::Path)
     let ready = notify
         .wait_for("READY=1", Duration::from_secs(20))
         .expect("READY=1 within 20 s");
-    let addr = wardgate_tests::plain_addr_from_status(&ready).expect("STATUS names the plain listener");
+    let addr =
+        wardgate_tests::plain_addr_from_status(&ready).expect("STATUS names the plain listener");
     Daemon { child, log, addr }
 }
 
@@ -538,16 +545,37 @@ criteria = { comparisonOperator = "less-than", value = { count = 20 }, durationS
     }
     let line = d
         .log
-        .wait_for("violation: pm-01 breaks behavior sent of security profile Chatty", Duration::from_secs(20))
+        .wait_for(
+            "violation: pm-01 breaks behavior sent of security profile Chatty",
+            Duration::from_secs(20),
+        )
         .unwrap_or_else(|| panic!("no violation line in:\n{}", d.log.text()));
     assert!(line.contains("aws:num-messages-sent"), "{line}");
+    // The profile's journal action prints AWS's violation message.
+    let line = d
+        .log
+        .wait_for(
+            "security profile Chatty fired for pm-01: ",
+            Duration::from_secs(10),
+        )
+        .expect("the journal action's line");
+    assert!(
+        line.contains(r#""violationEventType":"in-alarm""#),
+        "{line}"
+    );
     d.log
-        .wait_for("quarantine: pm-01 is refused until", Duration::from_secs(10))
+        .wait_for(
+            "quarantine: pm-01 is refused until",
+            Duration::from_secs(10),
+        )
         .expect("quarantined");
     drop(pm);
     let (code, out) = cli(&["violations"], &config_path);
     assert_eq!(code, 0);
-    assert!(out.contains("pm-01") && out.contains("profile Chatty behavior sent"), "{out}");
+    assert!(
+        out.contains("pm-01") && out.contains("profile Chatty behavior sent"),
+        "{out}"
+    );
     let (_, out) = cli(&["quarantine", "list"], &config_path);
     assert!(out.starts_with("quarantined pm-01"), "{out}");
 
@@ -566,19 +594,226 @@ criteria = { comparisonOperator = "less-than", value = { count = 20 }, durationS
     let (code, out) = cli(&["quarantine", "clear", "pm-01"], &config_path);
     assert_eq!(code, 0);
     assert!(out.contains("quarantine of pm-01 lifted"), "{out}");
-    d.log.wait_for("quarantine of pm-01 lifted by an operator", Duration::from_secs(10)).expect("logged");
+    d.log
+        .wait_for(
+            "quarantine of pm-01 lifted by an operator",
+            Duration::from_secs(10),
+        )
+        .expect("logged");
     // Behaving now (one reading per window): the violation clears.
     let pm = connect(options(d.addr, "pm-01", "pm-pw")).await;
     wardgate_tests::send_heart_rate(&pm.client, "pm-01", 72).await;
     d.log
-        .wait_for("violation cleared: pm-01 behaves again for behavior sent", Duration::from_secs(20))
+        .wait_for(
+            "violation cleared: pm-01 behaves again for behavior sent",
+            Duration::from_secs(20),
+        )
         .unwrap_or_else(|| panic!("no clearing in:\n{}", d.log.text()));
     let (_, out) = cli(&["violations", "--history"], &config_path);
     assert!(out.starts_with("no violations in force"), "{out}");
-    assert!(out.contains("in-alarm") && out.contains("alarm-cleared"), "{out}");
+    assert!(
+        out.contains("in-alarm") && out.contains("alarm-cleared"),
+        "{out}"
+    );
     let (_, json) = cli(&["violations", "--json", "--history"], &config_path);
     let v: Value = serde_json::from_str(&json).unwrap();
-    let kinds: Vec<&str> = v["history"].as_array().unwrap().iter().map(|e| e["violationEventType"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["violationEventType"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["in-alarm", "alarm-cleared"]);
     drop(pm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ward_designs_rule_profile_fires_on_the_misbehaving_device_only() {
+    // The ward design's profile (thresholds low on purpose): per window, at most 3 connection
+    // attempts and 3 disconnects, no authorization failure, messages up to 1 KiB, at most 5
+    // messages sent and 5 received.
+    let profile: wardgate::config::ProfileConfig = toml::from_str(
+        r#"
+name = "WardRules"
+targets = ["kind:pacemaker"]
+[[behaviors]]
+name = "authz"
+metric = "aws:num-authorization-failures"
+criteria = { comparisonOperator = "less-than", value = { count = 1 }, durationSeconds = 8 }
+[[behaviors]]
+name = "connects"
+metric = "aws:num-connection-attempts"
+criteria = { comparisonOperator = "less-than-equals", value = { count = 3 }, durationSeconds = 8 }
+[[behaviors]]
+name = "disconnects"
+metric = "aws:num-disconnects"
+criteria = { comparisonOperator = "less-than-equals", value = { count = 3 }, durationSeconds = 8 }
+[[behaviors]]
+name = "size"
+metric = "aws:message-byte-size"
+criteria = { comparisonOperator = "less-than-equals", value = { count = 256 } }
+[[behaviors]]
+name = "sent"
+metric = "aws:num-messages-sent"
+criteria = { comparisonOperator = "less-than-equals", value = { count = 5 }, durationSeconds = 8 }
+[[behaviors]]
+name = "received"
+metric = "aws:num-messages-received"
+criteria = { comparisonOperator = "less-than-equals", value = { count = 5 }, durationSeconds = 8 }
+"#,
+    )
+    .unwrap();
+    let w = ward(
+        vec![
+            device("flaky-01", "pacemaker", "f-pw"),
+            device("calm-01", "pacemaker", "c-pw"),
+        ],
+        |c| {
+            // 2 s windows, behaviors over 8 s: the misbehaviour below is counted whole.
+            c.metering.window = Duration::from_secs(2);
+            c.metering.windows_kept = 10;
+            c.defender.profiles = vec![profile];
+        },
+    )
+    .await;
+    let plain = w.gw.listener_addr("plain").unwrap();
+    let calm = connect(options(plain, "calm-01", "c-pw")).await;
+    wardgate_tests::send_heart_rate(&calm.client, "calm-01", 70).await;
+    for _ in 0..5 {
+        let flaky = connect(options(plain, "flaky-01", "f-pw")).await;
+        flaky.client.disconnect().await.unwrap();
+        until("flaky-01 disconnected", Duration::from_secs(5), || {
+            w.gw.metering()
+                .snapshot_of("flaky-01")
+                .is_some_and(|s| !s.connected)
+        })
+        .await;
+    }
+    let mut flaky = connect(options(plain, "flaky-01", "f-pw")).await;
+    flaky.subscribe("ward/flaky-01/telemetry").await;
+    for _ in 0..6 {
+        flaky
+            .client
+            .publish(
+                "ward/flaky-01/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                vec![b'x'; 512],
+            )
+            .await
+            .unwrap();
+    }
+    flaky.wait_acks(6, Duration::from_secs(10)).await;
+    for _ in 0..6 {
+        flaky
+            .next(Duration::from_secs(10))
+            .await
+            .expect("its own messages come back");
+    }
+    // Forbidden: an authorization failure (and the connection ends, as on IoT Core).
+    flaky
+        .client
+        .publish("ward/calm-01/telemetry", QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    let state_dir = w.dir.path().join("state");
+    let raised = |who: &str| -> std::collections::BTreeSet<String> {
+        wardgate::defender::read_state(&state_dir)
+            .map(|f| f.history)
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["violationEventType"] == "in-alarm" && e["thingName"] == who)
+            .map(|e| e["behavior"]["name"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while raised("flaky-01").len() < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "in alarm within 20 s: {:?}; {:?}",
+            raised("flaky-01"),
+            w.gw.metering().snapshot_of("flaky-01")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        raised("flaky-01").into_iter().collect::<Vec<_>>(),
+        [
+            "authz",
+            "connects",
+            "disconnects",
+            "received",
+            "sent",
+            "size"
+        ]
+    );
+    assert!(raised("calm-01").is_empty(), "calm-01 behaves");
+    let s = defender(&w.gw);
+    assert!(s.active.iter().all(|v| v.thing_name == "flaky-01"), "{s:?}");
+    let history = wardgate::defender::read_state(&state_dir).unwrap().history;
+    let size = history
+        .iter()
+        .find(|e| e["behavior"]["name"] == "size")
+        .unwrap();
+    assert!(
+        size["metricValue"]["count"].as_u64().unwrap() >= 512,
+        "{size}"
+    );
+    drop(calm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_catches_the_simulated_rogue_with_the_shipped_example_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let ward = wardgate::sim::ward(1);
+    let speed = 100.0;
+    let mut cfg = wardgate::cli::demo_config(&ward, wardgate_tests::components_dir());
+    cfg.gateway.state_dir = dir.path().join("state");
+    (cfg.metering.window, cfg.metering.windows_kept) = wardgate::cli::demo_window(speed);
+    let window = cfg.metering.window;
+    let gw = Gateway::start(&cfg).await.unwrap();
+    let stats = std::sync::Arc::new(wardgate::sim::SimStats::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sim = tokio::spawn(wardgate::sim::run(
+        gw.listener_addr("plain").unwrap(),
+        ward.clone(),
+        speed,
+        stats.clone(),
+        stop.clone(),
+    ));
+    until("rogue-01 connected", Duration::from_secs(10), || {
+        gw.metering()
+            .snapshot_of("rogue-01")
+            .is_some_and(|s| s.connected)
+    })
+    .await;
+    // Caught within two windows of connecting.
+    until(
+        "rogue-01 in violation and quarantined",
+        window * 2 + Duration::from_secs(2),
+        || {
+            let d = defender(&gw);
+            d.active
+                .iter()
+                .any(|v| v.thing_name == "rogue-01" && v.behavior == "msgReceive")
+                && d.quarantined.iter().any(|q| q.device_id == "rogue-01")
+        },
+    )
+    .await;
+    let d = defender(&gw);
+    assert!(
+        d.active.iter().all(|v| v.thing_name.starts_with("rogue")),
+        "{d:?}"
+    );
+    // The rest of the ward keeps flowing.
+    let before = gw.stats().device("pacemaker-01").messages;
+    until(
+        "pacemaker-01 keeps sending",
+        Duration::from_secs(10),
+        || gw.stats().device("pacemaker-01").messages > before,
+    )
+    .await;
+    stop.cancel();
+    sim.await.unwrap();
+    let _ = gw.stop(Duration::from_secs(10)).await;
 }

@@ -379,6 +379,33 @@ impl Default for BrokerConfig {
     }
 }
 
+/// The commented `[[defender.profiles]]` example of the shipped configuration file, as a
+/// profile (the demo runs it; a test keeps it valid).
+pub fn example_profile() -> ProfileConfig {
+    let start = DEFAULT_CONFIG_TOML
+        .find("# [[defender.profiles]]")
+        .unwrap_or(0);
+    // The example is `[[defender.profiles]]` with its behaviors as sub-tables: read it as the
+    // document it is and take the profile out.
+    let text: String = DEFAULT_CONFIG_TOML[start..]
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or("")))
+        .collect();
+    #[derive(Deserialize)]
+    struct Doc {
+        defender: Defender,
+    }
+    #[derive(Deserialize)]
+    struct Defender {
+        profiles: Vec<ProfileConfig>,
+    }
+    toml::from_str::<Doc>(&text)
+        .ok()
+        .and_then(|d| d.defender.profiles.into_iter().next())
+        .expect("the shipped configuration's example profile parses (a unit test checks it)")
+}
+
 /// `[defender]`: Device Defender on the gateway.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -902,6 +929,7 @@ mod tests {
             (p.len(), p[0].behaviors.len(), p[0].actions.len()),
             (1, 2, 4)
         );
+        assert_eq!(example_profile(), p[0]);
     }
 
     /// The gateway's own broker connections (the relay link's and the pipeline's) must fit.

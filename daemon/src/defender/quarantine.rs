@@ -28,9 +28,41 @@ pub struct Entry {
 
 /// The quarantine list (cheap to clone, shared by the gatekeeper and the defender).
 #[derive(Debug, Clone, Default)]
-pub struct Quarantine(Arc<RwLock<BTreeMap<String, Entry>>>);
+pub struct Quarantine(
+    Arc<RwLock<BTreeMap<String, Entry>>>,
+    Arc<std::sync::Mutex<Refusals>>,
+);
+
+/// When each device's refusal was last logged, and how many since.
+type Refusals = BTreeMap<String, (std::time::Instant, u64)>;
+
+/// At most one "refused: quarantined" line per device per this long.
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Quarantine {
+    /// Whether to log a refused CONNECT of `device` now: `Some(refusals not logged since the
+    /// last line)`, or `None` (one line per device per minute: a quarantined device retrying
+    /// every second must not flood the journal).
+    pub fn log_refusal(&self, device: &str) -> Option<u64> {
+        let mut m = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match m.get_mut(device) {
+            Some((at, n)) if now.duration_since(*at) < REFUSAL_LOG_EVERY => {
+                *n += 1;
+                None
+            }
+            Some((at, n)) => {
+                let suppressed = *n;
+                (*at, *n) = (now, 0);
+                Some(suppressed)
+            }
+            None => {
+                m.insert(device.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+
     /// The device's quarantine if it is in force at `now_ms`.
     pub fn get(&self, device: &str, now_ms: i64) -> Option<Entry> {
         let map = self.0.read().unwrap_or_else(|e| e.into_inner());
@@ -51,6 +83,10 @@ impl Quarantine {
 
     /// Lift a device's quarantine; the entry, if there was one.
     pub fn remove(&self, device: &str) -> Option<Entry> {
+        self.1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(device);
         self.0
             .write()
             .unwrap_or_else(|e| e.into_inner())

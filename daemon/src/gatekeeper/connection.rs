@@ -252,12 +252,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if let Some(q) = ctx.shared.quarantine.get(&dev.id, crate::clock::now_ms()) {
         meter.connection_failed();
         meter.authorization_failure();
-        log::warn!(
-            listener = listener, device_id:% = dev.id, peer:% = peer, rule = "quarantine",
-            security_profile:% = q.security_profile, behavior:% = q.behavior, violation_id:% = q.violation_id;
-            "connection refused: device quarantined by security profile {} (behavior {}) until {}; `wardgate quarantine clear {}` lifts it",
-            q.security_profile, q.behavior, crate::clock::rfc3339_ms(q.until_ms), dev.id
-        );
+        if let Some(suppressed) = ctx.shared.quarantine.log_refusal(&dev.id) {
+            log::warn!(
+                listener = listener, device_id:% = dev.id, peer:% = peer, rule = "quarantine",
+                security_profile:% = q.security_profile, behavior:% = q.behavior, violation_id:% = q.violation_id,
+                suppressed = suppressed;
+                "connection refused: device quarantined by security profile {} (behavior {}) until {}; `wardgate quarantine clear {}` lifts it{}",
+                q.security_profile, q.behavior, crate::clock::rfc3339_ms(q.until_ms), dev.id,
+                if suppressed > 0 { format!(" ({suppressed} more refused since the last report)") } else { String::new() }
+            );
+        }
         let _ = refuse(&mut device, ConnectReturnCode::NotAuthorized, max).await;
         return;
     }
