@@ -317,7 +317,7 @@ fn bench() -> Result<()> {
     let components = plugins()?;
     install_packages(&["mosquitto", "openssl"])?;
     for bench in [
-        "plugin", "gateway", "spine", "logins", "outage", "memory", "rules",
+        "plugin", "gateway", "spine", "logins", "outage", "memory", "rules", "defender",
     ] {
         run(cargo()
             .args(["bench", "-p", "wardgate", "--bench", bench])

@@ -240,6 +240,8 @@ enum Criterion {
 pub struct Behavior {
     /// Its name (unique in its profile).
     pub name: String,
+    /// Its name, shared by its tracks' keys.
+    key: Arc<str>,
     /// The metric (`aws:...` or a custom metric's name).
     pub metric: String,
     side: Side,
@@ -260,6 +262,8 @@ pub struct Behavior {
 pub struct Profile {
     /// Its name.
     pub name: String,
+    /// Its name, shared by its tracks' keys.
+    key: Arc<str>,
     targets: Vec<Target>,
     /// Its behaviors.
     pub behaviors: Vec<Behavior>,
@@ -625,6 +629,7 @@ fn behavior(
     }
     Some(Behavior {
         name: name.to_owned(),
+        key: Arc::from(name),
         metric: metric.to_owned(),
         side,
         shape,
@@ -762,6 +767,7 @@ pub fn compile(
     match actions {
         Some(actions) if problems.is_empty() => Ok(Profile {
             name: p.name.clone(),
+            key: Arc::from(p.name.as_str()),
             targets,
             behaviors,
             actions: Arc::new(actions),
@@ -967,13 +973,15 @@ impl Reports {
 fn measure_cloud(s: &DeviceSnapshot, b: &Behavior, end_s: u64) -> Option<Measured> {
     let len = s.current.length_s.max(1);
     let from = end_s.saturating_sub(u64::from(b.windows) * len);
-    let range: Vec<_> = s
-        .history
-        .iter()
-        .filter(|w| w.start_s >= from && w.start_s < end_s)
-        .collect();
+    let range = || {
+        s.history
+            .iter()
+            .rev()
+            .skip_while(move |w| w.start_s >= end_s)
+            .take_while(move |w| w.start_s >= from)
+    };
     let present = s.connected
-        || range.iter().any(|w| {
+        || range().any(|w| {
             let c = &w.counters;
             c.connection_attempts + c.disconnects + c.messages_sent + c.bytes_in > 0
         });
@@ -981,7 +989,7 @@ fn measure_cloud(s: &DeviceSnapshot, b: &Behavior, end_s: u64) -> Option<Measure
         return None;
     }
     let sum = |f: fn(&crate::metering::Counters) -> u64| -> Measured {
-        Measured::Number(range.iter().map(|w| f(&w.counters)).sum::<u64>() as f64)
+        Measured::Number(range().map(|w| f(&w.counters)).sum::<u64>() as f64)
     };
     Some(match b.metric.as_str() {
         "aws:num-messages-sent" => sum(|c| c.messages_sent),
@@ -990,15 +998,13 @@ fn measure_cloud(s: &DeviceSnapshot, b: &Behavior, end_s: u64) -> Option<Measure
         "aws:num-connection-attempts" => sum(|c| c.connection_attempts),
         "aws:num-disconnects" => sum(|c| c.disconnects),
         "aws:message-byte-size" => Measured::Number(
-            range
-                .iter()
+            range()
                 .map(|w| w.counters.largest_message_bytes)
                 .max()
                 .unwrap_or(0) as f64,
         ),
         "aws:source-ip-address" => {
-            let ips: BTreeSet<IpAddr> = range
-                .iter()
+            let ips: BTreeSet<IpAddr> = range()
                 .flat_map(|w| w.source_addresses.iter().copied())
                 .collect();
             if ips.is_empty() {
@@ -1121,7 +1127,7 @@ pub struct Event {
 }
 
 /// Key of a [`Track`]: profile name, behavior name, device id.
-pub type TrackKey = (String, String, Arc<str>);
+pub type TrackKey = (Arc<str>, Arc<str>, Arc<str>);
 
 /// Everything one evaluation looks at.
 #[derive(Debug)]
@@ -1223,21 +1229,32 @@ impl Detector {
                     _ => None,
                 };
                 for (device, m) in measured {
-                    let key = (p.name.clone(), b.name.clone(), device.clone());
                     let verdict = m
                         .as_ref()
                         .and_then(|m| complies(&b.criterion, m, threshold).map(|ok| (ok, m)));
+                    let key = (p.key.clone(), b.key.clone(), device.clone());
+                    match (&verdict, self.tracks.get(&key)) {
+                        // Compliant and not in alarm: no state to keep (a violating streak
+                        // ends here).
+                        (Some((true, _)), t) if t.is_none_or(|t| t.violation.is_none()) => {
+                            if t.is_some() {
+                                self.tracks.remove(&key);
+                            }
+                            continue;
+                        }
+                        (None, None) => continue,
+                        _ => {}
+                    }
                     let track = self.tracks.entry(key.clone()).or_default();
                     let kind = match verdict {
                         Some((ok, m)) => {
                             track.last_datapoint_ms = inp.now_ms;
-                            let value = m.metric_value(b.shape);
                             if ok {
                                 track.compliant += 1;
                                 track.violating = 0;
                                 match &track.violation {
                                     Some(_) if track.compliant >= b.to_clear => {
-                                        Some((EventType::Cleared, value))
+                                        Some((EventType::Cleared, m.metric_value(b.shape)))
                                     }
                                     _ => None,
                                 }
@@ -1246,10 +1263,10 @@ impl Detector {
                                 track.compliant = 0;
                                 match &mut track.violation {
                                     None if track.violating >= b.to_alarm => {
-                                        Some((EventType::InAlarm, value))
+                                        Some((EventType::InAlarm, m.metric_value(b.shape)))
                                     }
                                     Some(v) => {
-                                        v.metric_value = value;
+                                        v.metric_value = m.metric_value(b.shape);
                                         None
                                     }
                                     None => None,
@@ -1317,9 +1334,8 @@ impl Detector {
             })
             .collect();
         let devices: BTreeSet<&str> = inp.devices.iter().map(|(d, _)| &**d).collect();
-        self.tracks.retain(|(p, b, d), _| {
-            live.contains(&(p.as_str(), b.as_str())) && devices.contains(&**d)
-        });
+        self.tracks
+            .retain(|(p, b, d), _| live.contains(&(&**p, &**b)) && devices.contains(&**d));
         events
     }
 
@@ -1610,7 +1626,7 @@ criteria = { comparisonOperator = "less-than", value = { count = 10000 }, durati
         );
         let message = d
             .active()
-            .find(|(k, _)| k.1 == "bytesOut")
+            .find(|(k, _)| &*k.1 == "bytesOut")
             .map(|(_, v)| v.metric_value.clone())
             .unwrap();
         assert_eq!(message, json!({"count": 12000}));

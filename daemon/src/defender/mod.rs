@@ -234,7 +234,7 @@ impl Store {
                 continue;
             };
             if let Ok(t) = serde_json::from_slice::<Track>(&v) {
-                out.insert((p.to_owned(), b.to_owned(), Arc::from(d)), t);
+                out.insert((Arc::from(p), Arc::from(b), Arc::from(d)), t);
             }
         }
         out
@@ -416,7 +416,7 @@ impl Defender {
             .store
             .tracks()
             .into_iter()
-            .filter(|(k, _)| live.contains(&(k.0.clone(), k.1.clone())))
+            .filter(|(k, _)| live.contains(&(k.0.to_string(), k.1.to_string())))
             .collect();
         let resumed = detector.active().count();
         let now = crate::clock::now_ms();
@@ -470,13 +470,13 @@ impl Defender {
             .map(|((p, b, dev), v)| ActiveViolation {
                 violation_id: v.id.clone(),
                 thing_name: dev.to_string(),
-                security_profile_name: p.clone(),
-                behavior: b.clone(),
+                security_profile_name: p.to_string(),
+                behavior: b.to_string(),
                 metric: d
                     .profiles
                     .iter()
-                    .find(|x| &x.name == p)
-                    .and_then(|x| x.behaviors.iter().find(|y| &y.name == b))
+                    .find(|x| *x.name == **p)
+                    .and_then(|x| x.behaviors.iter().find(|y| *y.name == **b))
                     .map(|y| y.metric.clone())
                     .unwrap_or_default(),
                 since_ms: v.started_ms,
