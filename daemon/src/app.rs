@@ -25,7 +25,8 @@
 //! [`run_daemon`] adds the service around it: systemd notifications (READY=1 once listeners are
 //! up, RELOADING=1/READY=1 around SIGHUP, STOPPING=1, WATCHDOG=1 when `WATCHDOG_USEC` is set,
 //! and only while every stage makes progress) and signal handling (SIGTERM/SIGINT stop, SIGHUP
-//! reloads the device registry, the rules, the TLS material and the log level). A fatal stage that ends stops the gateway and
+//! reloads the device registry, the rules, the TLS material and the log level, SIGUSR1 makes
+//! the defender take operators' requests). A fatal stage that ends stops the gateway and
 //! makes the daemon exit non-zero, so systemd's `Restart=on-failure` starts it again.
 
 use crate::broker::{self, BrokerHandle};
@@ -773,6 +774,10 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    // SIGUSR1 asks the defender to take operators' requests (`wardgate quarantine clear`).
+    // Listening here too means it never terminates the daemon, whether or not the defender
+    // runs (tokio keeps the handler installed for the process).
+    let _sigusr1 = signal(SignalKind::user_defined1())?;
 
     log::info!(
         gateway_id:% = config.gateway.id, devices = config.devices.len(),
@@ -926,6 +931,8 @@ fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
                 ("broker", new.broker != running.broker),
                 ("upstream", new.upstream != running.upstream),
                 ("dead_letter", new.dead_letter != running.dead_letter),
+                ("metering", new.metering != running.metering),
+                ("defender", new.defender != running.defender),
             ] {
                 if changed {
                     log::warn!(section = section; "changes to [{section}] take effect after a restart");

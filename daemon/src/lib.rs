@@ -11,8 +11,8 @@
 //! - [`broker`]: the embedded rumqttd, on an internal loopback port behind a secret.
 //! - [`gatekeeper`]: device listeners (plain, TLS); authentication, topic policy, limits and the
 //!   packet relay to the broker.
-//! - [`metering`]: per-device traffic counters in time windows (read by the status view and,
-//!   later, the defender).
+//! - [`metering`]: per-device traffic counters in time windows (read by the status view and
+//!   the defender).
 //! - [`status`]: the status file behind `wardgate status`.
 //! - [`mqtt`]: MQTT 3.1.1 framing shared by the gatekeeper and the broker probe.
 //! - [`pipeline`]: the ingest point every accepted PUBLISH flows through, in its device's
@@ -21,6 +21,9 @@
 //! - [`shadow`]: AWS IoT device shadows (classic and named), answered locally and kept in sled.
 //! - [`rules`]: edge rules (an IoT SQL subset) and their actions: republish, upstream alarm,
 //!   webhook (at least once, stored first), journal.
+//! - [`defender`]: AWS IoT Device Defender on the gateway: device agents' reports answered and
+//!   forwarded, the gateway's own report from `/proc`, local Detect over security profiles,
+//!   quarantine.
 //! - [`queue`]: the durable offline queue (sled), on-disk format and invariants in its docs.
 //! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.

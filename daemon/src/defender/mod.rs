@@ -921,10 +921,13 @@ impl Defender {
         let mut idle = crate::supervisor::Heartbeat::ticker();
         self.take_requests(&status);
         self.publish_status(&status);
+        // The end of the next window to evaluate; it moves only once that window is evaluated,
+        // so other wake-ups (the idle beat, a report, a request) never skip one.
+        let next_end = |now_ms: i64| (now_ms.max(0) / 1000) as u64 / len * len + len;
+        let mut end_s = next_end(crate::clock::now_ms());
         loop {
             beat.beat();
             let now_ms = crate::clock::now_ms();
-            let end_s = (now_ms / 1000) as u64 / len * len + len;
             // A little after the boundary, so the meters have closed the window.
             let wait =
                 Duration::from_millis((end_s * 1000 + 50).saturating_sub(now_ms.max(0) as u64));
@@ -942,6 +945,9 @@ impl Defender {
                     }
                     self.evaluate(end_s, &status).await;
                     self.take_requests(&status);
+                    // After a long pause (a suspended machine) the next evaluation is the
+                    // window in progress, not every window missed.
+                    end_s = (end_s + len).max(next_end(crate::clock::now_ms()) - len);
                 }
             }
         }
