@@ -323,6 +323,28 @@ fn datapoints(c: &mut Check<'_>, criteria: &serde_json::Map<String, Value>, key:
     }
 }
 
+/// Every entry of a criteria list read with `f`; the first that is not `what` is reported
+/// with its index.
+fn entries<T>(
+    c: &mut Check<'_>,
+    at: &str,
+    items: &[Value],
+    what: &str,
+    f: impl Fn(&Value) -> Option<T>,
+) -> Option<Vec<T>> {
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match f(item) {
+            Some(x) => out.push(x),
+            None => {
+                c.bad(&format!("{at}[{i}]"), format!("{item} is not {what}"));
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
 /// Compile one behavior (AWS's JSON shape) found at `prefix`.
 fn behavior(
     v: &Value,
@@ -515,70 +537,39 @@ fn behavior(
                         return None;
                     }
                 },
-                Shape::Numbers => {
+                Shape::Numbers | Shape::Strings | Shape::Ips | Shape::Ports => {
                     let items = list(&mut c)?;
-                    let ns: Option<Vec<f64>> = items.iter().map(Value::as_f64).collect();
-                    match ns {
-                        Some(ns) => Criterion::Numbers(inside, ns),
-                        None => {
-                            c.bad(&at, "every entry must be a number");
-                            return None;
-                        }
+                    let c = &mut c;
+                    match shape {
+                        Shape::Numbers => Criterion::Numbers(
+                            inside,
+                            entries(c, &at, &items, "a number", Value::as_f64)?,
+                        ),
+                        Shape::Strings => Criterion::Strings(
+                            inside,
+                            entries(c, &at, &items, "a string", |v| {
+                                v.as_str().map(str::to_owned)
+                            })?
+                            .into_iter()
+                            .collect(),
+                        ),
+                        Shape::Ips => Criterion::Cidrs(
+                            inside,
+                            entries(c, &at, &items, "a CIDR such as \"10.0.0.0/8\"", |v| {
+                                v.as_str().and_then(Cidr::parse)
+                            })?,
+                        ),
+                        _ => Criterion::Ports(
+                            inside,
+                            entries(c, &at, &items, "a port 1–65535", |v| {
+                                v.as_u64()
+                                    .and_then(|p| u16::try_from(p).ok())
+                                    .filter(|p| *p > 0)
+                            })?
+                            .into_iter()
+                            .collect(),
+                        ),
                     }
-                }
-                Shape::Strings => {
-                    let items = list(&mut c)?;
-                    let ss: Option<BTreeSet<String>> = items
-                        .iter()
-                        .map(|v| v.as_str().map(str::to_owned))
-                        .collect();
-                    match ss {
-                        Some(ss) => Criterion::Strings(inside, ss),
-                        None => {
-                            c.bad(&at, "every entry must be a string");
-                            return None;
-                        }
-                    }
-                }
-                Shape::Ips => {
-                    let items = list(&mut c)?;
-                    let mut cidrs = Vec::new();
-                    for (i, item) in items.iter().enumerate() {
-                        match item.as_str().and_then(Cidr::parse) {
-                            Some(cidr) => cidrs.push(cidr),
-                            None => {
-                                c.bad(
-                                    &format!("{at}[{i}]"),
-                                    format!("{item} is not a CIDR such as \"10.0.0.0/8\""),
-                                );
-                                return None;
-                            }
-                        }
-                    }
-                    Criterion::Cidrs(inside, cidrs)
-                }
-                Shape::Ports => {
-                    let items = list(&mut c)?;
-                    let mut ports = BTreeSet::new();
-                    for (i, item) in items.iter().enumerate() {
-                        match item
-                            .as_u64()
-                            .and_then(|p| u16::try_from(p).ok())
-                            .filter(|p| *p > 0)
-                        {
-                            Some(p) => {
-                                ports.insert(p);
-                            }
-                            None => {
-                                c.bad(
-                                    &format!("{at}[{i}]"),
-                                    format!("{item} is not a port 1–65535"),
-                                );
-                                return None;
-                            }
-                        }
-                    }
-                    Criterion::Ports(inside, ports)
                 }
             }
         }

@@ -337,7 +337,11 @@ fn defender_reply(template: &str, gateway_id: &str, topic: &str, payload: &[u8])
     else {
         return false;
     };
-    let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+    let v: serde_json::Value = if own.ends_with("/cbor") {
+        ciborium::from_reader(payload).unwrap_or_default()
+    } else {
+        serde_json::from_slice(payload).unwrap_or_default()
+    };
     let id = v["reportId"].as_u64().unwrap_or(0);
     match outcome {
         "accepted" => {
@@ -656,7 +660,8 @@ impl Building {
 }
 
 /// The whole message of a record of a stream that is not batched (shadow, defender): the
-/// document as queued (a shadow update gets a `clientToken` if it has none). `Err` says why it
+/// document as queued (a shadow update gets a `clientToken` if it has none; a defender report
+/// is encoded in CBOR when `upstream.topics.defender` is a `.../cbor` topic). `Err` says why it
 /// can never be delivered.
 fn body_of(cfg: &UpstreamConfig, thing: &str, seq: u64, r: &Record) -> Result<Vec<u8>, String> {
     let not_json = |e: serde_json::Error| format!("the record is not JSON ({e})");
@@ -678,7 +683,14 @@ fn body_of(cfg: &UpstreamConfig, thing: &str, seq: u64, r: &Record) -> Result<Ve
         };
         doc.insert("clientToken".into(), token.into());
     }
-    let v = serde_json::to_vec(&doc).map_err(|e| e.to_string())?;
+    let v = if r.stream == Stream::Defender && cfg.topics.defender.ends_with("/cbor") {
+        // Device Defender's CBOR topic takes the same document in CBOR.
+        let mut out = Vec::new();
+        ciborium::into_writer(&doc, &mut out).map_err(|e| e.to_string())?;
+        out
+    } else {
+        serde_json::to_vec(&doc).map_err(|e| e.to_string())?
+    };
     if v.len() > cfg.max_batch_bytes {
         return Err(format!(
             "the message would be {} bytes, over upstream.max_batch_bytes ({})",
@@ -994,6 +1006,12 @@ mod tests {
             "defender reports go as queued"
         );
         assert!(body_of(&cfg, "gw", 9, &rec(Stream::Defender, "[1]")).is_err());
+        // Towards the CBOR topic, the same document in CBOR.
+        let mut cbor = cfg.clone();
+        cbor.topics.defender = "$aws/things/${device}/defender/metrics/cbor".into();
+        let body = body_of(&cbor, "gw", 9, &def).unwrap();
+        let back: serde_json::Value = ciborium::from_reader(body.as_slice()).unwrap();
+        assert_eq!(back, serde_json::json!({"header":{"report_id":1}}));
     }
 
     #[test]
