@@ -817,3 +817,66 @@ async fn the_demo_catches_the_simulated_rogue_with_the_shipped_example_profile()
     sim.await.unwrap();
     let _ = gw.stop(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statistical_threshold_over_fifty_devices_catches_only_the_outlier() {
+    let profile: wardgate::config::ProfileConfig = toml::from_str(
+        r#"
+name = "Outliers"
+targets = ["kind:pacemaker"]
+[[behaviors]]
+name = "sent"
+metric = "aws:num-messages-sent"
+# Two datapoints in a row: a window that ends while the ward is still sending its first
+# readings cannot alarm a device on its own.
+criteria = { comparisonOperator = "less-than-equals", statisticalThreshold = { statistic = "p90" }, durationSeconds = 4, consecutiveDatapointsToAlarm = 2 }
+"#,
+    )
+    .unwrap();
+    let mut devices: Vec<DeviceConfig> = (0..50)
+        .map(|i| device(&format!("pm-{i:02}"), "pacemaker", "pw"))
+        .collect();
+    devices.push(device("pm-odd", "pacemaker", "pw"));
+    let w = ward(devices, |c| {
+        c.metering.window = Duration::from_secs(2);
+        c.metering.windows_kept = 10;
+        c.defender.profiles = vec![profile];
+    })
+    .await;
+    let plain = w.gw.listener_addr("plain").unwrap();
+    let mut ward_devices = Vec::new();
+    for i in 0..50 {
+        let id = format!("pm-{i:02}");
+        let d = connect(options(plain, &id, "pw")).await;
+        for hr in [70, 71, 72] {
+            wardgate_tests::send_heart_rate(&d.client, &id, hr).await;
+        }
+        ward_devices.push(d);
+    }
+    let odd = connect(options(plain, "pm-odd", "pw")).await;
+    for hr in 0..60 {
+        wardgate_tests::send_heart_rate(&odd.client, "pm-odd", 60 + hr % 40).await;
+    }
+    odd.wait_acks(60, Duration::from_secs(20)).await;
+    for d in &ward_devices {
+        d.wait_acks(3, Duration::from_secs(20)).await;
+    }
+    let state_dir = w.dir.path().join("state");
+    let raised = || -> Vec<String> {
+        wardgate::defender::read_state(&state_dir)
+            .map(|f| f.history)
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["violationEventType"] == "in-alarm")
+            .map(|e| e["thingName"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    until("the outlier in alarm", Duration::from_secs(20), || {
+        !raised().is_empty()
+    })
+    .await;
+    assert_eq!(raised(), ["pm-odd"], "only the outlier");
+    let s = defender(&w.gw);
+    assert_eq!(s.active.len(), 1, "{s:?}");
+    assert!(s.active[0].metric_value["count"].as_u64().unwrap() >= 60);
+}
