@@ -242,9 +242,9 @@ pub fn render(s: &Status) -> String {
     if let Some(d) = &s.defender {
         let _ = writeln!(
             out,
-            "defender: {} security profiles; device reports {} accepted, {} rejected; own reports {}; {} evaluations; events: {} in-alarm, {} cleared, {} invalidated",
+            "defender: {} security profiles; device reports {} accepted, {} rejected; own reports {}; {} evaluations; events: {} in-alarm, {} cleared, {} invalidated; {} quarantines; {} action failures",
             d.profiles, d.reports_accepted, d.reports_rejected, d.own_reports, d.evaluations,
-            d.events[0], d.events[1], d.events[2]
+            d.events[0], d.events[1], d.events[2], d.quarantines, d.action_failures
         );
         out.push_str(&crate::defender::render_active(d));
         out.push_str(&crate::defender::render_quarantined(d));

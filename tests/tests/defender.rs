@@ -388,6 +388,10 @@ async fn the_rogue_agent_is_caught_within_two_windows_and_quarantined_while_the_
     );
     let s = defender(&w.gw);
     assert_eq!(s.quarantined.len(), 1, "{s:?}");
+    assert_eq!(
+        s.quarantines, s.events[0],
+        "each in-alarm event quarantines: {s:?}"
+    );
     assert_eq!(s.quarantined[0].device_id, "rogue-01");
     assert!(s.active.iter().all(|v| v.thing_name == "rogue-01"), "{s:?}");
     // The pacemaker was never stopped: every reading it sent was acknowledged.

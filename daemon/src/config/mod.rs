@@ -379,30 +379,25 @@ impl Default for BrokerConfig {
     }
 }
 
+/// The commented example that starts at `marker` (`# [[rules]]`) in the shipped configuration
+/// file, uncommented: the lines from it up to the first that is not a comment.
+fn shipped_example(marker: &str) -> Option<String> {
+    let start = DEFAULT_CONFIG_TOML.find(marker)?;
+    Some(
+        DEFAULT_CONFIG_TOML[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or("")))
+            .collect(),
+    )
+}
+
 /// The commented `[[defender.profiles]]` example of the shipped configuration file, as a
 /// profile (the demo runs it; a test keeps it valid).
 pub fn example_profile() -> ProfileConfig {
-    let start = DEFAULT_CONFIG_TOML
-        .find("# [[defender.profiles]]")
-        .unwrap_or(0);
-    // The example is `[[defender.profiles]]` with its behaviors as sub-tables: read it as the
-    // document it is and take the profile out.
-    let text: String = DEFAULT_CONFIG_TOML[start..]
-        .lines()
-        .take_while(|l| l.starts_with('#'))
-        .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or("")))
-        .collect();
-    #[derive(Deserialize)]
-    struct Doc {
-        defender: Defender,
-    }
-    #[derive(Deserialize)]
-    struct Defender {
-        profiles: Vec<ProfileConfig>,
-    }
-    toml::from_str::<Doc>(&text)
-        .ok()
-        .and_then(|d| d.defender.profiles.into_iter().next())
+    shipped_example("# [[defender.profiles]]")
+        .and_then(|text| toml::from_str::<Config>(&text).ok())
+        .and_then(|c| c.defender.profiles.into_iter().next())
         .expect("the shipped configuration's example profile parses (a unit test checks it)")
 }
 
@@ -883,14 +878,7 @@ mod tests {
     /// The commented `[[rules]]` example of the shipped file is a valid rule as written.
     #[test]
     fn the_shipped_rule_example_is_valid() {
-        let start = DEFAULT_CONFIG_TOML
-            .find("# [[rules]]")
-            .expect("rule example");
-        let example: String = DEFAULT_CONFIG_TOML[start..]
-            .lines()
-            .take_while(|l| l.starts_with('#'))
-            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or("")))
-            .collect();
+        let example = shipped_example("# [[rules]]").expect("rule example");
         let dir = std::env::temp_dir().join(format!("wardgate-cfg-rule-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("wardgate.toml");
@@ -908,14 +896,7 @@ mod tests {
     /// The commented `[[defender.profiles]]` example of the shipped file is valid as written.
     #[test]
     fn the_shipped_security_profile_example_is_valid() {
-        let start = DEFAULT_CONFIG_TOML
-            .find("# [[defender.profiles]]")
-            .expect("profile example");
-        let example: String = DEFAULT_CONFIG_TOML[start..]
-            .lines()
-            .take_while(|l| l.starts_with('#'))
-            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or("")))
-            .collect();
+        let example = shipped_example("# [[defender.profiles]]").expect("profile example");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("wardgate.toml");
         std::fs::write(&f, &example).unwrap();

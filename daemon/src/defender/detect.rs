@@ -238,10 +238,8 @@ enum Criterion {
 /// One compiled behavior.
 #[derive(Debug, Clone)]
 pub struct Behavior {
-    /// Its name (unique in its profile).
-    pub name: String,
-    /// Its name, shared by its tracks' keys.
-    key: Arc<str>,
+    /// Its name (unique in its profile; shared by its tracks' keys).
+    pub name: Arc<str>,
     /// The metric (`aws:...` or a custom metric's name).
     pub metric: String,
     side: Side,
@@ -260,10 +258,8 @@ pub struct Behavior {
 /// One compiled security profile.
 #[derive(Debug)]
 pub struct Profile {
-    /// Its name.
-    pub name: String,
-    /// Its name, shared by its tracks' keys.
-    key: Arc<str>,
+    /// Its name (shared by its tracks' keys).
+    pub name: Arc<str>,
     targets: Vec<Target>,
     /// Its behaviors.
     pub behaviors: Vec<Behavior>,
@@ -619,8 +615,7 @@ fn behavior(
         return None;
     }
     Some(Behavior {
-        name: name.to_owned(),
-        key: Arc::from(name),
+        name: Arc::from(name),
         metric: metric.to_owned(),
         side,
         shape,
@@ -757,8 +752,7 @@ pub fn compile(
     };
     match actions {
         Some(actions) if problems.is_empty() => Ok(Profile {
-            name: p.name.clone(),
-            key: Arc::from(p.name.as_str()),
+            name: Arc::from(p.name.as_str()),
             targets,
             behaviors,
             actions: Arc::new(actions),
@@ -1145,7 +1139,7 @@ pub struct Detector {
     min_devices: usize,
     invalidate_after_ms: i64,
     /// Statistical behaviors skipped for want of devices, by (profile, behavior).
-    pub too_few_devices: BTreeSet<(String, String)>,
+    pub too_few_devices: BTreeSet<(Arc<str>, Arc<str>)>,
 }
 
 fn violation_id() -> String {
@@ -1223,7 +1217,7 @@ impl Detector {
                     let verdict = m
                         .as_ref()
                         .and_then(|m| complies(&b.criterion, m, threshold).map(|ok| (ok, m)));
-                    let key = (p.key.clone(), b.key.clone(), device.clone());
+                    let key = (p.name.clone(), b.name.clone(), device.clone());
                     match (&verdict, self.tracks.get(&key)) {
                         // Compliant and not in alarm: no state to keep (a violating streak
                         // ends here).
@@ -1308,7 +1302,7 @@ impl Detector {
                             "violationEventType": kind.as_str(),
                             "metricValue": value,
                             "violationId": id,
-                            "securityProfileName": p.name,
+                            "securityProfileName": &*p.name,
                         }),
                     });
                 }
@@ -1318,11 +1312,7 @@ impl Detector {
         let live: BTreeSet<(&str, &str)> = self
             .profiles
             .iter()
-            .flat_map(|p| {
-                p.behaviors
-                    .iter()
-                    .map(move |b| (p.name.as_str(), b.name.as_str()))
-            })
+            .flat_map(|p| p.behaviors.iter().map(move |b| (&*p.name, &*b.name)))
             .collect();
         let devices: BTreeSet<&str> = inp.devices.iter().map(|(d, _)| &**d).collect();
         self.tracks
@@ -1509,7 +1499,7 @@ criteria = { comparisonOperator = "less-than", value = { count = 10000 }, durati
             file.display()
         ))
         .unwrap();
-        assert_eq!(p.behaviors[0].name, "PacketsOut");
+        assert_eq!(&*p.behaviors[0].name, "PacketsOut");
         assert_eq!(p.behaviors[0].windows, 30);
         std::fs::write(&file, r#"[{"name":"x","metric":"aws:all-packets-out","criteria":{"value":{"count":"many"},"durationSeconds":300,"comparisonOperator":"less-than"}}]"#).unwrap();
         let ks = keys(profile(&format!(

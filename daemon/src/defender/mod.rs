@@ -129,6 +129,12 @@ pub struct DefenderStatus {
     pub evaluations: u64,
     /// Events since start: in-alarm, alarm-cleared, alarm-invalidated.
     pub events: [u64; 3],
+    /// Quarantines imposed since start.
+    #[serde(default)]
+    pub quarantines: u64,
+    /// The profiles' alert actions that failed since start (as of the last evaluation).
+    #[serde(default)]
+    pub action_failures: u64,
     /// Violations in force.
     pub active: Vec<ActiveViolation>,
     /// Devices in quarantine.
@@ -358,8 +364,6 @@ struct State {
     detector: Detector,
     /// Last accepted report id per device (monotonic, as AWS requires).
     last_report: HashMap<Arc<str>, u64>,
-    /// Last "rejected" journal line per device.
-    reject_logged: HashMap<Arc<str>, std::time::Instant>,
     /// Recent events for the state file.
     recent: VecDeque<serde_json::Value>,
     /// The gateway's last own report id.
@@ -372,6 +376,8 @@ pub struct Defender {
     parts: Parts,
     state: Mutex<State>,
     counters: Arc<DefenderCounters>,
+    /// One "report rejected" line per device per [`REJECT_LOG_EVERY`].
+    reject_log: crate::telemetry::LogLimiter,
 }
 
 /// A cheap view of the defender for the status file, that keeps none of its entrances.
@@ -394,6 +400,7 @@ impl StatusHandle {
         s.reports_rejected = c.reports_rejected.load(Relaxed);
         s.own_reports = c.own_reports.load(Relaxed);
         s.evaluations = c.evaluations.load(Relaxed);
+        s.quarantines = c.quarantines.load(Relaxed);
         s.events = [
             c.in_alarm.load(Relaxed),
             c.cleared.load(Relaxed),
@@ -407,7 +414,7 @@ impl Defender {
     /// Build the defender from `parts`, resuming the stored tracks and quarantines.
     pub fn new(parts: Parts) -> (Arc<Self>, StatusHandle) {
         let mut detector = Detector::new(&parts.config, parts.window, parts.windows_kept);
-        let live: std::collections::BTreeSet<(String, String)> = detector
+        let live: std::collections::BTreeSet<(Arc<str>, Arc<str>)> = detector
             .profiles
             .iter()
             .flat_map(|p| p.behaviors.iter().map(|b| (p.name.clone(), b.name.clone())))
@@ -416,7 +423,7 @@ impl Defender {
             .store
             .tracks()
             .into_iter()
-            .filter(|(k, _)| live.contains(&(k.0.to_string(), k.1.to_string())))
+            .filter(|(k, _)| live.contains(&(k.0.clone(), k.1.clone())))
             .collect();
         let resumed = detector.active().count();
         let now = crate::clock::now_ms();
@@ -446,12 +453,12 @@ impl Defender {
                 reports: Reports::new(parts.window, parts.windows_kept),
                 detector,
                 last_report: HashMap::new(),
-                reject_logged: HashMap::new(),
                 recent,
                 own_report_id: 0,
             }),
             parts,
             counters,
+            reject_log: crate::telemetry::LogLimiter::every(REJECT_LOG_EVERY),
         });
         *handle.shared.lock().unwrap_or_else(|e| e.into_inner()) = d.status();
         (d, handle)
@@ -485,6 +492,7 @@ impl Defender {
             .collect();
         DefenderStatus {
             profiles: d.profiles.len(),
+            action_failures: d.profiles.iter().map(|p| p.actions.failures()).sum(),
             active,
             quarantined: self.parts.quarantine.list(),
             too_few_devices: d
@@ -535,20 +543,10 @@ impl Defender {
                     .local
                     .publish_wanted(&format!("{reply_base}/rejected"), body)
                     .await;
-                let log_now = {
-                    let mut st = self.lock();
-                    let now = std::time::Instant::now();
-                    match st.reject_logged.get(device) {
-                        Some(at) if now.duration_since(*at) < REJECT_LOG_EVERY => false,
-                        _ => {
-                            st.reject_logged.insert(device.clone(), now);
-                            true
-                        }
-                    }
-                };
-                if log_now {
+                if let Some(suppressed) = self.reject_log.allow(device) {
                     log::warn!(
-                        device_id:% = device, thing:% = thing, reason:% = why, format = format.as_str();
+                        device_id:% = device, thing:% = thing, reason:% = why, format = format.as_str(),
+                        suppressed = suppressed;
                         "Device Defender report from {device} rejected: {why}"
                     );
                 }
@@ -657,7 +655,7 @@ impl Defender {
 
     /// Log an event and run its profile's actions.
     async fn act(&self, e: &Event) {
-        let (profile_name, behavior, metric, suppress, quarantine) = {
+        let (profile_name, behavior, metric, suppress, quarantine, actions) = {
             let st = self.lock();
             let p = &st.detector.profiles[e.profile];
             let b = &p.behaviors[e.behavior];
@@ -667,6 +665,7 @@ impl Defender {
                 b.metric.clone(),
                 b.suppress_alerts,
                 p.quarantine,
+                p.actions.clone(),
             )
         };
         let id = e.message["violationId"].as_str().unwrap_or("").to_owned();
@@ -700,7 +699,23 @@ impl Defender {
             }
         }
         if !suppress {
-            self.run_actions(e).await;
+            let topic = format!("$aws/things/{}/defender/violations", e.device);
+            let msg = crate::rules::Message {
+                topic: &topic,
+                payload: &[],
+                device_id: &e.device,
+                received_at_ms: crate::clock::now_ms(),
+            };
+            self.parts
+                .rules
+                .run_actions(
+                    crate::rules::Origin::Profile(&profile_name),
+                    &actions,
+                    msg,
+                    &e.message,
+                    &mut None,
+                )
+                .await;
         }
         if e.kind == EventType::InAlarm {
             if let Some(duration) = quarantine {
@@ -708,38 +723,6 @@ impl Defender {
                     .await;
             }
         }
-    }
-
-    async fn run_actions(&self, e: &Event) {
-        let profiles = {
-            let st = self.lock();
-            st.detector.profiles.get(e.profile).map(|p| p.name.clone())
-        };
-        let Some(name) = profiles else { return };
-        let topic = format!("$aws/things/{}/defender/violations", e.device);
-        let msg = crate::rules::Message {
-            topic: &topic,
-            payload: &[],
-            device_id: &e.device,
-            received_at_ms: crate::clock::now_ms(),
-        };
-        let actions = self.actions_of(e.profile);
-        let mut ack = None;
-        self.parts
-            .rules
-            .run_actions(
-                crate::rules::Origin::Profile(&name),
-                &actions,
-                msg,
-                &e.message,
-                &mut ack,
-            )
-            .await;
-    }
-
-    fn actions_of(&self, profile: usize) -> Arc<crate::rules::Actions> {
-        let st = self.lock();
-        st.detector.profiles[profile].actions.clone()
     }
 
     async fn quarantine(

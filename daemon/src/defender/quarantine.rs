@@ -27,40 +27,30 @@ pub struct Entry {
 }
 
 /// The quarantine list (cheap to clone, shared by the gatekeeper and the defender).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Quarantine(
     Arc<RwLock<BTreeMap<String, Entry>>>,
-    Arc<std::sync::Mutex<Refusals>>,
+    Arc<crate::telemetry::LogLimiter>,
 );
-
-/// When each device's refusal was last logged, and how many since.
-type Refusals = BTreeMap<String, (std::time::Instant, u64)>;
 
 /// At most one "refused: quarantined" line per device per this long.
 const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Default for Quarantine {
+    fn default() -> Self {
+        Self(
+            Arc::default(),
+            Arc::new(crate::telemetry::LogLimiter::every(REFUSAL_LOG_EVERY)),
+        )
+    }
+}
 
 impl Quarantine {
     /// Whether to log a refused CONNECT of `device` now: `Some(refusals not logged since the
     /// last line)`, or `None` (one line per device per minute: a quarantined device retrying
     /// every second must not flood the journal).
-    pub fn log_refusal(&self, device: &str) -> Option<u64> {
-        let mut m = self.1.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        match m.get_mut(device) {
-            Some((at, n)) if now.duration_since(*at) < REFUSAL_LOG_EVERY => {
-                *n += 1;
-                None
-            }
-            Some((at, n)) => {
-                let suppressed = *n;
-                (*at, *n) = (now, 0);
-                Some(suppressed)
-            }
-            None => {
-                m.insert(device.to_owned(), (now, 0));
-                Some(0)
-            }
-        }
+    pub fn log_refusal(&self, device: &Arc<str>) -> Option<u64> {
+        self.1.allow(device)
     }
 
     /// The device's quarantine if it is in force at `now_ms`.
@@ -83,10 +73,7 @@ impl Quarantine {
 
     /// Lift a device's quarantine; the entry, if there was one.
     pub fn remove(&self, device: &str) -> Option<Entry> {
-        self.1
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(device);
+        self.1.forget(device);
         self.0
             .write()
             .unwrap_or_else(|e| e.into_inner())

@@ -138,12 +138,6 @@ impl Sessions {
             None => false,
         }
     }
-
-    /// Whether `device` has a live connection.
-    pub fn is_connected(&self, device: &str) -> bool {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.live.contains_key(device)
-    }
 }
 
 impl SessionGuard {

@@ -383,31 +383,6 @@ impl LocalPublisher {
 /// second must not flood the journal.
 const DEAD_LETTER_LOG_EVERY: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Default)]
-struct LogLimiter(Mutex<std::collections::HashMap<Arc<str>, (std::time::Instant, u64)>>);
-
-impl LogLimiter {
-    /// `Some(suppressed since last)` when a line may be written now.
-    fn allow(&self, id: &Arc<str>) -> Option<u64> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        match m.get_mut(id) {
-            Some((last, suppressed)) if now.duration_since(*last) < DEAD_LETTER_LOG_EVERY => {
-                *suppressed += 1;
-                None
-            }
-            Some((last, suppressed)) => {
-                *last = now;
-                Some(std::mem::take(suppressed))
-            }
-            None => {
-                m.insert(id.clone(), (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
-
 /// The entrance to the pipeline, held by the gatekeeper's connections (cheap to clone).
 ///
 /// In the gateway it runs the stages in the caller's task ([`Pipeline::new`]): each device
@@ -462,7 +437,7 @@ struct Progress {
 struct Core {
     stats: PipelineStats,
     stages: Stages,
-    dead_letter_log: LogLimiter,
+    dead_letter_log: crate::telemetry::LogLimiter,
     progress: Arc<Progress>,
     /// Dropped with the last entrance: tells the pipeline stage that nothing can come any more.
     _open: mpsc::Sender<()>,
@@ -492,7 +467,7 @@ impl Pipeline {
         let core = Arc::new(Core {
             stats: stats.clone(),
             stages,
-            dead_letter_log: LogLimiter::default(),
+            dead_letter_log: crate::telemetry::LogLimiter::every(DEAD_LETTER_LOG_EVERY),
             progress: progress.clone(),
             _open: open_tx,
         });

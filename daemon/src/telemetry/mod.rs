@@ -252,3 +252,50 @@ mod tests {
         assert_eq!(escape_controls("plain"), "plain");
     }
 }
+
+/// At most one journal line per key (a device) per interval, counting the lines held back:
+/// a device that repeats a mistake many times a second must not flood the journal.
+#[derive(Debug)]
+pub struct LogLimiter {
+    every: std::time::Duration,
+    last:
+        std::sync::Mutex<std::collections::HashMap<std::sync::Arc<str>, (std::time::Instant, u64)>>,
+}
+
+impl LogLimiter {
+    /// One line per key per `every`.
+    pub fn every(every: std::time::Duration) -> Self {
+        Self {
+            every,
+            last: Default::default(),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line for `key` may be written now.
+    pub fn allow(&self, key: &std::sync::Arc<str>) -> Option<u64> {
+        let mut m = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match m.get_mut(key) {
+            Some((last, suppressed)) if now.duration_since(*last) < self.every => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                m.insert(key.clone(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+
+    /// Forget `key`: its next line is written at once.
+    pub fn forget(&self, key: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}

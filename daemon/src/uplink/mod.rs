@@ -326,15 +326,10 @@ async fn queue_status(queue: &SharedQueue) -> crate::queue::QueueStatus {
 /// The client token of the gateway's own shadow fetches.
 const FETCH_TOKEN: &str = "wardgate-sync";
 
-/// What a message from the cloud shadows means for the shadow service, if anything.
-/// Log Device Defender's reply to one of the gateway's own reports (`.../accepted`: debug;
-/// `.../rejected`: a warning with AWS's reason). Whether `topic` was one.
-fn defender_reply(template: &str, gateway_id: &str, topic: &str, payload: &[u8]) -> bool {
-    let own = topics::expand(template, gateway_id, gateway_id);
-    let Some(outcome) = topic
-        .strip_prefix(own.as_str())
-        .and_then(|t| t.strip_prefix('/'))
-    else {
+/// Log Device Defender's reply to one of the gateway's own reports, sent on `own` (`.../accepted`:
+/// debug; `.../rejected`: a warning with AWS's reason). Whether `topic` was one.
+fn defender_reply(own: &str, topic: &str, payload: &[u8]) -> bool {
+    let Some(outcome) = topic.strip_prefix(own).and_then(|t| t.strip_prefix('/')) else {
         return false;
     };
     let v: serde_json::Value = if own.ends_with("/cbor") {
@@ -360,6 +355,7 @@ fn defender_reply(template: &str, gateway_id: &str, topic: &str, payload: &[u8])
     }
 }
 
+/// What a message from the cloud shadows means for the shadow service, if anything.
 fn cloud_event(
     topics: &topics::CloudShadowTopics,
     topic: &str,
@@ -467,6 +463,8 @@ async fn session(
     let fetch_due = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(fetch_due);
     let mut fetch_armed = false;
+    // Where the gateway's own Device Defender reports go; IoT Core replies below it.
+    let own_defender = topics::expand(&cfg.topics.defender, gateway_id, gateway_id);
     loop {
         beat.beat();
         // Shadow fetches first: they are small, and desired changes made on the ward wait for
@@ -541,9 +539,8 @@ async fn session(
                         backlog = Some((Instant::now(), q.depth));
                     }
                     // Device Defender's replies to the gateway's own reports.
-                    let own = topics::expand(&cfg.topics.defender, gateway_id, gateway_id);
-                    if own.starts_with("$aws/things/") {
-                        for f in [format!("{own}/accepted"), format!("{own}/rejected")] {
+                    if own_defender.starts_with("$aws/things/") {
+                        for f in [format!("{own_defender}/accepted"), format!("{own_defender}/rejected")] {
                             if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
                                 return format!("subscribing to {f}: {e}");
                             }
@@ -559,7 +556,7 @@ async fn session(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    defender_reply(&cfg.topics.defender, gateway_id, &p.topic, &p.payload);
+                    defender_reply(&own_defender, &p.topic, &p.payload);
                     if let Some((link, topics)) = cloud {
                         if let Some(event) = cloud_event(topics, &p.topic, &p.payload) {
                             log::debug!(topic:% = p.topic; "cloud shadow message");
