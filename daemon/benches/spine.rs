@@ -17,7 +17,8 @@
 //! 3. Drain: while and after that, the backlog goes upstream → readings/s delivered within one
 //!    connection's quotas (100 publishes/s, 512 KiB/s) and the KiB/s of MQTT payload used.
 //!
-//! `SPINE_ONLY=wardgate` skips the bridge. `SPINE_PERF=<file>` records a CPU profile (`perf record -g`) of each system while flat out,
+//! `SPINE_ONLY=wardgate` skips the bridge; `SPINE_PHASES=paced` runs only the paced part;
+//! `BENCH_GATEWAY_ENV` adds to the gateway's environment (see `real`). `SPINE_PERF=<file>` records a CPU profile (`perf record -g`) of each system while flat out,
 //! into `<file>.wardgate` and `<file>.mosquitto-bridge`.
 //!
 //! Run with `cargo xtask bench` (or `cargo bench -p wardgate --bench spine`). Prints one line
@@ -280,6 +281,10 @@ async fn measure(t: &Target, report: &mut serde_json::Map<String, serde_json::Va
         }),
     );
 
+    // `SPINE_PHASES=paced` stops here (e.g. to profile the paced run's memory alone).
+    if std::env::var("SPINE_PHASES").is_ok_and(|p| p == "paced") {
+        return;
+    }
     // 2. Flat out, and 3. the drain.
     let before = (
         t.cloud.readings.load(Ordering::Relaxed),

@@ -92,6 +92,18 @@ pub struct Gateway {
     /// Keeps the dead-letter writer's entrance open until the stop, so a pipeline that dies
     /// does not make the writer end too and be reported as a second failure.
     spare_dead_letters: Option<dead_letter::DeadLetterSender>,
+    /// What a reload reaches besides the above.
+    live: Live,
+}
+
+/// The parts of a running gateway a reload changes (see [`Gateway::reload`]).
+#[derive(Debug)]
+struct Live {
+    limits: crate::gatekeeper::SharedLimits,
+    queue: Option<crate::queue::SharedQueue>,
+    /// Holds entrances of the queue writer and the rules: dropped at the start of the stop.
+    defender: Option<Arc<crate::defender::Defender>>,
+    uplink: Option<tokio::sync::watch::Sender<crate::uplink::Reconfigured>>,
 }
 
 /// What the status writer needs, detached from the [`Gateway`].
@@ -248,6 +260,7 @@ impl Gateway {
             [shutdown.clone(), uplink_stop.clone()],
         )));
         let mut shared_queue = None;
+        let mut uplink_reload = None;
         let mut shadow_link = None;
         let mut outbox = None;
         let (queue, queue_writer, uplink) = if let Some(tls) = upstream_tls {
@@ -287,7 +300,11 @@ impl Gateway {
                 log::info!(topic:% = config.upstream.topics.shadow; "upstream.topics.shadow is not an IoT Core shadow update topic naming the device: shadow updates go upstream as queued, and desired changes made in the cloud are not followed");
                 None
             };
+            let (reconfigure, reload) =
+                tokio::sync::watch::channel(Arc::new((config.upstream.clone(), tls.clone())));
+            uplink_reload = Some(reconfigure);
             let stage = crate::uplink::Uplink {
+                reload: Some(reload),
                 cfg: config.upstream.clone(),
                 gateway_id: config.gateway.id.clone(),
                 tls,
@@ -358,6 +375,7 @@ impl Gateway {
         let sessions = crate::gatekeeper::Sessions::default();
         let quarantine = crate::defender::quarantine::Quarantine::default();
         let defender_stop = CancellationToken::new();
+        let mut defender_handle = None;
         let (defender, defender_stage, defender_status) = if config.defender.enabled {
             let dir = state_dir.join("defender");
             let store = open_sled(|| crate::defender::Store::open(&dir))
@@ -381,6 +399,7 @@ impl Gateway {
                 dead_letters: dead_letter_counters.clone(),
                 plugins: plugins.clone(),
             });
+            defender_handle = Some(defender.clone());
             let (d, st, stop) = (defender.clone(), status.clone(), defender_stop.clone());
             let stage =
                 supervisor.spawn_restarting("defender", defender_stop.clone(), move |beat| {
@@ -403,13 +422,14 @@ impl Gateway {
         let stats = pipeline.stats();
         let login = crate::gatekeeper::login::LoginGate::new(&config.login)
             .context("starting the password-check threads")?;
+        let limits = crate::gatekeeper::SharedLimits::from(config.limits.clone());
         let shared = Shared {
             registry: registry.clone(),
             login: login.clone(),
             broker: broker.clone(),
             ingest,
             metering: metering.clone(),
-            limits: config.limits.clone(),
+            limits: limits.clone(),
             sessions,
             quarantine,
         };
@@ -471,6 +491,12 @@ impl Gateway {
                 }
             })
         };
+        let live = Live {
+            limits,
+            queue: shared_queue.clone(),
+            defender: defender_handle,
+            uplink: uplink_reload,
+        };
         let view = Arc::new(StatusView {
             plugins: plugins.clone(),
             login: login.clone(),
@@ -522,6 +548,7 @@ impl Gateway {
             supervisor,
             spare_ingest,
             spare_dead_letters,
+            live,
         };
         gw.status = Some(gw.spawn_status_writer(config.metering.status_interval));
         abandon.0 = None;
@@ -646,6 +673,7 @@ impl Gateway {
         self.rules = None;
         self.spare_ingest = None;
         self.spare_dead_letters = None;
+        self.live.defender = None;
         let drain = async {
             for mut t in tasks {
                 let _ = t.join().await;
@@ -815,6 +843,12 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     log::info!(listeners:% = listening; "wardgate ready");
 
     let watchdog = watchdog_every.map(|every| start_watchdog(every, gw.supervisor().clone()));
+    // What reloads compare with: the configuration in force, recorded for `check-config`.
+    let mut running = config.clone();
+    let mut generation = 0u64;
+    if let Err(e) = crate::reload::write_running(&config.gateway.state_dir, &running) {
+        log::warn!(error:% = e; "cannot record the running configuration; `wardgate check-config` cannot compare with it");
+    }
     // Start-up memory is given back once the gateway has been quiet for a while (see
     // `footprint`): never under load, where paging code back in would delay readings.
     let mut quiet = Quiet::new(gw.stats().total_messages());
@@ -824,7 +858,8 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
             _ = sigterm.recv() => { log::info!(signal = "SIGTERM"; "stopping"); break None; }
             _ = sigint.recv() => { log::info!(signal = "SIGINT"; "stopping"); break None; }
             _ = sighup.recv() => {
-                reload(&opts, &config, &gw);
+                generation += 1;
+                reload(&opts, &config, &mut running, &gw, generation);
                 quiet.pending = Some("reload");
             }
             _ = quiet_tick.tick(), if quiet.pending.is_some() => {
@@ -846,7 +881,7 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     if let Some(w) = watchdog {
         w.abort();
     }
-    let deadline = config.gateway.shutdown_timeout;
+    let deadline = running.gateway.shutdown_timeout;
     let report = gw.stop(deadline).await;
     let _ = std::fs::remove_file(&pid_file);
     let failed = report
@@ -884,69 +919,211 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     }
 }
 
-/// SIGHUP: lift plugin containment of devices; re-read the configuration; apply the device
-/// registry and log level, keep the rest.
-fn reload(opts: &LoadOptions, running: &Config, gw: &Gateway) {
+/// SIGHUP: lift plugin containment of devices; re-read the configuration and apply it
+/// ([`Gateway::reload`]); record the outcome for `wardgate reload`.
+fn reload(
+    opts: &LoadOptions,
+    started: &Config,
+    running: &mut Config,
+    gw: &Gateway,
+    generation: u64,
+) -> crate::reload::Outcome {
     let monotonic = sd_notify::NotifyState::monotonic_usec_now().ok();
     let mut states = vec![sd_notify::NotifyState::Reloading];
     states.extend(monotonic);
     notify(&states);
     gw.plugins().clear_containment();
-    match config::load(opts) {
+    let mut outcome = match config::load(opts) {
         Ok(loaded) => {
-            let new = loaded.config;
-            gw.registry()
-                .replace(Registry::from_config(&new.devices, &new.policy));
-            // Devices, hashes or policies may have changed: every password is checked anew.
-            let forgotten = gw.login().clear_cache();
-            log::info!(credentials_forgotten = forgotten; "credential cache emptied: the next login of every password device is checked with argon2");
-            match gw.reload_tls(&new.listeners.tls) {
-                Ok(true) => log::info!(
-                    "TLS material reloaded: new handshakes use it, connected devices stay"
-                ),
-                Ok(false) => {}
-                Err(e) => log::error!(
-                    error:% = e;
-                    "TLS reload rejected, the previous certificate, CA bundle and CRL stay in use: {e}"
-                ),
-            }
-            crate::telemetry::set_level(new.log.level.into());
-            let r = gw
-                .rules
-                .as_ref()
-                .map(|rules| rules.reload(&new.rules))
-                .unwrap_or_default();
-            log::info!(
-                devices = new.devices.len(), rules = new.rules.len() - r.failed,
-                rules_added:? = r.added, rules_removed:? = r.removed, rules_changed:? = r.changed;
-                "configuration reloaded: device registry, rules and log level applied ({} rules: {} added, {} removed, {} changed)",
-                new.rules.len() - r.failed, r.added.len(), r.removed.len(), r.changed.len()
-            );
-            for (section, changed) in [
-                ("gateway", new.gateway != running.gateway),
-                (
-                    "listeners",
-                    strip_tls_files(&new.listeners) != strip_tls_files(&running.listeners),
-                ),
-                ("broker", new.broker != running.broker),
-                ("upstream", new.upstream != running.upstream),
-                ("dead_letter", new.dead_letter != running.dead_letter),
-                ("metering", new.metering != running.metering),
-                ("defender", new.defender != running.defender),
-            ] {
-                if changed {
-                    log::warn!(section = section; "changes to [{section}] take effect after a restart");
+            let files = loaded
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let o = gw.reload(started, running, &loaded.config);
+            if o.is_applied() {
+                *running = loaded.config;
+                if let Err(e) = crate::reload::write_running(&running.gateway.state_dir, running) {
+                    log::warn!(error:% = e; "cannot record the running configuration; `wardgate check-config` cannot compare with it");
                 }
+                log::info!(
+                    files:% = files, devices = running.devices.len(), rules = running.rules.len(),
+                    applied:? = o.applied, needs_restart:? = o.needs_restart;
+                    "configuration reloaded from {files}: {}", o.summary
+                );
             }
+            o
         }
         Err(errors) => {
+            let problems: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
             for e in &errors.0 {
-                log::error!(problem:% = e; "configuration reload rejected: {e}");
+                log::error!(problem:% = e, key:? = e.key; "configuration reload rejected: {e}");
             }
-            log::error!("configuration reload rejected; the running configuration stays in force");
+            crate::reload::Outcome {
+                outcome: "rejected".into(),
+                summary: format!(
+                    "rejected ({} problem{}); the running configuration stays in force",
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                ),
+                problems,
+                ..Default::default()
+            }
         }
+    };
+    outcome.generation = generation;
+    outcome.pid = std::process::id();
+    outcome.at = crate::clock::rfc3339_ms(crate::clock::now_ms());
+    if let Err(e) = crate::reload::write_outcome(&running.gateway.state_dir, &outcome) {
+        log::warn!(error:% = e; "cannot record the reload's outcome for `wardgate reload`");
+    }
+    if !outcome.is_applied() {
+        log::error!(problems:? = outcome.problems; "configuration reload rejected; the running configuration stays in force");
     }
     notify(&[sd_notify::NotifyState::Ready]);
+    outcome
+}
+
+impl Gateway {
+    /// Apply `new` to the running gateway, which started with `started` and last applied
+    /// `previous`. All or nothing: the new TLS files are loaded first, and a problem with them
+    /// rejects the whole reload. Then, live: the device registry and policies (connected
+    /// devices take their new policy; a device removed, with new credentials, or holding a
+    /// subscription its policy no longer allows is disconnected), the limits, the plugins'
+    /// call deadline and trap count, the rules, the security profiles, the queue's and the
+    /// dead-letter store's bounds, the upstream settings and TLS material (the uplink
+    /// reconnects with them), the listener's TLS material, the log level. Keys that need a
+    /// restart ([`crate::reload::classify`]) keep their running values and are named.
+    pub fn reload(
+        &self,
+        started: &Config,
+        previous: &Config,
+        new: &Config,
+    ) -> crate::reload::Outcome {
+        use crate::reload::{changed_keys, classify, describe_restart, Outcome};
+        let rejected = |problems: Vec<String>| Outcome {
+            outcome: "rejected".into(),
+            summary: format!(
+                "rejected: {}; the running configuration stays in force",
+                problems.join("; ")
+            ),
+            problems,
+            ..Default::default()
+        };
+        // Everything that can still fail, before anything changes.
+        let listener_tls = match (&self.tls, new.listeners.tls.enabled) {
+            (Some(_), true) => match crate::gatekeeper::tls::load(&new.listeners.tls) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    log::error!(
+                        error:% = e;
+                        "TLS reload rejected, the previous certificate, CA bundle and CRL stay in use: {e}"
+                    );
+                    return rejected(vec![e.to_string()]);
+                }
+            },
+            _ => None,
+        };
+        let upstream_changed = new.upstream != previous.upstream;
+        let upstream_tls = match (&self.live.uplink, upstream_changed && new.upstream.enabled) {
+            (Some(_), true) => match crate::uplink::load_tls(&new.upstream) {
+                Ok(t) => Some(t),
+                Err(e) => return rejected(vec![e.to_string()]),
+            },
+            _ => None,
+        };
+        let (_, restart) = classify(started, new, &changed_keys(started, new));
+        let (applied, _) = classify(started, new, &changed_keys(previous, new));
+        let mut problems = Vec::new();
+
+        // Limits before the registry: connections re-read both when the registry changes.
+        let mut limits = new.limits.clone();
+        limits.max_payload_bytes = limits
+            .max_payload_bytes
+            .min(started.limits.max_payload_bytes);
+        limits.max_inflight = limits.max_inflight.min(started.limits.max_inflight);
+        self.live.limits.set(limits);
+        self.registry
+            .replace(Registry::from_config(&new.devices, &new.policy));
+        // Devices, hashes or policies may have changed: every password is checked anew.
+        let forgotten = self.login.clear_cache();
+        log::info!(credentials_forgotten = forgotten; "credential cache emptied: the next login of every password device is checked with argon2");
+        self.plugins.reconfigure(&new.plugins);
+        if let Some(t) = self.tls.as_ref().zip(listener_tls) {
+            t.0.install(t.1);
+            log::info!("TLS material reloaded: new handshakes use it, connected devices stay");
+        }
+        let mut rule_changes = String::new();
+        if let Some(rules) = &self.rules {
+            let r = rules.reload(&new.rules);
+            rule_changes = format!(
+                " ({} rules: {} added, {} removed, {} changed)",
+                new.rules.len() - r.failed,
+                r.added.len(),
+                r.removed.len(),
+                r.changed.len()
+            );
+            if r.failed > 0 {
+                problems.push(format!(
+                    "{} rules failed to compile and are not in force (see the journal)",
+                    r.failed
+                ));
+            }
+        }
+        if let Some(d) = &self.live.defender {
+            let (profiles, kept) = d.reload(&new.defender);
+            log::debug!(profiles = profiles, violations_kept = kept; "security profiles reloaded");
+        }
+        if let Some(q) = &self.live.queue {
+            q.set_bounds(crate::queue::Bounds {
+                commit_interval: new.queue.commit_interval,
+                max_bytes: new.queue.max_bytes,
+                max_age: new.queue.max_age,
+            });
+        }
+        if let Some(d) = &self.spare_dead_letters {
+            d.set_bound(new.dead_letter.clone());
+        }
+        if let Some((tx, tls)) = self.live.uplink.as_ref().zip(upstream_tls) {
+            let mut cfg = new.upstream.clone();
+            // Kept as started (named as needing a restart when changed).
+            cfg.sync_shadows = started.upstream.sync_shadows;
+            cfg.sync_readings = started.upstream.sync_readings;
+            cfg.shadow_updates_per_second = started.upstream.shadow_updates_per_second;
+            if started.upstream.sync_shadows {
+                cfg.topics.shadow = started.upstream.topics.shadow.clone();
+            }
+            tx.send_replace(Arc::new((cfg, tls)));
+        }
+        crate::telemetry::set_level(new.log.level.into());
+        for (key, why) in &restart {
+            log::warn!(key:% = key, reason:% = why; "configuration key {key} changed: needs a restart ({why}); the running value stays until `systemctl restart wardgate`");
+        }
+        let mut summary = if applied.is_empty() {
+            "nothing changed that applies live".to_owned()
+        } else {
+            format!("applied {}", applied.join(", "))
+        };
+        summary.push_str(&rule_changes);
+        if !restart.is_empty() {
+            summary.push_str(&format!(
+                "; needs a restart: {}",
+                describe_restart(&restart)
+            ));
+        }
+        if !problems.is_empty() {
+            summary.push_str(&format!("; {}", problems.join("; ")));
+        }
+        Outcome {
+            outcome: "applied".into(),
+            applied,
+            needs_restart: restart.into_iter().map(|(k, _)| k).collect(),
+            problems,
+            summary,
+            ..Default::default()
+        }
+    }
 }
 
 /// Open a sled store, waiting up to [`SLED_LOCK_WAIT`] while another holder lets go of its
@@ -981,17 +1158,6 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
         Some(p) if p.parse::<u32>().ok() != Some(me) => None,
         _ => Some(Duration::from_micros(usec)),
     }
-}
-
-/// Listener settings without the TLS file paths (those reload live).
-fn strip_tls_files(l: &config::ListenersConfig) -> config::ListenersConfig {
-    let mut l = l.clone();
-    let d = config::TlsListenerConfig::default();
-    l.tls.cert_file = d.cert_file;
-    l.tls.key_file = d.key_file;
-    l.tls.ca_file = d.ca_file;
-    l.tls.crl_file = d.crl_file;
-    l
 }
 
 /// Ping the systemd watchdog at half its interval, but only while every stage is alive and

@@ -276,6 +276,23 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
                     files.join(", ")
                 }
             );
+            // Against the gateway running on this state directory, if any: what a reload
+            // would apply and what needs a restart.
+            if let Some(running) = crate::reload::read_running(&c.gateway.state_dir)
+                .filter(|_| running_pid(&c.gateway.state_dir).is_some())
+            {
+                let changed = crate::reload::changed_keys(&running, c);
+                let (live, restart) = crate::reload::classify(&running, c, &changed);
+                if changed.is_empty() {
+                    println!("the running gateway already uses this configuration");
+                }
+                if !live.is_empty() {
+                    println!("a reload applies: {}", live.join(", "));
+                }
+                for (key, why) in &restart {
+                    println!("needs a restart: {key} ({why})");
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -535,20 +552,47 @@ fn reload(file: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match nix::sys::signal::kill(
+    let state_dir = &loaded.config.gateway.state_dir;
+    let before = crate::reload::read_outcome(state_dir)
+        .filter(|o| o.pid == pid as u32)
+        .map_or(0, |o| o.generation);
+    if let Err(e) = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGHUP,
     ) {
-        Ok(()) => {
-            println!("sent SIGHUP to wardgate (pid {pid}); see the journal for the result");
-            ExitCode::SUCCESS
+        eprintln!("wardgate: cannot signal pid {pid}: {e}");
+        return ExitCode::FAILURE;
+    }
+    // The gateway writes the outcome once the reload is over; a newer generation of the same
+    // process is ours.
+    let deadline = std::time::Instant::now() + RELOAD_WAIT;
+    loop {
+        if let Some(o) = crate::reload::read_outcome(state_dir)
+            .filter(|o| o.pid == pid as u32 && o.generation > before)
+        {
+            if o.is_applied() {
+                println!("configuration reloaded (pid {pid}): {}", o.summary);
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("wardgate: configuration reload rejected; the running configuration stays in force:");
+            for p in &o.problems {
+                eprintln!("  - {p}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
         }
-        Err(e) => {
-            eprintln!("wardgate: cannot signal pid {pid}: {e}");
-            ExitCode::FAILURE
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "wardgate: sent SIGHUP to pid {pid}, but no outcome in {} within {RELOAD_WAIT:?}; see `journalctl -u wardgate`",
+                state_dir.join(crate::reload::OUTCOME_FILE).display()
+            );
+            return ExitCode::FAILURE;
         }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// How long `wardgate reload` waits for the gateway's outcome.
+const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn hash_password() -> ExitCode {
     let mut line = String::new();

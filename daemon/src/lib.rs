@@ -56,6 +56,7 @@ pub mod pipeline;
 pub mod plugin_host;
 pub mod queue;
 pub mod registry;
+pub mod reload;
 pub mod rules;
 pub mod shadow;
 pub mod sim;

@@ -210,25 +210,63 @@ pub enum Decision {
     },
 }
 
-/// The registry shared by every listener; swapped whole on reload.
-#[derive(Debug, Clone, Default)]
-pub struct SharedRegistry(Arc<RwLock<Arc<Registry>>>);
+/// The registry shared by every listener; swapped whole on reload. Every swap bumps a
+/// generation that connected devices watch ([`SharedRegistry::changes`]): each connection then
+/// looks its device up again, takes the new policy and settings, and ends itself when the
+/// device is gone or its credentials changed (see `gatekeeper::connection`).
+#[derive(Debug, Clone)]
+pub struct SharedRegistry(Arc<SharedInner>);
+
+#[derive(Debug)]
+struct SharedInner {
+    current: RwLock<Arc<Registry>>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for SharedRegistry {
+    fn default() -> Self {
+        Self::new(Registry::default())
+    }
+}
 
 impl SharedRegistry {
     /// Wrap a registry.
     pub fn new(r: Registry) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(r))))
+        Self(Arc::new(SharedInner {
+            current: RwLock::new(Arc::new(r)),
+            generation: tokio::sync::watch::Sender::new(0),
+        }))
     }
 
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Registry> {
         // A poisoned lock only means a writer panicked mid-swap of an Arc: the value is intact.
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    /// Replace the snapshot; connections already authenticated are not affected.
+    /// Replace the snapshot. New CONNECTs authenticate against it at once; connected devices
+    /// are told through [`Self::changes`].
     pub fn replace(&self, r: Registry) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(r);
+        *self.0.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(r);
+        self.0.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes when the registry is replaced.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.generation.subscribe()
+    }
+}
+
+impl Device {
+    /// Whether `other` (the same id in a newer registry) proves its identity as this one
+    /// does: same authentication mode and password hash. A connection authenticated with the
+    /// old credentials must log in again when they changed.
+    pub fn same_credentials(&self, other: &Device) -> bool {
+        self.auth == other.auth && self.password_hash == other.password_hash
     }
 }
 

@@ -598,7 +598,7 @@ impl Rig {
                 broker: broker.clone(),
                 ingest: tx.into(),
                 metering: metering.clone(),
-                limits: o.limits.clone(),
+                limits: o.limits.clone().into(),
                 sessions: Default::default(),
                 quarantine: Default::default(),
             },

@@ -49,7 +49,7 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
             broker,
             ingest: tx.into(),
             metering: wardgate::metering::Metering::new(Duration::from_secs(300), 4),
-            limits: cfg.limits.clone(),
+            limits: cfg.limits.clone().into(),
             sessions: Default::default(),
             quarantine: Default::default(),
         },

@@ -165,7 +165,11 @@ async fn sigterm_under_a_stream_of_publishes_drains_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_device_registry_and_log_level_and_keeps_connections() {
-    let pm_01 = || device("pm-01", "pacemaker", "pw");
+    // Built once: a rehashed password (a new salt) is a credential change.
+    let pm_01 = {
+        let d = device("pm-01", "pacemaker", "pw");
+        move || d.clone()
+    };
     let mut d = start(vec![pm_01(), device("bt-01", "bed-temperature", "bt")], &[]);
     let mut pm = connect(options(d.addr, "pm-01", "pw")).await;
     pm.subscribe("ward/pm-01/telemetry").await;
@@ -288,11 +292,12 @@ fn republish_rule(name: &str, above: u32) -> wardgate::config::RuleConfig {
 /// A reload replaces the edge rules: a removed rule fires no more, a new one fires at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_replaces_the_edge_rules() {
-    let devices = || {
+    let devices = {
         let mut nurse = device("nurse-01", "station", "n-pw");
         nurse.subscribe = Some(vec!["alerts/#".into()]);
         nurse.publish = Some(vec![]);
-        vec![device("pm-01", "pacemaker", "pw"), nurse]
+        let all = vec![device("pm-01", "pacemaker", "pw"), nurse];
+        move || all.clone()
     };
     let mut d = start_with(
         |dir| {
@@ -345,4 +350,146 @@ async fn sighup_replaces_the_edge_rules() {
         nurse.incoming.try_recv().is_err(),
         "nothing from the removed rule"
     );
+}
+
+/// `wardgate reload` waits for the outcome. A reload puts the new policy in force on a
+/// connection made before it (a publish it allowed is now refused), disconnects a device
+/// removed from the registry and one whose policy no longer covers its subscription, and
+/// names what needs a restart; a broken file is rejected with the reason, and the running
+/// configuration stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_puts_new_policies_in_force_and_disconnects_devices_no_longer_allowed() {
+    let pm = {
+        let d = device("pm-01", "pacemaker", "pw");
+        move || d.clone()
+    };
+    let sub = {
+        let d = device("gl-01", "glucose", "gl");
+        move || d.clone()
+    };
+    let mut d = start(
+        vec![pm(), sub(), device("bt-01", "bed-temperature", "bt")],
+        &[],
+    );
+    let t = Duration::from_secs(10);
+    let pm_c = connect(options(d.addr, "pm-01", "pw")).await;
+    let mut gl_c = connect(options(d.addr, "gl-01", "gl")).await;
+    gl_c.subscribe("ward/gl-01/telemetry").await;
+    let _bt_c = connect(options(d.addr, "bt-01", "bt")).await;
+    pm_c.client
+        .publish(
+            "ward/pm-01/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            pacemaker_reading(70),
+        )
+        .await
+        .unwrap();
+    pm_c.wait_acks(1, t).await;
+
+    // pm-01 may now publish only to ward/pm-01/other; gl-01 may subscribe to nothing;
+    // bt-01 is gone; the plain listener's address changes (needs a restart).
+    let mut narrowed = pm();
+    narrowed.publish = Some(vec!["ward/${device}/other".into()]);
+    let mut deaf = sub();
+    deaf.subscribe = Some(vec![]);
+    let mut cfg = config(d.dir.path(), vec![narrowed, deaf]);
+    cfg.listeners.plain.address = "127.0.0.1:1".parse().unwrap();
+    std::fs::write(&d.config_path, config_toml(&cfg)).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["reload", "-c"])
+        .arg(&d.config_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("configuration reloaded"), "{stdout}");
+    assert!(stdout.contains("devices"), "{stdout}");
+    assert!(
+        stdout.contains("needs a restart: listeners.plain.address"),
+        "{stdout}"
+    );
+    for (device, why) in [
+        ("bt-01", "removed from the device registry"),
+        (
+            "gl-01",
+            "its policy no longer allows its subscription to `ward/gl-01/telemetry`",
+        ),
+    ] {
+        let line = d
+            .log
+            .wait_for(&format!("device disconnected: {why}"), t)
+            .unwrap_or_else(|| panic!("{device} not disconnected:\n{}", d.log.text()));
+        assert!(line.contains(&format!("device_id={device}")), "{line}");
+    }
+    // The removed device cannot come back; the listener kept its address.
+    assert_eq!(
+        try_connect(options(d.addr, "bt-01", "bt"), t).await,
+        ConnectOutcome::Refused(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
+    // pm-01's connection from before the reload is still up, under its new policy.
+    assert!(
+        !d.log
+            .text()
+            .lines()
+            .any(|l| l.contains("device disconnected") && l.contains("device_id=pm-01")),
+        "pm-01 was not to be disconnected by the reload:\n{}",
+        d.log.text()
+    );
+    pm_c.client
+        .publish(
+            "ward/pm-01/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            pacemaker_reading(71),
+        )
+        .await
+        .unwrap();
+    let line = d
+        .log
+        .wait_for(
+            "publish to `ward/pm-01/telemetry` is not allowed by its policy",
+            t,
+        )
+        .unwrap_or_else(|| panic!("old policy still in force:\n{}", d.log.text()));
+    assert!(line.contains("device_id=pm-01"), "{line}");
+
+    // A broken file: rejected, with the file and the reason, and the registry stays.
+    std::fs::write(&d.config_path, "[gateway]\nshutdown_timeout = \"soon\"\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["reload", "-c"])
+        .arg(&d.config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a broken reload must fail: {stderr}");
+    // `wardgate reload` itself loads the file first and refuses it with the key.
+    assert!(stderr.contains("shutdown_timeout"), "{stderr}");
+    kill(Pid::from_raw(d.child.id() as i32), Signal::SIGHUP).unwrap();
+    assert!(d.notify.reloaded(Duration::from_secs(20)));
+    d.log
+        .wait_for(
+            "configuration reload rejected; the running configuration stays in force",
+            t,
+        )
+        .unwrap_or_else(|| panic!("no rejection line:\n{}", d.log.text()));
+    let outcome = wardgate::reload::read_outcome(d.dir.path()).expect("outcome file");
+    assert_eq!(outcome.outcome, "rejected");
+    assert!(
+        outcome
+            .problems
+            .iter()
+            .any(|p| p.contains("shutdown_timeout") && p.contains("wardgate.toml")),
+        "{:?}",
+        outcome.problems
+    );
+    assert_eq!(
+        try_connect(options(d.addr, "bt-01", "bt"), t).await,
+        ConnectOutcome::Refused(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
+    let _ = d.child.kill();
 }

@@ -85,7 +85,13 @@ async fn server_certificate_rotates_without_dropping_devices() {
         .args(["reload", "-c", config_path.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // `wardgate reload` waits for the outcome: rejected, with the file and the reason.
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("listeners.tls.cert_file") && stderr.contains("no CERTIFICATE"),
+        "{stderr}"
+    );
     let line = reloaded("TLS reload rejected");
     assert!(line.contains("previous certificate"), "{line}");
     let (stream, seen) = tls_connect(addr, &ca, Some(&device_cert)).await.unwrap();

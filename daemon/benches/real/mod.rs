@@ -51,6 +51,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Extra environment for the gateway under test, from `BENCH_GATEWAY_ENV`
+/// (`NAME=value` pairs separated by `;`), e.g. a heap profiler's preload library:
+/// `BENCH_GATEWAY_ENV="LD_PRELOAD=/usr/lib/x86_64-linux-gnu/heaptrack/libheaptrack_preload.so;DUMP_HEAPTRACK_OUTPUT=/tmp/gw.heaptrack"`.
+fn gateway_env() -> Vec<(String, String)> {
+    std::env::var("BENCH_GATEWAY_ENV")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 /// A running `wardgate run`.
 pub struct Running {
     pub child: Child,
@@ -77,6 +89,7 @@ pub fn start(cfg: &wardgate::config::Config, dir: &Path, name: &str, ready: Dura
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WARDGATE_LOG__FORMAT", "text")
         .env("WARDGATE_LOG__LEVEL", "warn")
+        .envs(gateway_env())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -181,6 +181,15 @@ impl Interest {
         }
     }
 
+    /// The filters `owner` holds (without `$share/<group>/`).
+    pub fn held(&self, owner: &Owner) -> Vec<String> {
+        let s = self.0.state.read().unwrap_or_else(|e| e.into_inner());
+        s.owners
+            .get(owner)
+            .map(|held| held.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `owner` holds a filter that matches `topic`, by MQTT's rules (a filter starting
     /// with a wildcard does not match a `$` topic).
     pub fn holds_match(&self, owner: &Owner, topic: &str) -> bool {

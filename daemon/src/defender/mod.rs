@@ -468,6 +468,32 @@ impl Defender {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Apply reloaded security profiles (and `statistics_min_devices`, `invalidate_after`):
+    /// evaluated from the next window end. A behavior kept by name (same profile, same
+    /// behavior name) keeps its devices' streaks and violations, which then alarm and clear
+    /// by the new criteria; a removed behavior's violations end with it (its tracks are
+    /// dropped). Returns (profiles loaded, violations kept). The other `[defender]` settings
+    /// are fixed at start.
+    pub fn reload(&self, c: &DefenderConfig) -> (usize, usize) {
+        let mut detector = Detector::new(c, self.parts.window, self.parts.windows_kept);
+        let live: std::collections::BTreeSet<(Arc<str>, Arc<str>)> = detector
+            .profiles
+            .iter()
+            .flat_map(|p| p.behaviors.iter().map(|b| (p.name.clone(), b.name.clone())))
+            .collect();
+        let mut st = self.lock();
+        let old = std::mem::take(&mut st.detector.tracks);
+        // The store follows at the next evaluation, which replaces its tracks with these.
+        detector.tracks = old
+            .into_iter()
+            .filter(|(k, _)| live.contains(&(k.0.clone(), k.1.clone())))
+            .collect();
+        let active = detector.active().count();
+        let profiles = detector.profiles.len();
+        st.detector = detector;
+        (profiles, active)
+    }
+
     /// The status now (without the counters, which [`StatusHandle`] adds).
     fn status(&self) -> DefenderStatus {
         let st = self.lock();

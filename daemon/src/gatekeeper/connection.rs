@@ -72,6 +72,8 @@ enum End {
     TakenOver,
     /// A security profile quarantined the device.
     Quarantined(crate::defender::quarantine::Entry),
+    /// A reloaded configuration no longer lets this connection go on; `.0` says why.
+    Revoked(String),
     /// The broker refused the session the device needed for its first SUBSCRIBE.
     SessionRefused(std::io::Error),
     BrokerError(FrameError),
@@ -201,6 +203,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     };
 
+    // Watched from before the snapshot: a reload after it is never missed.
+    let registry_changes = ctx.shared.registry.changes();
     let registry = ctx.shared.registry.snapshot();
     let meter = registry
         .get(&connect.client_id)
@@ -329,9 +333,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         interest.clone(),
         interest.owner(&connect.client_id, connect.clean_session),
     );
-    let relay = Relay {
+    let mut relay = Relay {
         ctx,
-        dev: &dev,
+        dev: dev.clone(),
+        limits: ctx.shared.limits.get(),
+        registry_changes,
         listening: &listening,
         meter: &meter,
         max,
@@ -340,6 +346,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         taken_over: session.token(),
     };
     let end = relay.run(device, dbuf, broker, stop).await;
+    // The device as the latest configuration has it (a reload may have changed its policy).
+    let dev = relay.dev;
     drop(session);
     meter.disconnected();
     log_end(listener, &dev, peer, &end);
@@ -358,7 +366,7 @@ fn check_will(
     dev: &Device,
     ctx: &Context,
 ) -> Result<LastWill, (&'static str, String)> {
-    let limits = &ctx.shared.limits;
+    let limits = &ctx.shared.limits.get();
     if let Err(e) = check_topic(&will.topic, limits) {
         return Err((e.rule(), format!("Will topic `{}`: {e}", will.topic)));
     }
@@ -396,6 +404,15 @@ const WILL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// so in the journal. The device's own relay is gone by now, so the broker gets it over a
 /// short link of its own.
 async fn publish_will(ctx: &Context, dev: &Arc<Device>, meter: &DeviceMeter, will: LastWill) {
+    // Checked at CONNECT; checked again, since a reload may have narrowed the policy since.
+    if !dev.policy.may_publish(&will.topic) {
+        meter.authorization_failure();
+        log::warn!(
+            device_id:% = dev.id, topic:% = will.topic, rule = "policy_will";
+            "Last Will not published: the device's policy no longer allows `{}` (configuration reloaded)", will.topic
+        );
+        return;
+    }
     let qos = if will.qos == QoS::AtMostOnce {
         Qos::AtMostOnce
     } else {
@@ -488,7 +505,10 @@ impl End {
     /// Whether the device's Will is published: every end but a DISCONNECT from the device
     /// and the gateway stopping (a restart would otherwise raise every device's Will).
     fn fires_will(&self) -> bool {
-        !matches!(self, End::DeviceDisconnected | End::Shutdown)
+        !matches!(
+            self,
+            End::DeviceDisconnected | End::Shutdown | End::Revoked(_)
+        )
     }
 }
 
@@ -536,6 +556,10 @@ fn log_end(listener: &'static str, dev: &Device, peer: SocketAddr, end: &End) {
             "device disconnected: quarantined by security profile {} (behavior {}) until {}; `wardgate quarantine clear {id}` lifts it",
             q.security_profile, q.behavior, crate::clock::rfc3339_ms(q.until_ms)
         ),
+        End::Revoked(why) => log::warn!(
+            listener = listener, device_id:% = id, peer:% = peer, rule = "reload", reason:% = why;
+            "device disconnected: {why} (configuration reloaded)"
+        ),
         End::SessionRefused(e) => log::error!(
             listener = listener, device_id:% = id, peer:% = peer, error:% = e;
             "device disconnected: the internal broker refused its session (needed for its subscription)"
@@ -567,7 +591,12 @@ const KEEP_READ_BUFFER_BYTES: usize = 2048;
 
 struct Relay<'a> {
     ctx: &'a Context,
-    dev: &'a Arc<Device>,
+    /// The device as the current registry has it (replaced on reload).
+    dev: Arc<Device>,
+    /// The limits in force (replaced on reload).
+    limits: crate::config::LimitsConfig,
+    /// Changes when the registry is replaced.
+    registry_changes: tokio::sync::watch::Receiver<u64>,
     /// Its subscriptions in the broker's interest index.
     listening: &'a Listening,
     meter: &'a DeviceMeter,
@@ -621,7 +650,7 @@ fn shrink(buf: &mut BytesMut) {
 
 impl Relay<'_> {
     async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &self,
+        &mut self,
         device: S,
         mut dbuf: BytesMut,
         broker: Option<TcpStream>,
@@ -647,6 +676,11 @@ impl Relay<'_> {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return End::Shutdown,
+                Ok(()) = self.registry_changes.changed() => {
+                    if let Some(end) = self.refresh() {
+                        return end;
+                    }
+                }
                 _ = self.taken_over.cancelled() => {
                     return match self.ctx.shared.quarantine.get(&self.dev.id, crate::clock::now_ms()) {
                         Some(q) => End::Quarantined(q),
@@ -714,7 +748,7 @@ impl Relay<'_> {
                         Err(FrameError::Malformed(mqttbytes::Error::PayloadSizeLimitExceeded(n))) => {
                             return End::Violation(
                                 "max_payload_bytes",
-                                format!("packet of {n} bytes; the limit is {} bytes of payload", self.ctx.shared.limits.max_payload_bytes),
+                                format!("packet of {n} bytes; the limit is {} bytes of payload", self.limits.max_payload_bytes),
                             );
                         }
                         Err(e) => return End::DeviceError(e),
@@ -779,6 +813,38 @@ impl Relay<'_> {
                 }
             }
         }
+    }
+
+    /// The registry was replaced: take the device's new policy, settings and limits, or say why
+    /// this connection must end — the device is gone, its credentials changed (it logs in
+    /// again with the new ones), or its policy no longer covers a subscription it holds.
+    fn refresh(&mut self) -> Option<End> {
+        let Some(new) = self.ctx.shared.registry.snapshot().get(&self.dev.id) else {
+            return Some(End::Revoked("removed from the device registry".into()));
+        };
+        if !self.dev.same_credentials(&new) {
+            return Some(End::Revoked(
+                "its credentials changed; it must log in again".into(),
+            ));
+        }
+        let limits = self.ctx.shared.limits.get();
+        let held = self
+            .ctx
+            .shared
+            .broker
+            .interest()
+            .held(self.listening.owner());
+        if let Some(f) = held
+            .iter()
+            .find(|f| check_filter(f, &limits).is_err() || !new.policy.may_subscribe(f))
+        {
+            return Some(End::Revoked(format!(
+                "its policy no longer allows its subscription to `{f}`"
+            )));
+        }
+        self.dev = new;
+        self.limits = limits;
+        None
     }
 
     /// Pass a packet of the device's on to its broker session, opening the session for its
@@ -857,7 +923,7 @@ impl Relay<'_> {
         sub_masks: &mut HashMap<u16, Vec<bool>>,
         dw: &mut W,
     ) -> Result<Option<Packet>, End> {
-        let limits = &self.ctx.shared.limits;
+        let limits = &self.limits;
         match packet {
             Packet::Publish(p) => {
                 if let Err(e) = check_topic(&p.topic, limits) {
@@ -980,7 +1046,7 @@ impl Relay<'_> {
         sub_masks: &mut HashMap<u16, Vec<bool>>,
         dw: &mut W,
     ) -> Result<Option<Packet>, End> {
-        let limits = &self.ctx.shared.limits;
+        let limits = &self.limits;
         let allowed: Vec<bool> = s
             .filters
             .iter()

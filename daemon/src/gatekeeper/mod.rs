@@ -75,12 +75,35 @@ pub struct Shared {
     pub ingest: IngestSender,
     /// Per-device meters.
     pub metering: Metering,
-    /// Per-connection limits.
-    pub limits: LimitsConfig,
+    /// Per-connection limits (replaced on reload).
+    pub limits: SharedLimits,
     /// The live connection of every connected device.
     pub sessions: Sessions,
     /// Devices the defender quarantined: their CONNECTs are refused.
     pub quarantine: crate::defender::quarantine::Quarantine,
+}
+
+/// Per-connection limits, replaced on reload. A connection reads them at its CONNECT and again
+/// whenever the registry changes (a reload replaces the limits first, then the registry).
+#[derive(Debug, Clone, Default)]
+pub struct SharedLimits(Arc<std::sync::RwLock<LimitsConfig>>);
+
+impl SharedLimits {
+    /// The current limits.
+    pub fn get(&self) -> LimitsConfig {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replace them.
+    pub fn set(&self, limits: LimitsConfig) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+}
+
+impl From<LimitsConfig> for SharedLimits {
+    fn from(l: LimitsConfig) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(l)))
+    }
 }
 
 /// The one live connection of each device: a device that connects again takes over, and its

@@ -165,6 +165,11 @@ impl TlsState {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = new;
         Ok(())
     }
+
+    /// Use `new` (made by [`load`]) for every handshake from now on.
+    pub fn install(&self, new: Arc<ServerConfig>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = new;
+    }
 }
 
 /// Names the client certificate vouches for: subject CN(s), then SAN DNS names and URIs.

@@ -281,6 +281,15 @@ pub struct DeadLetterSender {
     tx: mpsc::Sender<(DeadLetter, Option<Ack>)>,
     counters: Arc<DeadLetterCounters>,
     dir: PathBuf,
+    /// A new bound from a reload, taken by the writer before its next group or tick.
+    bound: Arc<std::sync::Mutex<Option<DeadLetterConfig>>>,
+}
+
+impl DeadLetterSender {
+    /// Give the writer a new bound (a reload); a lower one removes files at its next write.
+    pub fn set_bound(&self, bound: DeadLetterConfig) {
+        *self.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
+    }
 }
 
 impl DeadLetterSender {
@@ -473,7 +482,7 @@ pub fn spawn_writer(
 /// writer's panic.
 pub fn writer(
     store: DeadLetters,
-    bound: DeadLetterConfig,
+    mut bound: DeadLetterConfig,
     beat: crate::supervisor::Heartbeat,
 ) -> (
     DeadLetterSender,
@@ -485,13 +494,20 @@ pub fn writer(
         tx,
         counters: counters.clone(),
         dir: store.dir().to_path_buf(),
+        bound: Arc::default(),
     };
+    let reloaded = sender.bound.clone();
     let task = async move {
         let mut files = Files::default();
         let mut tick = tokio::time::interval(ENFORCE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut idle = crate::supervisor::Heartbeat::ticker();
         loop {
+            if let Some(b) = reloaded.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                bound = b;
+                // Enforced anew at the next write or tick.
+                files.scanned = false;
+            }
             // The bound first (at start, and on each tick), then whatever waits.
             let first = tokio::select! {
                 biased;

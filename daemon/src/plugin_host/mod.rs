@@ -279,6 +279,8 @@ pub struct PluginHost {
     engine: Engine,
     linker: Linker<HostState>,
     cfg: PluginsConfig,
+    /// `plugins.call_deadline` and `plugins.max_consecutive_traps` as the last reload set them.
+    live: Mutex<(Duration, u32)>,
     cache_dir: Option<PathBuf>,
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
     /// (modified, length) of every file seen, loaded or rejected.
@@ -300,6 +302,25 @@ impl std::fmt::Debug for PluginHost {
 impl Drop for PluginHost {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PluginHost {
+    fn live(&self) -> (Duration, u32) {
+        *self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn call_deadline(&self) -> Duration {
+        self.live().0
+    }
+
+    /// Apply a reloaded `[plugins]`: the call deadline and the trap count that contains a
+    /// device take effect from the next call. The directory, its poll interval and the memory
+    /// cap are fixed at start (the engine's instance pool is sized by the cap); the caller
+    /// reports a change to them as needing a restart.
+    pub fn reconfigure(&self, cfg: &PluginsConfig) {
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) =
+            (cfg.call_deadline, cfg.max_consecutive_traps);
     }
 }
 
@@ -345,6 +366,7 @@ impl PluginHost {
             engine,
             linker,
             cfg: cfg.clone(),
+            live: Mutex::new((cfg.call_deadline, cfg.max_consecutive_traps)),
             cache_dir,
             plugins: RwLock::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -381,7 +403,7 @@ impl PluginHost {
             }
         });
         // Instantiation runs under the budget of a small call.
-        Self::begin_call(&mut store, self.cfg.call_deadline, Arc::default());
+        Self::begin_call(&mut store, self.call_deadline(), Arc::default());
         let plugin = p.pre.instantiate(&mut store)?;
         Ok(Instance { store, plugin })
     }
@@ -480,7 +502,7 @@ impl PluginHost {
             .map_err(|e| err(format!("cannot be instantiated: {e:#}")))?;
         Self::begin_call(
             &mut probe.store,
-            self.cfg.call_deadline.saturating_mul(10),
+            self.call_deadline().saturating_mul(10),
             Arc::default(),
         );
         let info = probe
@@ -713,7 +735,7 @@ impl PluginHost {
         };
         Self::begin_call(
             &mut inst.store,
-            budget::call_budget(self.cfg.call_deadline, input.payload.len()),
+            budget::call_budget(self.call_deadline(), input.payload.len()),
             input.settings.clone(),
         );
         let out = match inst.plugin.call_normalize(&mut inst.store, &msg) {
@@ -756,10 +778,7 @@ impl PluginHost {
         if matches!(e.downcast_ref::<Stopped>(), Some(Stopped::WallCap { .. })) {
             return Failure::Overloaded(reason);
         }
-        match p
-            .ledger
-            .trapped(device, &reason, self.cfg.max_consecutive_traps)
-        {
+        match p.ledger.trapped(device, &reason, self.live().1) {
             Charged::Counted(n) => log::warn!(
                 plugin:% = p.name, device_id = device, traps = n, reason:% = reason;
                 "plugin trapped on a message of {device} ({n} in a row): {reason}"

@@ -103,7 +103,7 @@
 mod writer;
 
 pub use writer::{
-    spawn_writer, writer, Enqueue, QueueCounters, QueueStatus, SharedQueue, MAX_GROUP,
+    spawn_writer, writer, Bounds, Enqueue, QueueCounters, QueueStatus, SharedQueue, MAX_GROUP,
 };
 
 use std::path::Path;

@@ -45,6 +45,19 @@ pub struct SharedQueue {
     pub appended: Arc<Notify>,
     /// What was dropped, since start.
     pub counters: Arc<QueueCounters>,
+    /// New bounds from a reload, taken by the writer before its next group.
+    bounds: Arc<Mutex<Option<Bounds>>>,
+}
+
+/// The writer's bounds: `queue.commit_interval`, `queue.max_bytes`, `queue.max_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Shortest time between the starts of two commits.
+    pub commit_interval: Duration,
+    /// Most bytes queued.
+    pub max_bytes: u64,
+    /// Oldest routine record kept.
+    pub max_age: Duration,
 }
 
 /// Counters of the queue since start (visible in `wardgate status`).
@@ -95,7 +108,14 @@ impl SharedQueue {
             store: Arc::new(Mutex::new(store)),
             appended: Arc::new(Notify::new()),
             counters: Arc::default(),
+            bounds: Arc::default(),
         }
+    }
+
+    /// Give the writer new bounds (a reload): they apply from its next group, and a lower
+    /// `max_bytes` or `max_age` evicts at that commit.
+    pub fn set_bounds(&self, b: Bounds) {
+        *self.bounds.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
     }
 
     /// Depth, bytes, oldest age and drop counters (blocking: reads the oldest record).
@@ -161,9 +181,9 @@ pub fn spawn_writer(
 /// makes no progress and shows as stalled. A panic while writing is the writer's panic.
 pub fn writer(
     queue: SharedQueue,
-    commit_interval: Duration,
-    max_bytes: u64,
-    max_age: Duration,
+    mut commit_interval: Duration,
+    mut max_bytes: u64,
+    mut max_age: Duration,
     beat: crate::supervisor::Heartbeat,
 ) -> (
     Enqueue,
@@ -191,6 +211,14 @@ pub fn writer(
             // Everything already waiting joins this group; what arrives while it is written
             // joins the next. So a group is one reading when the ward is quiet and grows with
             // the load, and commits start at most once per `commit_interval`.
+            let reloaded = queue
+                .bounds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(b) = reloaded {
+                (commit_interval, max_bytes, max_age) = (b.commit_interval, b.max_bytes, b.max_age);
+            }
             let mut group = vec![first];
             let deadline = last_start + commit_interval;
             while group.len() < MAX_GROUP {

@@ -240,7 +240,13 @@ pub struct Uplink {
     /// The link to the shadow service, when device shadows are kept in step with the cloud
     /// (the shadow topic is a shadow update topic: [`topics::CloudShadowTopics`]).
     pub sync: Option<crate::shadow::sync::CloudLink>,
+    /// Reloaded settings and TLS material ([`Reconfigured`]): the session in progress ends and
+    /// the next one uses them at once (records not yet acknowledged stay queued and go again).
+    pub reload: Option<tokio::sync::watch::Receiver<Reconfigured>>,
 }
+
+/// What a reload gives the uplink: its new `[upstream]` settings and their TLS material.
+pub type Reconfigured = Arc<(UpstreamConfig, Arc<rustls::ClientConfig>)>;
 
 impl Uplink {
     /// Drain the queue to the upstream until `stop`, beating `beat` on every event, on an
@@ -249,32 +255,58 @@ impl Uplink {
     /// connection timeout.)
     pub async fn run(self, stop: CancellationToken, beat: Heartbeat) {
         let Uplink {
-            cfg,
+            mut cfg,
             gateway_id,
-            tls,
+            mut tls,
             queue,
             stats,
             sync,
+            mut reload,
         } = self;
-        let cloud = sync.and_then(|link| {
-            topics::CloudShadowTopics::of(&cfg.topics.shadow, &gateway_id).map(|t| (link, t))
-        });
+        if let Some(r) = &mut reload {
+            // A restarted run takes the newest settings.
+            let latest = r.borrow_and_update().clone();
+            (cfg, tls) = (latest.0.clone(), latest.1.clone());
+        }
+        let shadow_topics =
+            |cfg: &UpstreamConfig| topics::CloudShadowTopics::of(&cfg.topics.shadow, &gateway_id);
+        let mut cloud = sync.and_then(|link| shadow_topics(&cfg).map(|t| (link, t)));
         // A restarted run starts without a session, whatever the last one left here.
         stats.connected.store(false, Ordering::Relaxed);
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = Instant::now();
-            let outcome = session(
-                &cfg,
-                &gateway_id,
-                tls.clone(),
-                &queue,
-                &stats,
-                cloud.as_ref(),
-                &stop,
-                &beat,
-            )
-            .await;
+            let session_stop = stop.child_token();
+            let outcome = {
+                let s = session(
+                    &cfg,
+                    &gateway_id,
+                    tls.clone(),
+                    &queue,
+                    &stats,
+                    cloud.as_ref(),
+                    &session_stop,
+                    &beat,
+                );
+                tokio::pin!(s);
+                let changed = async {
+                    match &mut reload {
+                        Some(r) => r.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::pin!(changed);
+                let mut reloaded = false;
+                loop {
+                    tokio::select! {
+                        o = &mut s => break o,
+                        true = &mut changed, if !reloaded => {
+                            reloaded = true;
+                            session_stop.cancel();
+                        }
+                    }
+                }
+            };
             // The shadow service hears of it before anyone can see `connected` go false.
             if let Some((link, _)) = &cloud {
                 tokio::select! {
@@ -285,6 +317,22 @@ impl Uplink {
             stats.connected.store(false, Ordering::Relaxed);
             if stop.is_cancelled() {
                 return;
+            }
+            if session_stop.is_cancelled() {
+                if let Some(r) = &mut reload {
+                    let latest = r.borrow_and_update().clone();
+                    (cfg, tls) = (latest.0.clone(), latest.1.clone());
+                    if let Some((link, _)) = cloud.take() {
+                        // The shadow link stays; only its topics can have changed.
+                        cloud = shadow_topics(&cfg).map(|t| (link, t));
+                    }
+                }
+                log::info!(
+                    endpoint:% = cfg.endpoint;
+                    "upstream settings reloaded: reconnecting with them; records not yet acknowledged stay queued and go again"
+                );
+                backoff = Duration::from_secs(1);
+                continue;
             }
             stats.connection_errors.fetch_add(1, Ordering::Relaxed);
             if started.elapsed() > Duration::from_secs(30) {
