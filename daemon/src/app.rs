@@ -100,7 +100,6 @@ pub struct Gateway {
 #[derive(Debug)]
 struct Live {
     limits: crate::gatekeeper::SharedLimits,
-    queue: Option<crate::queue::SharedQueue>,
     /// Holds entrances of the queue writer and the rules: dropped at the start of the stop.
     defender: Option<Arc<crate::defender::Defender>>,
     uplink: Option<tokio::sync::watch::Sender<crate::uplink::Reconfigured>>,
@@ -493,7 +492,6 @@ impl Gateway {
         };
         let live = Live {
             limits,
-            queue: shared_queue.clone(),
             defender: defender_handle,
             uplink: uplink_reload,
         };
@@ -960,16 +958,7 @@ fn reload(
             for e in &errors.0 {
                 log::error!(problem:% = e, key:? = e.key; "configuration reload rejected: {e}");
             }
-            crate::reload::Outcome {
-                outcome: "rejected".into(),
-                summary: format!(
-                    "rejected ({} problem{}); the running configuration stays in force",
-                    problems.len(),
-                    if problems.len() == 1 { "" } else { "s" }
-                ),
-                problems,
-                ..Default::default()
-            }
+            crate::reload::Outcome::rejected(problems)
         }
     };
     outcome.generation = generation;
@@ -1002,15 +991,6 @@ impl Gateway {
         new: &Config,
     ) -> crate::reload::Outcome {
         use crate::reload::{changed_keys, classify, describe_restart, Outcome};
-        let rejected = |problems: Vec<String>| Outcome {
-            outcome: "rejected".into(),
-            summary: format!(
-                "rejected: {}; the running configuration stays in force",
-                problems.join("; ")
-            ),
-            problems,
-            ..Default::default()
-        };
         // Everything that can still fail, before anything changes.
         let listener_tls = match (&self.tls, new.listeners.tls.enabled) {
             (Some(_), true) => match crate::gatekeeper::tls::load(&new.listeners.tls) {
@@ -1020,7 +1000,7 @@ impl Gateway {
                         error:% = e;
                         "TLS reload rejected, the previous certificate, CA bundle and CRL stay in use: {e}"
                     );
-                    return rejected(vec![e.to_string()]);
+                    return Outcome::rejected(vec![e.to_string()]);
                 }
             },
             _ => None,
@@ -1029,7 +1009,7 @@ impl Gateway {
         let upstream_tls = match (&self.live.uplink, upstream_changed && new.upstream.enabled) {
             (Some(_), true) => match crate::uplink::load_tls(&new.upstream) {
                 Ok(t) => Some(t),
-                Err(e) => return rejected(vec![e.to_string()]),
+                Err(e) => return Outcome::rejected(vec![e.to_string()]),
             },
             _ => None,
         };
@@ -1075,7 +1055,7 @@ impl Gateway {
             let (profiles, kept) = d.reload(&new.defender);
             log::debug!(profiles = profiles, violations_kept = kept; "security profiles reloaded");
         }
-        if let Some(q) = &self.live.queue {
+        if let Some(q) = &self.view.queue {
             q.set_bounds(crate::queue::Bounds {
                 commit_interval: new.queue.commit_interval,
                 max_bytes: new.queue.max_bytes,

@@ -53,6 +53,20 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A rejected reload: `problems` say why (file, key and problem for each).
+    pub fn rejected(problems: Vec<String>) -> Self {
+        Self {
+            outcome: "rejected".into(),
+            summary: format!(
+                "rejected ({} problem{}); the running configuration stays in force",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            ),
+            problems,
+            ..Self::default()
+        }
+    }
+
     /// Whether the new configuration was taken.
     pub fn is_applied(&self) -> bool {
         self.outcome == "applied"
@@ -61,35 +75,33 @@ impl Outcome {
 
 /// Write `o` atomically to `<state_dir>/reload.json`.
 pub fn write_outcome(state_dir: &Path, o: &Outcome) -> std::io::Result<()> {
-    write_private(
-        &state_dir.join(OUTCOME_FILE),
-        &serde_json::to_vec_pretty(o).unwrap_or_default(),
-    )
+    write_private(&state_dir.join(OUTCOME_FILE), o)
 }
 
 /// The last outcome, if one was written.
 pub fn read_outcome(state_dir: &Path) -> Option<Outcome> {
-    let bytes = std::fs::read(state_dir.join(OUTCOME_FILE)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    read_json(&state_dir.join(OUTCOME_FILE))
 }
 
 /// Record the configuration in force, for [`read_running`].
 pub fn write_running(state_dir: &Path, c: &Config) -> std::io::Result<()> {
-    write_private(
-        &state_dir.join(RUNNING_FILE),
-        &serde_json::to_vec(c).unwrap_or_default(),
-    )
+    write_private(&state_dir.join(RUNNING_FILE), c)
 }
 
 /// The configuration a running gateway last recorded, if any.
 pub fn read_running(state_dir: &Path) -> Option<Config> {
-    let bytes = std::fs::read(state_dir.join(RUNNING_FILE)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    read_json(&state_dir.join(RUNNING_FILE))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Write `value` as JSON to `path` atomically (a temporary file renamed over it), owner-only.
+fn write_private(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -97,7 +109,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(bytes)?;
+    f.write_all(&bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
 }

@@ -1320,6 +1320,21 @@ impl Detector {
         events
     }
 
+    /// Take `tracks` (stored, or a previous detector's) as its own, keeping only those of
+    /// behaviors it has (same profile and behavior name): a removed behavior's streaks and
+    /// violations end with it.
+    pub fn adopt(&mut self, tracks: BTreeMap<TrackKey, Track>) {
+        let live: BTreeSet<(Arc<str>, Arc<str>)> = self
+            .profiles
+            .iter()
+            .flat_map(|p| p.behaviors.iter().map(|b| (p.name.clone(), b.name.clone())))
+            .collect();
+        self.tracks = tracks
+            .into_iter()
+            .filter(|(k, _)| live.contains(&(k.0.clone(), k.1.clone())))
+            .collect();
+    }
+
     /// Active violations: (profile, behavior, device, violation).
     pub fn active(&self) -> impl Iterator<Item = (&TrackKey, &Violation)> {
         self.tracks

@@ -414,17 +414,7 @@ impl Defender {
     /// Build the defender from `parts`, resuming the stored tracks and quarantines.
     pub fn new(parts: Parts) -> (Arc<Self>, StatusHandle) {
         let mut detector = Detector::new(&parts.config, parts.window, parts.windows_kept);
-        let live: std::collections::BTreeSet<(Arc<str>, Arc<str>)> = detector
-            .profiles
-            .iter()
-            .flat_map(|p| p.behaviors.iter().map(|b| (p.name.clone(), b.name.clone())))
-            .collect();
-        detector.tracks = parts
-            .store
-            .tracks()
-            .into_iter()
-            .filter(|(k, _)| live.contains(&(k.0.clone(), k.1.clone())))
-            .collect();
+        detector.adopt(parts.store.tracks());
         let resumed = detector.active().count();
         let now = crate::clock::now_ms();
         for q in parts.store.quarantines() {
@@ -476,18 +466,9 @@ impl Defender {
     /// are fixed at start.
     pub fn reload(&self, c: &DefenderConfig) -> (usize, usize) {
         let mut detector = Detector::new(c, self.parts.window, self.parts.windows_kept);
-        let live: std::collections::BTreeSet<(Arc<str>, Arc<str>)> = detector
-            .profiles
-            .iter()
-            .flat_map(|p| p.behaviors.iter().map(|b| (p.name.clone(), b.name.clone())))
-            .collect();
         let mut st = self.lock();
-        let old = std::mem::take(&mut st.detector.tracks);
         // The store follows at the next evaluation, which replaces its tracks with these.
-        detector.tracks = old
-            .into_iter()
-            .filter(|(k, _)| live.contains(&(k.0.clone(), k.1.clone())))
-            .collect();
+        detector.adopt(std::mem::take(&mut st.detector.tracks));
         let active = detector.active().count();
         let profiles = detector.profiles.len();
         st.detector = detector;

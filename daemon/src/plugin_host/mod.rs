@@ -62,7 +62,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use wasmtime::component::{Component, Linker};
@@ -279,8 +279,10 @@ pub struct PluginHost {
     engine: Engine,
     linker: Linker<HostState>,
     cfg: PluginsConfig,
-    /// `plugins.call_deadline` and `plugins.max_consecutive_traps` as the last reload set them.
-    live: Mutex<(Duration, u32)>,
+    /// `plugins.call_deadline` (in microseconds) and `plugins.max_consecutive_traps` as the
+    /// last reload set them; read on every call, so atomics rather than a lock.
+    call_deadline_us: AtomicU64,
+    max_consecutive_traps: AtomicU32,
     cache_dir: Option<PathBuf>,
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
     /// (modified, length) of every file seen, loaded or rejected.
@@ -306,12 +308,8 @@ impl Drop for PluginHost {
 }
 
 impl PluginHost {
-    fn live(&self) -> (Duration, u32) {
-        *self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn call_deadline(&self) -> Duration {
-        self.live().0
+        Duration::from_micros(self.call_deadline_us.load(Ordering::Relaxed))
     }
 
     /// Apply a reloaded `[plugins]`: the call deadline and the trap count that contains a
@@ -319,9 +317,15 @@ impl PluginHost {
     /// cap are fixed at start (the engine's instance pool is sized by the cap); the caller
     /// reports a change to them as needing a restart.
     pub fn reconfigure(&self, cfg: &PluginsConfig) {
-        *self.live.lock().unwrap_or_else(|e| e.into_inner()) =
-            (cfg.call_deadline, cfg.max_consecutive_traps);
+        self.call_deadline_us
+            .store(micros(cfg.call_deadline), Ordering::Relaxed);
+        self.max_consecutive_traps
+            .store(cfg.max_consecutive_traps, Ordering::Relaxed);
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX)) as u64
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -366,7 +370,8 @@ impl PluginHost {
             engine,
             linker,
             cfg: cfg.clone(),
-            live: Mutex::new((cfg.call_deadline, cfg.max_consecutive_traps)),
+            call_deadline_us: AtomicU64::new(micros(cfg.call_deadline)),
+            max_consecutive_traps: AtomicU32::new(cfg.max_consecutive_traps),
             cache_dir,
             plugins: RwLock::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -778,7 +783,11 @@ impl PluginHost {
         if matches!(e.downcast_ref::<Stopped>(), Some(Stopped::WallCap { .. })) {
             return Failure::Overloaded(reason);
         }
-        match p.ledger.trapped(device, &reason, self.live().1) {
+        match p.ledger.trapped(
+            device,
+            &reason,
+            self.max_consecutive_traps.load(Ordering::Relaxed),
+        ) {
             Charged::Counted(n) => log::warn!(
                 plugin:% = p.name, device_id = device, traps = n, reason:% = reason;
                 "plugin trapped on a message of {device} ({n} in a row): {reason}"

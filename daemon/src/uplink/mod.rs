@@ -263,14 +263,19 @@ impl Uplink {
             sync,
             mut reload,
         } = self;
-        if let Some(r) = &mut reload {
-            // A restarted run takes the newest settings.
+        // The newest settings: at a (re)start of the run, and after a reload.
+        let take_latest = |r: &mut tokio::sync::watch::Receiver<Reconfigured>| {
             let latest = r.borrow_and_update().clone();
-            (cfg, tls) = (latest.0.clone(), latest.1.clone());
+            (latest.0.clone(), latest.1.clone())
+        };
+        if let Some(r) = &mut reload {
+            (cfg, tls) = take_latest(r);
         }
-        let shadow_topics =
-            |cfg: &UpstreamConfig| topics::CloudShadowTopics::of(&cfg.topics.shadow, &gateway_id);
-        let mut cloud = sync.and_then(|link| shadow_topics(&cfg).map(|t| (link, t)));
+        // A reload never changes the shadow topic while shadows are synced (it needs a
+        // restart), so these topics hold for the whole run.
+        let cloud = sync.and_then(|link| {
+            topics::CloudShadowTopics::of(&cfg.topics.shadow, &gateway_id).map(|t| (link, t))
+        });
         // A restarted run starts without a session, whatever the last one left here.
         stats.connected.store(false, Ordering::Relaxed);
         let mut backoff = Duration::from_secs(1);
@@ -296,14 +301,15 @@ impl Uplink {
                     }
                 };
                 tokio::pin!(changed);
-                let mut reloaded = false;
-                loop {
-                    tokio::select! {
-                        o = &mut s => break o,
-                        true = &mut changed, if !reloaded => {
-                            reloaded = true;
+                tokio::select! {
+                    o = &mut s => o,
+                    // A reload ends the session (it finishes what it has, as on a stop); a
+                    // gone sender changes nothing.
+                    reloaded = &mut changed => {
+                        if reloaded {
                             session_stop.cancel();
                         }
+                        s.await
                     }
                 }
             };
@@ -320,12 +326,7 @@ impl Uplink {
             }
             if session_stop.is_cancelled() {
                 if let Some(r) = &mut reload {
-                    let latest = r.borrow_and_update().clone();
-                    (cfg, tls) = (latest.0.clone(), latest.1.clone());
-                    if let Some((link, _)) = cloud.take() {
-                        // The shadow link stays; only its topics can have changed.
-                        cloud = shadow_topics(&cfg).map(|t| (link, t));
-                    }
+                    (cfg, tls) = take_latest(r);
                 }
                 log::info!(
                     endpoint:% = cfg.endpoint;
