@@ -43,6 +43,7 @@ async fn round(components: &std::path::Path, console: bool) {
     cfg.gateway.state_dir = state.path().to_path_buf();
     cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
     cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.http.address = "127.0.0.1:0".parse().unwrap();
     cfg.plugins.dir = components.to_path_buf();
     cfg.devices = load::devices(DEVICES);
     let mut c = wardgate::config::DeviceConfig::with_password(

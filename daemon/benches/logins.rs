@@ -116,6 +116,7 @@ async fn run() {
     cfg.listeners.max_connections_per_address = 2 * DEVICES;
     cfg.listeners.connect_timeout = Duration::from_secs(60);
     cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.http.address = "127.0.0.1:0".parse().unwrap();
     cfg.broker.max_connections = 2 * DEVICES;
     cfg.plugins.dir = dir.path().join("plugins");
     std::fs::create_dir_all(&cfg.plugins.dir).unwrap();

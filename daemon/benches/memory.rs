@@ -337,6 +337,7 @@ async fn run(components: std::path::PathBuf) {
     cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
     cfg.listeners.max_connections_per_address = 2 * DEVICES;
     cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.http.address = "127.0.0.1:0".parse().unwrap();
     cfg.broker.max_connections = 2 * DEVICES;
     cfg.plugins.dir = components;
     cfg.login.max_pending_per_address = cfg.login.max_pending;

@@ -172,6 +172,7 @@ async fn run_case(
     cfg.gateway.shutdown_timeout = Duration::from_secs(30);
     cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
     cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.http.address = "127.0.0.1:0".parse().unwrap();
     cfg.plugins.dir = components.to_path_buf();
     real::bench_gateway(&mut cfg, closed_port, pki_dir);
     cfg.queue.max_bytes = max_bytes;

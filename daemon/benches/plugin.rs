@@ -56,6 +56,7 @@ fn main() {
     let small = small_payload();
     let cfg = PluginsConfig {
         dir: components.clone().into(),
+        shipped_dir: Default::default(),
         poll_interval: Duration::from_secs(60),
         // Generous: this measures what a call costs, not whether it fits the default budget.
         call_deadline: Duration::from_millis(100),

@@ -154,6 +154,7 @@ async fn puback_round(components: &str, rules: Vec<RuleConfig>) -> Vec<Duration>
     cfg.gateway.state_dir = state.path().to_path_buf();
     cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
     cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.http.address = "127.0.0.1:0".parse().unwrap();
     cfg.plugins.dir = components.into();
     cfg.devices = (0..DEVICES)
         .map(|i| {

@@ -398,6 +398,7 @@ fn start_gateway(components: PathBuf, tmp: &Path, up: u16, p: &Path) -> real::Ru
     cfg.listeners.max_connections_per_address = 2 * PACED_DEVICES;
     cfg.listeners.connect_timeout = Duration::from_secs(60);
     cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.http.address = "127.0.0.1:0".parse().unwrap();
     cfg.broker.max_connections = 2 * PACED_DEVICES;
     cfg.plugins.dir = components;
     real::bench_gateway(&mut cfg, up, p);

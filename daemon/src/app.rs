@@ -94,6 +94,10 @@ pub struct Gateway {
     spare_dead_letters: Option<dead_letter::DeadLetterSender>,
     /// What a reload reaches besides the above.
     live: Live,
+    /// `/healthz` and `/metrics` (when `[http]` is enabled); stopped last, so it answers 503
+    /// while the gateway drains.
+    http: Option<Stage<()>>,
+    http_stop: CancellationToken,
 }
 
 /// The parts of a running gateway a reload changes (see [`Gateway::reload`]).
@@ -125,6 +129,17 @@ struct StatusView {
     rules: crate::rules::CountersView,
     webhooks: Option<Arc<crate::rules::webhook::WebhookStats>>,
     defender: Option<crate::defender::StatusHandle>,
+    http: Option<SocketAddr>,
+}
+
+impl crate::http::Source for StatusView {
+    fn status(&self) -> Status {
+        self.snapshot(true)
+    }
+
+    fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
 }
 
 impl StatusView {
@@ -166,6 +181,9 @@ impl StatusView {
                             .collect()
                     },
                     connection_errors: self.uplink.connection_errors.load(Relaxed),
+                    connects: self.uplink.connects.load(Relaxed),
+                    publishes: self.uplink.publishes.load(Relaxed),
+                    publish_bytes: self.uplink.publish_bytes.load(Relaxed),
                 }
             }),
             pipeline: self
@@ -188,6 +206,7 @@ impl StatusView {
                 .map(|w| w.snapshot())
                 .unwrap_or_default(),
             defender: self.defender.as_ref().map(|d| d.snapshot()),
+            http: self.http.map(|a| a.to_string()),
         }
     }
 }
@@ -233,6 +252,12 @@ impl Gateway {
                 crate::uplink::load_tls(&config.upstream)
                     .context("loading the upstream's TLS files")?,
             )
+        } else {
+            None
+        };
+        // Bound first: a busy port stops the start before anything else runs.
+        let http = if config.http.enabled {
+            Some(crate::http::Endpoint::bind(config.http.address).await?)
         } else {
             None
         };
@@ -513,6 +538,15 @@ impl Gateway {
             rules: rule_counters.clone(),
             webhooks: webhook_stats,
             defender: defender_status,
+            http: http.as_ref().map(|h| h.local_addr()),
+        });
+        let http_stop = CancellationToken::new();
+        let http = http.map(|endpoint| {
+            let source: Arc<dyn crate::http::Source> = view.clone();
+            let stop = http_stop.clone();
+            supervisor.spawn_restarting("http", http_stop.clone(), move |beat| {
+                endpoint.clone().serve(source.clone(), stop.clone(), beat)
+            })
         });
         let mut gw = Self {
             shutdown,
@@ -547,6 +581,8 @@ impl Gateway {
             spare_ingest,
             spare_dead_letters,
             live,
+            http,
+            http_stop,
         };
         gw.status = Some(gw.spawn_status_writer(config.metering.status_interval));
         abandon.0 = None;
@@ -616,6 +652,11 @@ impl Gateway {
     /// Every listener with its bound address.
     pub fn listeners(&self) -> &[(&'static str, SocketAddr)] {
         &self.listeners
+    }
+
+    /// Where `/healthz` and `/metrics` are served, when `[http]` is enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.view.http
     }
 
     /// The internal broker's address (loopback).
@@ -707,6 +748,10 @@ impl Gateway {
         {
             let mut stage = stage;
             let _ = tokio::time::timeout(side, stage.join()).await;
+        }
+        self.http_stop.cancel();
+        if let Some(mut h) = self.http.take() {
+            let _ = tokio::time::timeout(side, h.join()).await;
         }
         self.monitor.abort();
         let failed = self.supervisor.failures();
@@ -830,15 +875,24 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
         .map(|(n, a)| format!("{n}={a}"))
         .collect::<Vec<_>>()
         .join(" ");
+    let http = gw
+        .http_addr()
+        .map(|a| format!("; http={a}"))
+        .unwrap_or_default();
     let status = format!(
-        "listening {listening}; {} devices registered",
+        "listening {listening}; {} devices registered{http}",
         config.devices.len()
     );
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status),
     ]);
-    log::info!(listeners:% = listening; "wardgate ready");
+    match gw.http_addr() {
+        Some(a) => {
+            log::info!(listeners:% = listening, http:% = a; "wardgate ready; /healthz and /metrics on http://{a}")
+        }
+        None => log::info!(listeners:% = listening; "wardgate ready"),
+    }
 
     let watchdog = watchdog_every.map(|every| start_watchdog(every, gw.supervisor().clone()));
     // What reloads compare with: the configuration in force, recorded for `check-config`.
@@ -1155,8 +1209,11 @@ fn start_watchdog(interval: Duration, supervisor: Supervisor) -> JoinHandle<()> 
         let mut withheld = false;
         loop {
             tick.tick().await;
-            let unhealthy = supervisor.check();
-            if unhealthy.is_empty() {
+            // The same check `/healthz` answers with.
+            let health = supervisor.health();
+            let healthy = health.ok();
+            let unhealthy = health.unhealthy;
+            if healthy {
                 if withheld {
                     log::info!(
                         "every stage makes progress again: the systemd watchdog is fed again"
@@ -1164,6 +1221,8 @@ fn start_watchdog(interval: Duration, supervisor: Supervisor) -> JoinHandle<()> 
                     withheld = false;
                 }
                 notify(&[sd_notify::NotifyState::Watchdog]);
+            } else if unhealthy.is_empty() {
+                // Stopping (STOPPING=1 was sent): systemd no longer expects pings.
             } else if !withheld {
                 withheld = true;
                 let stages = unhealthy.join(", ");

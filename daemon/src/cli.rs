@@ -679,6 +679,7 @@ pub fn demo_config(ward: &[sim::SimDevice], plugins: PathBuf) -> Config {
     c.gateway.state_dir = std::env::temp_dir().join("wardgate-demo");
     c.listeners.plain.address = SocketAddr::from(([127, 0, 0, 1], 0));
     c.broker.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.http.address = SocketAddr::from(([127, 0, 0, 1], 0));
     // Every simulated device connects from loopback.
     c.listeners.max_connections_per_address =
         c.listeners.max_connections_per_address.max(ward.len() + 16);

@@ -50,6 +50,7 @@ pub mod config;
 pub mod defender;
 pub mod footprint;
 pub mod gatekeeper;
+pub mod http;
 pub mod metering;
 pub mod mqtt;
 pub mod pipeline;

@@ -166,6 +166,7 @@ const RESTART: &[(&str, &str)] = &[
     ("login.", "the password-check pool"),
     ("metering.", "the metering windows"),
     ("plugins.dir", "the plugin directory watched"),
+    ("plugins.shipped_dir", "the plugin directory watched"),
     ("plugins.poll_interval", "the plugin directory watch"),
     (
         "plugins.max_memory_bytes",
@@ -183,6 +184,7 @@ const RESTART: &[(&str, &str)] = &[
     ("defender.report_names", "the defender's report format"),
     ("defender.history_events", "the defender's event store"),
     ("log.format", "the log's destination and format"),
+    ("http.", "the HTTP endpoint's listening socket"),
 ];
 
 /// Sort `changed` keys into (applied live, needs a restart with why). `running` and `new` are

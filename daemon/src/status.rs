@@ -83,6 +83,9 @@ pub struct Status {
     /// The defender (when enabled): reports, violations, quarantines.
     #[serde(default)]
     pub defender: Option<crate::defender::DefenderStatus>,
+    /// Where `/healthz` and `/metrics` are served (`[http]`), when enabled.
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 /// The uplink at a glance.
@@ -101,6 +104,15 @@ pub struct UplinkStatus {
     pub delivered_by_stream: std::collections::BTreeMap<String, u64>,
     /// Connection failures since start.
     pub connection_errors: u64,
+    /// Sessions established since start.
+    #[serde(default)]
+    pub connects: u64,
+    /// PUBLISH packets handed to the upstream connection since start.
+    #[serde(default)]
+    pub publishes: u64,
+    /// Their payload bytes.
+    #[serde(default)]
+    pub publish_bytes: u64,
 }
 
 /// Pipeline results of one device.
@@ -159,6 +171,12 @@ pub fn render(s: &Status) -> String {
     );
     for l in &s.listeners {
         let _ = writeln!(out, "listener {:<6} {}", l.name, l.address);
+    }
+    if let Some(a) = &s.http {
+        let _ = writeln!(
+            out,
+            "http            http://{a}/healthz  http://{a}/metrics"
+        );
     }
     for st in &s.stages {
         let _ = write!(
@@ -296,10 +314,16 @@ pub fn render(s: &Status) -> String {
         for p in &s.plugins {
             let _ = writeln!(
                 out,
-                "plugin {:<20} {:<10} sha256 {}{}",
+                "plugin {:<20} {:<10} sha256 {}  calls {}, failed {}, mean {:.0} µs{}",
                 p.name,
                 p.version,
                 &p.digest[..16.min(p.digest.len())],
+                p.calls.calls,
+                p.calls.failures.values().sum::<u64>(),
+                match p.calls.duration.count() {
+                    0 => 0.0,
+                    n => p.calls.duration.sum_s * 1e6 / n as f64,
+                },
                 match p.contained.len() {
                     0 => String::new(),
                     n => format!("  {n} device(s) CONTAINED"),

@@ -602,6 +602,17 @@ impl Supervisor {
         unhealthy
     }
 
+    /// The health check behind both `/healthz` and the systemd watchdog: [`Supervisor::check`]
+    /// (so a stall is noticed by whichever asks first), plus whether a stop has begun.
+    pub fn health(&self) -> Health {
+        let unhealthy = self.check();
+        Health {
+            stopping: self.is_stopping(),
+            unhealthy,
+            stages: self.snapshot(),
+        }
+    }
+
     /// Run [`Supervisor::check`] every [`HEARTBEAT_INTERVAL`] (so stalls are logged and shown
     /// with or without a watchdog). Abort the handle to stop it.
     pub fn spawn_monitor(&self) -> JoinHandle<()> {
@@ -613,6 +624,25 @@ impl Supervisor {
                 sup.check();
             }
         })
+    }
+}
+
+/// What [`Supervisor::health`] found.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// A stop has begun: stages are being let go.
+    pub stopping: bool,
+    /// Stages stalled or failed.
+    pub unhealthy: Vec<String>,
+    /// Every stage.
+    pub stages: Vec<StageStatus>,
+}
+
+impl Health {
+    /// Every stage is alive and making progress, and no stop has begun: the watchdog may be
+    /// fed and `/healthz` answers 200.
+    pub fn ok(&self) -> bool {
+        !self.stopping && self.unhealthy.is_empty()
     }
 }
 

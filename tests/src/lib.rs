@@ -78,7 +78,10 @@ pub fn config(state_dir: &Path, devices: Vec<DeviceConfig>) -> Config {
     c.listeners.plain.address = SocketAddr::from(([127, 0, 0, 1], 0));
     c.listeners.connect_timeout = Duration::from_secs(2);
     c.broker.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.http.address = SocketAddr::from(([127, 0, 0, 1], 0));
     c.plugins.dir = components_dir();
+    // Never plugins installed on the machine running the tests.
+    c.plugins.shipped_dir = Default::default();
     // Every test client comes from 127.0.0.1, where a ward's devices have an address each:
     // the per-address login bounds are the gateway-wide ones (tests of the bounds set them).
     c.login.max_pending_per_address = c.login.max_pending;
@@ -735,4 +738,31 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
             }
         }
     }
+}
+
+/// `method path` on the gateway's HTTP endpoint at `addr` (`Connection: close`): the status
+/// code and the body. Plain HTTP/1.1 over a std socket, so a test can use it from any thread.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
+    Ok((code, body.to_owned()))
+}
+
+/// `GET path` on the gateway's HTTP endpoint; panics when it cannot be asked.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
 }

@@ -296,6 +296,7 @@ async fn large_payloads_on_a_busy_machine_are_not_charged_as_traps() {
 fn host(dir: &std::path::Path, call_deadline: Duration) -> Arc<PluginHost> {
     let cfg = PluginsConfig {
         dir: dir.to_path_buf(),
+        shipped_dir: Default::default(),
         poll_interval: Duration::from_millis(100),
         call_deadline,
         max_memory_bytes: 16 * 1024 * 1024,

@@ -17,6 +17,7 @@ fn host(dir: &std::path::Path) -> Arc<PluginHost> {
     // memory cap first and the looping one the deadline.
     let cfg = PluginsConfig {
         dir: dir.to_path_buf(),
+        shipped_dir: Default::default(),
         poll_interval: Duration::from_millis(100),
         call_deadline: Duration::from_millis(200),
         max_memory_bytes: 16 * 1024 * 1024,
@@ -315,6 +316,58 @@ fn a_corrupt_file_is_rejected_and_the_previous_version_keeps_serving() {
     assert!(h.get("pacemaker").is_none());
 }
 
+#[test]
+fn a_drop_in_plugin_overrides_the_shipped_one_until_it_is_removed() {
+    let drop_in = tempfile::tempdir().unwrap();
+    let shipped = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        component("pacemaker"),
+        shipped.path().join("pacemaker.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(component("glucose"), shipped.path().join("glucose.wasm")).unwrap();
+    let cfg = PluginsConfig {
+        dir: drop_in.path().to_path_buf(),
+        shipped_dir: shipped.path().to_path_buf(),
+        ..PluginsConfig::default()
+    };
+    let h = PluginHost::new(&cfg, None).unwrap();
+    h.scan();
+    let shipped_version = h
+        .get("pacemaker")
+        .expect("shipped plugin loaded")
+        .version()
+        .to_owned();
+    assert!(h.get("glucose").is_some(), "every shipped plugin is loaded");
+    assert_ne!(shipped_version, "0.2.0");
+
+    // A newer version dropped in wins over the shipped one.
+    let path = drop_in.path().join("pacemaker.wasm");
+    std::fs::copy(component("test-pacemaker-v2"), &path).unwrap();
+    h.scan();
+    assert_eq!(h.get("pacemaker").unwrap().version(), "0.2.0");
+    // Scanning again changes nothing (the shipped file is not loaded over it).
+    h.scan();
+    assert_eq!(h.get("pacemaker").unwrap().version(), "0.2.0");
+
+    // Removing the drop-in brings the shipped version back instead of unloading the plugin.
+    std::fs::remove_file(&path).unwrap();
+    h.scan();
+    assert_eq!(
+        h.get("pacemaker")
+            .expect("the shipped version serves again")
+            .version(),
+        shipped_version
+    );
+    assert!(pacemaker_normalises(&h));
+
+    // Removed from both: unloaded.
+    std::fs::remove_file(shipped.path().join("pacemaker.wasm")).unwrap();
+    h.scan();
+    assert!(h.get("pacemaker").is_none());
+    assert!(h.get("glucose").is_some());
+}
+
 /// Publish one pacemaker reading (QoS 1) with heart rate `hr`, taken now.
 async fn send_heart_rate(client: &rumqttc::AsyncClient, hr: u32) {
     wardgate_tests::send_heart_rate(client, "pm-01", hr).await;
@@ -509,6 +562,7 @@ fn compiled_components_are_cached_in_the_state_directory() {
     .unwrap();
     let cfg = PluginsConfig {
         dir: plugins.path().to_path_buf(),
+        shipped_dir: Default::default(),
         ..PluginsConfig::default()
     };
     let first = PluginHost::new(&cfg, Some(state.path())).unwrap();

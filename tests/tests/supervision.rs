@@ -430,6 +430,109 @@ fn a_stalled_stage_stops_the_watchdog_and_shows_in_status() {
     );
 }
 
+/// The `/healthz` address out of the READY notification.
+fn http_addr(ready: &str) -> std::net::SocketAddr {
+    wardgate_tests::listener_addr_from_status(ready, "http").expect("STATUS names the endpoint")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_queue_writer_turns_healthz_503_and_stops_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::new("Upstream CA");
+    let gw = ca.device("test-gateway");
+    let cfg = upstream_config(dir.path(), free_port(), &ca, &gw);
+    let mut d = spawn(
+        &cfg,
+        dir,
+        &[
+            ("WATCHDOG_USEC", WATCHDOG_USEC),
+            ("WG_FAULT", "queue-writer:stall"),
+        ],
+    );
+    let addr = d.ready();
+    let http = http_addr(&d.wait_note("READY=1"));
+    d.wait_pings(3);
+    let dev = connect(options(addr, "pm-01", "pw")).await;
+    reading(&dev, 72).await;
+    let (code, body) = wardgate_tests::http_get(http, "/healthz");
+    assert_eq!(code, 200, "{body}");
+
+    d.inject();
+    d.wait_line(&["ERROR", "stage queue-writer stalled", "stage=queue-writer"]);
+    let (code, body) =
+        tokio::task::spawn_blocking(move || wardgate_tests::http_get(http, "/healthz"))
+            .await
+            .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("unhealthy: stage queue-writer stalled"),
+        "{body}"
+    );
+    assert!(body.contains("stage uplink "), "every stage listed: {body}");
+    // The watchdog follows the same check.
+    d.wait_line(&["ERROR", "watchdog is no longer fed", "queue-writer"]);
+    d.read_all_sent();
+    let pings = d.pings();
+    let metrics = tokio::task::spawn_blocking(move || wardgate_tests::http_get(http, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(metrics.0, 200, "metrics are served while unhealthy");
+    assert!(
+        metrics
+            .1
+            .contains("wardgate_stage_up{stage=\"queue-writer\"} 0\n"),
+        "{}",
+        metrics.1
+    );
+    d.read_all_sent();
+    assert_eq!(
+        d.pings(),
+        pings,
+        "the watchdog was fed while /healthz said 503"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_never_says_ok_once_the_pipeline_died() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), vec![device("pm-01", "pacemaker", "pw")]);
+    let mut d = spawn(
+        &cfg,
+        dir,
+        &[
+            ("WATCHDOG_USEC", WATCHDOG_USEC),
+            ("WG_FAULT", "pipeline:panic"),
+        ],
+    );
+    let addr = d.ready();
+    let http = http_addr(&d.wait_note("READY=1"));
+    let dev = connect(options(addr, "pm-01", "pw")).await;
+    reading(&dev, 70).await;
+    assert_eq!(wardgate_tests::http_get(http, "/healthz").0, 200);
+    d.inject();
+    d.wait_line(&["ERROR", "stage=pipeline", "panicked"]);
+    // From the failure to the exit, /healthz answers 503 (naming the stage or the stop) or
+    // nothing at all: never 200.
+    let mut answers = Vec::new();
+    while d.child.try_wait().unwrap().is_none() {
+        match wardgate_tests::http_request(http, "GET", "/healthz") {
+            Ok((code, body)) => {
+                assert_ne!(code, 200, "healthy after the pipeline died: {body}");
+                answers.push(body);
+            }
+            Err(_) => break,
+        }
+    }
+    if let Some(body) = answers.first() {
+        assert!(
+            body.contains("stage pipeline failed") || body.contains("stopping"),
+            "{body}"
+        );
+    }
+    let status = tokio::task::block_in_place(|| d.wait_exit());
+    assert_eq!(status.code(), Some(1), "log:\n{}", d.log());
+}
+
 /// `check-config` on a configuration forwarding with these files.
 fn check_config(dir: &Path, cfg: &Config) -> (Option<i32>, String) {
     let path = write(dir, "wardgate.toml", &config_toml(cfg));

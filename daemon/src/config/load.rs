@@ -36,6 +36,7 @@ const SECTIONS: &[&str] = &[
     "dead_letter",
     "defender",
     "log",
+    "http",
 ];
 
 /// What to load.
@@ -317,6 +318,7 @@ fn extract(
     section(fig, "dead_letter", &mut config.dead_letter, errors);
     section(fig, "defender", &mut config.defender, errors);
     section(fig, "log", &mut config.log, errors);
+    section(fig, "http", &mut config.http, errors);
     config.devices = devices(fig, root.get("devices"), device_sources, errors);
     config.rules = rules(fig, root.get("rules"), errors);
     Some(config)

@@ -70,7 +70,32 @@ pub struct Config {
     pub defender: DefenderConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The operators' HTTP endpoint: `/healthz` and Prometheus `/metrics`.
+    pub http: HttpConfig,
 }
+
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Whether `/healthz` and `/metrics` are served.
+    pub enabled: bool,
+    /// Address and port. Loopback by default: the endpoint has no authentication, so expose
+    /// it beyond the gateway only on a management network.
+    pub address: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT)),
+        }
+    }
+}
+
+/// The default port of `[http]`.
+pub const DEFAULT_HTTP_PORT: u16 = 9883;
 
 /// `[gateway]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -273,8 +298,13 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
-    /// Directory of plugin components (`<name>.wasm`), watched for new and replaced files.
+    /// Drop-in directory of plugin components (`<name>.wasm`), watched for new and replaced
+    /// files; searched first.
     pub dir: PathBuf,
+    /// The plugins shipped with wardgate (the package's `/usr/lib/wardgate/plugins`), searched
+    /// after `dir` and watched the same way: a file of the same name in `dir` overrides one
+    /// here. Empty: none. A directory that does not exist is skipped without a word.
+    pub shipped_dir: PathBuf,
     /// How often the directory is checked for changes.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -296,6 +326,7 @@ impl Default for PluginsConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("/var/lib/wardgate/plugins"),
+            shipped_dir: PathBuf::from("/usr/lib/wardgate/plugins"),
             poll_interval: Duration::from_secs(2),
             call_deadline: Duration::from_millis(5),
             max_memory_bytes: 16 * 1024 * 1024,

@@ -5,6 +5,7 @@ use super::load::{ConfigError, Source};
 use super::{AuthMode, Config};
 use crate::gatekeeper::policy::{filter_syntax, unknown_variable};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 /// AWS IoT Core's largest MQTT payload.
 pub const IOT_CORE_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
@@ -187,6 +188,39 @@ pub(super) fn validate(
                 login.argon2_threads
             ),
         );
+    }
+    if c.http.enabled {
+        let overlaps = |other: SocketAddr| {
+            other.port() == c.http.address.port()
+                && (other.ip() == c.http.address.ip()
+                    || other.ip().is_unspecified()
+                    || c.http.address.ip().is_unspecified())
+        };
+        for (on, key, addr) in [
+            (
+                c.listeners.plain.enabled,
+                "listeners.plain.address",
+                c.listeners.plain.address,
+            ),
+            (
+                c.listeners.tls.enabled,
+                "listeners.tls.address",
+                c.listeners.tls.address,
+            ),
+            (true, "broker.address", c.broker.address),
+        ] {
+            if on && addr.port() != 0 && overlaps(addr) {
+                err(
+                    "http.address",
+                    format!(
+                        "`{}` is also {key} (`{addr}`): give the HTTP endpoint a port of its own, \
+                         e.g. 127.0.0.1:{}",
+                        c.http.address,
+                        crate::config::DEFAULT_HTTP_PORT
+                    ),
+                );
+            }
+        }
     }
     if c.metering.window.as_secs() == 0 {
         err("metering.window", "must be at least 1s, e.g. \"5m\"".into());

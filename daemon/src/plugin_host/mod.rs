@@ -47,9 +47,11 @@ mod budget;
 mod containment;
 mod host;
 mod instances;
+mod stats;
 
 pub use budget::{call_budget, wall_cap, BUDGET_BYTES, WALL_CAP_FACTOR, WALL_CAP_FLOOR};
 pub use containment::ContainedDevice;
+pub use stats::{CallCounts, CallStats, Histogram, FAILURE_KINDS, LATENCY_BOUNDS_S};
 
 use crate::config::PluginsConfig;
 use bindings::wardgate::plugin::types::{NormalizeError, Quality};
@@ -221,6 +223,8 @@ pub struct Plugin {
     kept: Mutex<Kept<Instance>>,
     /// Trap counts and containment of this version's devices.
     ledger: Ledger,
+    /// Calls of this plugin name (shared by its versions).
+    stats: Arc<CallStats>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -261,7 +265,7 @@ impl Plugin {
 }
 
 /// Status of one loaded plugin.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct PluginStatus {
     /// Name.
     pub name: String,
@@ -272,6 +276,9 @@ pub struct PluginStatus {
     /// Devices contained for it (their messages go to the dead-letter store).
     #[serde(default)]
     pub contained: Vec<ContainedDevice>,
+    /// Its calls since start (all versions of this name).
+    #[serde(default)]
+    pub calls: CallCounts,
 }
 
 /// The plugin host.
@@ -290,6 +297,8 @@ pub struct PluginHost {
     ticker_stop: Arc<AtomicBool>,
     /// Messages a plugin failed or refused since start (any [`Failure`]).
     failures: std::sync::atomic::AtomicU64,
+    /// Call counters by plugin name, kept across versions.
+    stats: Mutex<HashMap<String, Arc<CallStats>>>,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -377,6 +386,7 @@ impl PluginHost {
             seen: Mutex::new(HashMap::new()),
             ticker_stop,
             failures: Default::default(),
+            stats: Mutex::default(),
         }))
     }
 
@@ -500,6 +510,7 @@ impl PluginHost {
             pre,
             kept: Mutex::new(Kept::new(KEPT_MEMORY_BYTES)),
             ledger: Ledger::default(),
+            stats: self.stats_for(&name),
         };
         // A test call on an instance of its own (made for no device, then dropped).
         let mut probe = self
@@ -548,26 +559,57 @@ impl PluginHost {
         Ok(loaded)
     }
 
-    /// Look at the plugin directory once: load new and changed files, drop removed ones.
+    /// The plugin files in force: `<name>.wasm` from the drop-in directory (`plugins.dir`)
+    /// first, then from the shipped directory (`plugins.shipped_dir`) for names the drop-in
+    /// directory does not have. Sorted by name.
+    fn candidates(&self) -> Vec<(PathBuf, std::fs::Metadata)> {
+        let mut chosen: std::collections::BTreeMap<String, (PathBuf, std::fs::Metadata)> =
+            Default::default();
+        let dirs = [
+            (&self.cfg.dir, "plugins.dir"),
+            (&self.cfg.shipped_dir, "plugins.shipped_dir"),
+        ];
+        for (dir, key) in dirs {
+            if dir.as_os_str().is_empty() {
+                continue;
+            }
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e,
+                // The shipped directory exists only where the package is installed.
+                Err(e)
+                    if key == "plugins.shipped_dir" && e.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    log::warn!(path:% = dir.display(), error:% = e, key = key; "cannot read the plugin directory ({key})");
+                    continue;
+                }
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_none_or(|x| x != "wasm") {
+                    continue;
+                }
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                    continue;
+                };
+                chosen.entry(name.to_owned()).or_insert((path, meta));
+            }
+        }
+        chosen.into_values().collect()
+    }
+
+    /// Look at the plugin directories once: load new and changed files, drop removed ones. A
+    /// plugin in the drop-in directory (`plugins.dir`) overrides the shipped one of the same
+    /// name (`plugins.shipped_dir`); removing the drop-in file brings the shipped one back.
     pub fn scan(&self) {
-        let dir = &self.cfg.dir;
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) => {
-                log::warn!(path:% = dir.display(), error:% = e; "cannot read the plugin directory (plugins.dir)");
-                return;
-            }
-        };
         let mut present = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|x| x != "wasm") {
-                continue;
-            }
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_file() {
-                continue;
-            }
+        for (path, meta) in self.candidates() {
             present.push(path.clone());
             let stamp = (
                 meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -595,6 +637,8 @@ impl PluginHost {
                 );
             }
         }
+        let names: std::collections::HashSet<&std::ffi::OsStr> =
+            present.iter().filter_map(|p| p.file_stem()).collect();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let gone: Vec<PathBuf> = seen
             .keys()
@@ -603,6 +647,10 @@ impl PluginHost {
             .collect();
         for path in gone {
             seen.remove(&path);
+            // Still served from the other directory (a drop-in over a shipped plugin).
+            if path.file_stem().is_some_and(|n| names.contains(n)) {
+                continue;
+            }
             if let Some(name) = path.file_stem().and_then(|s| s.to_str()) {
                 if self
                     .plugins
@@ -661,6 +709,7 @@ impl PluginHost {
                 version: p.version.to_string(),
                 digest: p.digest.clone(),
                 contained: p.ledger.contained(),
+                calls: p.stats.snapshot(),
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -693,6 +742,16 @@ impl PluginHost {
         released
     }
 
+    /// The call counters of plugin `name`, made on first use.
+    fn stats_for(&self, name: &str) -> Arc<CallStats> {
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
     /// Messages a plugin failed or refused since start.
     pub fn failures(&self) -> u64 {
         self.failures.load(std::sync::atomic::Ordering::Relaxed)
@@ -713,6 +772,7 @@ impl PluginHost {
             .get(plugin)
             .ok_or_else(|| Failure::NoPlugin(plugin.to_owned()))?;
         if let Some((traps, reason)) = p.ledger.containment(input.device_id) {
+            p.stats.refused("device-contained");
             return Err(Failure::Contained {
                 plugin: p.name.to_string(),
                 traps,
@@ -727,6 +787,7 @@ impl PluginHost {
         let mut inst = match kept {
             Some(i) => i,
             None => self.instantiate(&p, input.device_id).map_err(|e| {
+                p.stats.refused("host-error");
                 log::warn!(plugin:% = p.name, device_id = input.device_id, error:% = format!("{e:#}"); "cannot make a plugin instance; message not normalised");
                 Failure::Host(format!("cannot make an instance of the plugin: {e:#}"))
             })?,
@@ -743,10 +804,17 @@ impl PluginHost {
             budget::call_budget(self.call_deadline(), input.payload.len()),
             input.settings.clone(),
         );
-        let out = match inst.plugin.call_normalize(&mut inst.store, &msg) {
+        let started = std::time::Instant::now();
+        let called = inst.plugin.call_normalize(&mut inst.store, &msg);
+        let took = started.elapsed();
+        let out = match called {
             Ok(out) => out,
             // The instance is poisoned: it is dropped here, the next call makes a new one.
-            Err(e) => return Err(self.trapped(&p, input.device_id, &e)),
+            Err(e) => {
+                let failure = self.trapped(&p, input.device_id, &e);
+                p.stats.ran(took, Some(failure.kind()));
+                return Err(failure);
+            }
         };
         let bytes = inst.store.data().limits.memory_bytes;
         p.kept
@@ -754,12 +822,14 @@ impl PluginHost {
             .unwrap_or_else(|e| e.into_inner())
             .put(input.device_id, inst, bytes);
         p.ledger.completed(input.device_id);
-        match out {
-            Ok(readings) => Ok(Normalized {
-                readings: check_readings(readings, input.received_at_ms)?,
-                plugin: p.name.clone(),
-                version: p.version.clone(),
-            }),
+        let result = match out {
+            Ok(readings) => {
+                check_readings(readings, input.received_at_ms).map(|readings| Normalized {
+                    readings,
+                    plugin: p.name.clone(),
+                    version: p.version.clone(),
+                })
+            }
             Err(e) => Err(match e {
                 NormalizeError::Malformed(m) => Failure::Rejected {
                     kind: "malformed",
@@ -774,7 +844,9 @@ impl PluginHost {
                     message: m,
                 },
             }),
-        }
+        };
+        p.stats.ran(took, result.as_ref().err().map(Failure::kind));
+        result
     }
 
     /// A call for `device` ended in `e`: charge it (or not) and say what it was.

@@ -79,12 +79,26 @@ pub struct UplinkStats {
     pub records_delivered: AtomicU64,
     /// Connection attempts that failed or sessions that broke.
     pub connection_errors: AtomicU64,
+    /// Sessions established (CONNACK received).
+    pub connects: AtomicU64,
+    /// PUBLISH packets handed to the upstream connection (batches, shadow and defender
+    /// messages, shadow fetches), resends included.
+    pub publishes: AtomicU64,
+    /// Their payload bytes.
+    pub publish_bytes: AtomicU64,
     /// Records delivered per stream, indexed by [`Stream`] as `usize` (telemetry, alerts,
     /// shadow, defender).
     pub delivered_by_stream: [AtomicU64; 4],
 }
 
 impl UplinkStats {
+    /// One PUBLISH of `bytes` payload bytes handed to the connection.
+    fn published(&self, bytes: usize) {
+        self.publishes.fetch_add(1, Ordering::Relaxed);
+        self.publish_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     /// Records of `stream` delivered since start.
     pub fn delivered(&self, stream: Stream) -> u64 {
         self.delivered_by_stream[stream as usize].load(Ordering::Relaxed)
@@ -533,12 +547,14 @@ async fn session(
                 }
                 let _ = fetch_pace.try_take(0, now);
                 let _ = pace.try_take(body.len(), now);
+                let len = body.len();
                 if client
                     .try_publish(topics.get(device), QoS::AtLeastOnce, false, body)
                     .is_err()
                 {
                     break;
                 }
+                stats.published(len);
                 awaiting_pkid.push_back((Stream::Shadow, Vec::new()));
                 to_fetch.pop_front();
             }
@@ -556,6 +572,7 @@ async fn session(
                 &inflight,
                 &mut pace,
                 &mut held,
+                stats,
             )
             .await;
             match sent_now {
@@ -578,6 +595,7 @@ async fn session(
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected = true;
                     stats.connected.store(true, Ordering::Relaxed);
+                    stats.connects.fetch_add(1, Ordering::Relaxed);
                     let q = queue_status(queue).await;
                     log::info!(
                         endpoint:% = cfg.endpoint, session_present = ack.session_present,
@@ -777,6 +795,7 @@ async fn send_ready(
     inflight: &HashMap<u16, (Stream, Vec<u64>)>,
     pace: &mut Pace,
     held: &mut Option<Message>,
+    stats: &UplinkStats,
 ) -> Ready {
     let room = (cfg.max_inflight as usize).saturating_sub(awaiting_pkid.len() + inflight.len());
     if room == 0 {
@@ -797,6 +816,7 @@ async fn send_ready(
             *held = Some(m);
             return Ready::Paced(Duration::from_millis(10));
         }
+        stats.published(m.body.len());
         awaiting_pkid.push_back((stream, seqs));
         if awaiting_pkid.len() + inflight.len() >= cfg.max_inflight as usize {
             return Ready::Window;
@@ -947,6 +967,7 @@ async fn send_ready(
             outcome = Ready::Paced(wait);
             break;
         }
+        let len = m.body.len();
         if client
             .try_publish(m.topic, QoS::AtLeastOnce, false, m.body)
             .is_err()
@@ -955,6 +976,7 @@ async fn send_ready(
             outcome = Ready::Paced(Duration::from_millis(10));
             break;
         }
+        stats.published(len);
         sent.extend(m.seqs.iter().copied());
         awaiting_pkid.push_back((m.stream, m.seqs));
     }
