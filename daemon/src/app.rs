@@ -894,6 +894,9 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
         None => log::info!(listeners:% = listening; "wardgate ready"),
     }
 
+    // Start-up's code leaves the resident set now, cheaply (see `footprint`).
+    let dropped = crate::footprint::drop_code_pages();
+    log::debug!(code_bytes = dropped; "memory: start-up code pages dropped from the resident set");
     let watchdog = watchdog_every.map(|every| start_watchdog(every, gw.supervisor().clone()));
     // What reloads compare with: the configuration in force, recorded for `check-config`.
     let mut running = config.clone();
