@@ -306,6 +306,35 @@ async fn metrics_parse_and_agree_with_wardgate_status() {
     );
     assert!(stages.values().all(|v| *v == 1.0), "{stages:?}");
 
+    // Every series the shipped Grafana dashboard queries exists.
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+        "../../packaging/grafana/wardgate-dashboard.json"
+    ))
+    .expect("the dashboard is JSON");
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for (i, _) in expr.match_indices("wardgate_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in &queried {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {name} "))
+                    || l.starts_with(&format!("{name}{{"))
+                    || l.starts_with(&format!("{name} "))),
+            "the dashboard queries {name}, which /metrics does not have"
+        );
+    }
+
     // Health, and what is not served.
     let (code, body) = http_get(http, "/healthz");
     assert_eq!(code, 200, "{body}");
