@@ -1,5 +1,6 @@
 //! The shipped systemd unit: valid for systemd (`systemd-analyze verify`) and tightly
-//! sandboxed (`systemd-analyze security --offline`), checked with the real systemd tools.
+//! sandboxed (`systemd-analyze security --offline`), checked with the real systemd tools on the
+//! source file. `deb.rs` checks the same unit as the package installs it, in a Debian 12 root.
 
 use std::process::Command;
 
@@ -49,13 +50,17 @@ fn unit_exposure_is_low() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure score in: {text}"));
+    eprintln!("packaging: exposure (systemd-analyze security --offline=yes): {score}");
     assert!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
 }
 
+/// `systemctl reload` runs `wardgate reload`, which sends SIGHUP and waits for the verdict, so
+/// a rejected configuration makes the reload fail instead of passing silently.
 #[test]
-fn unit_runs_the_check_before_start_and_reloads_with_sighup() {
+fn unit_runs_the_check_before_start_and_reloads_with_wardgate_reload() {
     assert!(UNIT.contains("\nType=notify\n"));
     assert!(UNIT.contains("\nExecStartPre=/usr/bin/wardgate check-config\n"));
-    assert!(UNIT.contains("\nExecReload=/bin/kill -HUP $MAINPID\n"));
+    assert!(UNIT.contains("\nExecReload=/usr/bin/wardgate reload\n"));
     assert!(UNIT.contains("\nWatchdogSec="));
+    assert!(UNIT.contains("\nRestart=on-failure\n"));
 }

@@ -16,8 +16,12 @@
 //!   rounds of parallel wrong-password CONNECTs and 500 devices logging in and reconnecting at
 //!   once), an outage, memory, and edge rules (evaluation rate with 50 rules, and what they add
 //!   to a reading's PUBACK).
-//! - `deps`: only install what the tests need: Debian packages, and the AWS IoT Device SDKs for
-//!   Python in `target/py`.
+//! - `deb`: the Debian package `target/debian/wardgate_<version>_<arch>.deb`: builds the plugins
+//!   and the release binary, then stages them with the man pages generated from `--help` and
+//!   runs cargo-deb on `[package.metadata.deb]` (daemon/Cargo.toml); see `deb.rs`. Installs
+//!   cargo-deb 3.x (`cargo install cargo-deb --locked`), dpkg-dev and binutils when missing.
+//! - `deps`: only install what the tests need: Debian packages, cargo-deb, and the AWS IoT
+//!   Device SDKs for Python in `target/py`.
 //!
 //! Each task installs what it needs itself (Debian packages via apt-get when missing), so a
 //! fresh Debian 12 machine with a Rust toolchain needs nothing else.
@@ -26,12 +30,16 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod deb;
 mod lint_times;
 
 /// Debian packages the test suite uses: `systemd` (systemd-analyze, systemd-journald,
 /// journalctl) and `util-linux` (unshare) for the journal and unit tests, `openssl` for the
 /// ward-pki script test, `mosquitto` as the stand-in for AWS IoT Core; `gcc` and `python3-dev`
-/// build the `cbor` package the Device Defender agent needs (it ships only as source).
+/// build the `cbor` package the Device Defender agent needs (it ships only as source). The
+/// package tests (`tests/tests/deb.rs`) need [`DEB_PACKAGES`] to build the .deb, `lintian` to
+/// check it, `debootstrap` to make the Debian 12 root they install it into, and `iproute2`
+/// (`ip`) to bring up the loopback of the network namespace the installed gateway runs in.
 const TEST_PACKAGES: &[&str] = &[
     "systemd",
     "util-linux",
@@ -41,7 +49,16 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-venv",
     "python3-dev",
     "gcc",
+    "dpkg-dev",
+    "binutils",
+    "lintian",
+    "debootstrap",
+    "iproute2",
 ];
+
+/// What cargo-deb runs: `dpkg-shlibdeps` (dpkg-dev) for the `$auto` dependencies, `strip`
+/// (binutils) for the executable.
+const DEB_PACKAGES: &[&str] = &["dpkg-dev", "binutils"];
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -53,7 +70,10 @@ fn main() -> Result<()> {
         "lint-times" => lint_times(),
         "plugins" => plugins().map(|_| ()),
         "bench" => bench(),
-        "deps" => install_packages(TEST_PACKAGES).and_then(|()| python_sdks()),
+        "deb" => deb_package(),
+        "deps" => install_packages(TEST_PACKAGES)
+            .and_then(|()| cargo_deb())
+            .and_then(|()| python_sdks()),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -63,7 +83,8 @@ fn main() -> Result<()> {
                  lint-times   fail on hard-coded epoch times in test code\n  \
                  plugins      build the WebAssembly plugins into components\n  \
                  bench        build the plugins and run the benchmarks (release build)\n  \
-                 deps         install what the tests need (Debian packages, the AWS IoT SDKs for Python)"
+                 deb          build the Debian package target/debian/wardgate_<version>_<arch>.deb\n  \
+                 deps         install what the tests need (Debian packages, cargo-deb, the AWS IoT SDKs for Python)"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())
@@ -84,6 +105,23 @@ fn root() -> PathBuf {
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    // `cargo xtask` runs this program with `cargo run`, which sets the package's variables
+    // (CARGO_PKG_NAME=xtask, CARGO_MANIFEST_DIR, ...). Build scripts that watch them (ring's
+    // does) would see them differ between a build started from a shell and one started here,
+    // and rebuild, with everything above them, each time. Cargo sets them itself for what it
+    // builds.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| {
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    k,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+                )
+        }) {
+            c.env_remove(key);
+        }
+    }
     c
 }
 
@@ -258,6 +296,7 @@ fn test() -> Result<()> {
     // Before anything is installed or built: a date-bound test fails here, by name and line.
     lint_times()?;
     install_packages(TEST_PACKAGES)?;
+    cargo_deb()?;
     python_sdks()?;
     plugins()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -323,6 +362,37 @@ fn bench() -> Result<()> {
             .args(["bench", "-p", "wardgate", "--bench", bench])
             .env("WARDGATE_COMPONENTS", &components))?;
     }
+    Ok(())
+}
+
+/// cargo-deb 3.x, installed with `cargo install --locked` when missing (or of another major
+/// version), and the Debian packages it runs.
+fn cargo_deb() -> Result<()> {
+    install_packages(DEB_PACKAGES)?;
+    match deb::cargo_deb_version() {
+        Some(v) if v.starts_with("3.") => Ok(()),
+        found => {
+            eprintln!("xtask: installing cargo-deb 3.x (found {found:?})");
+            run(cargo().args(["install", "cargo-deb", "--locked", "--version", "^3"]))
+        }
+    }
+}
+
+/// `cargo xtask deb`: the release package in `target/debian/`.
+fn deb_package() -> Result<()> {
+    cargo_deb()?;
+    let components = plugins()?;
+    run(cargo().args(["build", "--release", "-p", "wardgate"]))?;
+    let root = root();
+    let deb = deb::build(&deb::Inputs {
+        root: &root,
+        binary: &root.join("target/release/wardgate"),
+        components: &components,
+        stage: &root.join("target/deb-stage"),
+        out_dir: &root.join("target/debian"),
+        fast: false,
+    })?;
+    eprintln!("xtask: package {}", deb.display());
     Ok(())
 }
 
