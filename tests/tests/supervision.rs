@@ -278,26 +278,30 @@ async fn next_upstream(rx: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, f64)>
         .1
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_stage_is_reported_and_ends_the_watchdog() {
-    // The queue writer is fatal: the PUBACK guarantee rests on it.
+/// A gateway forwarding to an upstream where nothing listens (the uplink just retries; the
+/// queue writer still commits), under a 1 s watchdog with `fault` armed; ready, pinging, and
+/// one reading from pm-01 acknowledged.
+async fn forwarding_with_a_reading(fault: &str) -> (Daemon, wardgate_tests::Device) {
     let dir = tempfile::tempdir().unwrap();
     let mut ca = Ca::new("Upstream CA");
     let gw = ca.device("test-gateway");
-    // Nothing listens upstream: the uplink just retries; the writer still commits.
     let cfg = upstream_config(dir.path(), free_port(), &ca, &gw);
     let mut d = spawn(
         &cfg,
         dir,
-        &[
-            ("WATCHDOG_USEC", WATCHDOG_USEC),
-            ("WG_FAULT", "queue-writer:panic"),
-        ],
+        &[("WATCHDOG_USEC", WATCHDOG_USEC), ("WG_FAULT", fault)],
     );
     let addr = d.ready();
     d.wait_pings(3);
     let dev = connect(options(addr, "pm-01", "pw")).await;
     reading(&dev, 72).await;
+    (d, dev)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_stage_is_reported_and_ends_the_watchdog() {
+    // The queue writer is fatal: the PUBACK guarantee rests on it.
+    let (mut d, _dev) = forwarding_with_a_reading("queue-writer:panic").await;
     d.wait_status_line(&["stage queue-writer", "running", "fatal policy"]);
 
     d.inject();
@@ -437,23 +441,8 @@ fn http_addr(ready: &str) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_queue_writer_turns_healthz_503_and_stops_the_watchdog() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca = Ca::new("Upstream CA");
-    let gw = ca.device("test-gateway");
-    let cfg = upstream_config(dir.path(), free_port(), &ca, &gw);
-    let mut d = spawn(
-        &cfg,
-        dir,
-        &[
-            ("WATCHDOG_USEC", WATCHDOG_USEC),
-            ("WG_FAULT", "queue-writer:stall"),
-        ],
-    );
-    let addr = d.ready();
+    let (mut d, _dev) = forwarding_with_a_reading("queue-writer:stall").await;
     let http = http_addr(&d.wait_note("READY=1"));
-    d.wait_pings(3);
-    let dev = connect(options(addr, "pm-01", "pw")).await;
-    reading(&dev, 72).await;
     let (code, body) = wardgate_tests::http_get(http, "/healthz");
     assert_eq!(code, 200, "{body}");
 
