@@ -8,7 +8,13 @@
 //! 3. 500 devices likewise;
 //! 4. the 500 devices publishing 1 000 readings/s together (2/s each, QoS 1, ~100-byte
 //!    pacemaker payloads) for [`LOAD`]; the peak (`VmHWM`) is reset before it starts
-//!    (`/proc/<pid>/clear_refs`), so it is the peak of the load alone.
+//!    (`/proc/<pid>/clear_refs`), so it is the peak of the load alone;
+//! 5. a power cut: the 500 devices reconnect at once, each logging in and sending a reading →
+//!    the time until all are back, the peak RSS during it and the settled RSS after.
+//!
+//! Also: the time from spawning `wardgate run` to READY=1, on the first start (empty plugin
+//! cache: the three plugins are compiled) and on the restart (compiled cache), and the size of
+//! the binary and of the package `cargo xtask deb` made, if any.
 //!
 //! RSS is read from `/proc/<pid>/status` after the gateway has settled (RSS steady for
 //! [`SETTLE`]), once the quiet gateway has given back its start-up memory
@@ -256,6 +262,7 @@ fn start(
     SocketAddr,
     std::thread::JoinHandle<usize>,
     std::sync::mpsc::Receiver<()>,
+    Duration,
 ) {
     let sock = UnixDatagram::bind(sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(60)))
@@ -272,6 +279,7 @@ fn start(
         }
         None => std::process::Command::new(env!("CARGO_BIN_EXE_wardgate")),
     };
+    let spawned = Instant::now();
     let mut child = command
         .arg("run")
         .arg("-c")
@@ -314,8 +322,9 @@ fn start(
             break a;
         }
     };
+    let to_ready = spawned.elapsed();
     let pid = gateway_pid(child.id());
-    (child, pid, addr, log_lines, released)
+    (child, pid, addr, log_lines, released, to_ready)
 }
 
 /// SIGTERM the gateway and check that it stopped cleanly.
@@ -354,7 +363,7 @@ async fn run(components: std::path::PathBuf) {
         .collect();
     let conf = dir.path().join("wardgate.toml");
     std::fs::write(&conf, toml::to_string(&cfg).unwrap()).unwrap();
-    let (mut child, pid, _addr, log_lines, released) =
+    let (mut child, pid, _addr, log_lines, released, ready_first) =
         start(&conf, &dir.path().join("notify-1.sock"));
     released
         .recv_timeout(Duration::from_secs(60))
@@ -363,8 +372,13 @@ async fn run(components: std::path::PathBuf) {
     stop(&mut child, pid, log_lines);
     // The idle figure that counts is that of a restart: the plugins are compiled once, then
     // loaded from the cache, as on a gateway that has run before.
-    let (mut child, pid, addr, log_lines, released) =
+    let (mut child, pid, addr, log_lines, released, ready_cached) =
         start(&conf, &dir.path().join("notify-2.sock"));
+    println!(
+        "memory: start to READY=1: {} ms with the plugins' compiled cache, {} ms with an empty cache (the first start compiles them)",
+        ready_cached.as_millis(),
+        ready_first.as_millis(),
+    );
     released
         .recv_timeout(Duration::from_secs(60))
         .expect("start-up memory released once quiet");
@@ -437,8 +451,64 @@ async fn run(components: std::path::PathBuf) {
         mib(after)
     );
 
+    // 5. A power cut: all devices come back at once, each logging in and sending a reading
+    // (their previous connections ended with the load).
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
+    let started = Instant::now();
+    let storm: Vec<_> = (0..DEVICES)
+        .map(|i| tokio::spawn(connect(addr, i, true)))
+        .collect();
+    let mut back = Vec::new();
+    for t in storm {
+        back.push(t.await.unwrap());
+    }
+    let storm_took = started.elapsed();
+    let (_, peak_storm) = rss_kib(pid);
+    let after_storm = settled_rss(pid).await;
+    println!(
+        "memory: {DEVICES} devices reconnecting at once (a power cut), each sending a reading: all back in {:.2} s; peak RSS {:.1} MiB, settled {:.1} MiB",
+        storm_took.as_secs_f64(),
+        mib(peak_storm),
+        mib(after_storm)
+    );
+    drop(back);
+
     stop(&mut child, pid, log_lines);
+    let binary_bytes = std::fs::metadata(env!("CARGO_BIN_EXE_wardgate"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    // The package, when `cargo xtask deb` made one: its size and its stripped executable's.
+    let package = std::fs::read_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debian"),
+    )
+    .ok()
+    .and_then(|d| {
+        d.filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+            .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+    });
+    let package_bytes = package
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len());
+    println!(
+        "memory: release binary {:.1} MiB (unstripped){}",
+        binary_bytes as f64 / (1 << 20) as f64,
+        match (&package, package_bytes) {
+            (Some(p), Some(n)) => format!(
+                "; package {} {:.1} MiB",
+                p.file_name().unwrap_or_default().to_string_lossy(),
+                n as f64 / (1 << 20) as f64
+            ),
+            _ => "; no package built (cargo xtask deb)".into(),
+        }
+    );
     let report = serde_json::json!({
+        "start_to_ready_ms": {"cached_plugins": ready_cached.as_millis() as u64, "empty_cache": ready_first.as_millis() as u64},
+        "reconnect_storm": {"devices": DEVICES, "seconds": storm_took.as_secs_f64(), "peak_rss_kib": peak_storm, "settled_rss_kib": after_storm},
+        "binary_bytes": binary_bytes,
+        "package_bytes": package_bytes,
         "plugins": plugins,
         "idle_rss_kib": idle,
         "idle_first_start_rss_kib": idle_first,
