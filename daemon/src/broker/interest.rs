@@ -18,7 +18,9 @@
 //!   [`Listening`]); a persistent session's ([`Owner::Session`]) stay while the device is
 //!   away — the broker keeps queueing for it — and go when the device opens a clean session
 //!   on the broker again (which discards the old one);
-//! - `$share/<group>/<filter>` counts as `<filter>`.
+//! - `$share/<group>/<filter>` listens on `<filter>`, but is a subscription of its own (as on
+//!   the broker): an owner's filters are kept as subscribed, so unsubscribing `<filter>` or
+//!   another group's `$share/<other>/<filter>` leaves it live.
 //!
 //! Matching walks a trie of filter levels (`+` and `#` as their own branches, the `$` rule
 //! applied at the first level), so the cost is per topic level, not per filter: hundreds of
@@ -51,15 +53,17 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Each owner's filters as subscribed (`$share/<group>/` included).
     owners: HashMap<Owner, HashSet<String>>,
+    /// The filters listened on ([`effective`]), counted once per subscription.
     trie: Node,
 }
 
-/// One filter level; `count` is how many owners hold the filter ending here.
+/// One filter level; `count` is how many subscriptions listen on the filter ending here.
 #[derive(Debug, Default)]
 struct Node {
     count: usize,
-    /// Owners of the filter ending in `#` below this level.
+    /// Subscriptions listening on the filter ending in `#` below this level.
     hash: usize,
     plus: Option<Box<Node>>,
     exact: HashMap<String, Node>,
@@ -141,9 +145,8 @@ impl Interest {
         let State { owners, trie } = &mut *s;
         let held = owners.entry(owner.clone()).or_default();
         for f in filters {
-            let f = effective(f);
             if held.insert(f.to_owned()) {
-                trie.adjust(f.split('/'), 1);
+                trie.adjust(effective(f).split('/'), 1);
                 self.0.filters.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -157,9 +160,8 @@ impl Interest {
             return;
         };
         for f in filters {
-            let f = effective(f);
             if held.remove(f) {
-                trie.adjust(f.split('/'), -1);
+                trie.adjust(effective(f).split('/'), -1);
                 self.0.filters.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -175,18 +177,25 @@ impl Interest {
         let State { owners, trie } = &mut *s;
         if let Some(held) = owners.remove(owner) {
             for f in &held {
-                trie.adjust(f.split('/'), -1);
+                trie.adjust(effective(f).split('/'), -1);
             }
             self.0.filters.fetch_sub(held.len(), Ordering::Relaxed);
         }
     }
 
-    /// The filters `owner` holds (without `$share/<group>/`).
+    /// The filters `owner` listens on (without `$share/<group>/`), each once.
     pub fn held(&self, owner: &Owner) -> Vec<String> {
         let s = self.0.state.read().unwrap_or_else(|e| e.into_inner());
         s.owners
             .get(owner)
-            .map(|held| held.iter().cloned().collect())
+            .map(|held| {
+                held.iter()
+                    .map(|f| effective(f))
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -196,7 +205,7 @@ impl Interest {
         let s = self.0.state.read().unwrap_or_else(|e| e.into_inner());
         s.owners.get(owner).is_some_and(|held| {
             held.iter()
-                .any(|f| crate::gatekeeper::policy::topic_matches(f, topic))
+                .any(|f| crate::gatekeeper::policy::topic_matches(effective(f), topic))
         })
     }
 
@@ -209,7 +218,7 @@ impl Interest {
         s.trie.matches(topic.split('/'), true)
     }
 
-    /// Distinct (owner, filter) subscriptions held.
+    /// Distinct (owner, filter as subscribed) subscriptions held.
     pub fn len(&self) -> usize {
         self.0.filters.load(Ordering::Relaxed)
     }
@@ -313,6 +322,44 @@ mod tests {
         assert!(!i.wanted("$aws/things/x/shadow/get"));
         i.add(&o, ["$aws/things/+/shadow/get/+"]);
         assert!(i.wanted("$aws/things/x/shadow/get/accepted"));
+    }
+
+    /// Found by the fuzz target `mqtt_packets` (minimised: a device SUBSCRIBEs to
+    /// `$share/f/ward/+/telemetry`, then UNSUBSCRIBEs from `$share/g/ward/+/telemetry`, a group
+    /// it never joined). The index kept filters without their `$share/<group>/`, so that
+    /// UNSUBSCRIBE, or one from the plain `ward/+/telemetry`, took away a shared subscription
+    /// the broker still had live, and its subscriber missed messages.
+    #[test]
+    fn another_groups_or_the_plain_filters_unsubscribe_keeps_a_shared_subscription() {
+        use rumqttc::mqttbytes::v4::Packet;
+        const SUBSCRIBE: &[u8] = b"\x82\x1e\x00\x01\x00\x19$share/f/ward/+/telemetry\x01";
+        const UNSUBSCRIBE: &[u8] = b"\xa2\x1d\x00\x02\x00\x19$share/g/ward/+/telemetry";
+        let i = Interest::default();
+        let o = i.owner("pm-1", true);
+        let mut stream = bytes::BytesMut::from([SUBSCRIBE, UNSUBSCRIBE].concat().as_slice());
+        while !stream.is_empty() {
+            match Packet::read(&mut stream, 1 << 16).expect("a valid packet") {
+                Packet::Subscribe(s) => i.add(&o, s.filters.iter().map(|f| f.path.as_str())),
+                Packet::Unsubscribe(u) => i.remove(&o, u.topics.iter().map(String::as_str)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            i.wanted("ward/pm-1/telemetry"),
+            "the $share/f subscription is live"
+        );
+        i.add(&o, ["ward/+/telemetry"]);
+        assert_eq!(i.len(), 2, "two subscriptions on the broker");
+        i.remove(&o, ["ward/+/telemetry"]);
+        assert!(
+            i.wanted("ward/pm-1/telemetry"),
+            "the $share/f subscription is live"
+        );
+        assert!(i.holds_match(&o, "ward/pm-1/telemetry"));
+        assert_eq!(i.held(&o), ["ward/+/telemetry"]);
+        i.remove(&o, ["$share/f/ward/+/telemetry"]);
+        assert!(!i.wanted("ward/pm-1/telemetry"));
+        assert!(i.is_empty());
     }
 
     /// The trie says what matching every held filter one by one says, after random

@@ -907,8 +907,12 @@ fn trap_reason(e: &wasmtime::Error) -> String {
     }
 }
 
-/// Plausibility of plugin output; anything else is the plugin's fault.
-fn check_readings(
+/// Plausibility of plugin output; anything else is the plugin's fault
+/// ([`Failure::InvalidOutput`]): at most 64 readings, each with a metric and a unit of 1–64
+/// bytes without control characters, a finite value and an observation time between
+/// 2000-01-01 and one day after `received_at_ms`. Public for the fuzz target
+/// `fuzz/fuzz_targets/plugin_output.rs`; the host calls it on every plugin result.
+pub fn check_readings(
     raw: Vec<bindings::wardgate::plugin::types::Reading>,
     received_at_ms: i64,
 ) -> Result<Vec<Reading>, Failure> {
@@ -920,7 +924,8 @@ fn check_readings(
     }
     // 2000-01-01 .. one day after receipt: anything else is a broken clock or a broken plugin.
     let earliest = 946_684_800_000;
-    let latest = received_at_ms + 86_400_000;
+    // Saturating: a receive time near the end of `i64` must not overflow (found by fuzzing).
+    let latest = received_at_ms.saturating_add(86_400_000);
     raw.into_iter()
         .map(|r| {
             let ok_name =
@@ -961,4 +966,37 @@ fn check_readings(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bindings::wardgate::plugin::types::Reading as RawReading;
+
+    fn heart_rate(observed_at_ms: i64) -> RawReading {
+        RawReading {
+            metric: "heart-rate".into(),
+            value: 72.0,
+            unit: "/min".into(),
+            observed_at_ms,
+            quality: Quality::Good,
+        }
+    }
+
+    /// Found by the fuzz target `plugin_output`: its minimised input (a receive time of
+    /// `i64::MAX`, no readings) made "one day after receipt" overflow, a panic in a build with
+    /// overflow checks and, wrapped, a limit in 1970 that refused every reading otherwise.
+    #[test]
+    fn a_receive_time_at_the_end_of_time_does_not_overflow() {
+        const MINIMISED: [u8; 8] = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        let received_at_ms = i64::from_le_bytes(MINIMISED);
+        assert_eq!(check_readings(Vec::new(), received_at_ms), Ok(Vec::new()));
+        let readings = check_readings(vec![heart_rate(i64::MAX)], received_at_ms)
+            .expect("observed at receipt");
+        assert_eq!(readings[0].observed_at_ms, i64::MAX);
+        assert!(matches!(
+            check_readings(vec![heart_rate(0)], received_at_ms),
+            Err(Failure::InvalidOutput(_))
+        ));
+    }
 }
