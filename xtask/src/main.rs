@@ -22,6 +22,17 @@
 //!   cargo-deb 3.x (`cargo install cargo-deb --locked`), dpkg-dev and binutils when missing.
 //! - `deps`: only install what the tests need: Debian packages, cargo-deb, and the AWS IoT
 //!   Device SDKs for Python in `target/py`.
+//! - `torture [SCENARIO] [--quick]`: fault scenarios on the real release binary under load
+//!   (`kill9`: kill -9 / restart cycles; `flap`: the upstream stopped and started every 5 s;
+//!   `outage`: the upstream down past `queue.max_bytes`; `disk-full`: the state directory on a
+//!   full 32 MiB tmpfs, root needed), each failing when an acknowledged
+//!   reading is neither delivered upstream nor counted as evicted; all of them, or only
+//!   SCENARIO; `--quick` shortens each. Writes `target/bench/torture.json` (see
+//!   `daemon/benches/torture.rs`).
+//! - `fuzz [TARGET] [--seconds N] [--cmin]`: the coverage-guided fuzz targets in `fuzz/`
+//!   (cargo-fuzz, installed when missing), each (or only TARGET) for N seconds (default 60) on
+//!   its corpus `fuzz/corpus/<target>`; fails naming the reproducer of any crash (see
+//!   `fuzz.rs`).
 //!
 //! Each task installs what it needs itself (Debian packages via apt-get when missing), so a
 //! fresh Debian 12 machine with a Rust toolchain needs nothing else.
@@ -31,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod deb;
+mod fuzz;
 mod lint_times;
 
 /// Debian packages the test suite uses: `systemd` (systemd-analyze, systemd-journald,
@@ -74,6 +86,8 @@ fn main() -> Result<()> {
         "deps" => install_packages(TEST_PACKAGES)
             .and_then(|()| cargo_deb())
             .and_then(|()| python_sdks()),
+        "fuzz" => fuzz::fuzz(&rest),
+        "torture" => torture(&rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -84,7 +98,9 @@ fn main() -> Result<()> {
                  plugins      build the WebAssembly plugins into components\n  \
                  bench        build the plugins and run the benchmarks (release build)\n  \
                  deb          build the Debian package target/debian/wardgate_<version>_<arch>.deb\n  \
-                 deps         install what the tests need (Debian packages, cargo-deb, the AWS IoT SDKs for Python)"
+                 deps         install what the tests need (Debian packages, cargo-deb, the AWS IoT SDKs for Python)\n  \
+                 torture [SCENARIO] [--quick]\n               kill -9, upstream flap, outage and disk-full runs of the release binary; fail on a lost reading\n  \
+                 fuzz [TARGET] [--seconds N] [--cmin]\n               run the fuzz targets (default: all, 60 s each); fail on a crash"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())
@@ -363,6 +379,17 @@ fn bench() -> Result<()> {
             .env("WARDGATE_COMPONENTS", &components))?;
     }
     Ok(())
+}
+
+/// The torture runs (`daemon/benches/torture.rs`, release build): `args` are passed on
+/// (scenario names, `--quick`).
+fn torture(args: &[String]) -> Result<()> {
+    let components = plugins()?;
+    install_packages(&["mosquitto", "openssl"])?;
+    run(cargo()
+        .args(["bench", "-p", "wardgate", "--bench", "torture", "--"])
+        .args(args)
+        .env("WARDGATE_COMPONENTS", &components))
 }
 
 /// cargo-deb 3.x, installed with `cargo install --locked` when missing (or of another major
