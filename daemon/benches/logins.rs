@@ -122,15 +122,7 @@ async fn run() {
     std::fs::create_dir_all(&cfg.plugins.dir).unwrap();
     cfg.login.max_pending_per_address = cfg.login.max_pending;
     cfg.login.max_per_second_per_address = cfg.login.max_per_second;
-    cfg.devices = (0..DEVICES)
-        .map(|i| {
-            wardgate::config::DeviceConfig::with_password(
-                &format!("pm-{i:03}"),
-                "pacemaker",
-                hash.clone(),
-            )
-        })
-        .collect();
+    cfg.devices = real::pacemakers(DEVICES, &hash);
     let gw = real::start(&cfg, dir.path(), "wardgate", Duration::from_secs(60));
     let (pid, addr) = (gw.pid, gw.addr);
     let mut report = serde_json::Map::new();

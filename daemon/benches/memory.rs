@@ -352,15 +352,7 @@ async fn run(components: std::path::PathBuf) {
     cfg.login.max_pending_per_address = cfg.login.max_pending;
     cfg.login.max_per_second_per_address = cfg.login.max_per_second;
     let hash = wardgate::registry::hash_password_demo("pw");
-    cfg.devices = (0..DEVICES)
-        .map(|i| {
-            wardgate::config::DeviceConfig::with_password(
-                &format!("pm-{i:03}"),
-                "pacemaker",
-                hash.clone(),
-            )
-        })
-        .collect();
+    cfg.devices = real::pacemakers(DEVICES, &hash);
     let conf = dir.path().join("wardgate.toml");
     std::fs::write(&conf, toml::to_string(&cfg).unwrap()).unwrap();
     let (mut child, pid, _addr, log_lines, released, ready_first) =

@@ -602,15 +602,7 @@ impl Rig {
         cfg.upstream.sync_shadows = false;
         cfg.metering.status_interval = Duration::from_millis(500);
         let hash = wardgate::registry::hash_password_demo("pw");
-        cfg.devices = (0..DEVICES)
-            .map(|i| {
-                wardgate::config::DeviceConfig::with_password(
-                    &format!("pm-{i:03}"),
-                    "pacemaker",
-                    hash.clone(),
-                )
-            })
-            .collect();
+        cfg.devices = real::pacemakers(DEVICES, &hash);
         cfg
     }
 }

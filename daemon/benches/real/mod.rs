@@ -145,3 +145,17 @@ pub fn bench_gateway(cfg: &mut wardgate::config::Config, port: u16, pki: &Path) 
     cfg.upstream.cert_file = Some(pki.join("devices/bench-gateway.crt"));
     cfg.upstream.key_file = Some(pki.join("devices/bench-gateway.key"));
 }
+
+/// `n` pacemaker devices `pm-000`, `pm-001`, ... logging in with the password hash `hash`.
+#[allow(dead_code)] // not every bench registers pacemakers
+pub fn pacemakers(n: usize, hash: &str) -> Vec<wardgate::config::DeviceConfig> {
+    (0..n)
+        .map(|i| {
+            wardgate::config::DeviceConfig::with_password(
+                &format!("pm-{i:03}"),
+                "pacemaker",
+                hash.to_owned(),
+            )
+        })
+        .collect()
+}
