@@ -3,8 +3,9 @@
 //! Input: the text of `wardgate.toml`, optionally followed by drop-ins: every line
 //! `#@conf.d` starts a new file in the `conf.d/` beside it (`conf.d/00.toml`, `01.toml`, ...),
 //! so layering and array concatenation across files are reached too. The files are written
-//! to a directory of this process's own under the system temp dir, and loaded with
-//! `LoadOptions { file: Some(..), ignore_env: true }` (the environment is never read).
+//! to a directory of this process's own under `fuzz/target/config_load/` (ignored by git,
+//! gone with `cargo clean`), and loaded with `LoadOptions { file: Some(..), ignore_env: true }`
+//! (the environment is never read).
 //!
 //! What must stay true (the loader's contract):
 //! - it returns a configuration or a non-empty list of problems, never panics;
@@ -23,11 +24,13 @@ const DROP_IN: &str = "#@conf.d\n";
 /// Most drop-ins one input makes.
 const MAX_DROP_INS: usize = 8;
 
-/// This process's directory: `<tmp>/wardgate-fuzz-config-<pid>/` with `conf.d/` in it.
+/// This process's directory: `fuzz/target/config_load/<pid>/` with `conf.d/` in it.
 fn dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("wardgate-fuzz-config-{}", std::process::id()));
+        let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/config_load")
+            .join(std::process::id().to_string());
         std::fs::create_dir_all(d.join("conf.d")).expect("temp dir");
         d
     })
