@@ -50,19 +50,34 @@ pub fn code_ranges(maps: &str, exe: &str) -> Vec<Range<usize>> {
 /// them read-only (RELRO), and `MADV_DONTNEED` would replace those with the file's unrelocated
 /// bytes. Code is never written, so its pages are always the file's.
 pub fn drop_code_pages() -> u64 {
-    let (Ok(exe), Ok(maps)) = (
-        std::fs::read_link("/proc/self/exe"),
-        std::fs::read_to_string("/proc/self/maps"),
-    ) else {
-        return 0;
+    advise_own_mappings(true, nix::libc::MADV_DONTNEED, "MADV_DONTNEED")
+}
+
+/// Give `advice` to the executable's own private, unwritable mappings (with `code_only`, its
+/// executable ones alone) as `/proc/self/maps` lists them now; the bytes advised. Stops at the
+/// first refusal; every failure is logged at debug and leaves the pages resident.
+fn advise_own_mappings(code_only: bool, advice: nix::libc::c_int, name: &str) -> u64 {
+    let exe = match std::fs::read_link("/proc/self/exe") {
+        Ok(p) => p,
+        Err(e) => {
+            log::debug!(error:% = e; "memory: cannot find the executable; its pages stay resident");
+            return 0;
+        }
+    };
+    let maps = match std::fs::read_to_string("/proc/self/maps") {
+        Ok(m) => m,
+        Err(e) => {
+            log::debug!(error:% = e; "memory: cannot read /proc/self/maps; the executable's pages stay resident");
+            return 0;
+        }
     };
     let mut bytes = 0;
-    for r in code_ranges(&maps, &exe.to_string_lossy()) {
+    for r in mappings(&maps, &exe.to_string_lossy(), code_only) {
         let len = (r.end - r.start) as u64;
-        match advise(r, nix::libc::MADV_DONTNEED) {
+        match advise(r, advice) {
             Ok(()) => bytes += len,
             Err(e) => {
-                log::debug!(error:% = e; "memory: madvise(MADV_DONTNEED) refused on the executable's code");
+                log::debug!(error:% = e, advice = name; "memory: madvise({name}) refused; the executable's pages stay resident");
                 break;
             }
         }
@@ -118,43 +133,12 @@ fn mappings(maps: &str, exe: &str, code_only: bool) -> Vec<Range<usize>> {
 /// Return start-up memory to the kernel (see the module docs). Call once the gateway is
 /// ready; cheap (a few milliseconds) and safe to call again.
 pub fn release_startup_memory() -> Released {
-    let mut released = Released {
+    Released {
         // SAFETY: malloc_trim only walks glibc's own arenas; any thread may call it.
         #[allow(unsafe_code)]
         heap_trimmed: unsafe { nix::libc::malloc_trim(0) } == 1,
-        ..Released::default()
-    };
-    let exe = match std::fs::read_link("/proc/self/exe") {
-        Ok(p) => p,
-        Err(e) => {
-            log::debug!(error:% = e; "memory: cannot find the executable; its pages stay resident");
-            return released;
-        }
-    };
-    let maps = match std::fs::read_to_string("/proc/self/maps") {
-        Ok(m) => m,
-        Err(e) => {
-            log::debug!(error:% = e; "memory: cannot read /proc/self/maps; the executable's pages stay resident");
-            return released;
-        }
-    };
-    for r in executable_ranges(&maps, &exe.to_string_lossy()) {
-        let len = (r.end - r.start) as u64;
-        match page_out(r) {
-            Ok(()) => released.code_bytes += len,
-            Err(e) => {
-                log::debug!(error:% = e; "memory: madvise(MADV_PAGEOUT) refused; the executable's pages stay resident");
-                break;
-            }
-        }
+        code_bytes: advise_own_mappings(false, nix::libc::MADV_PAGEOUT, "MADV_PAGEOUT"),
     }
-    released
-}
-
-/// Advise the kernel to reclaim the pages of `range`, a whole read-only mapping of this
-/// process read from `/proc/self/maps`. Pages another process also maps stay.
-fn page_out(range: Range<usize>) -> std::io::Result<()> {
-    advise(range, nix::libc::MADV_PAGEOUT)
 }
 
 /// `madvise(range, advice)`. Callers pass only whole mappings of this process chosen by
@@ -298,7 +282,7 @@ mod tests {
             before >= 3 << 10,
             "{before} KiB resident after reading 4 MiB"
         );
-        match page_out(start..start + LEN) {
+        match advise(start..start + LEN, nix::libc::MADV_PAGEOUT) {
             Ok(()) => {
                 let after = resident_kib(start);
                 assert!(
