@@ -195,11 +195,5 @@ async fn run() {
     );
     drop(conns);
     gw.stop();
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("logins.json"),
-        serde_json::to_string_pretty(&serde_json::Value::Object(report)).unwrap(),
-    )
-    .unwrap();
+    real::write_report("logins", &serde_json::Value::Object(report));
 }

@@ -512,11 +512,5 @@ async fn run(components: std::path::PathBuf) {
             "pubacks": acked, "peak_rss_kib": peak_load, "rss_after_kib": after,
         },
     });
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("memory.json"),
-        serde_json::to_string_pretty(&report).unwrap(),
-    )
-    .unwrap();
+    real::write_report("memory", &report);
 }

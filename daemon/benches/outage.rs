@@ -382,11 +382,5 @@ async fn run() {
             "queue_after": c.queue_after,
         }));
     }
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("outage.json"),
-        serde_json::to_string_pretty(&serde_json::Value::Array(report)).unwrap(),
-    )
-    .unwrap();
+    real::write_report("outage", &serde_json::Value::Array(report));
 }

@@ -28,7 +28,7 @@
 mod load;
 mod real;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -83,22 +83,7 @@ struct Cloud {
 
 /// Subscribe on the upstream as the "cloud", with mutual TLS.
 async fn cloud(port: u16, pki: &Path, topics: &[&str]) -> Arc<Cloud> {
-    let upstream = wardgate::config::UpstreamConfig {
-        enabled: true,
-        endpoint: "localhost".into(),
-        port,
-        ca_file: Some(pki.join("ca.crt")),
-        cert_file: Some(pki.join("devices/bench-cloud.crt")),
-        key_file: Some(pki.join("devices/bench-cloud.key")),
-        ..Default::default()
-    };
-    let tls = wardgate::uplink::load_tls(&upstream).unwrap();
-    let mut o = MqttOptions::new("bench-cloud", "localhost", port);
-    o.set_transport(Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(tls),
-    ));
-    o.set_max_packet_size(256 * 1024, 256 * 1024);
-    o.set_keep_alive(Duration::from_secs(30));
+    let o = real::cloud_options("bench-cloud", port, pki);
     let (client, mut el) = AsyncClient::new(o, 64);
     for t in topics {
         client.subscribe(*t, QoS::AtLeastOnce).await.unwrap();
@@ -381,13 +366,7 @@ fn main() {
     let report = rt.block_on(run(components.into(), tmp.path(), up, &p));
     let _ = upstream.kill();
     let _ = upstream.wait();
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("spine.json"),
-        serde_json::to_string_pretty(&serde_json::Value::Object(report)).unwrap(),
-    )
-    .unwrap();
+    real::write_report("spine", &serde_json::Value::Object(report));
 }
 
 /// Start `wardgate run` on `tmp` with the upstream on `up`.

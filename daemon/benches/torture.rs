@@ -28,7 +28,7 @@
 //! clock at run time; the only fixed waits are the flap period and the devices' pacing.
 //! One summary line per scenario; all in `target/bench/torture.json`.
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -84,13 +84,7 @@ fn main() {
         started.elapsed().as_secs_f64(),
         if failed { ": FAILED" } else { "" }
     );
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("torture.json"),
-        serde_json::to_string_pretty(&serde_json::Value::Array(report)).unwrap(),
-    )
-    .unwrap();
+    real::write_report("torture", &serde_json::Value::Array(report));
     if failed {
         std::process::exit(1);
     }
@@ -171,23 +165,8 @@ impl Cloud {
 /// Subscribe on the upstream as the "cloud" (client id `cloud-id`, persistent session), with
 /// mutual TLS; returns once the SUBACK is in.
 async fn cloud(port: u16, pki: &Path, id: &str) -> Arc<Cloud> {
-    let upstream = wardgate::config::UpstreamConfig {
-        enabled: true,
-        endpoint: "localhost".into(),
-        port,
-        ca_file: Some(pki.join("ca.crt")),
-        cert_file: Some(pki.join("devices/bench-cloud.crt")),
-        key_file: Some(pki.join("devices/bench-cloud.key")),
-        ..Default::default()
-    };
-    let tls = wardgate::uplink::load_tls(&upstream).unwrap();
-    let mut o = MqttOptions::new(id, "localhost", port);
-    o.set_transport(Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(tls),
-    ));
+    let mut o = real::cloud_options(id, port, pki);
     o.set_clean_session(false);
-    o.set_max_packet_size(256 * 1024, 256 * 1024);
-    o.set_keep_alive(Duration::from_secs(30));
     let (client, mut el) = AsyncClient::new(o, 64);
     client
         .subscribe(READINGS_TOPIC, QoS::AtLeastOnce)

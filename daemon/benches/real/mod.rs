@@ -147,7 +147,6 @@ pub fn bench_gateway(cfg: &mut wardgate::config::Config, port: u16, pki: &Path) 
 }
 
 /// `n` pacemaker devices `pm-000`, `pm-001`, ... logging in with the password hash `hash`.
-#[allow(dead_code)] // not every bench registers pacemakers
 pub fn pacemakers(n: usize, hash: &str) -> Vec<wardgate::config::DeviceConfig> {
     (0..n)
         .map(|i| {
@@ -158,4 +157,38 @@ pub fn pacemakers(n: usize, hash: &str) -> Vec<wardgate::config::DeviceConfig> {
             )
         })
         .collect()
+}
+
+/// Write a bench's results to `target/bench/<name>.json`.
+pub fn write_report(name: &str, report: &serde_json::Value) {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join(format!("{name}.json")),
+        serde_json::to_string_pretty(report).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Options of a "cloud" client `id` on the upstream mosquitto at `localhost:port`: mutual TLS
+/// with the `bench-cloud` certificate from `pki` (made with `ward-pki`), packets up to 256 KiB
+/// (a whole upstream batch), a 30 s keep-alive.
+pub fn cloud_options(id: &str, port: u16, pki: &Path) -> rumqttc::MqttOptions {
+    let upstream = wardgate::config::UpstreamConfig {
+        enabled: true,
+        endpoint: "localhost".into(),
+        port,
+        ca_file: Some(pki.join("ca.crt")),
+        cert_file: Some(pki.join("devices/bench-cloud.crt")),
+        key_file: Some(pki.join("devices/bench-cloud.key")),
+        ..Default::default()
+    };
+    let tls = wardgate::uplink::load_tls(&upstream).unwrap();
+    let mut o = rumqttc::MqttOptions::new(id, "localhost", port);
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    o.set_max_packet_size(256 * 1024, 256 * 1024);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
 }
