@@ -242,7 +242,14 @@ pub enum QueueError {
     /// sled failed.
     #[error("queue storage error: {0}")]
     Storage(#[from] sled::Error),
+    /// The database was closed after a write error and could not be opened again yet (see
+    /// [`SledStore::recover`]).
+    #[error("queue storage closed after a write error, not yet reopened (is the disk full?)")]
+    Closed,
 }
+
+/// Shortest time between two [`SledStore::recover`] tries: opening reads every queued record.
+pub const RECOVERY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What opening found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -485,13 +492,26 @@ struct Repair {
     damaged: Vec<(u64, Vec<u8>)>,
 }
 
-/// The sled-backed queue.
+/// The open sled database of a [`SledStore`] and its trees.
 #[derive(Debug)]
-pub struct SledStore {
+struct Trees {
     db: sled::Db,
     records: sled::Tree,
     meta: sled::Tree,
     undeliverable: sled::Tree,
+}
+
+/// The sled-backed queue.
+#[derive(Debug)]
+pub struct SledStore {
+    /// `None` after a failed [`SledStore::recover`]: every operation fails until a later one
+    /// opens the database again.
+    trees: Option<Trees>,
+    /// Where it is, and its cache bound, to open it again ([`SledStore::recover`]).
+    dir: std::path::PathBuf,
+    cache_bytes: u64,
+    /// When [`SledStore::recover`] last tried.
+    last_recovery: Option<std::time::Instant>,
     /// Keys of the values in `records` (rebuilt on open): the run holding a sequence number
     /// is the one with the greatest key at or below it.
     runs: std::collections::BTreeSet<u64>,
@@ -589,10 +609,15 @@ impl SledStore {
         let next_seq = stored_next.max(last.map_or(0, |l| l + 1)).max(1);
         Ok((
             Self {
-                db,
-                records,
-                meta,
-                undeliverable,
+                trees: Some(Trees {
+                    db,
+                    records,
+                    meta,
+                    undeliverable,
+                }),
+                dir: dir.to_path_buf(),
+                cache_bytes,
+                last_recovery: None,
                 runs,
                 pending: Default::default(),
                 priority,
@@ -604,6 +629,45 @@ impl SledStore {
             },
             report,
         ))
+    }
+
+    /// The database, or [`QueueError::Closed`] while a [`SledStore::recover`] has not yet
+    /// opened it again.
+    fn trees(&self) -> Result<&Trees, QueueError> {
+        self.trees.as_ref().ok_or(QueueError::Closed)
+    }
+
+    /// After a failed write: close the database and open it again, at most once per
+    /// [`RECOVERY_EVERY`] (`None`: not tried, too soon after the last try).
+    ///
+    /// sled 0.34 keeps the first I/O error of a write to its log (`ENOSPC` when the disk is
+    /// full) as the database's error and returns it from every later operation, so without
+    /// this the queue would refuse every reading until a restart, long after the disk has room
+    /// again. Opening again is what a restart does: every record that was flushed is there
+    /// (invariant 1), the counters are recounted from disk (an append that failed must not
+    /// count), records evicted lazily may come back (invariant 2, as after a crash), and
+    /// sequence numbers go on from where this store was, never below (invariant 3), so no
+    /// reader's cursor sees a number twice. When opening fails too (the disk is still full),
+    /// the store stays closed and the next call tries again.
+    pub fn recover(&mut self) -> Option<Result<OpenReport, QueueError>> {
+        if self
+            .last_recovery
+            .is_some_and(|t| t.elapsed() < RECOVERY_EVERY)
+        {
+            return None;
+        }
+        self.last_recovery = Some(std::time::Instant::now());
+        // Dropping the handles closes the database and releases its lock, so it can be opened.
+        self.trees = None;
+        self.pending.clear();
+        Some(
+            Self::open(&self.dir, self.cache_bytes).map(|(mut fresh, report)| {
+                fresh.next_seq = fresh.next_seq.max(self.next_seq);
+                fresh.last_recovery = self.last_recovery;
+                *self = fresh;
+                report
+            }),
+        )
     }
 
     /// Key of the run that holds `seq`, if any run could.
@@ -637,7 +701,7 @@ impl SledStore {
         let mut taken = Vec::new();
         let mut emptied = Vec::new();
         for (run_key, doomed) in by_run {
-            let Some(v) = self.records.get(key(run_key))? else {
+            let Some(v) = self.trees()?.records.get(key(run_key))? else {
                 continue;
             };
             let (found, _) = entries(run_key, &v);
@@ -672,7 +736,7 @@ impl SledStore {
                 batch.insert(&key(run_key), encode_run(run_key, kept));
             }
         }
-        self.records.apply_batch(batch)?;
+        self.trees()?.records.apply_batch(batch)?;
         for run_key in emptied {
             self.runs.remove(&run_key);
         }
@@ -698,25 +762,30 @@ impl Drop for SledStore {
     /// (after a crash they may: they are evicted again, late, never lost before their time).
     fn drop(&mut self) {
         if self.settle().is_ok() {
-            let _ = self.db.flush();
+            if let Some(t) = &self.trees {
+                let _ = t.db.flush();
+            }
         }
     }
 }
 
 impl Store for SledStore {
     fn append(&mut self, records: &[Record]) -> Result<Vec<u64>, QueueError> {
+        // Counted only once sled has the batch: a failed append must not count.
         let mut seqs = Vec::with_capacity(records.len());
         let mut batch = sled::Batch::default();
         let (mut run, mut run_key) = (Vec::new(), 0);
+        let mut run_keys = Vec::new();
+        let (mut bytes, mut priority_bytes, mut priority) = (0u64, 0u64, Vec::new());
+        let mut next_seq = self.next_seq;
         for r in records {
             let len = r.stored_len();
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.bytes += len as u64;
-            self.count += 1;
+            let seq = next_seq;
+            next_seq += 1;
+            bytes += len as u64;
             if r.class.is_priority() {
-                self.priority.insert(seq);
-                self.priority_bytes += len as u64;
+                priority.push(seq);
+                priority_bytes += len as u64;
             }
             if run.is_empty() {
                 run.reserve(RUN_BYTES + len + ENTRY_HEADER);
@@ -728,21 +797,29 @@ impl Store for SledStore {
             encode_into(r, &mut run);
             if run.len() >= RUN_BYTES {
                 batch.insert(&key(run_key), std::mem::take(&mut run));
-                self.runs.insert(run_key);
+                run_keys.push(run_key);
             }
             seqs.push(seq);
         }
         if !run.is_empty() {
             batch.insert(&key(run_key), run);
-            self.runs.insert(run_key);
+            run_keys.push(run_key);
         }
-        self.records.apply_batch(batch)?;
-        self.meta.insert("next_seq", &key(self.next_seq))?;
+        // Numbers are spent even when the write fails: a reader may have seen them.
+        self.next_seq = next_seq;
+        let trees = self.trees()?;
+        trees.records.apply_batch(batch)?;
+        self.runs.extend(run_keys);
+        self.priority.extend(priority);
+        self.count += records.len();
+        self.bytes += bytes;
+        self.priority_bytes += priority_bytes;
+        self.trees()?.meta.insert("next_seq", &key(self.next_seq))?;
         Ok(seqs)
     }
 
     fn sync(&mut self) -> Result<(), QueueError> {
-        self.db.flush()?;
+        self.trees()?.db.flush()?;
         Ok(())
     }
 
@@ -753,7 +830,7 @@ impl Store for SledStore {
     ) -> Result<Vec<(u64, Record)>, QueueError> {
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut out = Vec::new();
-        for item in self.records.range(self.walk_from(start)..) {
+        for item in self.trees()?.records.range(self.walk_from(start)..) {
             if out.len() >= limit {
                 break;
             }
@@ -783,7 +860,11 @@ impl Store for SledStore {
                 continue;
             };
             if run.as_ref().map(|(k, _)| *k) != Some(run_key) {
-                run = self.records.get(key(run_key))?.map(|v| (run_key, v));
+                run = self
+                    .trees()?
+                    .records
+                    .get(key(run_key))?
+                    .map(|v| (run_key, v));
             }
             let Some((_, v)) = &run else { continue };
             let found = entries(run_key, v).0.into_iter().find(|e| e.seq == seq);
@@ -805,7 +886,7 @@ impl Store for SledStore {
     fn set_aside(&mut self, seq: u64) -> Result<bool, QueueError> {
         match self.take_many(&[seq], false)?.pop() {
             Some((seq, v)) => {
-                self.undeliverable.insert(key(seq), v)?;
+                self.trees()?.undeliverable.insert(key(seq), v)?;
                 Ok(true)
             }
             None => Ok(false),
@@ -817,7 +898,7 @@ impl Store for SledStore {
         let mut front = self.routine_front;
         let mut doomed = Vec::new();
         let mut freed = 0u64;
-        'walk: for item in self.records.range(self.walk_from(front)..) {
+        'walk: for item in self.trees()?.records.range(self.walk_from(front)..) {
             let (k, v) = item?;
             let Some(run_key) = seq_of(&k) else { break };
             for e in entries(run_key, &v).0 {
@@ -1023,7 +1104,7 @@ mod tests {
         drop(q);
         let (q, report) = reopen(dir.path());
         assert_eq!(report.records, 1);
-        let aside = q.db.open_tree("undeliverable").unwrap();
+        let aside = q.trees().unwrap().db.open_tree("undeliverable").unwrap();
         assert_eq!(
             decode(&aside.get(key(seqs[0])).unwrap().unwrap()),
             Some(rec(Class::Alarm, 1, 1))
@@ -1327,10 +1408,17 @@ mod tests {
             .unwrap();
             // Damage record 2 behind the queue's back: all three share one run.
             assert_eq!(q.runs.len(), 1);
-            let mut run = q.records.get(key(1)).unwrap().unwrap().to_vec();
+            let mut run = q
+                .trees()
+                .unwrap()
+                .records
+                .get(key(1))
+                .unwrap()
+                .unwrap()
+                .to_vec();
             let at = run.windows(9).position(|w| w == b"reading 2").unwrap();
             run[at] ^= 0xff;
-            q.records.insert(key(1), run).unwrap();
+            q.trees().unwrap().records.insert(key(1), run).unwrap();
             q.sync().unwrap();
         }
         let (q, report) = reopen(dir.path());
@@ -1349,7 +1437,7 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![1, 3]);
         assert_eq!(
-            q.db.open_tree("corrupt").unwrap().len(),
+            q.trees().unwrap().db.open_tree("corrupt").unwrap().len(),
             1,
             "kept aside for forensics"
         );
@@ -1414,11 +1502,13 @@ mod tests {
             // A queue written one value per record, as before runs.
             for n in 1..=4u32 {
                 let class = if n == 2 { Class::Alarm } else { Class::Routine };
-                q.records
+                q.trees()
+                    .unwrap()
+                    .records
                     .insert(key(u64::from(n)), encode(&rec(class, i64::from(n), n)))
                     .unwrap();
             }
-            q.db.flush().unwrap();
+            q.trees().unwrap().db.flush().unwrap();
         }
         let (mut q, report) = reopen(dir.path());
         assert_eq!(
@@ -1458,9 +1548,17 @@ mod tests {
         assert_eq!(q.runs.len(), 1);
         let run_key = seqs[0];
         let on_disk = |q: &SledStore| {
-            entries(run_key, &q.records.get(key(run_key)).unwrap().unwrap())
-                .0
-                .len()
+            entries(
+                run_key,
+                &q.trees()
+                    .unwrap()
+                    .records
+                    .get(key(run_key))
+                    .unwrap()
+                    .unwrap(),
+            )
+            .0
+            .len()
         };
         let mut rewrites = 0;
         let mut last = on_disk(&q);

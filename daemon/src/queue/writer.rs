@@ -15,6 +15,12 @@
 //! at most once per [`EVICTION_LOG_EVERY`], with the numbers since the previous line, so a
 //! long outage does not write a journal line per commit.
 //!
+//! Write errors: a commit that fails acknowledges none of its readings (their devices send
+//! them again) and the store is opened again ([`super::SledStore::recover`]), because sled
+//! keeps a write error (a full disk) for good; so once the disk has room the queue takes
+//! readings again without a restart. An ERROR says so, at most once per
+//! [`EVICTION_LOG_EVERY`] with the totals since.
+//!
 //! Supervision: the writer is a fatal stage ([`crate::supervisor`]). It beats after every
 //! successful commit and when idle, never while readings wait behind failing commits, so a
 //! writer that cannot write shows as stalled (and stops the watchdog) instead of looking alive
@@ -195,6 +201,8 @@ pub fn writer(
         let mut last_start = tokio::time::Instant::now();
         // Evictions not yet reported, and when the last report was written.
         let (mut unreported, mut last_report) = (super::Evicted::default(), None);
+        // Failed commits (and their readings) not yet reported, and when the last report was.
+        let (mut failed, mut last_failure_report) = ((0u64, 0u64), None);
         loop {
             let first = tokio::select! {
                 // Waiting readings first: the idle tick beats only when there are none.
@@ -236,20 +244,42 @@ pub fn writer(
             let q = queue.clone();
             let age_floor = now_ms() - max_age.as_millis() as i64;
             let result = tokio::task::spawn_blocking(move || {
-                q.with(|s| -> Result<_, super::QueueError> {
-                    let admitted = admit(s.priority_bytes(), max_bytes, &records);
-                    let kept: Vec<Record> = records
-                        .into_iter()
-                        .zip(&admitted)
-                        .filter_map(|(r, ok)| ok.then_some(r))
-                        .collect();
-                    s.append(&kept)?;
-                    let evicted = s.evict(max_bytes, age_floor)?;
-                    s.sync()?;
-                    Ok((admitted, evicted, s.len(), s.bytes()))
+                q.with(|s| {
+                    let commit = (|| -> Result<_, super::QueueError> {
+                        let admitted = admit(s.priority_bytes(), max_bytes, &records);
+                        let kept: Vec<Record> = records
+                            .into_iter()
+                            .zip(&admitted)
+                            .filter_map(|(r, ok)| ok.then_some(r))
+                            .collect();
+                        s.append(&kept)?;
+                        let evicted = s.evict(max_bytes, age_floor)?;
+                        s.sync()?;
+                        Ok((admitted, evicted, s.len(), s.bytes()))
+                    })();
+                    // A failed commit may have closed sled for good (see `recover`): open
+                    // it again, so the queue takes readings once the disk has room.
+                    let recovered = commit.is_err().then(|| s.recover()).flatten();
+                    (commit, recovered)
                 })
             })
             .await;
+            let result = result.map(|(commit, recovered)| {
+                match recovered {
+                    Some(Ok(report)) => log::warn!(
+                        queued = report.records;
+                        "queue reopened after a write error: {} records queued; new readings are acknowledged again once they can be written",
+                        report.records
+                    ),
+                    Some(Err(e)) => log::error!(
+                        error:% = e;
+                        "queue could not be reopened after a write error (tried again at most once per {}s while readings come): {e}; free space in gateway.state_dir",
+                        super::RECOVERY_EVERY.as_secs()
+                    ),
+                    None => {}
+                }
+                commit
+            });
             match result {
                 Ok(Ok((admitted, evicted, len, bytes))) => {
                     beat.beat();
@@ -290,10 +320,24 @@ pub fn writer(
                     }
                     queue.appended.notify_one();
                 }
-                Ok(Err(e)) => log::error!(
-                    error:% = e;
-                    "cannot write the queue: {} readings not acknowledged (devices will resend)", acks.len()
-                ),
+                Ok(Err(e)) => {
+                    // One line per failing commit would flood the journal (often on the same
+                    // full disk): the first failure, then at most one per interval with the
+                    // totals since.
+                    failed.0 += 1;
+                    failed.1 += acks.len() as u64;
+                    let due = last_failure_report
+                        .is_none_or(|t: std::time::Instant| t.elapsed() >= EVICTION_LOG_EVERY);
+                    if due {
+                        log::error!(
+                            error:% = e, failed_commits = failed.0, readings = failed.1;
+                            "cannot write the queue: {} readings in {} commits not acknowledged (devices will resend): {e}; at most one such line per {}s",
+                            failed.1, failed.0, EVICTION_LOG_EVERY.as_secs()
+                        );
+                        failed = (0, 0);
+                        last_failure_report = Some(std::time::Instant::now());
+                    }
+                }
                 // The store may be half-written: this is the writer's own panic.
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(e) => {
@@ -386,5 +430,152 @@ mod tests {
             .map(|n| format!("{{\"n\":{n}}}").into_bytes())
             .collect();
         assert_eq!(kept, want);
+    }
+
+    /// A tmpfs of `size` on `at`, unmounted (lazily if busy) when dropped. Needs root.
+    struct SmallDisk(std::path::PathBuf);
+
+    impl SmallDisk {
+        fn new(at: &std::path::Path, size: &str) -> Self {
+            std::fs::create_dir_all(at).unwrap();
+            let mounted = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "wg-test",
+                ])
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                mounted,
+                "this test mounts a tmpfs on {}: run it as root",
+                at.display()
+            );
+            Self(at.to_path_buf())
+        }
+
+        /// Take every free byte with `file`.
+        fn fill(&self, file: &str) {
+            use std::io::Write;
+            let mut f = std::fs::File::create(self.0.join(file)).unwrap();
+            for chunk in [1usize << 16, 512, 1] {
+                while f.write(&vec![0u8; chunk]).is_ok_and(|n| n > 0) {}
+            }
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    async fn confirmed(tx: &Enqueue, n: u32) -> bool {
+        let (ack, rx) = Ack::new();
+        let r = Record::telemetry(
+            Class::Routine,
+            "bt-01",
+            format!("{{\"n\":{n}}}").into_bytes(),
+        );
+        assert!(tx.push(r, Some(ack)).await, "writer gone");
+        rx.await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_stops_acknowledgements_and_room_brings_them_back_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = SmallDisk::new(&dir.path().join("small"), "4m");
+        let (store, _) = SledStore::open(&disk.0.join("queue"), 1 << 20).unwrap();
+        let queue = SharedQueue::new(store);
+        let (tx, writer) = spawn_writer(
+            queue.clone(),
+            Duration::from_millis(1),
+            1 << 30,
+            Duration::from_secs(3600),
+        );
+        let mut acked = Vec::new();
+        let mut n = 0u32;
+        for _ in 0..50 {
+            assert!(confirmed(&tx, n).await, "disk has room");
+            acked.push(n);
+            n += 1;
+        }
+        disk.fill("filler");
+        // Readings go on being offered until one is refused (sled may still have room in a
+        // segment it already has).
+        let mut refused = false;
+        for _ in 0..200_000 {
+            n += 1;
+            if !confirmed(&tx, n).await {
+                refused = true;
+                break;
+            }
+            acked.push(n);
+        }
+        assert!(refused, "a reading was acknowledged with the disk full");
+        // Still refused while the disk is full, also after the store was opened again.
+        let until = std::time::Instant::now() + crate::queue::RECOVERY_EVERY * 3;
+        while std::time::Instant::now() < until {
+            n += 1;
+            assert!(!confirmed(&tx, n).await, "acknowledged with the disk full");
+        }
+        std::fs::remove_file(disk.0.join("filler")).unwrap();
+        // Room again: readings are acknowledged again (the event waited for), with no restart.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            n += 1;
+            if confirmed(&tx, n).await {
+                acked.push(n);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no reading acknowledged within 60 s of freeing the disk"
+            );
+        }
+        for _ in 0..50 {
+            n += 1;
+            assert!(confirmed(&tx, n).await, "after recovery");
+            acked.push(n);
+        }
+        drop(tx);
+        writer.await.unwrap();
+        // Every acknowledged reading is queued, and the counters are those of the records
+        // there (a failed append counted nothing).
+        let payloads = |q: &mut SledStore| -> Vec<Vec<u8>> {
+            q.read_after(None, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| r.payload)
+                .collect()
+        };
+        let stored = queue.with(payloads);
+        for a in &acked {
+            let want = format!("{{\"n\":{a}}}").into_bytes();
+            assert!(stored.contains(&want), "acknowledged reading {a} missing");
+        }
+        let st = queue.status();
+        assert_eq!(st.depth, stored.len(), "depth counts what is stored");
+        assert_eq!(
+            st.bytes,
+            queue.with(|q| {
+                q.read_after(None, usize::MAX)
+                    .unwrap()
+                    .iter()
+                    .map(|(_, r)| r.stored_len() as u64)
+                    .sum::<u64>()
+            })
+        );
+        // And from disk, as after a restart.
+        drop(queue);
+        let (again, report) = SledStore::open(&disk.0.join("queue"), 1 << 20).unwrap();
+        assert_eq!(report.corrupt, 0);
+        assert_eq!(again.len(), stored.len());
     }
 }
