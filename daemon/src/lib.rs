@@ -61,6 +61,7 @@ pub mod reload;
 pub mod rules;
 pub mod shadow;
 pub mod sim;
+pub mod sled_reopen;
 pub mod status;
 pub mod supervisor;
 pub mod telemetry;

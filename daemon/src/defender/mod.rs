@@ -28,6 +28,17 @@
 //! (`<state_dir>/defender`, sled) before the events they cause are acted on, so a violation
 //! survives kill -9 and resumes; the stage holds entrances of the queue writer and must be
 //! stopped before the writer is awaited ([`crate::app`]).
+//!
+//! Write errors (a full disk): every write of the store is flushed before it counts, and one
+//! that fails closes the store, which is opened again at most once per second
+//! ([`crate::sled_reopen`]: sled would otherwise refuse every write until a restart); its
+//! failures are logged at most once per 10 s. Detect goes on meanwhile: the events and
+//! quarantines are acted on and kept in memory (then, and only then, a kill -9 loses them), and
+//! the next evaluation that can write stores the tracks (always written whole), the events not
+//! yet stored (at most `defender.history_events`; an event whose failed write partly reached the
+//! disk may then be stored twice) and, after a failed quarantine write, the whole in-memory
+//! quarantine list. Nothing in memory is made from the store after the start, so a reopened
+//! store needs nothing reloaded.
 
 pub mod detect;
 pub mod proc;
@@ -202,13 +213,33 @@ pub fn read_state(state_dir: &Path) -> Result<StateFile, String> {
         .map_err(|e| format!("{}: not a defender state file: {e}", path.display()))
 }
 
-/// The defender's store: tracks, quarantines and the event history.
-#[derive(Debug, Clone)]
-pub struct Store {
+/// The defender store's open database.
+#[derive(Debug)]
+struct Handles {
     db: sled::Db,
     tracks: sled::Tree,
     quarantine: sled::Tree,
     events: sled::Tree,
+}
+
+impl crate::sled_reopen::Handles for Handles {
+    fn db(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+/// The store's errors: what failed, where, what to do.
+pub use crate::sled_reopen::StoreError;
+
+/// What a failure of the defender's store means, for the journal.
+const STORE_FAILURE: &str = "violations, events and quarantines are kept in memory and written with the next evaluation once it works again (until then a restart would lose them)";
+
+/// The defender's store: tracks, quarantines and the event history. Cheap to clone: every
+/// clone uses the same database, which is closed and opened again after a write error
+/// ([`crate::sled_reopen`]).
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: crate::sled_reopen::Reopening<Handles>,
 }
 
 fn track_key(k: &TrackKey) -> Vec<u8> {
@@ -217,12 +248,23 @@ fn track_key(k: &TrackKey) -> Vec<u8> {
 
 impl Store {
     /// Open (or create) the store in `dir`.
-    pub fn open(dir: &Path) -> sled::Result<Self> {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            db: crate::sled_reopen::Reopening::open(
+                "Device Defender store",
+                STORE_FAILURE,
+                dir,
+                Self::open_handles,
+            )?,
+        })
+    }
+
+    fn open_handles(dir: &Path) -> sled::Result<Handles> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(1 << 20)
             .open()?;
-        Ok(Self {
+        Ok(Handles {
             tracks: db.open_tree("tracks")?,
             quarantine: db.open_tree("quarantine")?,
             events: db.open_tree("events")?,
@@ -230,94 +272,124 @@ impl Store {
         })
     }
 
-    /// Every stored track.
+    /// Every stored track (none while the store cannot be read: that is logged).
     pub fn tracks(&self) -> BTreeMap<TrackKey, Track> {
-        let mut out = BTreeMap::new();
-        for (k, v) in self.tracks.iter().flatten() {
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let mut parts = key.splitn(3, '\0');
-            let (Some(p), Some(b), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
-                continue;
-            };
-            if let Ok(t) = serde_json::from_slice::<Track>(&v) {
-                out.insert((Arc::from(p), Arc::from(b), Arc::from(d)), t);
+        let read = self.db.read(|h| {
+            let mut out = BTreeMap::new();
+            for (k, v) in h.tracks.iter().flatten() {
+                let key = String::from_utf8_lossy(&k).into_owned();
+                let mut parts = key.splitn(3, '\0');
+                let (Some(p), Some(b), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
+                    continue;
+                };
+                if let Ok(t) = serde_json::from_slice::<Track>(&v) {
+                    out.insert((Arc::from(p), Arc::from(b), Arc::from(d)), t);
+                }
             }
-        }
-        out
+            Ok(out)
+        });
+        read.unwrap_or_default()
     }
 
-    /// Every stored quarantine.
+    /// Every stored quarantine (none while the store cannot be read: that is logged).
     pub fn quarantines(&self) -> Vec<Entry> {
-        self.quarantine
-            .iter()
-            .flatten()
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .collect()
+        let read = self.db.read(|h| {
+            Ok(h.quarantine
+                .iter()
+                .flatten()
+                .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+                .collect())
+        });
+        read.unwrap_or_default()
     }
 
-    /// The newest `n` events, oldest first.
+    /// The newest `n` events, oldest first (none while the store cannot be read).
     pub fn events(&self, n: usize) -> Vec<serde_json::Value> {
-        let mut out: Vec<serde_json::Value> = self
-            .events
-            .iter()
-            .rev()
-            .take(n)
-            .flatten()
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .collect();
-        out.reverse();
-        out
+        let read = self.db.read(|h| {
+            let mut out: Vec<serde_json::Value> = h
+                .events
+                .iter()
+                .rev()
+                .take(n)
+                .flatten()
+                .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+                .collect();
+            out.reverse();
+            Ok(out)
+        });
+        read.unwrap_or_default()
     }
 
-    /// Replace the tracks with `tracks`, append `events` (keeping the newest `keep`), and
-    /// flush.
+    /// Replace the tracks with `tracks`, append `events` (violation messages, keeping the
+    /// newest `keep`), replace the quarantines with `quarantines` when given, and flush.
     fn save(
         &self,
         tracks: &BTreeMap<TrackKey, Track>,
-        events: &[Event],
+        events: &[serde_json::Value],
         keep: usize,
-    ) -> sled::Result<()> {
-        let mut batch = sled::Batch::default();
-        let wanted: std::collections::BTreeSet<Vec<u8>> = tracks.keys().map(track_key).collect();
-        for k in self.tracks.iter().keys().flatten() {
-            if !wanted.contains(k.as_ref()) {
-                batch.remove(k);
+        quarantines: Option<&[Entry]>,
+    ) -> Result<(), StoreError> {
+        self.db.write(|h| {
+            let mut batch = sled::Batch::default();
+            let wanted: std::collections::BTreeSet<Vec<u8>> =
+                tracks.keys().map(track_key).collect();
+            for k in h.tracks.iter().keys().flatten() {
+                if !wanted.contains(k.as_ref()) {
+                    batch.remove(k);
+                }
             }
-        }
-        for (k, t) in tracks {
-            batch.insert(track_key(k), serde_json::to_vec(t).unwrap_or_default());
-        }
-        self.tracks.apply_batch(batch)?;
-        for e in events {
-            let seq = self.db.generate_id()?;
-            self.events.insert(
-                seq.to_be_bytes(),
-                serde_json::to_vec(&e.message).unwrap_or_default(),
-            )?;
-        }
-        while self.events.len() > keep {
-            match self.events.pop_min()? {
-                Some(_) => {}
-                None => break,
+            for (k, t) in tracks {
+                batch.insert(track_key(k), serde_json::to_vec(t).unwrap_or_default());
             }
-        }
-        self.db.flush()?;
-        Ok(())
+            h.tracks.apply_batch(batch)?;
+            for e in events {
+                let seq = h.db.generate_id()?;
+                h.events
+                    .insert(seq.to_be_bytes(), serde_json::to_vec(e).unwrap_or_default())?;
+            }
+            while h.events.len() > keep {
+                match h.events.pop_min()? {
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            if let Some(list) = quarantines {
+                let wanted: std::collections::HashSet<&[u8]> =
+                    list.iter().map(|q| q.device_id.as_bytes()).collect();
+                let mut batch = sled::Batch::default();
+                for k in h.quarantine.iter().keys().flatten() {
+                    if !wanted.contains(k.as_ref()) {
+                        batch.remove(k);
+                    }
+                }
+                for q in list {
+                    batch.insert(
+                        q.device_id.as_bytes(),
+                        serde_json::to_vec(q).unwrap_or_default(),
+                    );
+                }
+                h.quarantine.apply_batch(batch)?;
+            }
+            h.db.flush()?;
+            Ok(())
+        })
     }
 
     /// Store a quarantine (or remove it: `None`), and flush.
-    pub fn put_quarantine(&self, device: &str, entry: Option<&Entry>) -> sled::Result<()> {
-        match entry {
-            Some(e) => {
-                self.quarantine
-                    .insert(device.as_bytes(), serde_json::to_vec(e).unwrap_or_default())?;
+    pub fn put_quarantine(&self, device: &str, entry: Option<&Entry>) -> Result<(), StoreError> {
+        self.db.write(|h| {
+            match entry {
+                Some(e) => {
+                    h.quarantine
+                        .insert(device.as_bytes(), serde_json::to_vec(e).unwrap_or_default())?;
+                }
+                None => {
+                    h.quarantine.remove(device.as_bytes())?;
+                }
             }
-            None => {
-                self.quarantine.remove(device.as_bytes())?;
-            }
-        }
-        self.db.flush()?;
-        Ok(())
+            h.db.flush()?;
+            Ok(())
+        })
     }
 }
 
@@ -368,6 +440,11 @@ struct State {
     recent: VecDeque<serde_json::Value>,
     /// The gateway's last own report id.
     own_report_id: u64,
+    /// Violation events whose store write failed, oldest first (at most
+    /// `defender.history_events`): written with the next evaluation.
+    unsaved_events: Vec<serde_json::Value>,
+    /// A quarantine write failed: the next evaluation writes the whole in-memory list.
+    quarantines_unsaved: bool,
 }
 
 /// The defender (shared by the pipeline and the defender stage: `Arc<Defender>`).
@@ -417,11 +494,12 @@ impl Defender {
         detector.adopt(parts.store.tracks());
         let resumed = detector.active().count();
         let now = crate::clock::now_ms();
+        let mut quarantines_unsaved = false;
         for q in parts.store.quarantines() {
             if q.until_ms > now {
                 parts.quarantine.insert(q);
-            } else {
-                let _ = parts.store.put_quarantine(&q.device_id, None);
+            } else if parts.store.put_quarantine(&q.device_id, None).is_err() {
+                quarantines_unsaved = true;
             }
         }
         if !detector.profiles.is_empty() || resumed > 0 {
@@ -445,6 +523,8 @@ impl Defender {
                 last_report: HashMap::new(),
                 recent,
                 own_report_id: 0,
+                unsaved_events: Vec::new(),
+                quarantines_unsaved,
             }),
             parts,
             counters,
@@ -634,15 +714,38 @@ impl Defender {
         self.counters.evaluations.fetch_add(1, Relaxed);
         let store = self.parts.store.clone();
         let keep = self.parts.config.history_events.max(1);
-        let to_save = events.clone();
+        // With the events (and quarantines) an earlier write failed to store.
+        let (to_save, quarantines) = {
+            let mut st = self.lock();
+            st.unsaved_events
+                .extend(events.iter().map(|e| e.message.clone()));
+            let excess = st.unsaved_events.len().saturating_sub(keep);
+            st.unsaved_events.drain(..excess);
+            let quarantines =
+                std::mem::take(&mut st.quarantines_unsaved).then(|| self.parts.quarantine.list());
+            (st.unsaved_events.clone(), quarantines)
+        };
+        let saving = to_save.len();
+        let with_quarantines = quarantines.is_some();
         // The tracks and events are on disk before anything acts on them.
-        match tokio::task::spawn_blocking(move || store.save(&tracks, &to_save, keep)).await {
-            Ok(Ok(())) => {}
+        let saved = tokio::task::spawn_blocking(move || {
+            store.save(&tracks, &to_save, keep, quarantines.as_deref())
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => {
+                let mut st = self.lock();
+                let n = saving.min(st.unsaved_events.len());
+                st.unsaved_events.drain(..n);
+            }
             Ok(Err(e)) => {
-                log::error!(error:% = e; "defender: cannot write violations to the store; they are kept in memory")
+                // Kept in memory and written with the next evaluation (the store logs its
+                // failures, at most one line per 10 s).
+                self.lock().quarantines_unsaved |= with_quarantines;
+                log::debug!(error:% = e; "defender: cannot write violations to the store; they are kept in memory");
             }
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => {}
+            Err(_) => self.lock().quarantines_unsaved |= with_quarantines,
         }
         for e in &events {
             self.act(e).await;
@@ -753,7 +856,8 @@ impl Defender {
         let (d, e) = (device.to_owned(), entry.clone());
         let stored = tokio::task::spawn_blocking(move || store.put_quarantine(&d, Some(&e))).await;
         if !matches!(stored, Ok(Ok(()))) {
-            log::error!(device_id:% = device; "defender: cannot store the quarantine of {device}; it holds until a restart");
+            self.lock().quarantines_unsaved = true;
+            log::debug!(device_id:% = device; "defender: cannot store the quarantine of {device}; it is written with the next evaluation");
         }
         self.counters.quarantines.fetch_add(1, Relaxed);
         let connected = self.parts.sessions.end(device);
@@ -769,9 +873,7 @@ impl Defender {
     /// Lift a device's quarantine (an operator's request); whether it was quarantined.
     pub fn clear_quarantine(&self, device: &str, by: &str) -> bool {
         let had = self.parts.quarantine.remove(device);
-        if let Err(e) = self.parts.store.put_quarantine(device, None) {
-            log::error!(device_id:% = device, error:% = e; "defender: cannot remove the quarantine of {device} from the store");
-        }
+        self.store_quarantine(device, None);
         match &had {
             Some(q) => log::warn!(
                 device_id:% = device, security_profile:% = q.security_profile, violation_id:% = q.violation_id;
@@ -782,6 +884,15 @@ impl Defender {
             }
         }
         had.is_some()
+    }
+
+    /// Store `device`'s quarantine (`None`: lifted); when that fails, the next evaluation
+    /// writes the whole in-memory list (the store logs its failures).
+    fn store_quarantine(&self, device: &str, entry: Option<&Entry>) {
+        if let Err(e) = self.parts.store.put_quarantine(device, entry) {
+            self.lock().quarantines_unsaved = true;
+            log::debug!(device_id:% = device, error:% = e; "defender: cannot change the quarantine of {device} in the store; it is written with the next evaluation");
+        }
     }
 
     fn publish_status(&self, status: &StatusHandle) {
@@ -930,7 +1041,7 @@ impl Defender {
                 }
                 _ = tokio::time::sleep(wait) => {
                     for q in self.parts.quarantine.expire(crate::clock::now_ms()) {
-                        let _ = self.parts.store.put_quarantine(&q.device_id, None);
+                        self.store_quarantine(&q.device_id, None);
                         log::info!(device_id:% = q.device_id, security_profile:% = q.security_profile; "quarantine of {} ended", q.device_id);
                     }
                     self.evaluate(end_s, &status).await;
@@ -941,5 +1052,145 @@ impl Defender {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sled_reopen::testing::SmallDisk;
+
+    fn entry(device: &str) -> Entry {
+        Entry {
+            device_id: device.to_owned(),
+            since_ms: 1,
+            until_ms: i64::MAX,
+            security_profile: "pacemakers".into(),
+            behavior: "traffic".into(),
+            violation_id: format!("v-{device}"),
+        }
+    }
+
+    /// A violation message numbered `n`, of about 1 KiB.
+    fn event(n: u32) -> serde_json::Value {
+        serde_json::json!({ "violationId": format!("v-{n}"), "pad": "x".repeat(1000) })
+    }
+
+    fn tracks() -> BTreeMap<TrackKey, Track> {
+        let key: TrackKey = (
+            Arc::from("pacemakers"),
+            Arc::from("traffic"),
+            Arc::from("pm-1"),
+        );
+        BTreeMap::from([(
+            key,
+            Track {
+                violating: 3,
+                ..Track::default()
+            },
+        )])
+    }
+
+    fn numbers(store: &Store) -> std::collections::BTreeSet<String> {
+        store
+            .events(usize::MAX)
+            .iter()
+            .map(|e| e["violationId"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// sled keeps a write error for good: the store is closed and opened again, so once the
+    /// full disk has room, violations and quarantines are written again without a restart.
+    #[test]
+    fn a_full_disk_fails_writes_and_room_brings_them_back_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = SmallDisk::new(&dir.path().join("small"), "4m");
+        let path = disk.0.join("defender");
+        let store = Store::open(&path).unwrap();
+        let keep = usize::MAX;
+        store.put_quarantine("pm-1", Some(&entry("pm-1"))).unwrap();
+        store.save(&tracks(), &[event(0)], keep, None).unwrap();
+        let mut saved = vec![format!("v-0")];
+        disk.fill("filler");
+        // Writes go on until one fails (sled may still have room it already took).
+        let mut n = 0;
+        let error = loop {
+            n += 1;
+            assert!(n < 100_000, "every write succeeded with the disk full");
+            match store.save(&tracks(), &[event(n)], keep, None) {
+                Ok(()) => saved.push(format!("v-{n}")),
+                Err(e) => break e.to_string(),
+            }
+        };
+        // The error says what, where and what to do.
+        for part in [
+            "Device Defender store",
+            path.to_str().unwrap(),
+            "free space in gateway.state_dir",
+        ] {
+            assert!(error.contains(part), "{part:?} not in {error:?}");
+        }
+        // Still failing while the disk is full, across tries to open the store again.
+        let until = std::time::Instant::now() + crate::sled_reopen::REOPEN_EVERY * 3;
+        while std::time::Instant::now() < until {
+            n += 1;
+            assert!(
+                store.save(&tracks(), &[event(n)], keep, None).is_err(),
+                "written with the disk full"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        disk.free("filler");
+        // Room again: written again, with no restart and no reopening by hand.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            n += 1;
+            if store.save(&tracks(), &[event(n)], keep, None).is_ok() {
+                saved.push(format!("v-{n}"));
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing written within 60 s of freeing the disk"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // What was written before the disk filled is there.
+        assert_eq!(store.quarantines(), [entry("pm-1")]);
+        assert!(numbers(&store).contains("v-0"));
+        store.put_quarantine("pm-2", Some(&entry("pm-2"))).unwrap();
+        // A whole quarantine list, as after a failed quarantine write.
+        store
+            .save(&tracks(), &[], keep, Some(&[entry("pm-2"), entry("pm-3")]))
+            .unwrap();
+        let check = |store: &Store| {
+            let events = numbers(store);
+            for s in &saved {
+                assert!(events.contains(s), "saved event {s} missing");
+            }
+            assert_eq!(store.tracks(), tracks());
+            let mut q: Vec<String> = store
+                .quarantines()
+                .into_iter()
+                .map(|q| q.device_id)
+                .collect();
+            q.sort();
+            assert_eq!(q, ["pm-2", "pm-3"], "the list replaced the stored ones");
+        };
+        check(&store);
+        // And from disk, as the next start finds it.
+        drop(store);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let again = loop {
+            match Store::open(&path) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        check(&again);
     }
 }

@@ -32,8 +32,20 @@
 //!
 //! What must stay true: a delivery is confirmed to the device only when it is on disk; it
 //! leaves the disk only when delivered, refused, expired or bounded out — never silently.
+//!
+//! Write errors (a full disk): a delivery whose write or flush fails is not confirmed (the
+//! message that fired the rule is not acknowledged, so its device sends it again), counted in
+//! `store_errors` and as the rule's action failure; one that was written but not flushed is
+//! sent anyway. A failed write closes the outbox, which is opened again at most once per second
+//! ([`crate::sled_reopen`]: sled would otherwise refuse every write until a restart), so once
+//! the disk has room deliveries are stored and confirmed again without a restart; the failures
+//! are logged at most once per 10 s, not once per delivery. Opening again is what a restart
+//! does: every confirmed delivery was flushed and is there; a removal not yet flushed may be
+//! undone, and that delivery is made again after the next start (at least once). The workers'
+//! queues stay as they are: nothing in memory is made from the outbox after the start.
 
 use crate::pipeline::Ack;
+use crate::sled_reopen::{Reopening, StoreError};
 use bytes::Bytes;
 use http_body_util::Full;
 use serde::{Deserialize, Serialize};
@@ -226,33 +238,87 @@ impl WebhookStats {
     }
 }
 
-/// The outbox on disk, opened before the service starts (so a broken one stops the start).
+/// The outbox's open database.
 #[derive(Debug)]
-pub struct Outbox {
+struct Handles {
     db: sled::Db,
     tree: sled::Tree,
 }
 
+impl crate::sled_reopen::Handles for Handles {
+    fn db(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+/// What a failure of the outbox means, for the journal.
+const OUTBOX_FAILURE: &str = "new webhook deliveries are not stored and the messages that fired them are not acknowledged (their devices resend them); deliveries already stored are still sent";
+
+/// The outbox on disk, opened before the service starts (so a broken one stops the start).
+/// Shared by the writer and the delivery workers (cheap to clone); closed and opened again after
+/// a write error ([`crate::sled_reopen`]).
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    db: Reopening<Handles>,
+}
+
 impl Outbox {
     /// Open (or create) the outbox in `dir`.
-    pub fn open(dir: &Path) -> Result<Self, sled::Error> {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            db: Reopening::open("webhook outbox", OUTBOX_FAILURE, dir, Self::open_handles)?,
+        })
+    }
+
+    fn open_handles(dir: &Path) -> sled::Result<Handles> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 << 10)
             .flush_every_ms(Some(1000))
             .open()?;
         let tree = db.open_tree("deliveries")?;
-        Ok(Self { db, tree })
+        Ok(Handles { db, tree })
     }
 
-    /// Deliveries waiting on disk.
+    /// Deliveries waiting on disk (0 while the outbox cannot be read).
     pub fn len(&self) -> usize {
-        self.tree.len()
+        self.db.read(|h| Ok(h.tree.len())).unwrap_or(0)
     }
 
     /// Nothing waiting.
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.len() == 0
+    }
+
+    /// Store `delivery` under a new id (not flushed: see [`Outbox::flush`]); its id.
+    fn store(&self, delivery: &Delivery) -> Result<u64, StoreError> {
+        let value = serde_json::to_vec(delivery).expect("a delivery serialises");
+        self.db.write(|h| {
+            let id = h.db.generate_id()?;
+            h.tree.insert(id.to_be_bytes(), value)?;
+            Ok(id)
+        })
+    }
+
+    /// Make every earlier store and removal durable.
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await
+    }
+
+    /// Remove a delivery (not flushed: lost in a crash, the delivery is made again). A failure
+    /// is logged by the outbox and otherwise ignored, the same way.
+    fn remove(&self, id: u64) {
+        self.remove_key(&id.to_be_bytes());
+    }
+
+    /// Remove the record under `key`, the same way.
+    fn remove_key(&self, key: &[u8]) {
+        let _ = self.db.write(|h| h.tree.remove(key));
+    }
+
+    /// Every stored record, in id order (an unreadable one as its error).
+    fn records(&self) -> Result<Vec<sled::Result<(sled::IVec, sled::IVec)>>, StoreError> {
+        self.db.read(|h| Ok(h.tree.iter().collect()))
     }
 }
 
@@ -310,7 +376,7 @@ struct Queued {
 }
 
 struct Workers {
-    tree: sled::Tree,
+    outbox: Outbox,
     stats: Arc<WebhookStats>,
     senders: HashMap<String, mpsc::UnboundedSender<Queued>>,
     tasks: tokio::task::JoinSet<()>,
@@ -350,7 +416,7 @@ impl Workers {
         self.senders.insert(origin.clone(), tx);
         let worker = Worker {
             origin,
-            tree: self.tree.clone(),
+            outbox: self.outbox.clone(),
             stats: self.stats.clone(),
             counters,
         };
@@ -358,18 +424,18 @@ impl Workers {
     }
 
     fn give_up(&self, q: &Queued, counters: Option<&OriginCounters>, why: &str) {
-        give_up(&self.tree, &self.stats, counters, q, why);
+        give_up(&self.outbox, &self.stats, counters, q, why);
     }
 }
 
 fn give_up(
-    tree: &sled::Tree,
+    outbox: &Outbox,
     stats: &WebhookStats,
     counters: Option<&OriginCounters>,
     q: &Queued,
     why: &str,
 ) {
-    let _ = tree.remove(q.id.to_be_bytes());
+    outbox.remove(q.id);
     if let Some(c) = counters {
         c.dropped.fetch_add(1, Relaxed);
     }
@@ -387,16 +453,20 @@ async fn run(
     stats: Arc<WebhookStats>,
     beat: crate::supervisor::Heartbeat,
 ) {
-    let Outbox { db, tree } = outbox;
     let mut workers = Workers {
-        tree: tree.clone(),
+        outbox: outbox.clone(),
         stats: stats.clone(),
         senders: HashMap::new(),
         tasks: tokio::task::JoinSet::new(),
     };
     // What an earlier run stored and did not deliver, in firing order.
     let mut restored = 0usize;
-    for item in tree.iter() {
+    let records = outbox.records().unwrap_or_else(|e| {
+        stats.store_errors.fetch_add(1, Relaxed);
+        log::error!(error:% = e; "webhooks: the outbox cannot be read; what it holds is sent after the next restart");
+        Vec::new()
+    });
+    for item in records {
         let Ok((key, value)) = item else {
             stats.store_errors.fetch_add(1, Relaxed);
             log::error!("webhooks: an outbox record cannot be read; it is skipped");
@@ -413,7 +483,7 @@ async fn run(
                 workers.dispatch(Queued { id, delivery });
             }
             Err(e) => {
-                let _ = tree.remove(&key);
+                outbox.remove_key(&key);
                 stats.store_errors.fetch_add(1, Relaxed);
                 log::error!(delivery:% = format!("{id:016x}"); "webhooks: outbox record {id:016x} is damaged ({e}); it is removed");
             }
@@ -432,25 +502,22 @@ async fn run(
         }
         let mut stored = Vec::with_capacity(batch.len());
         for Submit { delivery, ack } in batch.drain(..) {
-            let written = db.generate_id().and_then(|id| {
-                let value = serde_json::to_vec(&delivery).expect("a delivery serialises");
-                tree.insert(id.to_be_bytes(), value).map(|_| id)
-            });
-            match written {
+            match outbox.store(&delivery) {
                 Ok(id) => stored.push((Queued { id, delivery }, ack)),
                 Err(e) => {
-                    // The ack goes unconfirmed: the device sends the message again.
+                    // The ack goes unconfirmed: the device sends the message again. The outbox
+                    // logs its failures (at most one line per 10 s, not one per delivery).
                     stats.store_errors.fetch_add(1, Relaxed);
                     stats.rule_failed(&delivery.rule);
-                    log::error!(rule:% = delivery.rule, device_id:% = delivery.device_id; "rule {}: webhook delivery not stored ({e}); the device is not acknowledged", delivery.rule);
+                    log::debug!(rule:% = delivery.rule, device_id:% = delivery.device_id; "rule {}: webhook delivery not stored ({e}); the device is not acknowledged", delivery.rule);
                 }
             }
         }
-        let flushed = match db.flush_async().await {
-            Ok(_) => true,
+        let flushed = match outbox.flush().await {
+            Ok(()) => true,
             Err(e) => {
                 stats.store_errors.fetch_add(1, Relaxed);
-                log::error!("webhooks: the outbox cannot be flushed ({e}); the devices are not acknowledged, the deliveries are sent anyway");
+                log::debug!("webhooks: the outbox cannot be flushed ({e}); the devices are not acknowledged, the deliveries are sent anyway");
                 false
             }
         };
@@ -461,7 +528,7 @@ async fn run(
             workers.dispatch(q);
         }
     }
-    let _ = db.flush_async().await;
+    let _ = outbox.flush().await;
     workers.tasks.abort_all();
     while workers.tasks.join_next().await.is_some() {}
 }
@@ -478,7 +545,7 @@ enum Outcome {
 
 struct Worker {
     origin: String,
-    tree: sled::Tree,
+    outbox: Outbox,
     stats: Arc<WebhookStats>,
     counters: Arc<OriginCounters>,
 }
@@ -520,7 +587,7 @@ impl Worker {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner()) = None;
                     // Not flushed: lost in a crash, the delivery is made again (at least once).
-                    let _ = self.tree.remove(q.id.to_be_bytes());
+                    self.outbox.remove(q.id);
                     log::info!(
                         rule:% = q.delivery.rule, device_id:% = q.delivery.device_id, delivery:% = format!("{:016x}", q.id);
                         "rule {}: webhook delivery {:016x} for {} delivered to {}",
@@ -582,7 +649,7 @@ impl Worker {
     }
 
     fn give_up(&self, q: &Queued, why: &str) {
-        give_up(&self.tree, &self.stats, Some(&self.counters), q, why);
+        give_up(&self.outbox, &self.stats, Some(&self.counters), q, why);
     }
 }
 
@@ -819,7 +886,7 @@ mod tests {
         assert_eq!(counts[0].delivered, 0);
         let outbox = reopen(dir.path()).await;
         assert_eq!(outbox.len(), 1, "the undelivered delivery stays on disk");
-        let (_, value) = outbox.tree.iter().next().unwrap().unwrap();
+        let (_, value) = outbox.records().unwrap().remove(0).unwrap();
         let back: Delivery = serde_json::from_slice(&value).unwrap();
         assert_eq!(back, delivery_with_time(&url, back.fired_at_ms));
     }
@@ -857,6 +924,114 @@ mod tests {
         drop(hooks);
         task.await.unwrap();
         assert!(reopen(dir.path()).await.is_empty());
+    }
+
+    /// Store a delivery numbered `n` (a body of about 1 KiB) through the service; whether it
+    /// was confirmed (on disk).
+    async fn stored(hooks: &Webhooks, url: &str, n: u32) -> bool {
+        let mut d = delivery(url);
+        d.body = format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(1000));
+        let (ack, confirmed) = Ack::new();
+        assert!(hooks.submit(d, Some(ack)).await, "service gone");
+        confirmed.await.is_ok()
+    }
+
+    /// The numbers of the deliveries stored in `outbox`.
+    fn numbers(outbox: &Outbox) -> std::collections::BTreeSet<u32> {
+        outbox
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let (_, v) = r.unwrap();
+                let d: Delivery = serde_json::from_slice(&v).unwrap();
+                let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+                body["n"].as_u64().unwrap() as u32
+            })
+            .collect()
+    }
+
+    /// sled keeps a write error for good: the outbox is closed and opened again, so once the
+    /// full disk has room, deliveries are stored and confirmed again without a restart.
+    #[tokio::test]
+    async fn a_full_disk_refuses_deliveries_and_room_brings_them_back_without_a_restart() {
+        use crate::sled_reopen::testing::SmallDisk;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = SmallDisk::new(&dir.path().join("small"), "4m");
+        let path = disk.0.join("webhooks");
+        let outbox = Outbox::open(&path).unwrap();
+        // A receiver that is never there: every delivery stays in the outbox.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/alarm", closed.local_addr().unwrap());
+        drop(closed);
+        let (hooks, run) = service(outbox.clone(), crate::supervisor::Heartbeat::detached());
+        let task = tokio::spawn(run);
+        let (mut n, mut confirmed) = (0u32, Vec::new());
+        for _ in 0..20 {
+            n += 1;
+            assert!(stored(&hooks, &url, n).await, "disk has room");
+            confirmed.push(n);
+        }
+        disk.fill("filler");
+        // Deliveries go on until one is refused (sled may still have room it already took).
+        let mut refused = false;
+        for _ in 0..200_000 {
+            n += 1;
+            if !stored(&hooks, &url, n).await {
+                refused = true;
+                break;
+            }
+            confirmed.push(n);
+        }
+        assert!(refused, "a delivery was confirmed with the disk full");
+        assert!(hooks.stats().store_errors() > 0);
+        // The error says what, where and what to do.
+        let e = outbox.store(&delivery(&url)).unwrap_err().to_string();
+        for part in [
+            "webhook outbox",
+            path.to_str().unwrap(),
+            "free space in gateway.state_dir",
+        ] {
+            assert!(e.contains(part), "{part:?} not in {e:?}");
+        }
+        // Still refused while the disk is full, across tries to open the outbox again.
+        let until = std::time::Instant::now() + crate::sled_reopen::REOPEN_EVERY * 3;
+        while std::time::Instant::now() < until {
+            n += 1;
+            assert!(
+                !stored(&hooks, &url, n).await,
+                "confirmed with the disk full"
+            );
+        }
+        disk.free("filler");
+        // Room again: confirmed again, with no restart.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            n += 1;
+            if stored(&hooks, &url, n).await {
+                confirmed.push(n);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no delivery confirmed within 60 s of freeing the disk"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for _ in 0..20 {
+            n += 1;
+            assert!(stored(&hooks, &url, n).await, "after recovery");
+            confirmed.push(n);
+        }
+        drop(hooks);
+        task.await.unwrap();
+        // Every confirmed delivery is on disk, as the next start finds it.
+        drop(outbox);
+        let again = reopen(&path).await;
+        let on_disk = numbers(&again);
+        for c in &confirmed {
+            assert!(on_disk.contains(c), "confirmed delivery {c} missing");
+        }
     }
 
     /// Reopen after the service ended: sled's background flusher may hold the file lock for a

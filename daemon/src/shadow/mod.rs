@@ -38,6 +38,17 @@
 //!
 //! What must stay true: a rejected request changes nothing; an accepted one is on disk before
 //! anyone hears of it; errors in one thing's requests never affect another's.
+//!
+//! Write errors (a full disk): a group whose write or flush fails, or whose store cannot be
+//! read, is not answered at all — no reply, no PUBACK, so its QoS 1 requests are sent again —
+//! and counted in `store_errors`. A failed write closes the store, which is opened again at most
+//! once per second ([`crate::sled_reopen`]: sled would otherwise refuse every write until a
+//! restart), so once the disk has room the next request is answered again; the failures are
+//! logged at most once per 10 s. Opening again is what a restart does: every answered change was
+//! flushed and is there; state from readings not yet flushed may be gone (the next reading
+//! brings it back). With the cloud in step ([`sync`]), what waits for the cloud is read from the
+//! reopened store again and, online, every cloud shadow is fetched again (a desired change from
+//! the cloud may not have been flushed).
 
 pub mod document;
 pub mod sync;
@@ -432,21 +443,46 @@ impl Shadows {
     }
 }
 
-/// Errors opening the store.
-#[derive(Debug, thiserror::Error)]
-#[error("shadow store: {0}")]
-pub struct StoreError(#[from] sled::Error);
+pub use crate::sled_reopen::StoreError;
 
-/// The stored shadows (sled, one value per shadow: its [`Document`] as JSON).
-#[derive(Debug, Clone)]
-pub struct Store {
+/// What a failure of the shadow store means, for the journal.
+const STORE_FAILURE: &str = "device shadow requests are not answered or acknowledged until it works again (QoS 1 devices resend them)";
+
+/// The open database of the [`Store`].
+#[derive(Debug)]
+struct Handles {
     db: sled::Db,
     tree: sled::Tree,
+}
+
+impl crate::sled_reopen::Handles for Handles {
+    fn db(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+/// The stored shadows (sled, one value per shadow: its [`Document`] as JSON). Cheap to clone:
+/// every clone uses the same database, which is closed and opened again after a write error
+/// ([`crate::sled_reopen`]).
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: crate::sled_reopen::Reopening<Handles>,
 }
 
 impl Store {
     /// Open (or create) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            db: crate::sled_reopen::Reopening::open(
+                "shadow store",
+                STORE_FAILURE,
+                dir,
+                Self::open_handles,
+            )?,
+        })
+    }
+
+    fn open_handles(dir: &Path) -> sled::Result<Handles> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(1 << 20)
@@ -456,64 +492,79 @@ impl Store {
             .flush_every_ms(Some(REPORT_FLUSH_MS))
             .open()?;
         let tree = db.open_tree("shadows")?;
-        Ok(Self { db, tree })
+        Ok(Handles { db, tree })
     }
 
-    /// The stored document of a shadow (`Default` when there is none, or it cannot be read:
-    /// that is logged, and the next accepted update replaces it).
-    fn get(&self, address: &Address) -> Document {
-        match self.tree.get(address.key()) {
-            Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_else(|e| {
+    /// The stored document of a shadow (`Default` when there is none, or when what is stored
+    /// cannot be decoded: that is logged, and the next accepted update replaces it). `Err` when
+    /// the store cannot be read (closed after a write error): nothing may be answered from it.
+    fn get(&self, address: &Address) -> Result<Document, StoreError> {
+        let stored = self.db.read(|h| h.tree.get(address.key()))?;
+        Ok(match stored {
+            Some(v) => serde_json::from_slice(&v).unwrap_or_else(|e| {
                 log::error!(thing:% = address.thing, shadow:% = address.display_name(), error:% = e;
                     "stored shadow cannot be read; it is treated as absent and the next update replaces it");
                 Document::default()
             }),
-            Ok(None) => Document::default(),
-            Err(e) => {
-                log::error!(thing:% = address.thing, error:% = e; "shadow store read failed");
-                Document::default()
-            }
-        }
+            None => Document::default(),
+        })
     }
 
     /// The sync state of `thing`'s classic shadow (default when none is stored or it cannot
-    /// be read: that is logged).
-    fn get_sync(&self, thing: &str) -> sync::SyncState {
-        match self.tree.get(sync_key(thing)) {
-            Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_else(|e| {
+    /// be decoded: that is logged). `Err` when the store cannot be read.
+    fn get_sync(&self, thing: &str) -> Result<sync::SyncState, StoreError> {
+        let stored = self.db.read(|h| h.tree.get(sync_key(thing)))?;
+        Ok(match stored {
+            Some(v) => serde_json::from_slice(&v).unwrap_or_else(|e| {
                 log::error!(thing:% = thing, error:% = e; "stored shadow sync state cannot be read; the cloud copy is fetched afresh");
                 sync::SyncState::default()
             }),
-            Ok(None) => sync::SyncState::default(),
-            Err(e) => {
-                log::error!(thing:% = thing, error:% = e; "shadow store read failed");
-                sync::SyncState::default()
-            }
-        }
+            None => sync::SyncState::default(),
+        })
+    }
+
+    /// Whether a sync state of `thing` is stored.
+    fn has_sync(&self, thing: &str) -> Result<bool, StoreError> {
+        self.db.read(|h| h.tree.contains_key(sync_key(thing)))
+    }
+
+    /// Write `batch` (not flushed).
+    fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.db.write(|h| h.tree.apply_batch(batch))
+    }
+
+    /// Make every earlier write durable.
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await
     }
 
     /// Things with a classic shadow or a sync state, and of those with changes waiting for
     /// the cloud (a desired change made here, or a reported state other than the one last
     /// sent), since when.
-    fn synced_things(&self) -> (std::collections::BTreeSet<String>, HashMap<String, i64>) {
-        let mut states: HashMap<String, sync::SyncState> = HashMap::new();
-        let mut reported: HashMap<String, Option<serde_json::Value>> = HashMap::new();
-        for item in self.tree.iter() {
-            let Ok((k, v)) = item else { continue };
-            if let Some(thing) = k.strip_prefix(SYNC_PREFIX) {
-                let thing = String::from_utf8_lossy(thing).into_owned();
-                let s = serde_json::from_slice::<sync::SyncState>(&v).unwrap_or_default();
-                states.insert(thing, s);
-            } else if let Some(thing) = k.strip_suffix(&[0u8]) {
-                if !thing.contains(&0) {
-                    let doc = serde_json::from_slice::<Document>(&v).unwrap_or_default();
-                    reported.insert(
-                        String::from_utf8_lossy(thing).into_owned(),
-                        reported_of(&doc),
-                    );
+    fn synced_things(
+        &self,
+    ) -> Result<(std::collections::BTreeSet<String>, HashMap<String, i64>), StoreError> {
+        let (states, reported) = self.db.read(|h| {
+            let mut states: HashMap<String, sync::SyncState> = HashMap::new();
+            let mut reported: HashMap<String, Option<serde_json::Value>> = HashMap::new();
+            for item in h.tree.iter() {
+                let Ok((k, v)) = item else { continue };
+                if let Some(thing) = k.strip_prefix(SYNC_PREFIX) {
+                    let thing = String::from_utf8_lossy(thing).into_owned();
+                    let s = serde_json::from_slice::<sync::SyncState>(&v).unwrap_or_default();
+                    states.insert(thing, s);
+                } else if let Some(thing) = k.strip_suffix(&[0u8]) {
+                    if !thing.contains(&0) {
+                        let doc = serde_json::from_slice::<Document>(&v).unwrap_or_default();
+                        reported.insert(
+                            String::from_utf8_lossy(thing).into_owned(),
+                            reported_of(&doc),
+                        );
+                    }
                 }
             }
-        }
+            Ok((states, reported))
+        })?;
         let mut things = std::collections::BTreeSet::new();
         let mut waiting = HashMap::new();
         for (thing, s) in &states {
@@ -529,23 +580,24 @@ impl Store {
             }
             things.insert(thing);
         }
-        (things, waiting)
+        Ok((things, waiting))
     }
 
     /// Named shadows of `thing` that exist now: those stored, as the group being applied
     /// (`changed`, not yet written) leaves them.
-    fn named_count(&self, thing: &str, changed: &Changed) -> usize {
+    fn named_count(&self, thing: &str, changed: &Changed) -> Result<usize, StoreError> {
         let mut prefix = thing.as_bytes().to_vec();
         prefix.push(0);
         let named = |k: &[u8]| k.len() > prefix.len() && k.starts_with(&prefix);
-        let mut names: std::collections::HashSet<Vec<u8>> = self
-            .tree
-            .scan_prefix(&prefix)
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| named(k))
-            .map(|k| k.to_vec())
-            .collect();
+        let mut names: std::collections::HashSet<Vec<u8>> = self.db.read(|h| {
+            Ok(h.tree
+                .scan_prefix(&prefix)
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| named(k))
+                .map(|k| k.to_vec())
+                .collect())
+        })?;
         for (k, doc) in changed.iter().filter(|(k, _)| named(k)) {
             if doc.as_ref().is_some_and(Document::exists) {
                 names.insert(k.clone());
@@ -553,7 +605,7 @@ impl Store {
                 names.remove(k);
             }
         }
-        names.len()
+        Ok(names.len())
     }
 }
 
@@ -668,6 +720,37 @@ struct Cloud {
 }
 
 impl Cloud {
+    /// Ask the cloud for the shadow of every synchronised thing (a new session, or a store
+    /// opened again that may have lost what it last heard from the cloud); how many.
+    fn fetch_all(&mut self, store: &Store) -> usize {
+        self.fetched.clear();
+        self.requested.clear();
+        // A store that cannot be read fetches nothing now; its reopening fetches again.
+        let things = store.synced_things().map(|(t, _)| t).unwrap_or_default();
+        let n = things.len();
+        for t in things {
+            self.requested.insert(t.clone());
+            let _ = self.link.fetch.send(t);
+        }
+        n
+    }
+
+    /// The store was opened again after a write error: what was written but not flushed is
+    /// gone (sync states included), so what waits for the cloud is read again from the disk
+    /// (added to what waits already: a change sent twice is harmless) and, online, every
+    /// cloud shadow is fetched again (a desired change applied from the cloud may be lost).
+    fn reopened(&mut self, store: &Store) {
+        if let Ok((_, waiting)) = store.synced_things() {
+            for (thing, since) in waiting {
+                self.waiting.entry(thing).or_insert(since);
+            }
+        }
+        if self.online {
+            let n = self.fetch_all(store);
+            log::info!(shadows = n; "shadow store opened again after a write error: fetching {n} cloud shadows");
+        }
+    }
+
     /// Queue the waiting changes of at most [`sync::Pace::per_tick`] things, oldest first;
     /// a thing's state is updated only once its record is on disk in the queue.
     async fn send_waiting(&mut self, store: &Store, stats: &ShadowStats) {
@@ -682,12 +765,17 @@ impl Cloud {
             if sent.len() >= self.link.pace.per_tick {
                 break;
             }
-            let mut state = store.get_sync(&thing);
-            let doc = store.get(&Address {
+            // A store that cannot be read: the rest waits for the next round.
+            let Ok(mut state) = store.get_sync(&thing) else {
+                break;
+            };
+            let Ok(doc) = store.get(&Address {
                 thing: thing.clone(),
                 name: None,
                 op: Op::Get,
-            });
+            }) else {
+                break;
+            };
             let reported = reported_of(&doc);
             let Some(update) = state.take_update(reported.as_ref(), self.fetched.contains(&thing))
             else {
@@ -729,10 +817,11 @@ impl Cloud {
                 .synced
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Err(e) = store.tree.apply_batch(batch) {
-            // The records are queued; the states say they wait: they go again (a duplicate
-            // update of the same values).
-            log::error!(error:% = e; "shadow store write failed after queueing shadow updates for the cloud; they will be sent again");
+        if let Err(e) = store.apply(batch) {
+            // The records are queued; the states on disk say they wait: they go again once the
+            // store is opened again (a duplicate update of the same values). The store logs its
+            // failures, at most one line per 10 s.
+            log::debug!(error:% = e; "shadow store write failed after queueing shadow updates for the cloud; they will be sent again");
         }
     }
 }
@@ -760,8 +849,10 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
         online: false,
         fetched: Default::default(),
         requested: Default::default(),
-        waiting: store.synced_things().1,
+        waiting: store.synced_things().map(|(_, w)| w).unwrap_or_default(),
     });
+    // The store's generation whose contents the in-memory state was made from.
+    let mut generation = store.db.generation();
     let tick = cloud
         .as_ref()
         .map_or(std::time::Duration::from_secs(1), |c| c.link.pace.tick);
@@ -769,6 +860,12 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
     send_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         beat.beat();
+        if store.db.generation() != generation {
+            generation = store.db.generation();
+            if let Some(c) = cloud.as_mut() {
+                c.reopened(&store);
+            }
+        }
         let mut closed = false;
         let mut take_reports = false;
         let sending = cloud
@@ -789,14 +886,8 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                 match event {
                     sync::CloudEvent::Connected => {
                         c.online = true;
-                        c.fetched.clear();
-                        c.requested.clear();
-                        let things = store.synced_things().0;
-                        log::info!(shadows = things.len(); "upstream connected: fetching {} cloud shadows", things.len());
-                        for t in things {
-                            c.requested.insert(t.clone());
-                            let _ = c.link.fetch.send(t);
-                        }
+                        let n = c.fetch_all(&store);
+                        log::info!(shadows = n; "upstream connected: fetching {n} cloud shadows");
                     }
                     sync::CloudEvent::Disconnected => {
                         c.online = false;
@@ -862,16 +953,28 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
         let mut answered = Vec::new();
         // Only device requests are promised an answer after the disk.
         let requests = jobs.iter().any(|j| matches!(j.body, Body::Request(_)));
+        // A store that cannot be read (closed after a write error): nothing of the group is
+        // answered or written, as when its write fails.
+        let mut failed: Option<StoreError> = None;
         for mut job in jobs.drain(..) {
             if matches!(job.body, Body::Request(_)) {
                 in_flight.give(&job.address.thing);
+            }
+            if failed.is_some() {
+                continue;
             }
             let mut replies = Vec::new();
             let key = job.address.key();
             let current = match changed.get(&key) {
                 Some(Some(d)) => d.clone(),
                 Some(None) => Document::default(),
-                None => store.get(&job.address),
+                None => match store.get(&job.address) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        failed = Some(e);
+                        continue;
+                    }
+                },
             };
             // What the cloud should hear of this change, if it is synchronised.
             let mut to_cloud = None;
@@ -884,16 +987,26 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                     } = &mut job.body
                     {
                         let thing = job.address.thing.clone();
-                        if !current.exists()
-                            && !sync_changed.contains_key(&thing)
-                            && store.tree.get(sync_key(&thing)).ok().flatten().is_none()
-                        {
+                        let known = current.exists()
+                            || sync_changed.contains_key(&thing)
+                            || match store.has_sync(&thing) {
+                                Ok(stored) => stored,
+                                Err(e) => {
+                                    failed = Some(e);
+                                    continue;
+                                }
+                            };
+                        if !known {
                             log::debug!(thing:% = thing; "cloud shadow of a thing without a shadow here: ignored");
                             continue;
                         }
-                        let state = sync_changed
-                            .entry(thing.clone())
-                            .or_insert_with(|| store.get_sync(&thing));
+                        let state = match sync_state(&mut sync_changed, &store, &thing) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                failed = Some(e);
+                                continue;
+                            }
+                        };
                         let patch = state.cloud(*version, desired.take());
                         if *fetched {
                             c.fetched.insert(thing.clone());
@@ -920,7 +1033,22 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
             if matches!(job.body, Body::Cloud { .. }) {
                 continue;
             }
-            match answer(&store, &changed, &mut job, current, now_s, &limits) {
+            // Named shadows the thing has, when this request could create one.
+            let named = if job.address.op == Op::Update
+                && job.address.name.is_some()
+                && !current.exists()
+            {
+                match store.named_count(&job.address.thing, &changed) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        failed = Some(e);
+                        continue;
+                    }
+                }
+            } else {
+                0
+            };
+            match answer(&mut job, current, now_s, &limits, named) {
                 Ok((doc, out)) => {
                     stats.accepted.fetch_add(1, Relaxed);
                     if let Some(doc) = doc {
@@ -935,9 +1063,13 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
                             c.waiting.entry(thing.clone()).or_insert(now_ms);
                         }
                         if let Some(desired) = desired {
-                            let state = sync_changed
-                                .entry(thing.clone())
-                                .or_insert_with(|| store.get_sync(&thing));
+                            let state = match sync_state(&mut sync_changed, &store, &thing) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    failed = Some(e);
+                                    continue;
+                                }
+                            };
                             state.local_desired(desired, now_ms);
                             c.waiting
                                 .entry(thing.clone())
@@ -969,12 +1101,18 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
             }
             answered.push((replies, job.device_id, job.ack));
         }
+        if let Some(e) = failed {
+            stats.store_errors.fetch_add(1, Relaxed);
+            log::debug!(error:% = e; "shadow store cannot be read: the group's requests are not answered (QoS 1 devices resend them)");
+            continue;
+        }
         if !changed.is_empty() || !sync_changed.is_empty() {
             if let Err(e) = write(&store, changed, sync_changed, requests).await {
                 // Nothing of this group is confirmed: the QoS 1 requests are resent, and the
-                // devices hear nothing they could take for accepted.
+                // devices hear nothing they could take for accepted. The store logs its
+                // failures (at most one line per 10 s, not one per group) and is opened again.
                 stats.store_errors.fetch_add(1, Relaxed);
-                log::error!(error:% = e, path:% = "shadows"; "shadow store write failed: the group's requests are not acknowledged (QoS 1 devices resend them)");
+                log::debug!(error:% = e; "shadow store write failed: the group's requests are not acknowledged (QoS 1 devices resend them)");
                 continue;
             }
         }
@@ -985,9 +1123,22 @@ async fn run(service: Service, mut rx: mpsc::Receiver<Job>, beat: crate::supervi
             break;
         }
     }
-    if let Err(e) = store.db.flush_async().await {
+    if let Err(e) = store.flush().await {
         log::error!(error:% = e; "shadow store: final flush failed");
     }
+}
+
+/// The sync state of `thing` as the group being applied leaves it (read from the store the
+/// first time the group needs it).
+fn sync_state<'a>(
+    changed: &'a mut SyncChanged,
+    store: &Store,
+    thing: &str,
+) -> Result<&'a mut sync::SyncState, StoreError> {
+    Ok(match changed.entry(thing.to_owned()) {
+        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(store.get_sync(thing)?),
+    })
 }
 
 /// A document's reported state, as the cloud copy should have it (`None`: none, or no shadow).
@@ -1018,7 +1169,7 @@ async fn write(
     changed: Changed,
     sync_changed: SyncChanged,
     flush: bool,
-) -> Result<(), sled::Error> {
+) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
     for (k, doc) in changed {
         match doc {
@@ -1030,9 +1181,9 @@ async fn write(
     for (thing, state) in sync_changed {
         put_sync(&mut batch, &thing, &state);
     }
-    store.tree.apply_batch(batch)?;
+    store.apply(batch)?;
     if flush {
-        store.db.flush_async().await?;
+        store.flush().await?;
     }
     Ok(())
 }
@@ -1040,13 +1191,14 @@ async fn write(
 /// A document to store (`Some(None)`: remove it) and the replies of one request.
 type Answer = (Option<Option<Document>>, Vec<Reply>);
 
+/// Apply `job` to `doc`; `named`: the named shadows its thing has, when the job could create
+/// one (an update of a named shadow that does not exist).
 fn answer(
-    store: &Store,
-    changed: &Changed,
     job: &mut Job,
     mut doc: Document,
     now_s: i64,
     limits: &Limits,
+    named: usize,
 ) -> Result<Answer, Rejection> {
     let a = &job.address;
     let payload: &[u8] = match &job.body {
@@ -1075,10 +1227,7 @@ fn answer(
             Ok((Some(keep), vec![reply("delete/accepted", &v)]))
         }
         Op::Update => {
-            if a.name.is_some()
-                && !doc.exists()
-                && store.named_count(&a.thing, changed) >= MAX_NAMED_PER_THING
-            {
+            if a.name.is_some() && !doc.exists() && named >= MAX_NAMED_PER_THING {
                 return Err(Rejection {
                     code: 400,
                     message: format!(
@@ -1146,6 +1295,170 @@ mod tests {
         ] {
             assert_eq!(Address::parse(t), None, "{t}");
         }
+    }
+
+    /// A shadow update as a device sends it, on `thing`'s classic shadow, reporting `n` (and
+    /// about 1 KiB more); whether it was answered and accepted (its PUBACK is due).
+    async fn updated(shadows: &Shadows, thing: &str, n: u32) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = shadows.stats.accepted.load(Relaxed);
+        let address = Address::parse(&format!("$aws/things/{thing}/shadow/update")).unwrap();
+        let payload = format!(
+            r#"{{"state":{{"reported":{{"n":{n},"pad":"{}"}}}},"clientToken":"t-{n}"}}"#,
+            "x".repeat(1000)
+        );
+        let (ack, answered) = Ack::new();
+        shadows
+            .submit(address, Bytes::from(payload), Arc::from(thing), Some(ack))
+            .await
+            .expect("shadow service running");
+        answered.await.is_ok() && shadows.stats.accepted.load(Relaxed) == before + 1
+    }
+
+    /// The `n` of `thing`'s stored reported state (`Err`: the store cannot be read).
+    fn stored_n(store: &Store, thing: &str) -> Result<Option<u64>, StoreError> {
+        let doc = store.get(&Address {
+            thing: thing.into(),
+            name: None,
+            op: Op::Get,
+        })?;
+        Ok(doc
+            .reported()
+            .and_then(|r| r.get("n"))
+            .and_then(|n| n.as_u64()))
+    }
+
+    fn reported_n(store: &Store, thing: &str) -> Option<u64> {
+        stored_n(store, thing).unwrap()
+    }
+
+    /// sled keeps a write error for good: the store is closed and opened again, so once the
+    /// full disk has room, a device's shadow update is answered again, with no restart.
+    #[tokio::test]
+    async fn a_full_disk_stops_shadow_answers_and_room_brings_them_back_without_a_restart() {
+        use crate::sled_reopen::testing::SmallDisk;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = SmallDisk::new(&dir.path().join("small"), "4m");
+        let path = disk.0.join("shadows");
+        let store = Store::open(&path).unwrap();
+        let broker = crate::broker::start(
+            &crate::config::BrokerConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+                ..Default::default()
+            },
+            &crate::config::LimitsConfig::default(),
+        )
+        .await
+        .unwrap();
+        let publisher = Arc::new(LocalPublisher::new(&broker));
+        let (shadows, run) = service(
+            store.clone(),
+            publisher,
+            Arc::default(),
+            None,
+            crate::supervisor::Heartbeat::detached(),
+        );
+        let task = tokio::spawn(run);
+        // Other devices' shadows, answered before the disk fills.
+        for bed in 0..10u32 {
+            assert!(updated(&shadows, &format!("bed-{bed}"), bed).await);
+        }
+        let (mut n, mut answered) = (0u32, 0u32);
+        for _ in 0..20 {
+            n += 1;
+            assert!(updated(&shadows, "pm-01", n).await, "disk has room");
+            answered = n;
+        }
+        disk.fill("filler");
+        // Updates go on until one is not answered (sled may still have room it already took).
+        let mut refused = false;
+        for _ in 0..100_000 {
+            n += 1;
+            if !updated(&shadows, "pm-01", n).await {
+                refused = true;
+                break;
+            }
+            answered = n;
+        }
+        assert!(refused, "an update was answered with the disk full");
+        assert!(shadows.stats().snapshot().store_errors > 0);
+        // The error says what, where and what to do.
+        let e = store.apply(sled::Batch::default()).unwrap_err().to_string();
+        for part in [
+            "shadow store",
+            path.to_str().unwrap(),
+            "free space in gateway.state_dir",
+        ] {
+            assert!(e.contains(part), "{part:?} not in {e:?}");
+        }
+        // Still not answered while the disk is full, across tries to open the store again.
+        let until = std::time::Instant::now() + crate::sled_reopen::REOPEN_EVERY * 3;
+        while std::time::Instant::now() < until {
+            n += 1;
+            assert!(
+                !updated(&shadows, "pm-01", n).await,
+                "answered with the disk full"
+            );
+        }
+        disk.free("filler");
+        // Every answered update is on disk (one not answered may be too: its write can have
+        // reached the disk before the error), read once the store is open again by itself.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let stored = loop {
+            match stored_n(&store, "pm-01") {
+                Ok(n) => break n,
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "still closed 60 s after freeing the disk: {e}"
+                ),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert!(stored >= Some(u64::from(answered)), "answered update lost");
+        // Room again: the device's update is answered again, with no restart.
+        loop {
+            n += 1;
+            if updated(&shadows, "pm-01", n).await {
+                answered = n;
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no update answered within 60 s of freeing the disk"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        for _ in 0..20 {
+            n += 1;
+            assert!(updated(&shadows, "pm-01", n).await, "after recovery");
+            answered = n;
+        }
+        drop(shadows);
+        task.await.unwrap();
+        let check = |store: &Store| {
+            for bed in 0..10u32 {
+                assert_eq!(
+                    reported_n(store, &format!("bed-{bed}")),
+                    Some(u64::from(bed))
+                );
+            }
+            assert_eq!(reported_n(store, "pm-01"), Some(u64::from(answered)));
+        };
+        check(&store);
+        // And from disk, as the next start finds it.
+        drop(store);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let again = loop {
+            match Store::open(&path) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        check(&again);
     }
 
     #[test]
