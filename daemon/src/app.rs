@@ -69,6 +69,9 @@ pub struct Gateway {
     shadows: Stage<()>,
     /// Delivers the rules' webhooks (when a rule has an `http` action); ends after the rules.
     webhooks: Option<Stage<()>>,
+    /// Writes the ward history (when `[history]` is enabled); ends after its recorders (the
+    /// pipeline, the rules, the defender) are gone.
+    history: Option<Stage<()>>,
     shadow_stats: Arc<crate::shadow::ShadowStats>,
     rule_counters: crate::rules::CountersView,
     /// The edge rules (replaced on reload). Dropped first on stop: they hold entrances of the
@@ -130,6 +133,9 @@ struct StatusView {
     webhooks: Option<Arc<crate::rules::webhook::WebhookStats>>,
     defender: Option<crate::defender::StatusHandle>,
     http: Option<SocketAddr>,
+    /// Whether the HTTP endpoint serves HTTPS.
+    http_tls: bool,
+    history: Option<Arc<crate::history::HistoryCounters>>,
 }
 
 impl crate::http::Source for StatusView {
@@ -207,6 +213,8 @@ impl StatusView {
                 .unwrap_or_default(),
             defender: self.defender.as_ref().map(|d| d.snapshot()),
             http: self.http.map(|a| a.to_string()),
+            http_tls: self.http_tls,
+            history: self.history.as_ref().map(|h| h.status()),
         }
     }
 }
@@ -257,7 +265,7 @@ impl Gateway {
         };
         // Bound first: a busy port stops the start before anything else runs.
         let http = if config.http.enabled {
-            Some(crate::http::Endpoint::bind(config.http.address).await?)
+            Some(crate::http::Endpoint::bind(config).await?)
         } else {
             None
         };
@@ -369,12 +377,32 @@ impl Gateway {
             (None, None)
         };
         let webhook_stats = webhooks.as_ref().map(|w| w.stats().clone());
+        let history_counters = Arc::new(crate::history::HistoryCounters::default());
+        let (history_stage, history) = if config.history.enabled {
+            let dir = state_dir.join("history");
+            let bounds = config.history.bounds();
+            let store = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || crate::history::store::Store::open(&dir, bounds)
+            })
+            .await?
+            .with_context(|| format!("opening the ward history in {}", dir.display()))?;
+            let (recorder, make) =
+                crate::history::channel(store, history_counters.clone(), Some(registry.clone()));
+            let (stage, recorder) = supervisor.spawn_service("history", move |beat| {
+                (recorder, crate::history::run(make(beat)))
+            });
+            (Some(stage), Some(recorder))
+        } else {
+            (None, None)
+        };
         let rules = Arc::new(crate::rules::Rules::new(
             &config.rules,
             crate::rules::Sinks {
                 local: Some(local.clone()),
                 queue: queue.clone(),
                 webhooks,
+                history: history.clone(),
             },
         ));
         let rule_counters = rules.counters();
@@ -422,6 +450,7 @@ impl Gateway {
                 queue_status: shared_queue.clone(),
                 dead_letters: dead_letter_counters.clone(),
                 plugins: plugins.clone(),
+                history: history.clone(),
             });
             defender_handle = Some(defender.clone());
             let (d, st, stop) = (defender.clone(), status.clone(), defender_stop.clone());
@@ -442,6 +471,7 @@ impl Gateway {
             defender,
             rules: rules.clone(),
             queue,
+            history: history.clone(),
         });
         let stats = pipeline.stats();
         let login = crate::gatekeeper::login::LoginGate::new(&config.login)
@@ -539,6 +569,8 @@ impl Gateway {
             webhooks: webhook_stats,
             defender: defender_status,
             http: http.as_ref().map(|h| h.local_addr()),
+            http_tls: http.as_ref().is_some_and(|h| h.is_tls()),
+            history: history.as_ref().map(|_| history_counters.clone()),
         });
         let http_stop = CancellationToken::new();
         let http = http.map(|endpoint| {
@@ -567,6 +599,7 @@ impl Gateway {
             dead_letter_writer,
             shadows: shadow_stage,
             webhooks: webhook_stage,
+            history: history_stage,
             shadow_stats,
             rule_counters,
             rules: Some(rules.clone()),
@@ -706,6 +739,7 @@ impl Gateway {
         let dead_letter_writer = &mut self.dead_letter_writer;
         let shadows = &mut self.shadows;
         let webhooks = &mut self.webhooks;
+        let history = &mut self.history;
         let defender = self.defender.take();
         let defender_stop = self.defender_stop.clone();
         self.outbox = None;
@@ -734,6 +768,10 @@ impl Gateway {
             // Ends once the rules (held by the pipeline and the shadow service) are gone.
             if let Some(w) = webhooks {
                 written &= w.join().await.is_ok();
+            }
+            // Ends once its recorders (pipeline, rules, defender) are gone.
+            if let Some(h) = history {
+                written &= h.join().await.is_ok();
             }
             (handled, written)
         };
@@ -889,7 +927,8 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
     ]);
     match gw.http_addr() {
         Some(a) => {
-            log::info!(listeners:% = listening, http:% = a; "wardgate ready; /healthz and /metrics on http://{a}")
+            let scheme = if gw.view.http_tls { "https" } else { "http" };
+            log::info!(listeners:% = listening, http:% = a; "wardgate ready; /healthz and /metrics on {scheme}://{a}")
         }
         None => log::info!(listeners:% = listening; "wardgate ready"),
     }
@@ -1111,6 +1150,9 @@ impl Gateway {
         if let Some(d) = &self.live.defender {
             let (profiles, kept) = d.reload(&new.defender);
             log::debug!(profiles = profiles, violations_kept = kept; "security profiles reloaded");
+        }
+        if let Some(h) = &self.view.history {
+            h.set_bounds(new.history.bounds());
         }
         if let Some(q) = &self.view.queue {
             q.set_bounds(crate::queue::Bounds {

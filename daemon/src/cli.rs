@@ -1,5 +1,5 @@
 //! The command line: `run`, `check-config`, `print-default-config`, `status`, `reload`,
-//! `violations`, `quarantine list|clear`, `hash-password`, `simulate` and `demo`. Thin: each command loads what it needs and calls into the library.
+//! `violations`, `quarantine list|clear`, `history`, `chart`, `hash-password`, `simulate` and `demo`. Thin: each command loads what it needs and calls into the library.
 //!
 //! Exit codes: 0 success; 1 runtime failure; 2 invalid configuration or usage.
 
@@ -9,7 +9,7 @@ use crate::sim;
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -78,6 +78,69 @@ enum Command {
     Quarantine {
         #[command(subcommand)]
         action: QuarantineAction,
+    },
+    /// Export the ward history (readings, alerts, violations) to stdout, oldest first, as CSV
+    /// (for pandas: `pd.read_csv(f, parse_dates=["observed", "received"])`) or JSON Lines.
+    /// Reads `<state_dir>/history` directly; works while the gateway runs.
+    History {
+        /// Only this device.
+        #[arg(long, value_name = "ID", conflicts_with = "kind")]
+        device: Option<String>,
+        /// Only devices of this kind (e.g. `pacemaker`).
+        #[arg(long, value_name = "KIND")]
+        kind: Option<String>,
+        /// Only this metric (readings) or rule (alerts).
+        #[arg(long, value_name = "M")]
+        metric: Option<String>,
+        /// Only rows observed in the last DURATION (e.g. `1h`, `30m`, `2days`).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with_all = ["from", "to"])]
+        since: Option<Duration>,
+        /// Only rows observed at or after T (RFC 3339, e.g. `2026-12-05T08:00:00Z`).
+        #[arg(long, value_name = "T", value_parser = parse_time)]
+        from: Option<i64>,
+        /// Only rows observed at or before T (RFC 3339).
+        #[arg(long, value_name = "T", value_parser = parse_time)]
+        to: Option<i64>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::history::export::Format,
+        /// Main configuration file (to find gateway.state_dir).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Draw one metric of one device from the ward history as an SVG chart, with the device's
+    /// alerts and violations marked. Works while the gateway runs.
+    Chart {
+        /// The device.
+        #[arg(long, value_name = "ID")]
+        device: String,
+        /// The metric (e.g. `heart-rate`).
+        #[arg(long, value_name = "M")]
+        metric: String,
+        /// The last DURATION (e.g. `1h`, `24h`).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1h", conflicts_with_all = ["from", "to"])]
+        since: Duration,
+        /// From T (RFC 3339), instead of --since.
+        #[arg(long, value_name = "T", value_parser = parse_time, requires = "to")]
+        from: Option<i64>,
+        /// To T (RFC 3339), with --from.
+        #[arg(long, value_name = "T", value_parser = parse_time, requires = "from")]
+        to: Option<i64>,
+        /// Line, or bars of the mean per time bucket.
+        #[arg(long, value_enum, default_value = "line")]
+        style: crate::history::chart::Style,
+        /// Width and height in pixels.
+        #[arg(long, default_value_t = 1000)]
+        width: u32,
+        /// Height in pixels.
+        #[arg(long, default_value_t = 420)]
+        height: u32,
+        /// Where to write the SVG (`-` for stdout).
+        #[arg(long, value_name = "FILE.svg")]
+        out: PathBuf,
+        /// Main configuration file (to find gateway.state_dir).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Read a password on stdin and print its argon2id hash for `password_hash`.
     HashPassword,
@@ -162,6 +225,59 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::HashPassword => hash_password(),
+        Command::Chart {
+            device,
+            metric,
+            since,
+            from,
+            to,
+            style,
+            width,
+            height,
+            out,
+            config,
+        } => {
+            let now = crate::clock::now_ms();
+            let (from_ms, to_ms) = match (from, to) {
+                (Some(f), Some(t)) => (f, t),
+                _ => (now.saturating_sub(since.as_millis() as i64), now),
+            };
+            let spec = crate::history::chart::ChartSpec {
+                device,
+                metric,
+                from_ms,
+                to_ms,
+                style,
+                width,
+                height,
+            };
+            chart(config, spec, &out)
+        }
+        Command::History {
+            device,
+            kind,
+            metric,
+            since,
+            from,
+            to,
+            format,
+            config,
+        } => {
+            let now = crate::clock::now_ms();
+            let (from_ms, to_ms) = match since {
+                Some(d) => (now.saturating_sub(d.as_millis() as i64), i64::MAX),
+                None => (from.unwrap_or(i64::MIN), to.unwrap_or(i64::MAX)),
+            };
+            let filter = crate::history::Filter {
+                device,
+                kind,
+                metric,
+                with_events: false,
+                from_ms,
+                to_ms,
+            };
+            history(config, filter, format)
+        }
         Command::Status { config, json } => status(config, json),
         Command::Reload { config } => reload(config),
         Command::Violations {
@@ -249,6 +365,9 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
                 if let Err(e) = crate::uplink::load_tls(&c.upstream) {
                     problems.push(e);
                 }
+            }
+            if let Err(e) = crate::http::check_tls(c) {
+                problems.push(e);
             }
             if !problems.is_empty() {
                 for p in &problems {
@@ -368,6 +487,137 @@ fn status(file: Option<PathBuf>, json: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("wardgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A time on the command line: RFC 3339 (`2026-12-05T08:00:00Z`, or without the zone,
+/// meaning UTC), as ms since the epoch.
+fn parse_time(s: &str) -> Result<i64, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map(crate::clock::epoch_ms)
+        .map_err(|e| format!("{e}: expected RFC 3339 such as 2026-12-05T08:00:00Z"))
+}
+
+/// The history directory of the configuration in `file`.
+fn history_dir(file: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    let (_, loaded) = load_or_report(file)?;
+    let c = &loaded.config;
+    if !c.history.enabled {
+        eprintln!(
+            "wardgate: history.enabled is false in this configuration: nothing is kept (set it to true and reload)"
+        );
+        return Err(ExitCode::from(EXIT_CONFIG));
+    }
+    Ok(c.gateway.state_dir.join("history"))
+}
+
+fn history(
+    file: Option<PathBuf>,
+    filter: crate::history::Filter,
+    format: crate::history::export::Format,
+) -> ExitCode {
+    let dir = match history_dir(file) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    if filter.from_ms > filter.to_ms {
+        eprintln!("wardgate: --from is after --to");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let rows = match crate::history::store::query(&dir, filter) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!(
+                "wardgate: cannot read the history in {}: {e}",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
+    let written = (|| -> std::io::Result<u64> {
+        let mut e = crate::history::export::Exporter::new(out, format)?;
+        let mut n = 0;
+        for row in rows {
+            e.row(&row?)?;
+            n += 1;
+        }
+        e.finish()?;
+        Ok(n)
+    })();
+    match written {
+        Ok(0) => {
+            eprintln!(
+                "wardgate: no history rows match (history in {}; check --device, --kind, --metric and the time range)",
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        // `| head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wardgate: history export failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chart(file: Option<PathBuf>, spec: crate::history::chart::ChartSpec, out: &Path) -> ExitCode {
+    let dir = match history_dir(file) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    if spec.from_ms >= spec.to_ms {
+        eprintln!("wardgate: the chart's range is empty: --from must be before --to");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let filter = crate::history::Filter {
+        device: Some(spec.device.clone()),
+        kind: None,
+        metric: Some(spec.metric.clone()),
+        with_events: true,
+        from_ms: spec.from_ms,
+        to_ms: spec.to_ms,
+    };
+    let mut failed = None;
+    let rows = match crate::history::store::query(&dir, filter) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!(
+                "wardgate: cannot read the history in {}: {e}",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let rows = rows.map_while(|r| r.map_err(|e| failed = Some(e)).ok());
+    let svg = crate::history::chart::render_svg(&spec, rows);
+    if let Some(e) = failed {
+        eprintln!(
+            "wardgate: cannot read the history in {}: {e}",
+            dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let svg = match svg {
+        Ok(svg) => svg,
+        Err(e) => {
+            eprintln!("wardgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let written = if out == Path::new("-") {
+        std::io::stdout().lock().write_all(svg.as_bytes())
+    } else {
+        std::fs::write(out, svg.as_bytes())
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wardgate: cannot write {}: {e}", out.display());
             ExitCode::FAILURE
         }
     }

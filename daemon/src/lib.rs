@@ -25,6 +25,10 @@
 //!   forwarded, the gateway's own report from `/proc`, local Detect over security profiles,
 //!   quarantine.
 //! - [`queue`]: the durable offline queue (sled), on-disk format and invariants in its docs.
+//! - [`history`]: the ward history (readings, alerts, violations in append-only segment files,
+//!   off the PUBACK path), its export (`wardgate history`) and charts (`wardgate chart`).
+//! - [`http`]: the operators' HTTP endpoint: `/healthz`, `/metrics`, and the local console
+//!   (overview and device pages with charts; TLS and a credential beyond loopback).
 //! - [`plugin_host`]: the sandboxed WebAssembly plugin host (wasmtime), hot drop-in.
 //! - [`app`]: builds and starts every stage from a config; stops them in pipeline order.
 //! - [`supervisor`]: runs every long-running stage, notices one that ends or stops making
@@ -50,6 +54,7 @@ pub mod config;
 pub mod defender;
 pub mod footprint;
 pub mod gatekeeper;
+pub mod history;
 pub mod http;
 pub mod metering;
 pub mod mqtt;

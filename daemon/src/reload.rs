@@ -185,6 +185,7 @@ const RESTART: &[(&str, &str)] = &[
     ("defender.history_events", "the defender's event store"),
     ("log.format", "the log's destination and format"),
     ("http.", "the HTTP endpoint's listening socket"),
+    ("history.enabled", "the history stage exists or not"),
 ];
 
 /// Sort `changed` keys into (applied live, needs a restart with why). `running` and `new` are

@@ -86,6 +86,12 @@ pub struct Status {
     /// Where `/healthz` and `/metrics` are served (`[http]`), when enabled.
     #[serde(default)]
     pub http: Option<String>,
+    /// Whether that endpoint serves HTTPS (`http.tls`).
+    #[serde(default)]
+    pub http_tls: bool,
+    /// The ward history (`[history]`), when enabled.
+    #[serde(default)]
+    pub history: Option<crate::history::HistoryStatus>,
 }
 
 /// The uplink at a glance.
@@ -173,9 +179,10 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "listener {:<6} {}", l.name, l.address);
     }
     if let Some(a) = &s.http {
+        let scheme = if s.http_tls { "https" } else { "http" };
         let _ = writeln!(
             out,
-            "http            http://{a}/healthz  http://{a}/metrics"
+            "http            {scheme}://{a}/healthz  {scheme}://{a}/metrics"
         );
     }
     for st in &s.stages {
@@ -350,6 +357,13 @@ pub fn render(s: &Status) -> String {
         "dead-letter store {} day files, {} bytes; {} written since start ({} failed writes, {} refused while the writer was behind: not acknowledged); removed by dead_letter.max_bytes/max_age: {} files, {} messages, {} bytes",
         dl.files, dl.bytes, dl.written, dl.failed, dl.refused_busy, dl.removed_files, dl.removed_entries, dl.removed_bytes
     );
+    if let Some(h) = &s.history {
+        let _ = writeln!(
+            out,
+            "history {} bytes; {} rows written since start; dropped: {} while the writer was behind, {} by history.max_bytes, {} by history.max_age; {} rows lost in {} failed writes",
+            h.bytes, h.written, h.dropped_busy, h.dropped_over_bytes, h.dropped_over_age, h.lost_rows, h.write_failures
+        );
+    }
     let dead: Vec<&PipelineDevice> = s.pipeline.iter().filter(|d| d.dead_letters > 0).collect();
     if !dead.is_empty() {
         let _ = writeln!(out);

@@ -14,8 +14,8 @@
 //!   throughput and PUBACK latency, the spine to a local mosquitto next to a mosquitto bridge
 //!   (latency, backlog drain rate against IoT Core's quotas), logins (the gateway's RSS through
 //!   rounds of parallel wrong-password CONNECTs and 500 devices logging in and reconnecting at
-//!   once), an outage, memory, and edge rules (evaluation rate with 50 rules, and what they add
-//!   to a reading's PUBACK).
+//!   once), an outage, memory, edge rules (evaluation rate with 50 rules, and what they add
+//!   to a reading's PUBACK), and the ward history (write cost, 24 h lookups).
 //! - `deb`: the Debian package `target/debian/wardgate_<version>_<arch>.deb`: builds the plugins
 //!   and the release binary, then stages them with the man pages generated from `--help` and
 //!   runs cargo-deb on `[package.metadata.deb]` (daemon/Cargo.toml); see `deb.rs`. Installs
@@ -66,6 +66,8 @@ const TEST_PACKAGES: &[&str] = &[
     "lintian",
     "debootstrap",
     "iproute2",
+    // The console's pages are loaded in a real headless browser (tests/tests/console.rs).
+    "chromium",
 ];
 
 /// What cargo-deb runs: `dpkg-shlibdeps` (dpkg-dev) for the `$auto` dependencies, `strip`
@@ -373,6 +375,7 @@ fn bench() -> Result<()> {
     install_packages(&["mosquitto", "openssl"])?;
     for bench in [
         "plugin", "gateway", "spine", "logins", "outage", "memory", "rules", "defender",
+        "history",
     ] {
         run(cargo()
             .args(["bench", "-p", "wardgate", "--bench", bench])

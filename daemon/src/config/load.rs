@@ -37,6 +37,7 @@ const SECTIONS: &[&str] = &[
     "defender",
     "log",
     "http",
+    "history",
 ];
 
 /// What to load.
@@ -319,6 +320,7 @@ fn extract(
     section(fig, "defender", &mut config.defender, errors);
     section(fig, "log", &mut config.log, errors);
     section(fig, "http", &mut config.http, errors);
+    section(fig, "history", &mut config.history, errors);
     config.devices = devices(fig, root.get("devices"), device_sources, errors);
     config.rules = rules(fig, root.get("rules"), errors);
     Some(config)

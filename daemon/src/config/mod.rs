@@ -72,17 +72,79 @@ pub struct Config {
     pub log: LogConfig,
     /// The operators' HTTP endpoint: `/healthz` and Prometheus `/metrics`.
     pub http: HttpConfig,
+    /// The ward history: readings, alerts and violations kept on the gateway.
+    pub history: HistoryConfig,
 }
 
-/// `[http]`
+/// `[history]`: the ward history (`<state_dir>/history`, see `wardgate history`), bounded by
+/// dropping its oldest segments (at most an hour or `max_bytes / 16` each).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Whether readings, alerts and violations are kept.
+    pub enabled: bool,
+    /// Most bytes on disk; above it the oldest segments are dropped (counted).
+    pub max_bytes: u64,
+    /// Rows received longer ago than this are dropped, a segment at a time.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        let b = crate::history::store::Bounds::default();
+        Self {
+            enabled: true,
+            max_bytes: b.max_bytes,
+            max_age: b.max_age,
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// The store's bounds.
+    pub fn bounds(&self) -> crate::history::store::Bounds {
+        crate::history::store::Bounds {
+            max_bytes: self.max_bytes,
+            max_age: self.max_age,
+        }
+    }
+}
+
+/// `[http]`: the operators' endpoint — `/healthz`, `/metrics` and the local console (see
+/// [`crate::http`]). Changing any of it needs a restart.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Whether `/healthz` and `/metrics` are served.
+    /// Whether the endpoint runs at all.
     pub enabled: bool,
-    /// Address and port. Loopback by default: the endpoint has no authentication, so expose
-    /// it beyond the gateway only on a management network.
+    /// Address and port. Loopback by default: `/healthz` and `/metrics` have no
+    /// authentication, so expose them beyond the gateway only on a management network.
     pub address: SocketAddr,
+    /// The local console (`/` and a page per device). Unset: served on a loopback address, and
+    /// on any other only with `tls` and `console_password_hash` (otherwise left off, with a
+    /// warning at start). `true`: served, and a non-loopback address without both is a
+    /// configuration error. `false`: only `/healthz` and `/metrics`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console: Option<bool>,
+    /// User name the console asks for (HTTP Basic authentication).
+    pub console_user: String,
+    /// argon2 PHC string of the console's password (`wardgate hash-password`). When set, every
+    /// console page asks for `console_user` and this password, on any address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_password_hash: Option<String>,
+    /// How often the console's pages reload themselves (1s to 1h).
+    #[serde(with = "humantime_serde")]
+    pub console_refresh: Duration,
+    /// Serve HTTPS instead of HTTP (every page, `/healthz` and `/metrics` included).
+    pub tls: bool,
+    /// Certificate chain for `tls` (PEM, leaf first); unset: `listeners.tls.cert_file`, the
+    /// gateway's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its private key (PEM); unset: `listeners.tls.key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -90,7 +152,40 @@ impl Default for HttpConfig {
         Self {
             enabled: true,
             address: SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT)),
+            console: None,
+            console_user: "operator".into(),
+            console_password_hash: None,
+            console_refresh: Duration::from_secs(15),
+            tls: false,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
+    }
+}
+
+impl HttpConfig {
+    /// Whether the console is served: see [`HttpConfig::console`].
+    pub fn console_served(&self) -> bool {
+        let safe =
+            self.address.ip().is_loopback() || (self.tls && self.console_password_hash.is_some());
+        self.console.unwrap_or(safe)
+    }
+
+    /// The certificate chain and key files `tls` serves, with the keys that name them.
+    pub fn tls_files<'a>(
+        &'a self,
+        listener: &'a TlsListenerConfig,
+    ) -> [(&'static str, &'a std::path::Path); 2] {
+        [
+            match &self.tls_cert_file {
+                Some(p) => ("http.tls_cert_file", p.as_path()),
+                None => ("listeners.tls.cert_file", listener.cert_file.as_path()),
+            },
+            match &self.tls_key_file {
+                Some(p) => ("http.tls_key_file", p.as_path()),
+                None => ("listeners.tls.key_file", listener.key_file.as_path()),
+            },
+        ]
     }
 }
 

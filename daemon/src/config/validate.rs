@@ -222,6 +222,60 @@ pub(super) fn validate(
             }
         }
     }
+    // The console on the HTTP endpoint: a credential that is an argon2 hash, and never served
+    // beyond loopback without TLS and that credential (see `crate::http`).
+    if c.http.enabled {
+        let h = &c.http;
+        if let Some(hash) = &h.console_password_hash {
+            if let Err(e) = crate::registry::check_password_hash(hash) {
+                err("http.console_password_hash", e);
+            }
+        }
+        if h.console_user.is_empty()
+            || h.console_user.contains(':')
+            || h.console_user.chars().any(char::is_control)
+        {
+            err(
+                "http.console_user",
+                format!(
+                    "`{}` cannot be an HTTP Basic user name: give 1 or more characters, no `:` and no control characters",
+                    h.console_user.escape_debug()
+                ),
+            );
+        }
+        if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600))
+            .contains(&h.console_refresh)
+        {
+            err(
+                "http.console_refresh",
+                format!(
+                    "{} is outside 1s to 1h; e.g. \"15s\"",
+                    humantime::format_duration(h.console_refresh)
+                ),
+            );
+        }
+        let loopback = h.address.ip().is_loopback();
+        if h.console == Some(true) && !loopback && !(h.tls && h.console_password_hash.is_some()) {
+            let mut missing = Vec::new();
+            if !h.tls {
+                missing.push("http.tls = true");
+            }
+            if h.console_password_hash.is_none() {
+                missing.push("http.console_password_hash (make one with `wardgate hash-password`)");
+            }
+            err(
+                "http.console",
+                format!(
+                    "the console would be served on `{}`, which is not a loopback address, without {}: \
+                     set them (the console then asks for http.console_user and that password over \
+                     HTTPS, with listeners.tls.cert_file or http.tls_cert_file), or put http.address \
+                     on 127.0.0.1, or set http.console = false to serve only /healthz and /metrics there",
+                    h.address,
+                    missing.join(" and ")
+                ),
+            );
+        }
+    }
     if c.metering.window.as_secs() == 0 {
         err("metering.window", "must be at least 1s, e.g. \"5m\"".into());
     }
@@ -489,6 +543,15 @@ pub(super) fn validate(
                 );
             }
         }
+    }
+    if c.history.enabled && c.history.max_bytes < 1 << 20 {
+        err(
+            "history.max_bytes",
+            format!(
+                "{} bytes is too small to keep any history: use at least 1048576 (1 MiB), or history.enabled = false",
+                c.history.max_bytes
+            ),
+        );
     }
     if c.queue.commit_interval.is_zero()
         || c.queue.commit_interval > std::time::Duration::from_secs(1)

@@ -416,6 +416,8 @@ pub struct Parts {
     pub rules: Arc<crate::rules::Rules>,
     /// Registered devices (targets, kinds).
     pub registry: SharedRegistry,
+    /// The ward history: every violation event is kept there (`None`: history disabled).
+    pub history: Option<crate::history::Recorder>,
     /// Cloud-side metrics.
     pub metering: Metering,
     /// Connected devices (to disconnect a quarantined one).
@@ -781,6 +783,18 @@ impl Defender {
         let id = e.message["violationId"].as_str().unwrap_or("").to_owned();
         let value = e.message["metricValue"].to_string();
         let device = &*e.device;
+        if let Some(history) = &self.parts.history {
+            let mv = &e.message["metricValue"];
+            let number = mv["count"].as_f64().or_else(|| mv["number"].as_f64());
+            history.violation(
+                device,
+                &metric,
+                number,
+                e.kind.as_str(),
+                format!("behavior {behavior} of security profile {profile_name}, violation {id}"),
+                crate::clock::now_ms(),
+            );
+        }
         match e.kind {
             EventType::InAlarm => {
                 self.counters.in_alarm.fetch_add(1, Relaxed);

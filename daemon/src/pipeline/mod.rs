@@ -238,6 +238,9 @@ pub struct Stages {
     pub rules: Arc<crate::rules::Rules>,
     /// The durable queue towards the upstream (`None`: upstream disabled).
     pub queue: Option<crate::queue::Enqueue>,
+    /// The ward history: every canonical reading is handed to it, never waited for (`None`:
+    /// history disabled).
+    pub history: Option<crate::history::Recorder>,
 }
 
 /// The canonical message published on `ward/<device>/readings`.
@@ -586,6 +589,14 @@ impl Core {
                 }
                 if let Some(shadows) = &self.stages.shadows {
                     shadows.report(&msg.device.id, &n.readings);
+                }
+                if let Some(history) = &self.stages.history {
+                    history.readings(
+                        &msg.device.id,
+                        &msg.device.kind,
+                        &n.readings,
+                        received_at_ms,
+                    );
                 }
                 if let Some(local) = &self.stages.local {
                     // Nobody subscribed: the broker would have nobody to give them to.

@@ -478,6 +478,9 @@ pub struct Sinks {
     pub queue: Option<crate::queue::Enqueue>,
     /// The webhook outbox (`http` actions); `None` when no rule has one.
     pub webhooks: Option<webhook::Webhooks>,
+    /// The ward history: every firing of an edge rule is kept there as an alert (`None`:
+    /// history disabled).
+    pub history: Option<crate::history::Recorder>,
 }
 
 /// Whether any rule has an `http` action (then the gateway opens the webhook outbox).
@@ -746,6 +749,9 @@ impl Rules {
         hops: u8,
     ) {
         let body = output.to_string();
+        if let (Origin::Rule(name), Some(history)) = (origin, &self.sinks.history) {
+            history.alert(msg.device_id, name, &body, crate::clock::now_ms());
+        }
         for action in actions {
             match action {
                 Action::Journal { level, priority } => {

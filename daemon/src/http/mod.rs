@@ -1,5 +1,6 @@
-//! The operators' HTTP endpoint (`[http]`): `/healthz` for load balancers and monitoring, and
-//! `/metrics` in the Prometheus text format (version 0.0.4).
+//! The operators' HTTP endpoint (`[http]`): `/healthz` for load balancers and monitoring,
+//! `/metrics` in the Prometheus text format (version 0.0.4), and the local console (`/` and a
+//! page per device, see [`console`]).
 //!
 //! - `GET /healthz` answers from [`Supervisor::health`], the same check that decides whether
 //!   the systemd watchdog is fed: `200 ok` while every stage is alive and making progress (the
@@ -12,19 +13,38 @@
 //!   `_info` for constant labels. Per-device series carry a `device` label; devices are the
 //!   registered ones only (the gateway never meters an unknown client id), so the series count
 //!   is bounded by the registry.
+//! - The console: server-rendered HTML pages of the ward (devices, readings, alerts,
+//!   violations, quarantines, queue and uplink), see [`console`] for what they show and how
+//!   they are bounded.
 //!
 //! It is a supervised, restartable stage (`http`): its socket is bound once at start (so a busy
 //! port fails the start with the key to change), and a restarted accept loop keeps serving on
-//! it. There is no authentication: it listens on loopback unless configured otherwise.
+//! it.
+//!
+//! Who may see what: `/healthz` and `/metrics` carry no readings and have no authentication,
+//! as before the console existed; keep them on loopback or a management network. The console
+//! shows readings and alerts, so it is served on a loopback address, and on any other only
+//! over TLS (`http.tls`, the gateway's certificate by default, see [`tls`]) and with a
+//! credential (`http.console_password_hash`, HTTP Basic authentication checked with argon2 as
+//! device passwords are); once a credential is configured every console page asks for it, on
+//! any address. `http.console` decides whether it is served at all ([`crate::config::HttpConfig::console`]);
+//! [`Endpoint::bind`] refuses to serve it beyond loopback without TLS and a credential even if a
+//! configuration got past validation.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] connections are served at once (more wait in the
-//! kernel's backlog), a request's head must arrive within [`HEADER_TIMEOUT`], and a
-//! connection lives at most [`CONNECTION_LIFETIME`]. Only `GET` and `HEAD` are answered; any
-//! other method gets `405`, any other path `404`.
+//! kernel's backlog), a TLS handshake and a request's head must each arrive within
+//! [`HEADER_TIMEOUT`], and a connection lives at most [`CONNECTION_LIFETIME`]. Only `GET` and
+//! `HEAD` are answered; any other method gets `405`, any other path `404`. The console bounds
+//! its own work (history reads, charts, password checks): see [`console`].
 //!
 //! What must stay true: `/healthz` is 200 only when the watchdog would be fed; `/metrics`
 //! parses with a Prometheus text parser (every family has one `# TYPE`, label values are
-//! escaped) and carries no series for an unregistered client id.
+//! escaped) and carries no series for an unregistered client id; no console page is served
+//! beyond loopback without TLS and a credential, nor without the credential once one is set;
+//! nothing here logs a credential, a reading or a request's path.
+
+pub mod console;
+pub mod tls;
 
 use crate::status::Status;
 use crate::supervisor::{Health, Heartbeat, StageState, Supervisor};
@@ -40,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
-/// Time a client has to send a request's head.
+/// Time a client has to finish the TLS handshake, and then to send a request's head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a connection stays open (keep-alive included).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
@@ -55,15 +75,59 @@ pub trait Source: Send + Sync + 'static {
 }
 
 /// The bound endpoint.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Endpoint {
     listener: Arc<TcpListener>,
     addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    console: Option<Arc<console::Console>>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .field("console", &self.console.is_some())
+            .finish()
+    }
 }
 
 impl Endpoint {
-    /// Bind `address`; the error names the key to change.
-    pub async fn bind(address: SocketAddr) -> anyhow::Result<Self> {
+    /// Bind `config.http.address`, load the TLS files (`http.tls`) and set up the console;
+    /// every error names the key to change.
+    pub async fn bind(config: &crate::config::Config) -> anyhow::Result<Self> {
+        let h = &config.http;
+        let address = h.address;
+        let serve_console = h.console_served();
+        let secured = h.tls && h.console_password_hash.is_some();
+        if serve_console && !address.ip().is_loopback() && !secured {
+            // Validation refuses this (`http.console = true`); never serve it anyway.
+            anyhow::bail!(
+                "refusing to serve the console on {address} (http.address, not loopback) without \
+                 http.tls = true and http.console_password_hash; set them, or http.console = false"
+            );
+        }
+        if h.console.is_none() && !serve_console {
+            log::warn!(
+                address:% = address;
+                "HTTP endpoint: the console is off on {address}, which is not a loopback address, \
+                 because http.tls and http.console_password_hash are not both set; /healthz and \
+                 /metrics are served as before. Set both to have the console there, or \
+                 http.console = false to silence this"
+            );
+        }
+        let tls = if h.tls {
+            let [cert, key] = h.tls_files(&config.listeners.tls);
+            Some(tls::acceptor(cert, key)?)
+        } else {
+            None
+        };
+        let console = if serve_console {
+            Some(Arc::new(console::Console::new(config)?))
+        } else {
+            None
+        };
         let listener = TcpListener::bind(address).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot listen on {address} for /healthz and /metrics (http.address): {e}; \
@@ -74,12 +138,24 @@ impl Endpoint {
         Ok(Self {
             listener: Arc::new(listener),
             addr,
+            tls,
+            console,
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Whether it speaks HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Whether the console is served.
+    pub fn has_console(&self) -> bool {
+        self.console.is_some()
     }
 
     /// Serve until `stop`.
@@ -99,12 +175,12 @@ impl Endpoint {
                 p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             };
             // Waiting for a client is idling, not a stall: beat while no one comes.
-            let stream = loop {
+            let (stream, peer) = loop {
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = idle.tick() => beat.beat(),
                     accepted = self.listener.accept() => match accepted {
-                        Ok((stream, _)) => break stream,
+                        Ok(accepted) => break accepted,
                         Err(e) => {
                             // Out of file descriptors and the like: the next accept may succeed.
                             log::warn!(error:% = e, address:% = self.addr; "HTTP endpoint: cannot accept a connection");
@@ -113,30 +189,71 @@ impl Endpoint {
                     },
                 }
             };
-            let (source, stop) = (source.clone(), stop.clone());
+            let ctx = Ctx {
+                source: source.clone(),
+                console: self.console.clone(),
+                peer,
+            };
+            let (tls, stop) = (self.tls.clone(), stop.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let service = hyper::service::service_fn(move |req| {
-                    let source = source.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&source, req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let lifetime = async {
+                    match tls {
+                        None => serve_connection(stream, ctx).await,
+                        Some(acceptor) => {
+                            let handshake =
+                                tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream));
+                            // A failed or slow handshake asked for nothing: just close.
+                            if let Ok(Ok(stream)) = handshake.await {
+                                serve_connection(stream, ctx).await;
+                            }
+                        }
+                    }
+                };
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = tokio::time::timeout(CONNECTION_LIFETIME, conn) => {}
+                    _ = tokio::time::timeout(CONNECTION_LIFETIME, lifetime) => {}
                 }
             });
         }
     }
 }
 
-async fn answer(
-    source: &Arc<dyn Source>,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+/// Load the endpoint's TLS files as [`Endpoint::bind`] will (for `wardgate check-config`):
+/// nothing to check without `http.enabled` and `http.tls`.
+pub fn check_tls(config: &crate::config::Config) -> Result<(), tls::TlsError> {
+    let h = &config.http;
+    if h.enabled && h.tls {
+        let [cert, key] = h.tls_files(&config.listeners.tls);
+        tls::acceptor(cert, key)?;
+    }
+    Ok(())
+}
+
+/// What a request is answered from.
+#[derive(Clone)]
+struct Ctx {
+    source: Arc<dyn Source>,
+    console: Option<Arc<console::Console>>,
+    peer: SocketAddr,
+}
+
+async fn serve_connection<I>(io: I, ctx: Ctx)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(&ctx, req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
+}
+
+async fn answer(ctx: &Ctx, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         let mut r = reply(
@@ -151,6 +268,7 @@ async fn answer(
         );
         return r;
     }
+    let source = &ctx.source;
     match req.uri().path() {
         "/healthz" => {
             let health = source.supervisor().health();
@@ -174,12 +292,25 @@ async fn answer(
                 ),
             }
         }
-        other => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            format!("no such page `{other}`: try /healthz or /metrics\n"),
-            head,
-        ),
+        path => match &ctx.console {
+            Some(console) if console::is_console_path(path) => {
+                console
+                    .answer(source, req.headers(), path, ctx.peer, head)
+                    .await
+            }
+            Some(_) => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "no such page: try / (the console), /healthz or /metrics\n".into(),
+                head,
+            ),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                format!("no such page `{path}`: try /healthz or /metrics\n"),
+                head,
+            ),
+        },
     }
 }
 
@@ -766,6 +897,40 @@ pub fn render(s: &Status) -> String {
         "Bytes of dead letters removed by the store's bound.",
         dl.removed_bytes,
     );
+
+    if let Some(h) = &s.history {
+        m.counter(
+            "wardgate_history_rows_written_total",
+            "Rows (readings, alerts, violations) written to the ward history.",
+            h.written,
+        );
+        m.family(
+            "wardgate_history_rows_dropped_total",
+            "counter",
+            "History rows dropped: while the writer was behind (busy), or with their segments by history.max_bytes (bytes) or history.max_age (age).",
+        );
+        for (reason, v) in [
+            ("busy", h.dropped_busy),
+            ("bytes", h.dropped_over_bytes),
+            ("age", h.dropped_over_age),
+        ] {
+            m.sample(
+                "wardgate_history_rows_dropped_total",
+                &[("reason", reason)],
+                v,
+            );
+        }
+        m.counter(
+            "wardgate_history_write_failures_total",
+            "History batches that could not be written (their rows are lost from the history, not from the queue).",
+            h.write_failures,
+        );
+        m.gauge(
+            "wardgate_history_bytes",
+            "Bytes of the ward history on disk.",
+            h.bytes,
+        );
+    }
 
     if let Some(d) = &s.defender {
         m.gauge(
