@@ -31,7 +31,7 @@ mod real;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,27 +42,6 @@ const PACED_RUN: Duration = Duration::from_secs(20);
 const FLAT_DEVICES: usize = 50;
 const FLAT_RUN: Duration = Duration::from_secs(5);
 const READINGS_TOPIC: &str = "wardgate/bench-gateway/readings";
-
-/// A mosquitto with `conf`, once its port accepts connections.
-fn mosquitto(path: &Path, conf: &str, port: u16) -> Child {
-    std::fs::write(path, conf).unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto installed");
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-/// Reset the peak RSS of `pid` to its current RSS (Linux ≥ 4.0: write 5 to clear_refs).
-fn reset_peak(pid: u32) {
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-}
 
 fn now_ms() -> i64 {
     wardgate::clock::now_ms()
@@ -102,20 +81,15 @@ async fn cloud(port: u16, pki: &Path, topics: &[&str]) -> Arc<Cloud> {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let now = now_ms();
-                    let v: serde_json::Value = match serde_json::from_slice(&p.payload) {
-                        Ok(v) => v,
-                        Err(_) => continue,
-                    };
                     // The device's send time of each reading in this message.
-                    let sent: Vec<i64> = if p.topic == READINGS_TOPIC {
-                        wardgate::uplink::batch::expand(&v)
-                            .unwrap()
+                    let sent: Vec<i64> =
+                        load::readings_in(p.topic == READINGS_TOPIC, &p.topic, &p.payload)
                             .iter()
-                            .map(|(_, m)| m["readings"][0]["observed_at_ms"].as_i64().unwrap())
-                            .collect()
-                    } else {
-                        vec![v["ts"].as_i64().unwrap_or(now)]
-                    };
+                            .map(|r| r.ts.unwrap_or(now))
+                            .collect();
+                    if sent.is_empty() {
+                        continue;
+                    }
                     s.readings.fetch_add(sent.len() as u64, Ordering::Relaxed);
                     s.bytes.fetch_add(p.payload.len() as u64, Ordering::Relaxed);
                     s.last_ms.store(now as u64, Ordering::Relaxed);
@@ -235,7 +209,7 @@ struct Target {
 
 async fn measure(t: &Target, report: &mut serde_json::Map<String, serde_json::Value>) {
     // 1. Paced.
-    reset_peak(t.pid);
+    real::reset_peak(t.pid);
     t.cloud.collecting.store(true, Ordering::Relaxed);
     let acked = paced(t.addr, PACED_DEVICES, PACED_RATE, PACED_RUN).await;
     // Wait for the last of them upstream.
@@ -336,26 +310,21 @@ async fn measure(t: &Target, report: &mut serde_json::Map<String, serde_json::Va
 }
 
 fn main() {
-    let components = std::env::var("WARDGATE_COMPONENTS").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/target/components").into()
-    });
+    let components = real::components_dir();
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("pki");
-    real::pki(&p, &["init", "Bench upstream CA"]);
-    real::pki(
+    real::upstream_pki(
         &p,
-        &["server", "localhost", "DNS:localhost", "IP:127.0.0.1"],
+        "Bench upstream CA",
+        &["bench-gateway", "bench-bridge", "bench-cloud"],
     );
-    for who in ["bench-gateway", "bench-bridge", "bench-cloud"] {
-        real::pki(&p, &["device", who]);
-    }
     let up = real::free_port();
-    let mut upstream = mosquitto(
+    let mut upstream = real::Mosquitto::with_conf(
         &tmp.path().join("upstream.conf"),
         &format!(
-            "user root\nper_listener_settings true\nlistener {up} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/server.crt\nkeyfile {p}/server.key\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\nmax_inflight_messages 100\nmax_queued_messages 1000000\nlog_dest file {log}\nlog_type all\n",
+            "{}log_dest file {log}\nlog_type all\n",
+            real::upstream_conf(up, &p),
             log = tmp.path().join("upstream.log").display(),
-            p = p.display()
         ),
         up,
     );
@@ -363,26 +332,15 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let report = rt.block_on(run(components.into(), tmp.path(), up, &p));
-    let _ = upstream.kill();
-    let _ = upstream.wait();
+    let report = rt.block_on(run(components, tmp.path(), up, &p));
+    upstream.stop();
     real::write_report("spine", &serde_json::Value::Object(report));
 }
 
 /// Start `wardgate run` on `tmp` with the upstream on `up`.
 fn start_gateway(components: PathBuf, tmp: &Path, up: u16, p: &Path) -> real::Running {
-    let mut cfg = wardgate::config::Config::default();
-    cfg.gateway.state_dir = tmp.join("state");
-    cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
-    cfg.listeners.max_connections_per_address = 2 * PACED_DEVICES;
-    cfg.listeners.connect_timeout = Duration::from_secs(60);
-    cfg.broker.address = "127.0.0.1:0".parse().unwrap();
-    cfg.http.address = "127.0.0.1:0".parse().unwrap();
-    cfg.broker.max_connections = 2 * PACED_DEVICES;
-    cfg.plugins.dir = components;
-    real::bench_gateway(&mut cfg, up, p);
     // Cheap hashes: this measures the spine, not argon2 (the logins bench does that).
-    cfg.devices = load::devices(PACED_DEVICES);
+    let cfg = real::spine_gateway(&tmp.join("state"), components, up, p, PACED_DEVICES);
     real::start(&cfg, tmp, "wardgate", Duration::from_secs(60))
 }
 
@@ -409,25 +367,22 @@ async fn run(
     // The bridge starts now, so it meets the devices as fresh as the gateway did.
     let bridge_port = real::free_port();
     std::fs::create_dir_all(tmp.join("bridge-db")).unwrap();
-    let mut bridge = mosquitto(
+    let mut bridge = real::Mosquitto::with_conf(
         &tmp.join("bridge.conf"),
         &format!(
-            "user root\nper_listener_settings false\nallow_anonymous true\nlistener {bridge_port} 127.0.0.1\npersistence true\npersistence_location {db}/\nautosave_interval 1\nmax_queued_messages 1000000\n\
-             connection upstream\naddress 127.0.0.1:{up}\ntopic ward/# out 1\nbridge_cafile {p}/ca.crt\nbridge_certfile {p}/devices/bench-bridge.crt\nbridge_keyfile {p}/devices/bench-bridge.key\nremote_clientid bench-bridge\ncleansession false\nlog_dest file {log}\n",
+            "{}log_dest file {log}\n",
+            real::bridge_conf(bridge_port, up, p, &tmp.join("bridge-db")),
             log = tmp.join("bridge.log").display(),
-            db = tmp.join("bridge-db").display(),
-            p = p.display()
         ),
         bridge_port,
     );
     let target = Target {
         name: "mosquitto-bridge",
         addr: SocketAddr::from(([127, 0, 0, 1], bridge_port)),
-        pid: bridge.id(),
+        pid: bridge.pid(),
         cloud: cloud_gw,
     };
     measure(&target, &mut report).await;
-    let _ = bridge.kill();
-    let _ = bridge.wait();
+    bridge.stop();
     report
 }

@@ -24,20 +24,29 @@
 //! After each, the devices stop, the queue drains, and the run compares. What must stay true:
 //! LOST = acknowledged readings neither delivered upstream nor accounted for by the evictions
 //! the gateway counted is 0 (and no alarm is missing), or the run fails (exit status 1).
-//! Duplicates upstream are allowed (delivery is at-least-once) and counted. Times come from the
+//! Duplicates upstream are allowed (delivery is at-least-once) and counted. Shadows and
+//! violations must come through intact too: every device violates a security profile
+//! (`CHATTY_PROFILE`) before each fault (the scenario waits for it); afterwards each device's
+//! shadow, fetched as the device does, must report a heart rate it had acknowledged, and the
+//! defender's events must alternate per device — never a second `in-alarm` while one is in
+//! force, which would mean a violation's state was lost and raised again. Times come from the
 //! clock at run time; the only fixed waits are the flap period and the devices' pacing.
 //! One summary line per scenario; all in `target/bench/torture.json`.
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod load;
 mod real;
+
+use load::{counter_of, heart_rate, Pending};
+use real::Mosquitto;
 
 const DEVICES: usize = 20;
 /// Readings a device has in flight at most.
@@ -90,58 +99,9 @@ fn main() {
     }
 }
 
-/// The heart rate that carries `counter`.
-fn heart_rate(counter: u64) -> f64 {
-    60.0 + counter as f64 / 1e6
-}
-
-/// The counter a heart rate carries.
-fn counter_of(hr: f64) -> u64 {
-    ((hr - 60.0) * 1e6).round() as u64
-}
-
 /// Whether reading `k` is sent as an alarm in `scenario`.
 fn is_alarm(scenario: &str, k: u64) -> bool {
     scenario == "outage" && k.is_multiple_of(50)
-}
-
-/// A mosquitto started from `conf` on `port`; stopped (SIGTERM, which saves its sessions) on drop.
-struct Mosquitto {
-    child: Option<Child>,
-}
-
-impl Mosquitto {
-    fn start(conf: &Path, port: u16) -> Mosquitto {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto installed");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto listens on {port}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Mosquitto { child: Some(child) }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// What the cloud subscriber saw: (device, counter) → times received.
@@ -224,32 +184,6 @@ struct DeviceLog {
     sent: u64,
     acked: HashSet<u64>,
     connections: u64,
-}
-
-/// A device's readings not yet acknowledged: to send again, asked of rumqttc (not yet on the
-/// wire, in order), on the wire by packet id.
-#[derive(Default)]
-struct Pending {
-    next: u64,
-    resend: VecDeque<u64>,
-    requested: VecDeque<u64>,
-    inflight: HashMap<u16, u64>,
-}
-
-impl Pending {
-    fn empty(&self) -> bool {
-        self.resend.is_empty() && self.requested.is_empty() && self.inflight.is_empty()
-    }
-
-    /// The connection broke: everything unacknowledged goes again, oldest first.
-    fn broken(&mut self) {
-        let mut again: Vec<u64> = self.requested.drain(..).collect();
-        again.extend(self.inflight.drain().map(|(_, k)| k));
-        again.extend(self.resend.drain(..));
-        again.sort_unstable();
-        again.dedup();
-        self.resend = again.into();
-    }
 }
 
 /// One device: publishes readings 0, 1, 2, ... at [`PACE`] with at most [`WINDOW`] in flight
@@ -527,21 +461,10 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
-        let components: PathBuf = std::env::var("WARDGATE_COMPONENTS")
-            .unwrap_or_else(|_| {
-                concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/target/components").into()
-            })
-            .into();
+        let components = real::components_dir();
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("pki");
-        real::pki(&p, &["init", "Torture upstream CA"]);
-        real::pki(
-            &p,
-            &["server", "localhost", "DNS:localhost", "IP:127.0.0.1"],
-        );
-        for who in ["bench-gateway", "bench-cloud"] {
-            real::pki(&p, &["device", who]);
-        }
+        real::upstream_pki(&p, "Torture upstream CA", &["bench-gateway", "bench-cloud"]);
         let up_port = real::free_port();
         let data = tmp.path().join("mq-data");
         std::fs::create_dir_all(&data).unwrap();
@@ -580,10 +503,156 @@ impl Rig {
         real::bench_gateway(&mut cfg, self.up_port, &self.pki);
         cfg.upstream.sync_shadows = false;
         cfg.metering.status_interval = Duration::from_millis(500);
+        // Every device sends far more than 10 messages per 2 s window: each is in violation of
+        // this profile within a window or two (each scenario waits for that before its fault,
+        // `await_violations`), and its violation must survive the faults (see
+        // `check_violations`). No action: nothing but the journal hears of it.
+        cfg.metering.window = Duration::from_secs(2);
+        cfg.defender.profiles = vec![toml::from_str(CHATTY_PROFILE).expect("profile parses")];
         let hash = wardgate::registry::hash_password_demo("pw");
         cfg.devices = real::pacemakers(DEVICES, &hash);
         cfg
     }
+}
+
+/// The security profile every torture device violates (see `Rig::gateway`).
+const CHATTY_PROFILE: &str = r#"
+name = "TortureChatty"
+targets = ["*"]
+[[behaviors]]
+name = "chatty"
+metric = "aws:num-messages-sent"
+criteria = { comparisonOperator = "less-than", value = { count = 10 }, durationSeconds = 2 }
+"#;
+
+/// The devices' shadows after a scenario, fetched as a device does (`$aws/things/<id>/shadow/
+/// get` on the gateway): each must answer `accepted` with a version and a reported heart rate
+/// carrying a counter the device sent and had acknowledged (the shadow store came through the
+/// faults readable and consistent with what the devices were told).
+async fn check_shadows(addr: SocketAddr, logs: &[Arc<Mutex<DeviceLog>>]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        let id = format!("pm-{i:03}");
+        let mut o = MqttOptions::new(id.clone(), addr.ip().to_string(), addr.port());
+        o.set_credentials(id.clone(), "pw");
+        let (client, mut el) = AsyncClient::new(o, 10);
+        let answer = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client
+                            .subscribe(format!("$aws/things/{id}/shadow/get/+"), QoS::AtLeastOnce)
+                            .await
+                            .ok()?;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        client
+                            .publish(
+                                format!("$aws/things/{id}/shadow/get"),
+                                QoS::AtLeastOnce,
+                                false,
+                                "",
+                            )
+                            .await
+                            .ok()?;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        return Some((p.topic, p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        let _ = client.disconnect().await;
+        let Some((topic, body)) = answer else {
+            problems.push(format!("{id}: no answer to its shadow get within 20 s"));
+            continue;
+        };
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if !topic.ends_with("/accepted") {
+            problems.push(format!("{id}: shadow get {topic}: {doc}"));
+            continue;
+        }
+        let hr = doc["state"]["reported"]["heart_rate"].as_f64();
+        let acked = hr.is_some_and(|hr| log.lock().unwrap().acked.contains(&counter_of(hr)));
+        if doc["version"].as_u64().unwrap_or(0) == 0 || !acked {
+            problems.push(format!(
+                "{id}: shadow version {} reports heart_rate {hr:?}, not a reading it had acknowledged",
+                doc["version"]
+            ));
+        }
+    }
+    problems
+}
+
+/// Wait until the defender has every device in violation (`<state_dir>/defender.json`), so the
+/// faults that follow hit violations in force; a problem when it does not happen in 30 s.
+async fn await_violations(state: &Path, devices: usize, problems: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active = std::fs::read(state.join("defender.json"))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["status"]["active"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if active >= devices {
+            return;
+        }
+        if Instant::now() > deadline {
+            problems.push(format!(
+                "only {active} of {devices} devices in violation 30 s into the load"
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The defender's violations after a scenario (`<state_dir>/defender.json`): every device broke
+/// the chatty behavior, and for each device its events alternate — `in-alarm`, then a clear or
+/// an invalidation of that same violation, then a new `in-alarm` — never two `in-alarm`s in a
+/// row, which would mean a violation's state was lost in a fault and raised again.
+fn check_violations(state: &Path, devices: usize) -> Vec<String> {
+    let text = match std::fs::read(state.join("defender.json")) {
+        Ok(t) => t,
+        Err(e) => return vec![format!("no defender.json: {e}")],
+    };
+    let file: serde_json::Value = match serde_json::from_slice(&text) {
+        Ok(v) => v,
+        Err(e) => return vec![format!("defender.json unreadable: {e}")],
+    };
+    let mut problems = Vec::new();
+    let mut open: HashMap<String, Option<String>> = HashMap::new();
+    for e in file["history"].as_array().into_iter().flatten() {
+        let thing = e["thingName"].as_str().unwrap_or("").to_owned();
+        let id = e["violationId"].as_str().unwrap_or("").to_owned();
+        let current = open.entry(thing.clone()).or_default();
+        match (e["violationEventType"].as_str(), current.clone()) {
+            (Some("in-alarm"), None) => *current = Some(id),
+            (Some("in-alarm"), Some(was)) => {
+                problems.push(format!("{thing}: in-alarm {id} while {was} was in alarm"));
+                *current = Some(id);
+            }
+            (Some(_), Some(was)) if was == id => *current = None,
+            (kind, was) => {
+                problems.push(format!(
+                    "{thing}: {kind:?} of {id} while {was:?} was in alarm"
+                ));
+                *current = None;
+            }
+        }
+    }
+    if open.len() < devices {
+        problems.push(format!(
+            "violations of {} devices recorded, {devices} expected",
+            open.len()
+        ));
+    }
+    problems
 }
 
 /// A tmpfs mounted on a directory; unmounted (lazily if busy) when dropped.
@@ -663,6 +732,9 @@ async fn scenario(name: &'static str, quick: bool) -> Outcome {
                 if !fleet.wait_acks(20, Duration::from_secs(30)).await {
                     stalled += 1;
                 }
+                if c == 0 {
+                    await_violations(&state, DEVICES, &mut problems).await;
+                }
                 rng_state ^= rng_state << 13;
                 rng_state ^= rng_state >> 7;
                 rng_state ^= rng_state << 17;
@@ -685,6 +757,7 @@ async fn scenario(name: &'static str, quick: bool) -> Outcome {
             let gw = real::start(&cfg, rig.tmp.path(), "gw", ready);
             let fleet = Fleet::start(addr, name);
             fleet.wait_acks(100, Duration::from_secs(30)).await;
+            await_violations(&state, DEVICES, &mut problems).await;
             let until = Instant::now() + Duration::from_secs(period);
             let mut flaps = 0;
             while Instant::now() < until {
@@ -704,6 +777,7 @@ async fn scenario(name: &'static str, quick: bool) -> Outcome {
             mq.stop();
             let gw = real::start(&cfg, rig.tmp.path(), "gw", ready);
             let fleet = Fleet::start(addr, name);
+            await_violations(&state, DEVICES, &mut problems).await;
             let limit = Duration::from_secs(if quick { 40 } else { 120 });
             let deadline = Instant::now() + limit;
             // Until the queue has evicted a good share of what was sent.
@@ -730,6 +804,7 @@ async fn scenario(name: &'static str, quick: bool) -> Outcome {
             let mut gw = real::start(&cfg, rig.tmp.path(), "gw", ready);
             let fleet = Fleet::start(addr, name);
             fleet.wait_acks(200, Duration::from_secs(30)).await;
+            await_violations(&cfg.gateway.state_dir, DEVICES, &mut problems).await;
             // Fill what is left of the file system.
             let filler = mount.join("filler");
             let full = fill(&filler);
@@ -807,6 +882,9 @@ async fn scenario(name: &'static str, quick: bool) -> Outcome {
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Shadows and violations intact: asked of the running gateway, then read from its state.
+    problems.extend(check_shadows(addr, &logs).await);
+    problems.extend(check_violations(&cfg.gateway.state_dir, DEVICES));
     let st = status(&cfg.gateway.state_dir).unwrap_or_default();
     let q = &st["queue"];
     let dropped =

@@ -16,6 +16,11 @@
 //!   rounds of parallel wrong-password CONNECTs and 500 devices logging in and reconnecting at
 //!   once), an outage, memory, edge rules (evaluation rate with 50 rules, and what they add
 //!   to a reading's PUBACK), and the ward history (write cost, 24 h lookups).
+//! - `bench --compare`: only the side-by-side comparison (`daemon/benches/compare.rs`, release
+//!   build, plugins built first): the same device load (flat out, steady 1 000 readings/s from
+//!   500 devices, a reconnect storm) through wardgate, a mosquitto bridge and a bare mosquitto,
+//!   the load generator in its own process; ~11 min. Writes `target/bench/compare.json` and
+//!   prints a Markdown table with wardgate's targets (PASS / MISS).
 //! - `deb`: the Debian package `target/debian/wardgate_<version>_<arch>.deb`: builds the plugins
 //!   and the release binary, then stages them with the man pages generated from `--help` and
 //!   runs cargo-deb on `[package.metadata.deb]` (daemon/Cargo.toml); see `deb.rs`. Installs
@@ -83,7 +88,7 @@ fn main() -> Result<()> {
         "test" => test(),
         "lint-times" => lint_times(),
         "plugins" => plugins().map(|_| ()),
-        "bench" => bench(),
+        "bench" => bench(&rest),
         "deb" => deb_package(),
         "deps" => install_packages(TEST_PACKAGES)
             .and_then(|()| cargo_deb())
@@ -98,7 +103,7 @@ fn main() -> Result<()> {
                  test         check test times, install test dependencies, then fmt, clippy and all tests\n  \
                  lint-times   fail on hard-coded epoch times in test code\n  \
                  plugins      build the WebAssembly plugins into components\n  \
-                 bench        build the plugins and run the benchmarks (release build)\n  \
+                 bench [--compare]\n               build the plugins and run the benchmarks (release build);\n               --compare: only wardgate vs. a mosquitto bridge vs. a bare mosquitto, same load\n  \
                  deb          build the Debian package target/debian/wardgate_<version>_<arch>.deb\n  \
                  deps         install what the tests need (Debian packages, cargo-deb, the AWS IoT SDKs for Python)\n  \
                  torture [SCENARIO] [--quick]\n               kill -9, upstream flap, outage and disk-full runs of the release binary; fail on a lost reading\n  \
@@ -370,13 +375,25 @@ fn python_sdks() -> Result<()> {
     Ok(())
 }
 
-fn bench() -> Result<()> {
+/// The benchmarks; with `--compare` only `compare` (wardgate next to a mosquitto bridge and a
+/// bare mosquitto, `daemon/benches/compare.rs`), which the plain run leaves out.
+fn bench(args: &[String]) -> Result<()> {
+    let compare = match args {
+        [] => false,
+        [flag] if flag == "--compare" => true,
+        _ => bail!("usage: cargo xtask bench [--compare]"),
+    };
     let components = plugins()?;
     install_packages(&["mosquitto", "openssl"])?;
-    for bench in [
-        "plugin", "gateway", "spine", "logins", "outage", "memory", "rules", "defender",
-        "history",
-    ] {
+    let benches: &[&str] = if compare {
+        &["compare"]
+    } else {
+        &[
+            "plugin", "gateway", "spine", "logins", "outage", "memory", "rules", "defender",
+            "history",
+        ]
+    };
+    for bench in benches {
         run(cargo()
             .args(["bench", "-p", "wardgate", "--bench", bench])
             .env("WARDGATE_COMPONENTS", &components))?;

@@ -1,15 +1,20 @@
 //! Shared by the benchmarks that run the real `wardgate` binary as its own process (so its RSS
 //! and CPU are the gateway's alone): start it on a configuration and wait for READY=1, read its
-//! memory, stop it; and the helpers around that (test certificates from `ward-pki`, free ports).
-//! Each bench uses part of it.
+//! memory and CPU time, stop it; and the helpers around that (test certificates from
+//! `ward-pki`, free ports, mosquitto as the upstream or as a bridge, the cloud's TLS options,
+//! the report file). Each bench uses part of it.
+//!
+//! What must stay true: everything listens on 127.0.0.1 only; a started process (gateway or
+//! mosquitto) is waited for by an event (READY=1, its port accepting), never a fixed sleep.
 #![allow(dead_code)]
 
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// (VmRSS, VmHWM) of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> (u64, u64) {
@@ -87,6 +92,9 @@ pub fn start(cfg: &wardgate::config::Config, dir: &Path, name: &str, ready: Dura
         .arg("-c")
         .arg(&conf)
         .env("NOTIFY_SOCKET", &sock_path)
+        // `cargo xtask bench` sets it for the benches; the gateway would take it for a
+        // `WARDGATE_*` configuration key (`components`) and refuse to start.
+        .env_remove("WARDGATE_COMPONENTS")
         .env("WARDGATE_LOG__FORMAT", "text")
         .env("WARDGATE_LOG__LEVEL", "warn")
         .envs(gateway_env())
@@ -96,10 +104,36 @@ pub fn start(cfg: &wardgate::config::Config, dir: &Path, name: &str, ready: Dura
         .spawn()
         .expect("start the gateway");
     let stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().count());
+    // Counts the lines, keeping the first few: what a gateway that never got ready said.
+    let first = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let kept = first.clone();
+    let log = std::thread::spawn(move || {
+        let mut n = 0;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if n < 20 {
+                kept.lock().unwrap().push(line);
+            }
+            n += 1;
+        }
+        n
+    });
     let mut buf = vec![0u8; 4096];
     let addr = loop {
-        let n = sock.recv(&mut buf).expect("READY=1 in time");
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait().unwrap();
+                let _ = log.join();
+                panic!(
+                    "no READY=1 from the gateway within {ready:?} ({e}); it exited with {status}, saying:\n{}",
+                    first.lock().unwrap().join("\n")
+                );
+            }
+        };
         let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
         if msg.lines().any(|l| l == "READY=1") {
             break msg
@@ -119,15 +153,20 @@ pub fn start(cfg: &wardgate::config::Config, dir: &Path, name: &str, ready: Dura
 
 impl Running {
     /// SIGTERM, wait for the exit, which must be clean; the number of log lines it wrote.
-    pub fn stop(mut self) -> usize {
+    pub fn stop(self) -> usize {
+        let (status, lines) = self.terminate();
+        assert!(status.success(), "gateway exited with {status}");
+        lines
+    }
+
+    /// SIGTERM and wait for the exit, whatever it is: its status and the log lines it wrote.
+    pub fn terminate(mut self) -> (ExitStatus, usize) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
         let status = self.child.wait().unwrap();
-        let lines = self.log.join().unwrap_or(0);
-        assert!(status.success(), "gateway exited with {status}");
-        lines
+        (status, self.log.join().unwrap_or(0))
     }
 }
 
@@ -157,6 +196,153 @@ pub fn pacemakers(n: usize, hash: &str) -> Vec<wardgate::config::DeviceConfig> {
             )
         })
         .collect()
+}
+
+/// Where the built plugin components are: `WARDGATE_COMPONENTS` (set by `cargo xtask bench`),
+/// else `plugins/target/components`.
+pub fn components_dir() -> PathBuf {
+    std::env::var("WARDGATE_COMPONENTS")
+        .unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/target/components").into()
+        })
+        .into()
+}
+
+/// The gateway configuration of the spine benches: state in `state`, a plain listener on a
+/// free loopback port, the plugins in `components`, `devices` password devices (`pm-000`..,
+/// password `pw`, a cheap hash: these benches measure the spine, not argon2) and room for
+/// twice that many connections, the uplink to the upstream on `up` (see [`bench_gateway`]).
+pub fn spine_gateway(
+    state: &Path,
+    components: PathBuf,
+    up: u16,
+    pki: &Path,
+    devices: usize,
+) -> wardgate::config::Config {
+    let mut cfg = wardgate::config::Config::default();
+    cfg.gateway.state_dir = state.to_path_buf();
+    cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
+    cfg.listeners.max_connections_per_address = 2 * devices;
+    cfg.listeners.connect_timeout = Duration::from_secs(60);
+    cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.http.address = "127.0.0.1:0".parse().unwrap();
+    cfg.broker.max_connections = 2 * devices;
+    cfg.plugins.dir = components;
+    bench_gateway(&mut cfg, up, pki);
+    cfg.devices = pacemakers(devices, &wardgate::registry::hash_password_demo("pw"));
+    cfg
+}
+
+/// Certificates for a local upstream in `dir` with `ward-pki`: a CA named `ca_name`, the
+/// server certificate for `localhost` / 127.0.0.1, and a client certificate per `clients`.
+pub fn upstream_pki(dir: &Path, ca_name: &str, clients: &[&str]) {
+    pki(dir, &["init", ca_name]);
+    pki(
+        dir,
+        &["server", "localhost", "DNS:localhost", "IP:127.0.0.1"],
+    );
+    for who in clients {
+        pki(dir, &["device", who]);
+    }
+}
+
+/// A mosquitto configuration standing in for AWS IoT Core on 127.0.0.1:`port`: mutual TLS
+/// with the certificates of [`upstream_pki`] in `pki` (the client certificate's name is the
+/// user name), 100 messages in flight and up to a million queued per client. No persistence,
+/// no log; append lines for more.
+pub fn upstream_conf(port: u16, pki: &Path) -> String {
+    format!(
+        "user root\nper_listener_settings true\nlistener {port} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/server.crt\nkeyfile {p}/server.key\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\nmax_inflight_messages 100\nmax_queued_messages 1000000\n",
+        p = pki.display()
+    )
+}
+
+/// A mosquitto configuration relaying like the gateway: anonymous devices on 127.0.0.1:`port`,
+/// persistence in `db` every second, and a bridge forwarding `ward/#` at QoS 1 to the upstream
+/// on 127.0.0.1:`up` as `bench-bridge` (certificate from `pki`), with a persistent session.
+pub fn bridge_conf(port: u16, up: u16, pki: &Path, db: &Path) -> String {
+    format!(
+        "user root\nper_listener_settings false\nallow_anonymous true\nlistener {port} 127.0.0.1\npersistence true\npersistence_location {db}/\nautosave_interval 1\nmax_queued_messages 1000000\n\
+         connection upstream\naddress 127.0.0.1:{up}\ntopic ward/# out 1\nbridge_cafile {p}/ca.crt\nbridge_certfile {p}/devices/bench-bridge.crt\nbridge_keyfile {p}/devices/bench-bridge.key\nremote_clientid bench-bridge\ncleansession false\n",
+        db = db.display(),
+        p = pki.display()
+    )
+}
+
+/// A mosquitto started from `conf` on `port`; stopped (SIGTERM, which saves its sessions) on drop.
+pub struct Mosquitto {
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Start it and wait (20 s at most) until `port` accepts connections.
+    pub fn start(conf: &Path, port: u16) -> Mosquitto {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto installed");
+        wait_port(port, Duration::from_secs(20));
+        Mosquitto { child: Some(child) }
+    }
+
+    /// Write `conf` to `path`, then [`Mosquitto::start`].
+    pub fn with_conf(path: &Path, conf: &str, port: u16) -> Mosquitto {
+        std::fs::write(path, conf).unwrap();
+        Mosquitto::start(path, port)
+    }
+
+    /// Its process id (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Wait until 127.0.0.1:`port` accepts a connection; panics after `limit`.
+pub fn wait_port(port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reset the peak RSS (VmHWM) of `pid` to its current RSS (Linux ≥ 4.0: write 5 to clear_refs).
+pub fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// CPU time `pid` has used, user + system, all its threads, in seconds (`/proc/<pid>/stat`
+/// fields 14 and 15, in USER_HZ = 100 ticks per second on Linux); 0 once it is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: count from the `)` that ends it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let field = |n: usize| -> u64 {
+        rest.split_whitespace()
+            .nth(n - 3)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field(14) + field(15)) as f64 / 100.0
 }
 
 /// Write a bench's results to `target/bench/<name>.json`.
