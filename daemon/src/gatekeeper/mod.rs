@@ -232,6 +232,27 @@ impl Drop for AddressSlot {
     }
 }
 
+/// The listen backlog for a listener of `max_connections`: a whole ward reconnecting at once
+/// after a power cut must fit in it. With the usual 128, 500 devices connecting in the same
+/// instant overflowed it (the kernel's `ListenOverflows` rose by hundreds) and the median
+/// device waited for its TCP SYN retry, about a second. The kernel caps it at
+/// `net.core.somaxconn` (4096 on Debian 12).
+fn backlog(max_connections: usize) -> u32 {
+    max_connections.clamp(128, 65_535) as u32
+}
+
+/// A listening socket on `addr` with `backlog` (address reuse on, as tokio's `bind` does).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 impl Gatekeeper {
     /// Bind `addr`. `name` labels the listener in logs (`LISTENER=plain`, `LISTENER=tls`).
     pub async fn bind(
@@ -241,7 +262,7 @@ impl Gatekeeper {
         accept_limits: ListenerLimits,
         shared: Shared,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr, backlog(accept_limits.max_connections))?;
         Ok(Self {
             listener,
             ctx: Arc::new(Context {
@@ -324,5 +345,33 @@ impl Gatekeeper {
         tracker.close();
         tracker.wait().await;
         log::info!(listener = name; "listener closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_listen_backlog_holds_a_ward_reconnecting_at_once() {
+        assert_eq!(backlog(1024), 1024);
+        assert_eq!(backlog(10), 128);
+        let l = listen(SocketAddr::from(([127, 0, 0, 1], 0)), backlog(1024)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        // The kernel's view: `ss` shows a listening socket's backlog as its Send-Q.
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) installed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tx: u32 = text
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("ss output: {text}"));
+        let cap: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .map(|v| v.trim().parse().unwrap_or(128))
+            .unwrap_or(128);
+        assert_eq!(tx, 1024.min(cap));
     }
 }
