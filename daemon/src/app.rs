@@ -933,9 +933,13 @@ pub async fn run_daemon(opts: LoadOptions, config: Config) -> anyhow::Result<()>
         None => log::info!(listeners:% = listening; "wardgate ready"),
     }
 
-    // Start-up's code leaves the resident set now, cheaply (see `footprint`).
-    let dropped = crate::footprint::drop_code_pages();
-    log::debug!(code_bytes = dropped; "memory: start-up code pages dropped from the resident set");
+    // Start-up's code and read-only data leave the resident set now, cheaply, and the heap's
+    // free pages go back (see `footprint`).
+    let r = crate::footprint::release_at_ready();
+    log::debug!(
+        code_bytes = r.code_bytes, data_bytes = r.data_bytes, heap_trimmed = r.heap_trimmed;
+        "memory: start-up code and data pages dropped from the resident set"
+    );
     let watchdog = watchdog_every.map(|every| start_watchdog(every, gw.supervisor().clone()));
     // What reloads compare with: the configuration in force, recorded for `check-config`.
     let mut running = config.clone();

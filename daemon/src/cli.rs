@@ -419,6 +419,8 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
 }
 
 fn run(file: Option<PathBuf>) -> ExitCode {
+    // Before any thread starts (see `footprint::malloc_arenas`).
+    crate::footprint::limit_malloc_arenas();
     let (opts, loaded) = match load_or_report(file) {
         Ok(x) => x,
         Err(code) => return code,

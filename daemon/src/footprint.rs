@@ -25,11 +25,16 @@
 //! `MADV_PAGEOUT` release at READY, tried first, cost the paced spine run's p99 17–59 ms
 //! instead of 15 ms: those pages came back from the disk.)
 //!
+//! Also here, for the same budget: the limit on glibc's malloc arenas, set first thing in
+//! `wardgate run` ([`limit_malloc_arenas`]), and the heap trim ([`trim_heap`]) that the READY
+//! release, the quiet release and the login pool's idle release share.
+//!
 //! What must stay true: this is advice to the kernel and never fails the gateway (an older
 //! kernel without `MADV_PAGEOUT` says EINVAL, which is logged at debug and ignored); only
 //! clean, file-backed, read-only or executable mappings of the gateway's own executable are
 //! touched — never anonymous memory, never a writable mapping, never another file; and
-//! `MADV_DONTNEED`, which discards, only ever on executable ones.
+//! `MADV_DONTNEED`, which discards, only ever on executable ones and on read-only ones that
+//! hold no page of their own (no anonymous or swapped page: not RELRO).
 
 use std::ops::Range;
 
@@ -85,6 +90,158 @@ fn advise_own_mappings(code_only: bool, advice: nix::libc::c_int, name: &str) ->
     bytes
 }
 
+/// What [`release_at_ready`] gave back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AtReady {
+    /// Bytes of the executable's code mappings advised out.
+    pub code_bytes: u64,
+    /// Bytes of its read-only data mappings advised out (only those holding no page of their
+    /// own, see [`unwritten_data_ranges`]).
+    pub data_bytes: u64,
+    /// Whether `malloc_trim` released heap memory.
+    pub heap_trimmed: bool,
+}
+
+/// What goes at READY, before any device is served: the executable's code pages
+/// ([`drop_code_pages`]); its read-only data pages the same way, for the mappings that hold
+/// nothing but the file's pages (start-up reads the configuration stack's and the plugin
+/// compiler's tables, ~2 MiB resident in 64 KiB fault-around blocks, of which a running
+/// gateway reads a few hundred KiB); and the heap's free pages (`malloc_trim`: what start-up
+/// allocated and freed — TOML, certificates, sled's recovery, the plugin compiler's working
+/// memory — would otherwise stay resident in the allocator's arenas and count in every later
+/// peak). All three are cheap (milliseconds) and safe before the first device.
+pub fn release_at_ready() -> AtReady {
+    let code_bytes = drop_code_pages();
+    let data_bytes = match (
+        std::fs::read_link("/proc/self/exe"),
+        std::fs::read_to_string("/proc/self/smaps"),
+    ) {
+        (Ok(exe), Ok(smaps)) => {
+            let mut bytes = 0;
+            for r in unwritten_data_ranges(&smaps, &exe.to_string_lossy()) {
+                let len = (r.end - r.start) as u64;
+                match advise(r, nix::libc::MADV_DONTNEED) {
+                    Ok(()) => bytes += len,
+                    Err(e) => {
+                        log::debug!(error:% = e; "memory: madvise(MADV_DONTNEED) refused; the executable's data pages stay resident");
+                        break;
+                    }
+                }
+            }
+            bytes
+        }
+        _ => 0,
+    };
+    AtReady {
+        code_bytes,
+        data_bytes,
+        heap_trimmed: trim_heap(),
+    }
+}
+
+/// The executable's read-only, non-executable private mappings in `smaps` (the text of
+/// `/proc/self/smaps`) for the file `exe` that hold no anonymous or swapped page: every page
+/// they have is the file's own, so `MADV_DONTNEED` loses nothing and the next read maps the
+/// file's same bytes again. A mapping the dynamic loader relocated before making it read-only
+/// (RELRO) holds anonymous pages and is never chosen; nothing writes a read-only mapping
+/// afterwards (a write faults), so the check cannot go stale.
+pub fn unwritten_data_ranges(smaps: &str, exe: &str) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    // (range, still a candidate) of the mapping whose fields are being read.
+    let mut current: Option<(Range<usize>, bool)> = None;
+    fn finish(c: Option<(Range<usize>, bool)>, out: &mut Vec<Range<usize>>) {
+        if let Some((r, true)) = c {
+            out.push(r);
+        }
+    }
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else {
+            continue;
+        };
+        if let Some(name) = first.strip_suffix(':') {
+            // A field of the current mapping: `Anonymous:  0 kB`.
+            if let Some((_, keep)) = &mut current {
+                if (name == "Anonymous" || name == "Swap") && fields.next() != Some("0") {
+                    *keep = false;
+                }
+            }
+            continue;
+        }
+        // A mapping's header: start-end perms offset dev inode path.
+        finish(current.take(), &mut out);
+        let Some(perms) = fields.next() else {
+            continue;
+        };
+        let path = fields.nth(3).unwrap_or("");
+        let p = perms.as_bytes();
+        if path != exe
+            || p.len() < 4
+            || p[0] != b'r'
+            || p[1] == b'w'
+            || p[2] == b'x'
+            || p[3] != b'p'
+        {
+            continue;
+        }
+        let Some((a, b)) = first.split_once('-') else {
+            continue;
+        };
+        if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+            if a < b {
+                current = Some((a..b, true));
+            }
+        }
+    }
+    finish(current.take(), &mut out);
+    out
+}
+
+/// Give the heap's free pages back to the kernel (`malloc_trim(0)`: every arena, and free
+/// pages inside them, not only their tops); whether anything was released. Takes a few
+/// milliseconds, holding each arena's lock in turn: for moments without load.
+pub fn trim_heap() -> bool {
+    // SAFETY: malloc_trim only walks glibc's own arenas; any thread may call it.
+    #[allow(unsafe_code)]
+    let released = unsafe { nix::libc::malloc_trim(0) } == 1;
+    released
+}
+
+/// glibc malloc arenas the gateway uses (`M_ARENA_MAX`): one per core, for the threads that
+/// handle readings (tokio's workers), and one for the main thread, unless the environment sets
+/// a number (`MALLOC_ARENA_MAX`, or `arena_max` in `GLIBC_TUNABLES`).
+///
+/// Why: glibc gives threads that meet on a locked arena arenas of their own, up to eight per
+/// core, and each arena keeps the memory its threads freed for their next allocations. The
+/// gateway's threads — tokio's workers and blocking threads, sled's IO threads and flushers,
+/// the broker, the argon2 pool, the plugin compiler's — spread its heap over seven arenas in
+/// the paced `spine` run (2 cores), and the free memory held in them was a quarter of its
+/// peak RSS: 44.4 MiB with glibc's default, 39.3 MiB with two arenas, 38.3 MiB with one, p99
+/// the same within the machine's noise (16–22 ms). With the other reductions of the same round
+/// in place, three arenas (this default on 2 cores) 33.2–36.7 MiB, two 32.6–34.5 MiB: the
+/// arena a core's worker does not share with the other's is worth about 1 MiB; with fewer, the
+/// workers would likely share one and wait for each other's allocations (the flat-out rate
+/// was not measured with two).
+pub fn malloc_arenas() -> i32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(1024));
+    cores as i32 + 1
+}
+
+/// Set [`malloc_arenas`] (see there); call first thing, before any thread starts. Whether it
+/// was set (not when the environment chose, or glibc refused).
+pub fn limit_malloc_arenas() -> bool {
+    let chosen = std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
+    if chosen {
+        return false;
+    }
+    // SAFETY: mallopt changes a parameter of glibc's allocator; M_ARENA_MAX only bounds how
+    // many arenas later allocations may create.
+    #[allow(unsafe_code)]
+    let set = unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, malloc_arenas()) } == 1;
+    set
+}
+
 /// What [`release_startup_memory`] gave back.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
@@ -134,9 +291,7 @@ fn mappings(maps: &str, exe: &str, code_only: bool) -> Vec<Range<usize>> {
 /// ready; cheap (a few milliseconds) and safe to call again.
 pub fn release_startup_memory() -> Released {
     Released {
-        // SAFETY: malloc_trim only walks glibc's own arenas; any thread may call it.
-        #[allow(unsafe_code)]
-        heap_trimmed: unsafe { nix::libc::malloc_trim(0) } == 1,
+        heap_trimmed: trim_heap(),
         code_bytes: advise_own_mappings(false, nix::libc::MADV_PAGEOUT, "MADV_PAGEOUT"),
     }
 }
@@ -146,9 +301,10 @@ pub fn release_startup_memory() -> Released {
 fn advise(range: Range<usize>, advice: nix::libc::c_int) -> std::io::Result<()> {
     // SAFETY: MADV_PAGEOUT is advice: it changes no content and no mapping; the range is a
     // whole mapping of this process that is not writable, so no data can be lost.
-    // MADV_DONTNEED is only given code mappings (private, executable, never writable): their
-    // pages are never written, so dropping them loses nothing and the next access maps the
-    // file's same bytes again.
+    // MADV_DONTNEED is only given code mappings (private, executable, never writable) and
+    // read-only data mappings that hold no anonymous or swapped page (`unwritten_data_ranges`):
+    // their pages are the file's, never written, so dropping them loses nothing and the next
+    // access maps the file's same bytes again.
     #[allow(unsafe_code)]
     let rc = unsafe {
         nix::libc::madvise(
@@ -191,6 +347,78 @@ mod tests {
             ]
         );
         assert!(executable_ranges(MAPS, "/usr/bin/other").is_empty());
+    }
+
+    /// smaps of an executable whose RELRO mapping holds relocated (anonymous) pages.
+    const SMAPS: &str = "\
+55d0c0000000-55d0c0400000 r--p 00000000 fe:01 123 /usr/bin/wardgate
+Size:               4096 kB
+Rss:                2048 kB
+Anonymous:             0 kB
+Swap:                  0 kB
+55d0c0400000-55d0c1600000 r-xp 00400000 fe:01 123 /usr/bin/wardgate
+Size:              18432 kB
+Anonymous:             0 kB
+Swap:                  0 kB
+55d0c1600000-55d0c1700000 r--p 01600000 fe:01 123 /usr/bin/wardgate
+Size:               1024 kB
+Anonymous:           672 kB
+Swap:                  0 kB
+55d0c1700000-55d0c1800000 r--p 01700000 fe:01 123 /usr/bin/wardgate
+Size:               1024 kB
+Anonymous:             0 kB
+Swap:                  8 kB
+55d0c1800000-55d0c1900000 r--p 01800000 fe:01 123 /usr/bin/wardgate
+Size:               1024 kB
+Anonymous:             0 kB
+Swap:                  0 kB
+55d0c1a00000-55d0c1b00000 rw-p 01a00000 fe:01 123 /usr/bin/wardgate
+Anonymous:             0 kB
+7f0000000000-7f0000200000 r--p 00000000 fe:01 456 /usr/lib/x86_64-linux-gnu/libc.so.6
+Anonymous:             0 kB
+7f0000200000-7f0000300000 r--s 00000000 fe:01 123 /usr/bin/wardgate
+Anonymous:             0 kB
+";
+
+    #[test]
+    fn only_unwritten_read_only_data_of_the_executable_is_dropped_at_ready() {
+        assert_eq!(
+            unwritten_data_ranges(SMAPS, "/usr/bin/wardgate"),
+            vec![
+                0x55d0c0000000..0x55d0c0400000,
+                // The last mapping: its fields end the text.
+                0x55d0c1800000..0x55d0c1900000,
+            ],
+            "not code, not RELRO (anonymous pages), not swapped, not writable, not shared"
+        );
+        assert!(unwritten_data_ranges(SMAPS, "/usr/bin/other").is_empty());
+    }
+
+    /// The test binary's own read-only data, dropped, reads back the same.
+    #[test]
+    fn dropped_data_pages_read_back_the_same() {
+        static TABLE: [u64; 4096] = {
+            let mut t = [0u64; 4096];
+            let mut i = 0;
+            while i < t.len() {
+                t[i] = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                i += 1;
+            }
+            t
+        };
+        let sum = || {
+            std::hint::black_box(&TABLE)
+                .iter()
+                .fold(0u64, |a, &v| a ^ v.rotate_left(7))
+        };
+        let before = sum();
+        let r = release_at_ready();
+        assert!(r.code_bytes > 0);
+        assert!(
+            r.data_bytes > 0,
+            "the test binary has read-only data of the file's own"
+        );
+        assert_eq!(sum(), before);
     }
 
     #[test]

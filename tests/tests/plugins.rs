@@ -567,6 +567,8 @@ fn compiled_components_are_cached_in_the_state_directory() {
     };
     let first = PluginHost::new(&cfg, Some(state.path())).unwrap();
     first.scan();
+    // Compiled by an engine of its own (dropped after), loaded by the host's.
+    assert!(pacemaker_normalises(&first));
     let digest = first.get("pacemaker").unwrap().digest().to_owned();
     let cached: Vec<_> = walk(&state.path().join("plugin-cache"));
     assert_eq!(cached.len(), 1, "{cached:?}");

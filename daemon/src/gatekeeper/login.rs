@@ -14,7 +14,8 @@
 //!    counted, and reported in the journal once per [`REFUSAL_REPORT_EVERY`].
 //! 2. **A small argon2 pool** ([`Argon2Pool`]): `login.argon2_threads` threads (default: one
 //!    per core), each with one argon2 memory area it reuses for every check. Memory for
-//!    password checks is therefore `threads × m_cost`, whatever arrives.
+//!    password checks is therefore `threads × m_cost`, whatever arrives, and none once no
+//!    check has come for [`RELEASE_IDLE_ARGON2_AFTER`] (the areas are given back).
 //! 3. **A cache of recently verified credentials** ([`CredentialCache`]): after a successful
 //!    check, the device's entry keeps an HMAC-SHA-256 tag of (device id, stored hash,
 //!    password) under a key drawn at random when the gateway starts and never written
@@ -36,6 +37,7 @@ use hmac::{Hmac, Mac};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,14 @@ const MAX_TRACKED_ADDRESSES: usize = 8192;
 /// (19 MiB) and for stronger ones up to 64 MiB; a larger area, needed by an unusually costly
 /// hash, is given back after its check.
 const RETAINED_ARGON2_BYTES: usize = 64 << 20;
+/// A pool thread gives its argon2 area back once no check has come for this long. With the
+/// default parameters the areas are 19 MiB a thread, more than the rest of a 500-device
+/// gateway's heap: kept for good, one login storm would leave them resident for the life of
+/// the gateway, although most reconnects are answered by the credential cache. A check after
+/// the release allocates the area again (a few milliseconds of page faults, next to tens of
+/// milliseconds of argon2). Long enough that a ward's devices coming up, or a power cut's
+/// reconnects, reuse the areas throughout.
+const RELEASE_IDLE_ARGON2_AFTER: Duration = Duration::from_secs(60);
 
 type HmacSha256 = Hmac<sha2::Sha256>;
 
@@ -328,6 +338,18 @@ impl Scratch {
             self.blocks = Vec::new();
         }
     }
+
+    /// Whether an area is held.
+    fn holds_memory(&self) -> bool {
+        self.blocks.capacity() > 0
+    }
+
+    /// Give the area back, and the heap's free pages with it: an area that glibc placed in an
+    /// arena rather than a mapping of its own would otherwise stay resident as free memory.
+    fn release(&mut self) {
+        self.blocks = Vec::new();
+        crate::footprint::trim_heap();
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut Scratch) + Send>;
@@ -342,6 +364,16 @@ pub struct Argon2Pool {
 impl Argon2Pool {
     /// Start `threads` threads (0: one per core) with room for `queue` waiting checks.
     pub fn start(threads: usize, queue: usize) -> std::io::Result<Self> {
+        Self::start_releasing_after(threads, queue, RELEASE_IDLE_ARGON2_AFTER)
+    }
+
+    /// [`Argon2Pool::start`], each thread giving its area back after `idle_after` without a
+    /// check.
+    fn start_releasing_after(
+        threads: usize,
+        queue: usize,
+        idle_after: Duration,
+    ) -> std::io::Result<Self> {
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -355,16 +387,35 @@ impl Argon2Pool {
                 .name(format!("wardgate-argon2-{i}"))
                 .spawn(move || {
                     let mut scratch = Scratch::default();
+                    let mut idle_since = Instant::now();
                     loop {
+                        // Holding an area, wait only until it is due back.
+                        let due = scratch
+                            .holds_memory()
+                            .then(|| idle_after.saturating_sub(idle_since.elapsed()));
                         // The lock is held only while waiting for the next job.
-                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        let Ok(job) = job else { return };
+                        let next = {
+                            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+                            match due {
+                                Some(wait) => rx.recv_timeout(wait),
+                                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                            }
+                        };
+                        let job = match next {
+                            Ok(job) => job,
+                            Err(RecvTimeoutError::Timeout) => {
+                                scratch.release();
+                                continue;
+                            }
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        };
                         // A panicking check must not take the thread (and its memory) with
                         // it: the waiting connection sees its answer dropped and refuses.
                         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             job(&mut scratch)
                         }));
                         scratch.trim();
+                        idle_since = Instant::now();
                     }
                 })?;
         }
@@ -853,5 +904,34 @@ mod tests {
         assert_eq!(first, again, "the same area is reused");
         assert!(pool.run(|_| -> u8 { panic!("boom") }).await.is_none());
         assert_eq!(pool.run(|_| 7).await, Some(7), "the thread is still there");
+    }
+
+    #[tokio::test]
+    async fn pool_threads_give_their_memory_back_when_idle() {
+        let pool = Argon2Pool::start_releasing_after(1, 4, Duration::from_millis(200)).unwrap();
+        assert_eq!(pool.run(|s| s.blocks(16).len()).await, Some(16));
+        assert_eq!(
+            pool.run(|s| s.holds_memory()).await,
+            Some(true),
+            "kept between checks"
+        );
+        // Given back once idle for 200 ms: asked until it is (each ask is a check, so the
+        // asks must be further apart than the idle time).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if pool.run(|s| s.holds_memory()).await == Some(false) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "area not given back after the idle time"
+            );
+        }
+        assert_eq!(
+            pool.run(|s| s.blocks(16).len()).await,
+            Some(16),
+            "and taken again"
+        );
     }
 }

@@ -561,7 +561,12 @@ impl Core {
         };
         self.stages.rules.apply(m, &mut msg.ack).await;
         if msg.topic.starts_with("$aws/") {
-            return self.reserved(msg).await;
+            // Boxed: this runs in the device connection's task, which is as large as the
+            // largest state it ever awaits, for the life of the connection. The shadow and
+            // Defender futures (1.4 KiB) made every connection pay for them; a shadow
+            // request or a Defender report is rare next to readings, so it pays one
+            // allocation instead.
+            return Box::pin(self.reserved(msg)).await;
         }
         let result = self.stages.plugins.normalize(
             &msg.device.plugin,

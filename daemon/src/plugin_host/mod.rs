@@ -281,6 +281,15 @@ pub struct PluginStatus {
     pub calls: CallCounts,
 }
 
+/// The engine configuration: the gateway's engine and the ones that compile (see
+/// `PluginHost::compile`) must use the same, or the gateway's cannot load what they compiled.
+fn engine_config() -> wasmtime::Config {
+    let mut wc = wasmtime::Config::new();
+    wc.epoch_interruption(true);
+    wc.wasm_component_model(true);
+    wc
+}
+
 /// The plugin host.
 pub struct PluginHost {
     engine: Engine,
@@ -348,10 +357,7 @@ impl PluginHost {
     /// A host with no plugins loaded yet. `state_dir` holds the compiled-component cache
     /// (`None`: no cache).
     pub fn new(cfg: &PluginsConfig, state_dir: Option<&Path>) -> anyhow::Result<Arc<Self>> {
-        let mut wc = wasmtime::Config::new();
-        wc.epoch_interruption(true);
-        wc.wasm_component_model(true);
-        let engine = Engine::new(&wc)
+        let engine = Engine::new(&engine_config())
             .map_err(|e| anyhow::anyhow!("cannot start the plugin engine: {e:#}"))?;
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker)
@@ -460,14 +466,26 @@ impl PluginHost {
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes)
+        // Compiled by an engine of its own, dropped once the component is compiled: an engine
+        // keeps its compiler's working memory (cranelift and register-allocator contexts,
+        // ~2 MiB after the three ward plugins) for its whole life, and the gateway's engine
+        // lives as long as the gateway. The same configuration makes the two engines
+        // compatible, so the gateway's engine loads the result as it loads the cache.
+        let compiled = Engine::new(&engine_config())
+            .map_err(|e| err(format!("cannot start the plugin compiler: {e:#}")))?
+            .precompile_component(bytes)
             .map_err(|e| err(format!("not a valid WebAssembly component: {e:#}")))?;
+        // SAFETY: `compiled` was made just now, in this process, by wasmtime from `bytes`, with
+        // an engine of the same configuration as `self.engine`; wasmtime checks its header,
+        // version and compatibility anyway.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize(&self.engine, &compiled) }
+            .map_err(|e| err(format!("cannot load the compiled component: {e:#}")))?;
         if let Some(dir) = &self.cache_dir {
             let write = || -> std::io::Result<()> {
                 std::fs::create_dir_all(dir)?;
-                let data = component.serialize().map_err(std::io::Error::other)?;
                 let tmp = dir.join(format!(".{digest}.tmp"));
-                std::fs::write(&tmp, data)?;
+                std::fs::write(&tmp, &compiled)?;
                 std::fs::rename(&tmp, dir.join(format!("{digest}.cwasm")))
             };
             if let Err(e) = write() {
