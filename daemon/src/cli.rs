@@ -515,28 +515,37 @@ fn history_dir(file: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
     Ok(c.gateway.state_dir.join("history"))
 }
 
-fn history(
+/// The history directory of the configuration in `file` and a lookup of `filter` in it; the
+/// exit code once the problem is printed.
+fn history_rows(
     file: Option<PathBuf>,
     filter: crate::history::Filter,
-    format: crate::history::export::Format,
-) -> ExitCode {
-    let dir = match history_dir(file) {
-        Ok(d) => d,
-        Err(code) => return code,
-    };
-    if filter.from_ms > filter.to_ms {
-        eprintln!("wardgate: --from is after --to");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    let rows = match crate::history::store::query(&dir, filter) {
-        Ok(q) => q,
+) -> Result<(PathBuf, crate::history::store::Query), ExitCode> {
+    let dir = history_dir(file)?;
+    match crate::history::store::query(&dir, filter) {
+        Ok(q) => Ok((dir, q)),
         Err(e) => {
             eprintln!(
                 "wardgate: cannot read the history in {}: {e}",
                 dir.display()
             );
-            return ExitCode::FAILURE;
+            Err(ExitCode::FAILURE)
         }
+    }
+}
+
+fn history(
+    file: Option<PathBuf>,
+    filter: crate::history::Filter,
+    format: crate::history::export::Format,
+) -> ExitCode {
+    if filter.from_ms > filter.to_ms {
+        eprintln!("wardgate: --from is after --to");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let (dir, rows) = match history_rows(file, filter) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
     let written = (|| -> std::io::Result<u64> {
@@ -568,10 +577,6 @@ fn history(
 }
 
 fn chart(file: Option<PathBuf>, spec: crate::history::chart::ChartSpec, out: &Path) -> ExitCode {
-    let dir = match history_dir(file) {
-        Ok(d) => d,
-        Err(code) => return code,
-    };
     if spec.from_ms >= spec.to_ms {
         eprintln!("wardgate: the chart's range is empty: --from must be before --to");
         return ExitCode::from(EXIT_CONFIG);
@@ -585,15 +590,9 @@ fn chart(file: Option<PathBuf>, spec: crate::history::chart::ChartSpec, out: &Pa
         to_ms: spec.to_ms,
     };
     let mut failed = None;
-    let rows = match crate::history::store::query(&dir, filter) {
-        Ok(q) => q,
-        Err(e) => {
-            eprintln!(
-                "wardgate: cannot read the history in {}: {e}",
-                dir.display()
-            );
-            return ExitCode::FAILURE;
-        }
+    let (dir, rows) = match history_rows(file, filter) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let rows = rows.map_while(|r| r.map_err(|e| failed = Some(e)).ok());
     let svg = crate::history::chart::render_svg(&spec, rows);

@@ -432,49 +432,7 @@ mod tests {
         assert_eq!(kept, want);
     }
 
-    /// A tmpfs of `size` on `at`, unmounted (lazily if busy) when dropped. Needs root.
-    struct SmallDisk(std::path::PathBuf);
-
-    impl SmallDisk {
-        fn new(at: &std::path::Path, size: &str) -> Self {
-            std::fs::create_dir_all(at).unwrap();
-            let mounted = std::process::Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={size},mode=0700"),
-                    "wg-test",
-                ])
-                .arg(at)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(
-                mounted,
-                "this test mounts a tmpfs on {}: run it as root",
-                at.display()
-            );
-            Self(at.to_path_buf())
-        }
-
-        /// Take every free byte with `file`.
-        fn fill(&self, file: &str) {
-            use std::io::Write;
-            let mut f = std::fs::File::create(self.0.join(file)).unwrap();
-            for chunk in [1usize << 16, 512, 1] {
-                while f.write(&vec![0u8; chunk]).is_ok_and(|n| n > 0) {}
-            }
-        }
-    }
-
-    impl Drop for SmallDisk {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
+    use crate::sled_reopen::testing::SmallDisk;
 
     async fn confirmed(tx: &Enqueue, n: u32) -> bool {
         let (ack, rx) = Ack::new();
@@ -525,7 +483,7 @@ mod tests {
             n += 1;
             assert!(!confirmed(&tx, n).await, "acknowledged with the disk full");
         }
-        std::fs::remove_file(disk.0.join("filler")).unwrap();
+        disk.free("filler");
         // Room again: readings are acknowledged again (the event waited for), with no restart.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
