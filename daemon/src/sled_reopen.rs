@@ -413,6 +413,17 @@ pub(crate) mod testing {
             }
         }
 
+        /// Assert that a store's `error` says what (`store`), where (`dir`) and what to do.
+        pub(crate) fn assert_explains(error: &str, store: &str, dir: &std::path::Path) {
+            for part in [
+                store,
+                dir.to_str().unwrap(),
+                "free space in gateway.state_dir",
+            ] {
+                assert!(error.contains(part), "{part:?} not in {error:?}");
+            }
+        }
+
         /// Give back what [`SmallDisk::fill`] took.
         pub(crate) fn free(&self, file: &str) {
             std::fs::remove_file(self.0.join(file)).unwrap();

@@ -725,20 +725,7 @@ mod tests {
         (crate::clock::now_ms().div_euclid(DAY) - 10) * DAY
     }
 
-    fn reading(device: &str, metric: &str, value: f64, at: i64) -> Row {
-        Row {
-            record: RowKind::Reading,
-            device: device.into(),
-            kind: "pacemaker".into(),
-            metric: metric.into(),
-            value: Some(value),
-            unit: "/min".into(),
-            quality: "good".into(),
-            observed_ms: at,
-            received_ms: at,
-            detail: String::new(),
-        }
-    }
+    use crate::history::test_reading as reading;
 
     fn event(record: RowKind, quality: &str, at: i64) -> Row {
         Row {

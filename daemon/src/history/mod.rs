@@ -411,6 +411,24 @@ pub async fn run(mut stage: Stage) {
     }
 }
 
+/// For tests: a pacemaker reading of `metric` = `value` (unit `/min`, quality `good`) of
+/// `device`, observed and received at `at`.
+#[cfg(test)]
+pub(crate) fn test_reading(device: &str, metric: &str, value: f64, at: i64) -> Row {
+    Row {
+        record: RowKind::Reading,
+        device: device.into(),
+        kind: "pacemaker".into(),
+        metric: metric.into(),
+        value: Some(value),
+        unit: "/min".into(),
+        quality: "good".into(),
+        observed_ms: at,
+        received_ms: at,
+        detail: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,15 +436,7 @@ mod tests {
     fn row(device: &str, metric: &str, record: RowKind, at: i64) -> Row {
         Row {
             record,
-            device: device.into(),
-            kind: "pacemaker".into(),
-            metric: metric.into(),
-            value: Some(1.0),
-            unit: "/min".into(),
-            quality: "good".into(),
-            observed_ms: at,
-            received_ms: at,
-            detail: String::new(),
+            ..test_reading(device, metric, 1.0, at)
         }
     }
 

@@ -851,21 +851,7 @@ impl Iterator for Query {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn row(device: &str, metric: &str, value: f64, at: i64) -> Row {
-        Row {
-            record: RowKind::Reading,
-            device: device.into(),
-            kind: "pacemaker".into(),
-            metric: metric.into(),
-            value: Some(value),
-            unit: "/min".into(),
-            quality: "good".into(),
-            observed_ms: at,
-            received_ms: at,
-            detail: String::new(),
-        }
-    }
+    use crate::history::test_reading as row;
 
     fn all(dir: &Path) -> Vec<Row> {
         query(dir, Filter::between(i64::MIN, i64::MAX))
