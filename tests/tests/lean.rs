@@ -31,6 +31,7 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
         .expect("broker starts");
     let (tx, mut rx) = tokio::sync::mpsc::channel::<wardgate::pipeline::Ingest>(64);
     let interest = broker.interest().clone();
+    let sessions = wardgate::gatekeeper::Sessions::default();
     let gk = Gatekeeper::bind(
         "plain",
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -50,7 +51,7 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
             ingest: tx.into(),
             metering: wardgate::metering::Metering::new(Duration::from_secs(300), 4),
             limits: cfg.limits.clone().into(),
-            sessions: Default::default(),
+            sessions: sessions.clone(),
             quarantine: Default::default(),
         },
     )
@@ -72,6 +73,7 @@ async fn gateway(devices: Vec<DeviceConfig>, broker_connections: usize) -> (Sock
             stop,
             tasks: vec![listener, pump],
             interest,
+            sessions,
             _dir: dir,
         },
     )
@@ -82,6 +84,8 @@ struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The broker's index of local subscriptions.
     interest: wardgate::broker::Interest,
+    /// The devices' connections and their turns on the broker.
+    sessions: wardgate::gatekeeper::Sessions,
     _dir: tempfile::TempDir,
 }
 
@@ -384,4 +388,92 @@ async fn an_absent_persistent_sessions_subscriptions_stay_until_a_clean_session_
         "the persistent session's `ward/+/telemetry` is gone"
     );
     assert!(gw.interest.wanted("ward/pm-01/telemetry"));
+}
+
+/// A device that connects again at once — after its DISCONNECT, or while its older connection
+/// is still open — gets a broker session that stays. The broker must have let go of the older
+/// session before the new one reaches it: rumqttd hands a dropped session's slot to the next
+/// connection, and the older session's late "disconnected" would then close the new one
+/// (seen as a SUBSCRIBE that gets no SUBACK). Sixteen devices at once, so that the broker's
+/// tasks compete for the two cores as on a busy gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_connecting_again_at_once_keeps_its_new_broker_session() {
+    const DEVICES: usize = 16;
+    let monitors: Vec<DeviceConfig> = (1..=DEVICES)
+        .map(|i| {
+            let mut m = device(&format!("mon-{i:02}"), "monitor", "monitor-secret");
+            m.subscribe = Some(vec![format!("ward/mon-{i:02}/telemetry")]);
+            m
+        })
+        .collect();
+    let (addr, gw) = gateway(monitors, 64).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 1..=DEVICES {
+        tasks.spawn(reconnect_rounds(addr, format!("mon-{i:02}"), 40));
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("a device's rounds");
+    }
+    // Every device's last connection ended with DISCONNECT: no broker session is left, and
+    // nothing is left of their bookkeeping.
+    let t0 = std::time::Instant::now();
+    while gw.sessions.broker_turns() != 0 {
+        assert!(
+            t0.elapsed() < T,
+            "{} client ids still hold a turn on the broker",
+            gw.sessions.broker_turns()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `rounds` connections of device `id` (a monitor subscribed to its own telemetry), each
+/// subscribing and receiving what it then publishes; every other one ends with DISCONNECT, the
+/// others are taken over by the next.
+async fn reconnect_rounds(addr: SocketAddr, id: String, rounds: u16) {
+    let topic = format!("ward/{id}/telemetry");
+    let mut older: Option<Raw<TcpStream>> = None;
+    for round in 1..=rounds {
+        // Every third connection asks for a persistent session, which opens at CONNECT.
+        let clean = round % 3 != 0;
+        let (mut dev, ack) = connect(addr, &id, "monitor-secret", clean).await;
+        assert_eq!(ack.code, ConnectReturnCode::Success, "{id} round {round}");
+        // The older connection, if left open, has just been taken over.
+        drop(older.take());
+        let mut sub = Subscribe::new(&topic, QoS::AtLeastOnce);
+        sub.pkid = round;
+        dev.send(&Packet::Subscribe(sub)).await.unwrap();
+        let want = format!("round {round}");
+        let mut subacked = false;
+        loop {
+            match dev.recv(T).await {
+                Ok(Some(Packet::SubAck(a))) if a.pkid == round => {
+                    subacked = true;
+                    dev.send(&publish(&topic, round, false, &want))
+                        .await
+                        .unwrap();
+                }
+                Ok(Some(Packet::PubAck(a))) if a.pkid == round => {}
+                Ok(Some(Packet::Publish(p))) => {
+                    dev.send(&Packet::PubAck(PubAck::new(p.pkid)))
+                        .await
+                        .unwrap();
+                    if p.payload[..] == *want.as_bytes() {
+                        break;
+                    }
+                    // Only a persistent session hands over an earlier round's delivery again.
+                    assert!(!clean, "{id} round {round}: unexpected {p:?}");
+                }
+                other => panic!(
+                    "{id} round {round} (clean session {clean}): the new connection's broker \
+                     session ended: {other:?} (SUBACK received: {subacked})"
+                ),
+            }
+        }
+        if round % 2 == 0 {
+            dev.send(&Packet::Disconnect).await.unwrap();
+        } else {
+            older = Some(dev);
+        }
+    }
 }

@@ -17,7 +17,9 @@
 //! subscriptions and queued messages, and the CONNACK's session-present flag is the broker's),
 //! otherwise at its first SUBSCRIBE. Without one, the gatekeeper answers PINGREQ and
 //! UNSUBSCRIBE itself. A device that connects again takes over: its older connection ends
-//! (`Sessions`), whether or not it had a broker session.
+//! (`Sessions`), whether or not it had a broker session. At most one broker session per client
+//! id exists at a time: opening one waits for the client id's turn (`BrokerTurn`), which an
+//! ending session gives back only once the broker has closed its side ([`Session::close`]).
 //!
 //! Memory per connection (measured, `cargo bench --bench memory`): a publish-only device costs
 //! about 14 KiB resident — this task and its futures, the read buffer (kept at most
@@ -26,7 +28,7 @@
 use super::login::{Method, Outcome};
 use super::policy::{check_filter, check_topic};
 use super::tls::certificate_names;
-use super::{Context, Transport};
+use super::{BrokerTurn, Context, Transport};
 use crate::broker::{Listening, Owner};
 use crate::metering::{DeviceMeter, GatewayCounters};
 use crate::mqtt::{self, ConnectProblem, FrameError};
@@ -54,6 +56,15 @@ use tokio_util::sync::CancellationToken;
 
 /// How long the internal broker has to answer the relayed CONNECT.
 const BROKER_CONNACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an ending broker session waits for the broker to close its side (see
+/// [`Session::close`]); the broker answers within milliseconds.
+const BROKER_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a connection waits for its client id's turn on the broker (see
+/// `Sessions::broker_turn`): the holder is an ending session, bounded by
+/// [`BROKER_CLOSE_TIMEOUT`], or one that opens and is told to end at once.
+const BROKER_TURN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a relay ended.
 #[derive(Debug)]
@@ -325,7 +336,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     } else {
         open_broker_link(ctx, &connect)
             .await
-            .map(|(stream, ack)| (Some(stream), ack))
+            .map(|(session, ack)| (Some(session), ack))
     };
     let (broker, ack) = match opened {
         Ok(x) => x,
@@ -340,6 +351,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     };
     if let Err(e) = write(&mut device, &Packet::ConnAck(ack), max, &meter).await {
+        if let Some(session) = broker {
+            session.close(true).await;
+        }
         meter.connection_failed();
         log::debug!(device_id:% = dev.id, peer:% = peer, error:% = e; "device left before CONNACK");
         return;
@@ -506,14 +520,20 @@ async fn relay_will(ctx: &Context, dev: &Device, publish: Publish) -> std::io::R
     let max = broker.max_frame_bytes();
     let mut connect = Connect::new(format!("wardgate-will-{}", dev.id));
     connect.keep_alive = 30;
-    let (mut stream, _) = open_broker_link(ctx, &connect).await?;
+    let (mut session, _) = open_broker_link(ctx, &connect).await?;
+    let sent = will_exchange(&mut session, publish, max).await;
+    session.close(true).await;
+    sent
+}
+
+/// The Will's PUBLISH on its own broker session, its PUBACK if QoS 1, and a DISCONNECT.
+async fn will_exchange(session: &mut Session, publish: Publish, max: usize) -> std::io::Result<()> {
     let qos1 = publish.qos != QoS::AtMostOnce;
-    mqtt::write_packet(&mut stream, &Packet::Publish(publish), max).await?;
+    mqtt::write_packet(&mut session.w, &Packet::Publish(publish), max).await?;
     if qos1 {
-        let mut buf = BytesMut::new();
         let answer = tokio::time::timeout(
             BROKER_CONNACK_TIMEOUT,
-            mqtt::read_packet(&mut stream, &mut buf, max),
+            mqtt::read_packet(&mut session.r, &mut session.buf, max),
         )
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no PUBACK from broker"))?
@@ -524,8 +544,7 @@ async fn relay_will(ctx: &Context, dev: &Device, publish: Publish) -> std::io::R
             )));
         }
     }
-    mqtt::write_packet(&mut stream, &Packet::Disconnect, max).await?;
-    stream.shutdown().await
+    mqtt::write_packet(&mut session.w, &Packet::Disconnect, max).await
 }
 
 impl End {
@@ -655,6 +674,42 @@ struct Session {
     r: OwnedReadHalf,
     w: OwnedWriteHalf,
     buf: BytesMut,
+    /// Its client id's turn on the broker; given back by [`Session::close`].
+    turn: BrokerTurn,
+}
+
+impl Session {
+    /// End the session: close this side, then wait (at most [`BROKER_CLOSE_TIMEOUT`], and not
+    /// at all with `wait` false, when the gateway stops) until the broker has closed its side
+    /// too. rumqttd queues a session's removal before it closes the socket, so from then on
+    /// a new session of the same client id reaches the broker after the old one is gone; only
+    /// then is the client id's turn given back.
+    async fn close(self, wait: bool) {
+        let Session {
+            mut r, mut w, turn, ..
+        } = self;
+        let _ = w.shutdown().await;
+        if wait {
+            let drained = tokio::time::timeout(BROKER_CLOSE_TIMEOUT, async {
+                let mut sink = [0u8; 512];
+                loop {
+                    match tokio::io::AsyncReadExt::read(&mut r, &mut sink).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            if drained.is_err() {
+                log::warn!(
+                    client_id:% = turn.client_id();
+                    "the internal broker did not close an ended session within {BROKER_CLOSE_TIMEOUT:?}; \
+                     the device's next session opens anyway"
+                );
+            }
+        }
+        drop(turn);
+    }
 }
 
 /// Next packet from the device's broker session; never resolves while it has none.
@@ -679,20 +734,34 @@ impl Relay<'_> {
     async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         device: S,
-        mut dbuf: BytesMut,
-        broker: Option<TcpStream>,
+        dbuf: BytesMut,
+        broker: Option<Session>,
         stop: &CancellationToken,
     ) -> End {
-        let max = self.max;
         let (mut dr, mut dw) = tokio::io::split(device);
-        let mut session = broker.map(|b| {
-            let (r, w) = b.into_split();
-            Session {
-                r,
-                w,
-                buf: BytesMut::new(),
-            }
-        });
+        let mut session = broker;
+        let end = self.relay(&mut dr, &mut dw, dbuf, &mut session, stop).await;
+        if let Some(s) = session.take() {
+            s.close(!matches!(end, End::Shutdown)).await;
+        }
+        end
+    }
+
+    /// The two-way relay until the connection ends; `session` is the device's broker session,
+    /// opened here at its first SUBSCRIBE if it had none.
+    async fn relay<R, W>(
+        &mut self,
+        dr: &mut R,
+        dw: &mut W,
+        mut dbuf: BytesMut,
+        session: &mut Option<Session>,
+        stop: &CancellationToken,
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let max = self.max;
         let mut inflight = Inflight::default();
         // Filters refused per SUBSCRIBE packet id, to merge into the broker's SUBACK.
         let mut sub_masks: HashMap<u16, Vec<bool>> = HashMap::new();
@@ -755,7 +824,7 @@ impl Relay<'_> {
                     // confirmed too.
                     if inflight.confirmed.remove(&pkid) {
                         inflight.open.remove(&pkid);
-                        if let Err(e) = write(&mut dw, &Packet::PubAck(PubAck::new(pkid)), max, self.meter).await {
+                        if let Err(e) = write(dw, &Packet::PubAck(PubAck::new(pkid)), max, self.meter).await {
                             return End::DeviceWrite(e);
                         }
                     } else if inflight.open.contains(&pkid) {
@@ -768,7 +837,7 @@ impl Relay<'_> {
                         format!("nothing received for {:?} (1.5 × keep-alive)", self.keep_alive),
                     );
                 }
-                r = mqtt::read_packet(&mut dr, &mut dbuf, max) => {
+                r = mqtt::read_packet(dr, &mut dbuf, max) => {
                     let packet = match r {
                         Ok(Some(p)) => p,
                         Ok(None) => return End::DeviceClosed,
@@ -782,29 +851,29 @@ impl Relay<'_> {
                     };
                     keep_alive.as_mut().reset(Instant::now() + self.keep_alive);
                     self.meter.bytes_in(packet.size());
-                    let forward = match self.on_device_packet(packet, &mut inflight, &mut sub_masks, &mut dw).await {
+                    let forward = match self.on_device_packet(packet, &mut inflight, &mut sub_masks, dw).await {
                         Ok(Some(p)) => p,
                         Ok(None) => continue,
                         Err(end) => {
                             if matches!(end, End::DeviceDisconnected) {
-                                if let Some(s) = &mut session {
+                                if let Some(s) = session.as_mut() {
                                     let _ = mqtt::write_packet(&mut s.w, &Packet::Disconnect, max).await;
                                 }
                             }
                             return end;
                         }
                     };
-                    if let Err(end) = self.to_session(forward, &mut session, &mut dw).await {
+                    if let Err(end) = self.to_session(forward, session, dw).await {
                         return end;
                     }
                 }
-                r = read_session(&mut session, max) => {
+                r = read_session(session, max) => {
                     let packet = match r {
                         Ok(Some(p)) => p,
                         Ok(None) => return End::BrokerClosed,
                         Err(e) => return End::BrokerError(e),
                     };
-                    if let Some(s) = &mut session {
+                    if let Some(s) = session.as_mut() {
                         shrink(&mut s.buf);
                     }
                     let packet = match packet {
@@ -819,7 +888,7 @@ impl Relay<'_> {
                                 let ours = self.ctx.shared.broker.interest().holds_match(self.listening.owner(), &topic);
                                 if !ours {
                                     if p.qos != QoS::AtMostOnce {
-                                        if let Some(s) = &mut session {
+                                        if let Some(s) = session.as_mut() {
                                             if let Err(e) = mqtt::write_packet(&mut s.w, &Packet::PubAck(PubAck::new(p.pkid)), max).await {
                                                 return End::BrokerWrite(e);
                                             }
@@ -834,7 +903,7 @@ impl Relay<'_> {
                         }
                         other => other,
                     };
-                    if let Err(e) = write(&mut dw, &packet, max, self.meter).await {
+                    if let Err(e) = write(dw, &packet, max, self.meter).await {
                         return End::DeviceWrite(e);
                     }
                 }
@@ -898,19 +967,14 @@ impl Relay<'_> {
                     .map_err(End::DeviceWrite);
             }
             match open_broker_link(self.ctx, self.connect).await {
-                Ok((stream, _)) => {
+                Ok((opened, _)) => {
                     // A clean session on the broker discards the client's persistent one.
                     self.ctx
                         .shared
                         .broker
                         .interest()
                         .forget(&Owner::Session(self.connect.client_id.as_str().into()));
-                    let (r, w) = stream.into_split();
-                    *session = Some(Session {
-                        r,
-                        w,
-                        buf: BytesMut::new(),
-                    });
+                    *session = Some(opened);
                 }
                 Err(e) => return Err(End::SessionRefused(e)),
             }
@@ -1172,12 +1236,20 @@ async fn write<W: AsyncWrite + Unpin>(
 }
 
 /// Connect to the internal broker as this device, with the internal login.
-async fn open_broker_link(
-    ctx: &Context,
-    connect: &Connect,
-) -> std::io::Result<(TcpStream, ConnAck)> {
+async fn open_broker_link(ctx: &Context, connect: &Connect) -> std::io::Result<(Session, ConnAck)> {
     let broker = &ctx.shared.broker;
     let max = broker.max_frame_bytes();
+    let turn = tokio::time::timeout(
+        BROKER_TURN_TIMEOUT,
+        ctx.shared.sessions.broker_turn(&connect.client_id),
+    )
+    .await
+    .map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the previous broker session of this client id did not end",
+        )
+    })?;
     let mut stream = TcpStream::connect(broker.addr()).await?;
     let _ = stream.set_nodelay(true);
     let mut relayed = connect.clone();
@@ -1196,7 +1268,10 @@ async fn open_broker_link(
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNACK from broker"))?
     .map_err(std::io::Error::other)?;
     match answer {
-        Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok((stream, ack)),
+        Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
+            let (r, w) = stream.into_split();
+            Ok((Session { r, w, buf, turn }, ack))
+        }
         other => Err(std::io::Error::other(format!(
             "expected a successful CONNACK, got {other:?}"
         ))),

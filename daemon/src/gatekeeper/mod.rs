@@ -109,6 +109,12 @@ impl From<LimitsConfig> for SharedLimits {
 /// The one live connection of each device: a device that connects again takes over, and its
 /// older connection ends (MQTT 3.1.1 section 3.1.4). Kept here, not left to the broker,
 /// because most devices have no broker session of their own (see `broker::RelayLink`).
+///
+/// Also the broker sessions' turns ([`BrokerTurn`]): at most one broker session per client id
+/// is open at a time, and the next opens only once the broker has let go of the previous one.
+/// rumqttd cannot be left to sort out two sessions of one client id: it closes the older one
+/// and hands its slot to the newer, and the older session's own "disconnected", arriving
+/// later, then closes the newer session (its SUBSCRIBE never gets a SUBACK).
 #[derive(Debug, Default, Clone)]
 pub struct Sessions(Arc<Mutex<SessionMap>>);
 
@@ -116,6 +122,69 @@ pub struct Sessions(Arc<Mutex<SessionMap>>);
 struct SessionMap {
     next: u64,
     live: HashMap<String, (u64, CancellationToken)>,
+    /// Per client id with a broker session open or wanted: whose turn it is. An entry goes
+    /// when no connection holds or waits for it.
+    broker: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// A client id's turn to have a session on the broker (see [`Sessions`]). Held by the broker
+/// session until the broker has closed its side of it; dropping it lets the next connection
+/// of the same client id open its session.
+#[derive(Debug)]
+pub(crate) struct BrokerTurn {
+    sessions: Sessions,
+    client_id: String,
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Sessions {
+    /// Wait until no other connection of `client_id` has a session on the broker, then hold
+    /// the turn. Waiters are served in arrival order.
+    pub(crate) async fn broker_turn(&self, client_id: &str) -> BrokerTurn {
+        let lock = {
+            let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(m.broker.entry(client_id.to_owned()).or_default())
+        };
+        let mut turn = BrokerTurn {
+            sessions: self.clone(),
+            client_id: client_id.to_owned(),
+            turn: None,
+        };
+        turn.turn = Some(lock.lock_owned().await);
+        turn
+    }
+
+    /// Client ids with a broker session open or wanted (for tests of the bookkeeping).
+    pub fn broker_turns(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .broker
+            .len()
+    }
+}
+
+impl BrokerTurn {
+    /// The client id whose turn this is.
+    pub(crate) fn client_id(&self) -> &str {
+        &self.client_id
+    }
+}
+
+impl Drop for BrokerTurn {
+    fn drop(&mut self) {
+        let mut m = self.sessions.0.lock().unwrap_or_else(|e| e.into_inner());
+        drop(self.turn.take());
+        // Unused when only the map holds it (waiters and holders clone it under this lock).
+        // A waiter whose wait was cancelled may still hold a clone for a moment; the entry
+        // then stays until this client id's next turn ends.
+        if m.broker
+            .get(&self.client_id)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            m.broker.remove(&self.client_id);
+        }
+    }
 }
 
 /// A device's registration in [`Sessions`]; leaves it when dropped (unless taken over).
