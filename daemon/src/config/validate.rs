@@ -499,7 +499,7 @@ pub(super) fn validate(
     {
         err(
             "upstream.max_bytes_per_second",
-            "must be at least twice upstream.max_batch_bytes (one largest message is the pacing's burst, the rest its steady rate) and at most 524288 (AWS IoT Core's limit)"
+            "must be at least twice upstream.max_batch_bytes (so that a backlog of full messages drains steadily) and at most 524288 (AWS IoT Core's limit)"
                 .into(),
         );
     }

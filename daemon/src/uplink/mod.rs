@@ -17,14 +17,14 @@
 //!   payload that is not JSON) would be refused forever — with IoT Core, by closing the
 //!   connection, which would stall everything behind them. They are set aside in the queue's
 //!   `undeliverable` tree with an ERROR naming the record, and counted.
-//! - Quotas: at most `upstream.max_inflight` unacknowledged publishes, and token buckets
-//!   ([`pace`]) that keep every one-second window within `max_publishes_per_second` and
-//!   `max_bytes_per_second` (IoT Core: 100, 100/s, 512 KiB/s). A message goes as soon as its
-//!   tokens are there; the records that arrive while it waits share the next one, so waiting for
-//!   the budget is what makes batches (no timer holds a reading back). `max_linger` is only how
-//!   often the queue is looked at without a wake-up. A large batch that waits for its tokens
-//!   is kept as built (`send_ready`'s `held`), so the byte bucket's refill is not lost to a
-//!   rebuild.
+//! - Quotas: at most `upstream.max_inflight` unacknowledged publishes, and a pace ([`pace`]:
+//!   a token bucket for publishes, a sliding window for bytes) that keeps every one-second
+//!   window within `max_publishes_per_second` and `max_bytes_per_second` (IoT Core: 100,
+//!   100/s, 512 KiB/s). A message goes as soon as the pace allows it; the records that arrive
+//!   while it waits share the next one, so waiting for the budget is what makes batches (no
+//!   timer holds a reading back). `max_linger` is only how often the queue is looked at
+//!   without a wake-up. A large batch that waits for room is kept as built (`send_ready`'s
+//!   `held`) rather than rebuilt at every wake-up.
 //! - Correlation: rumqttc reports `Outgoing::Publish(pkid)` in request order, so each batch's
 //!   sequence numbers are tied to its packet id; on `PubAck(pkid)` exactly those records are
 //!   removed from the queue. Nothing is removed any other way (except eviction by the queue's
@@ -496,11 +496,7 @@ async fn session(
     let mut sent: HashSet<u64> = HashSet::new();
     // A large message built but waiting for its tokens (its records are in `sent`).
     let mut held: Option<Message> = None;
-    let mut pace = Pace::new(
-        cfg.max_publishes_per_second,
-        cfg.max_bytes_per_second,
-        cfg.max_batch_bytes,
-    );
+    let mut pace = Pace::new(cfg.max_publishes_per_second, cfg.max_bytes_per_second);
     let mut connected = false;
     // (connected at, records queued then) until the queue first runs empty.
     let mut backlog: Option<(Instant, usize)> = None;
@@ -522,7 +518,7 @@ async fn session(
     let mut to_fetch: VecDeque<String> = VecDeque::new();
     // Fetches take at most this share of the publish quota, so that 500 of them after a
     // reconnection do not hold up the readings.
-    let mut fetch_pace = Pace::new(cfg.shadow_updates_per_second.max(2), 1 << 30, 1 << 20);
+    let mut fetch_pace = Pace::new(cfg.shadow_updates_per_second.max(2), 1 << 30);
     let fetch_due = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(fetch_due);
     let mut fetch_armed = false;
@@ -538,18 +534,20 @@ async fn session(
                     break;
                 }
                 let body = format!(r#"{{"clientToken":"{FETCH_TOKEN}"}}"#);
+                let topic = topics.get(device);
+                let bytes = pace::wire_bytes(&topic, body.len());
                 let now = Instant::now();
-                let wait = pace.wait(body.len(), now).max(fetch_pace.wait(0, now));
+                let wait = pace.wait(bytes, now).max(fetch_pace.wait(0, now));
                 if !wait.is_zero() {
                     fetch_due.as_mut().reset(tokio::time::Instant::now() + wait);
                     fetch_armed = true;
                     break;
                 }
                 let _ = fetch_pace.try_take(0, now);
-                let _ = pace.try_take(body.len(), now);
+                let _ = pace.try_take(bytes, now);
                 let len = body.len();
                 if client
-                    .try_publish(topics.get(device), QoS::AtLeastOnce, false, body)
+                    .try_publish(topic, QoS::AtLeastOnce, false, body)
                     .is_err()
                 {
                     break;
@@ -801,10 +799,10 @@ async fn send_ready(
     if room == 0 {
         return Ready::Window;
     }
-    // A large message built last round waits for its tokens as it is: rebuilding it on wake-up
-    // would leave the byte bucket full, and its refill lost, for as long as that takes.
+    // A large message built last round waits for room as it is, rather than being rebuilt at
+    // every wake-up until it fits.
     if let Some(m) = held.take() {
-        if let Err(wait) = pace.try_take(m.body.len(), Instant::now()) {
+        if let Err(wait) = pace.try_take(pace::wire_bytes(&m.topic, m.body.len()), Instant::now()) {
             *held = Some(m);
             return Ready::Paced(wait);
         }
@@ -940,7 +938,7 @@ async fn send_ready(
             outcome = Ready::Window;
             break;
         }
-        let paced = pace.try_take(m.len(), Instant::now());
+        let paced = pace.try_take(pace::wire_bytes(&topic, m.len()), Instant::now());
         let large = m.len() * 2 >= cfg.max_batch_bytes;
         if paced.is_err() && !large {
             // Rebuilt next round, with whatever arrives meanwhile.
