@@ -186,71 +186,22 @@ impl Pace {
 mod tests {
     use super::*;
 
-    /// Sends as fast as the pace allows over `secs` of simulated time (1 ms steps) and returns
-    /// every send's (time, bytes).
-    fn saturate(pace: &mut Pace, size: usize, secs: u64) -> Vec<(Instant, usize)> {
+    /// Sends as fast as the pace allows over `secs` of simulated time (1 ms steps), message
+    /// sizes taken in turn from `sizes`, and returns every send's (time, bytes).
+    fn saturate(pace: &mut Pace, sizes: &[usize], secs: u64) -> Vec<(Instant, usize)> {
         let start = Instant::now();
         let mut sent = Vec::new();
         for ms in 0..secs * 1000 {
             let now = start + Duration::from_millis(ms);
-            while pace.try_take(size, now).is_ok() {
-                sent.push((now, size));
+            while pace.try_take(sizes[sent.len() % sizes.len()], now).is_ok() {
+                sent.push((now, sizes[sent.len() % sizes.len()]));
             }
         }
         sent
     }
 
-    #[test]
-    fn no_one_second_window_exceeds_either_quota() {
-        for size in [100, 4096, 32 * 1024] {
-            let mut pace = Pace::new(100, 512 * 1024);
-            let sent = saturate(&mut pace, size, 5);
-            // Every window starting at a send.
-            for (i, (t0, _)) in sent.iter().enumerate() {
-                let window: Vec<_> = sent[i..]
-                    .iter()
-                    .take_while(|(t, _)| *t < *t0 + Duration::from_secs(1))
-                    .collect();
-                assert!(
-                    window.len() <= 100,
-                    "{} publishes in a second",
-                    window.len()
-                );
-                let bytes: usize = window.iter().map(|(_, b)| b).sum();
-                assert!(
-                    bytes <= 512 * 1024,
-                    "{bytes} bytes in a second ({size}-byte messages)"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn a_backlog_drains_at_the_byte_quota() {
-        let mut pace = Pace::new(100, 512 * 1024);
-        let sent = saturate(&mut pace, 32 * 1024, 10);
-        let bytes: usize = sent.iter().map(|(_, b)| b).sum();
-        let per_second = bytes as f64 / 10.0;
-        assert!(per_second >= 0.99 * 512.0 * 1024.0, "{per_second} bytes/s");
-    }
-
-    #[test]
-    fn mixed_sizes_keep_every_window_within_both_quotas() {
-        let sizes = [100, 32 * 1024, 4096, 700, 20 * 1024, 1];
-        let mut pace = Pace::new(100, 512 * 1024);
-        let start = Instant::now();
-        let mut sent = Vec::new();
-        let mut k = 0;
-        for ms in 0..5000 {
-            let now = start + Duration::from_millis(ms);
-            while pace.try_take(sizes[k % sizes.len()], now).is_ok() {
-                sent.push((now, sizes[k % sizes.len()]));
-                k += 1;
-            }
-        }
-        // Bytes are the bound here, and the quota is used.
-        let total: usize = sent.iter().map(|(_, b)| b).sum();
-        assert!(total as f64 >= 4.5 * 512.0 * 1024.0, "{total} bytes in 5 s");
+    /// Every one-second window starting at a send holds at most 100 publishes and 512 KiB.
+    fn assert_within_quotas(sent: &[(Instant, usize)], what: &str) {
         for (i, (t0, _)) in sent.iter().enumerate() {
             let window: Vec<_> = sent[i..]
                 .iter()
@@ -258,12 +209,40 @@ mod tests {
                 .collect();
             assert!(
                 window.len() <= 100,
-                "{} publishes in a second",
+                "{} publishes in a second ({what})",
                 window.len()
             );
             let bytes: usize = window.iter().map(|(_, b)| b).sum();
-            assert!(bytes <= 512 * 1024, "{bytes} bytes in a second");
+            assert!(bytes <= 512 * 1024, "{bytes} bytes in a second ({what})");
         }
+    }
+
+    #[test]
+    fn no_one_second_window_exceeds_either_quota() {
+        for size in [100, 4096, 32 * 1024] {
+            let mut pace = Pace::new(100, 512 * 1024);
+            let sent = saturate(&mut pace, &[size], 5);
+            assert_within_quotas(&sent, &format!("{size}-byte messages"));
+        }
+    }
+
+    #[test]
+    fn a_backlog_drains_at_the_byte_quota() {
+        let mut pace = Pace::new(100, 512 * 1024);
+        let sent = saturate(&mut pace, &[32 * 1024], 10);
+        let bytes: usize = sent.iter().map(|(_, b)| b).sum();
+        let per_second = bytes as f64 / 10.0;
+        assert!(per_second >= 0.99 * 512.0 * 1024.0, "{per_second} bytes/s");
+    }
+
+    #[test]
+    fn mixed_sizes_keep_every_window_within_both_quotas() {
+        let mut pace = Pace::new(100, 512 * 1024);
+        let sent = saturate(&mut pace, &[100, 32 * 1024, 4096, 700, 20 * 1024, 1], 5);
+        // Bytes are the bound here, and the quota is used.
+        let total: usize = sent.iter().map(|(_, b)| b).sum();
+        assert!(total as f64 >= 4.5 * 512.0 * 1024.0, "{total} bytes in 5 s");
+        assert_within_quotas(&sent, "mixed sizes");
     }
 
     #[test]
