@@ -170,6 +170,8 @@ fn main() {
             "-c",
         ])
         .arg(&config)
+        // Set by `cargo xtask bench`; `wardgate` would read it as a configuration key.
+        .env_remove("WARDGATE_COMPONENTS")
         .output()
         .unwrap();
     let export_s = t.elapsed().as_secs_f64();

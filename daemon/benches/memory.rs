@@ -284,6 +284,9 @@ fn start(
         .arg("run")
         .arg("-c")
         .arg(conf)
+        // `cargo xtask bench` sets it for the benches; the gateway would read it as a
+        // `WARDGATE_*` configuration key (`components`) and refuse to start.
+        .env_remove("WARDGATE_COMPONENTS")
         .env("NOTIFY_SOCKET", sock_path)
         .env("WARDGATE_LOG__FORMAT", "text")
         .env("WARDGATE_LOG__LEVEL", "info")
