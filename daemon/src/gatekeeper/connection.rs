@@ -334,9 +334,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let opened = if connect.clean_session {
         Ok((None, ConnAck::new(ConnectReturnCode::Success, false)))
     } else {
-        open_broker_link(ctx, &connect)
+        // Boxed, like the first SUBSCRIBE's below: a connection opens at most one broker
+        // session, so its (large) future stays out of every connection task's own state.
+        Box::pin(open_broker_link(ctx, &connect))
             .await
-            .map(|(session, ack)| (Some(session), ack))
+            .map(|(session, ack)| (Some(Box::new(session)), ack))
     };
     let (broker, ack) = match opened {
         Ok(x) => x,
@@ -669,7 +671,9 @@ struct Inflight {
     open: HashSet<u16>,
 }
 
-/// The device's own session on the broker: subscriptions and what is delivered to it.
+/// The device's own session on the broker: subscriptions and what is delivered to it. Kept
+/// boxed by a connection (`Option<Box<Session>>`): most devices never have one, and every
+/// byte of a connection task's own state is paid by every device.
 struct Session {
     r: OwnedReadHalf,
     w: OwnedWriteHalf,
@@ -714,7 +718,7 @@ impl Session {
 
 /// Next packet from the device's broker session; never resolves while it has none.
 async fn read_session(
-    session: &mut Option<Session>,
+    session: &mut Option<Box<Session>>,
     max: usize,
 ) -> Result<Option<Packet>, FrameError> {
     match session {
@@ -735,11 +739,10 @@ impl Relay<'_> {
         &mut self,
         device: S,
         dbuf: BytesMut,
-        broker: Option<Session>,
+        mut session: Option<Box<Session>>,
         stop: &CancellationToken,
     ) -> End {
         let (mut dr, mut dw) = tokio::io::split(device);
-        let mut session = broker;
         let end = self.relay(&mut dr, &mut dw, dbuf, &mut session, stop).await;
         if let Some(s) = session.take() {
             s.close(!matches!(end, End::Shutdown)).await;
@@ -754,7 +757,7 @@ impl Relay<'_> {
         dr: &mut R,
         dw: &mut W,
         mut dbuf: BytesMut,
-        session: &mut Option<Session>,
+        session: &mut Option<Box<Session>>,
         stop: &CancellationToken,
     ) -> End
     where
@@ -949,7 +952,7 @@ impl Relay<'_> {
     async fn to_session<W: AsyncWrite + Unpin>(
         &self,
         packet: Packet,
-        session: &mut Option<Session>,
+        session: &mut Option<Box<Session>>,
         dw: &mut W,
     ) -> Result<(), End> {
         let max = self.max;
@@ -966,7 +969,7 @@ impl Relay<'_> {
                     .await
                     .map_err(End::DeviceWrite);
             }
-            match open_broker_link(self.ctx, self.connect).await {
+            match Box::pin(open_broker_link(self.ctx, self.connect)).await {
                 Ok((opened, _)) => {
                     // A clean session on the broker discards the client's persistent one.
                     self.ctx
@@ -974,7 +977,7 @@ impl Relay<'_> {
                         .broker
                         .interest()
                         .forget(&Owner::Session(self.connect.client_id.as_str().into()));
-                    *session = Some(opened);
+                    *session = Some(Box::new(opened));
                 }
                 Err(e) => return Err(End::SessionRefused(e)),
             }
