@@ -679,61 +679,40 @@ impl Cloud {
     /// `topic`; `batch`: the messages are gateway batches. Returns at SUBACK.
     async fn subscribe(id: &str, port: u16, pki: &Path, topic: &str, batch: bool) -> Cloud {
         let o = real::cloud_options(id, port, pki);
-        let (client, mut el) = AsyncClient::new(o, 64);
-        client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
         let state = Arc::new(Mutex::new(CloudState::default()));
         let probe = Arc::new(Notify::new());
-        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-        let mut subscribed_tx = Some(subscribed_tx);
         let (s, pr) = (state.clone(), probe.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = subscribed_tx.take() {
-                            let _ = tx.send(());
-                        }
+        let (client, task) = real::subscriber(o, topic, move |p| {
+            let now = now_ms();
+            let got = load::readings_in(batch, &p.topic, &p.payload);
+            if got.first().is_some_and(|r| r.device == "probe") {
+                pr.notify_one();
+                return;
+            }
+            let mut st = s.lock().unwrap();
+            st.publishes += 1;
+            st.bytes += p.payload.len() as u64;
+            st.readings += got.len() as u64;
+            st.most_per_publish = st.most_per_publish.max(got.len() as u64);
+            st.last_ms = now;
+            for r in got {
+                let (Some(dev), Some(hr)) = (
+                    r.device.strip_prefix("pm-").and_then(|d| d.parse().ok()),
+                    r.heart_rate,
+                ) else {
+                    continue;
+                };
+                let n = st.seen.entry((dev, counter_of(hr))).or_default();
+                *n += 1;
+                if *n == 1 {
+                    st.last_new_ms = now;
+                    if let Some(ts) = r.ts {
+                        st.latencies.push(now - ts);
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let now = now_ms();
-                        let got = load::readings_in(batch, &p.topic, &p.payload);
-                        if got.first().is_some_and(|r| r.device == "probe") {
-                            pr.notify_one();
-                            continue;
-                        }
-                        let mut st = s.lock().unwrap();
-                        st.publishes += 1;
-                        st.bytes += p.payload.len() as u64;
-                        st.readings += got.len() as u64;
-                        st.most_per_publish = st.most_per_publish.max(got.len() as u64);
-                        st.last_ms = now;
-                        for r in got {
-                            let (Some(dev), Some(hr)) = (
-                                r.device.strip_prefix("pm-").and_then(|d| d.parse().ok()),
-                                r.heart_rate,
-                            ) else {
-                                continue;
-                            };
-                            let n = st.seen.entry((dev, counter_of(hr))).or_default();
-                            *n += 1;
-                            if *n == 1 {
-                                st.last_new_ms = now;
-                                if let Some(ts) = r.ts {
-                                    st.latencies.push(now - ts);
-                                }
-                            }
-                        }
-                    }
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
-        });
-        tokio::time::timeout(Duration::from_secs(20), subscribed)
-            .await
-            .expect("SUBACK from the cloud's broker")
-            .unwrap();
+        })
+        .await;
         Cloud {
             state,
             probe,

@@ -378,3 +378,45 @@ pub fn cloud_options(id: &str, port: u16, pki: &Path) -> rumqttc::MqttOptions {
     o.set_keep_alive(Duration::from_secs(30));
     o
 }
+
+/// Subscribe with `o` to `topic` (QoS 1) and hand every PUBLISH to `on_publish`, in a task of
+/// its own that also holds a clone of the client; returns the client and the task once the
+/// SUBACK is in (20 s at most). The task ends once the client has sent DISCONNECT; after a
+/// connection error (the upstream restarted) it polls again 100 ms later, and rumqttc connects
+/// again.
+pub async fn subscriber(
+    o: rumqttc::MqttOptions,
+    topic: &str,
+    mut on_publish: impl FnMut(rumqttc::Publish) + Send + 'static,
+) -> (rumqttc::AsyncClient, tokio::task::JoinHandle<()>) {
+    use rumqttc::{Event, Outgoing, Packet};
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 64);
+    client
+        .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    let keep = client.clone();
+    let task = tokio::spawn(async move {
+        let _client = keep; // keeps the event loop's request channel open
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => on_publish(p),
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), subscribed)
+        .await
+        .unwrap_or_else(|_| panic!("no SUBACK for `{topic}` within 20 s"))
+        .unwrap();
+    (client, task)
+}
