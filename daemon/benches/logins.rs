@@ -109,15 +109,8 @@ async fn connect_all(addr: SocketAddr) -> (Vec<TcpStream>, u64, Duration) {
 async fn run() {
     let dir = tempfile::tempdir().unwrap();
     let hash = wardgate::registry::hash_password("pw");
-    let mut cfg = wardgate::config::Config::default();
+    let mut cfg = real::loopback_gateway(&dir.path().join("state"), DEVICES);
     cfg.gateway.id = "bench-gateway".into();
-    cfg.gateway.state_dir = dir.path().join("state");
-    cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
-    cfg.listeners.max_connections_per_address = 2 * DEVICES;
-    cfg.listeners.connect_timeout = Duration::from_secs(60);
-    cfg.broker.address = "127.0.0.1:0".parse().unwrap();
-    cfg.http.address = "127.0.0.1:0".parse().unwrap();
-    cfg.broker.max_connections = 2 * DEVICES;
     cfg.plugins.dir = dir.path().join("plugins");
     std::fs::create_dir_all(&cfg.plugins.dir).unwrap();
     cfg.login.max_pending_per_address = cfg.login.max_pending;

@@ -208,6 +208,21 @@ pub fn components_dir() -> PathBuf {
         .into()
 }
 
+/// A gateway configuration for `devices` devices connecting at once from loopback: state in
+/// `state`, the plain listener, the broker and the HTTP endpoint on free loopback ports, room
+/// for twice that many connections (from one address), and 60 s to send CONNECT.
+pub fn loopback_gateway(state: &Path, devices: usize) -> wardgate::config::Config {
+    let mut cfg = wardgate::config::Config::default();
+    cfg.gateway.state_dir = state.to_path_buf();
+    cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
+    cfg.listeners.max_connections_per_address = 2 * devices;
+    cfg.listeners.connect_timeout = Duration::from_secs(60);
+    cfg.broker.address = "127.0.0.1:0".parse().unwrap();
+    cfg.http.address = "127.0.0.1:0".parse().unwrap();
+    cfg.broker.max_connections = 2 * devices;
+    cfg
+}
+
 /// The gateway configuration of the spine benches: state in `state`, a plain listener on a
 /// free loopback port, the plugins in `components`, `devices` password devices (`pm-000`..,
 /// password `pw`, a cheap hash: these benches measure the spine, not argon2) and room for
@@ -219,14 +234,7 @@ pub fn spine_gateway(
     pki: &Path,
     devices: usize,
 ) -> wardgate::config::Config {
-    let mut cfg = wardgate::config::Config::default();
-    cfg.gateway.state_dir = state.to_path_buf();
-    cfg.listeners.plain.address = "127.0.0.1:0".parse().unwrap();
-    cfg.listeners.max_connections_per_address = 2 * devices;
-    cfg.listeners.connect_timeout = Duration::from_secs(60);
-    cfg.broker.address = "127.0.0.1:0".parse().unwrap();
-    cfg.http.address = "127.0.0.1:0".parse().unwrap();
-    cfg.broker.max_connections = 2 * devices;
+    let mut cfg = loopback_gateway(state, devices);
     cfg.plugins.dir = components;
     bench_gateway(&mut cfg, up, pki);
     cfg.devices = pacemakers(devices, &wardgate::registry::hash_password_demo("pw"));
